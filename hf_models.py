@@ -1,0 +1,72 @@
+"""Loading Hugging Face causal LMs and tokenizers by hub id, local folder or .gguf file, once per process.
+
+The prior and a local oracle are often the same model (the demo uses one model for both): loading it twice
+would double memory and start-up time, so loaded models are cached by (spec, device, dtype).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from errors import UserError
+
+_MODEL_CACHE: dict[tuple, tuple] = {}
+
+
+def split_model_spec(spec: str) -> tuple[str, str | None]:
+    """'path/to/model.gguf' -> ('path/to', 'model.gguf'); anything else -> (spec, None)."""
+    if spec.endswith(".gguf"):
+        if not os.path.isfile(spec):
+            raise UserError(f"GGUF model file not found: {spec}")
+        return os.path.dirname(os.path.abspath(spec)), os.path.basename(spec)
+    return spec, None
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as exc:
+        raise UserError(f"invalid --device {device!r}: {exc}") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device} requested but CUDA is not available")
+    return resolved
+
+
+def load_causal_lm(spec: str, device: torch.device | str = "cpu", dtype: torch.dtype | None = None):
+    """Return (model, tokenizer) in eval mode with gradients off. Errors name the model and the cause."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = torch.device(device)
+    key = (spec, str(device), str(dtype))
+    if key in _MODEL_CACHE:
+        return _MODEL_CACHE[key]
+    path, gguf_file = split_model_spec(spec)
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+    except (OSError, ValueError, KeyError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"cannot load model {spec!r}: {first_line}") from None
+    model.to(device).eval()
+    model.requires_grad_(False)
+    if tokenizer.pad_token_id is None:  # batching needs a pad id; its value never reaches a scored position
+        tokenizer.pad_token = tokenizer.eos_token
+    _MODEL_CACHE[key] = (model, tokenizer)
+    return model, tokenizer
+
+
+def document_start_id(tokenizer) -> int:
+    """The id a text starts from when scoring it unconditionally. GPT-2-style models were trained on
+    documents separated by <|endoftext|>, so that is the right context when the vocabulary has it (SmolLM2
+    too, whose default BOS is the chat token <|im_start|>); otherwise the BOS, then the EOS token."""
+    endoftext = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    if isinstance(endoftext, int) and endoftext != tokenizer.unk_token_id and endoftext is not None:
+        return endoftext
+    for candidate in (tokenizer.bos_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return candidate
+    raise UserError("tokenizer has neither <|endoftext|>, a BOS nor an EOS token to start a text from")

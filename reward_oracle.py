@@ -1,0 +1,261 @@
+"""The reward log R(x) = w_prior * log p(x) + w_llm * log p(y|x), with each component kept for logging.
+
+- p(x): a prior causal LM that shares the policy's tokenizer and scores its token ids directly.
+- p(y|x): a response oracle. Every oracle implements `score(texts) -> list[OracleResult]`; local Hugging Face
+  models live here, the OpenAI / OpenAI-compatible client in api_client.py.
+- Tasks say how x becomes a request: system prompt, message layout, response length.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from hf_models import document_start_id
+
+# --------------------------------------------------------------------------------------------------- tasks
+
+
+@dataclass(frozen=True)
+class Task:
+    description: str
+    system_prompt: str | None
+    user_template: str  # "{x}" is replaced by the sampled input text
+    max_response_tokens: int
+
+    def messages(self, x: str) -> list[dict]:
+        """Chat messages for chat APIs and instruct models with a chat template."""
+        messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        return messages + [{"role": "user", "content": self.user_template.format(x=x)}]
+
+    def plain_prompt(self, x: str) -> str:
+        """One string for base models without a chat template and for completions endpoints."""
+        user = self.user_template.format(x=x)
+        return f"{self.system_prompt}\n\n{user}" if self.system_prompt else user
+
+
+# One row per task; add a row to add a task.
+TASKS: dict[str, Task] = {
+    "raw": Task("x sent as the whole user message with no system prompt; the LLM continues or answers it.",
+                None, "{x}", 32),
+    "assistant": Task("x as a user turn to a helpful assistant.",
+                      "You are a helpful assistant.", "{x}", 64),
+    "creative": Task("x as the opening of a piece of writing that the LLM continues.",
+                     "You are a creative writer. Continue the text you are given in the same style.",
+                     "Continue this text:\n\n{x}", 64),
+    "code": Task("x as the beginning of a source file that the LLM completes.",
+                 "You are an expert programmer. Complete the code you are given. Reply with code only.",
+                 "Complete this code:\n\n{x}", 64),
+}
+
+# ------------------------------------------------------------------------------------------------ results
+
+
+@dataclass
+class OracleResult:
+    """One scored x. log_likelihood is the sum of y's token log-probs; it is NaN whenever valid is False."""
+
+    response: str
+    log_likelihood: float
+    num_tokens: int
+    truncated: bool = False  # finish_reason == "length": y is a prefix of what the LLM would have said
+    valid: bool = True
+    error: str | None = None  # why it is not valid: "logprob_sentinel", an API error, ...
+    usage: dict = field(default_factory=dict)
+
+    @classmethod
+    def failed(cls, reason: str, response: str = "") -> "OracleResult":
+        return cls(response=response, log_likelihood=float("nan"), num_tokens=0, valid=False, error=reason)
+
+
+# The OpenAI API reports a token it did not keep in its top logprobs as -9999.0: summing it would give
+# a meaningless log-likelihood, so such responses are marked invalid instead.
+LOGPROB_SENTINEL = -9999.0
+
+
+def sum_token_logprobs(token_logprobs: list[float]) -> tuple[float, bool]:
+    """(sum, saw_sentinel)."""
+    saw_sentinel = any(lp <= LOGPROB_SENTINEL + 1e-6 for lp in token_logprobs)
+    return (float("nan") if saw_sentinel else math.fsum(token_logprobs)), saw_sentinel
+
+
+# -------------------------------------------------------------------------------------------------- prior
+
+
+class PriorScorer:
+    """log p(x) under a causal LM, teacher-forced after a document-start token, batched.
+
+    By default the probability of ending the text (EOS after x) is NOT included: x is a snippet, and the
+    policy's own stop action already decides lengths; `include_eos=True` adds log p(EOS | x), which makes
+    p(x) a distribution over complete texts and strongly favours short, complete ones."""
+
+    def __init__(self, model, tokenizer, include_eos: bool = False, batch_size: int = 32) -> None:
+        self.model = model
+        self.start_id = document_start_id(tokenizer)
+        self.eos_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else self.start_id
+        self.include_eos = include_eos
+        self.batch_size = batch_size
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def log_prob(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """(B,) float32 log p(x) for x = tokens[i, :lengths[i]]."""
+        out = []
+        for start in range(0, tokens.shape[0], self.batch_size):
+            out.append(self._log_prob_batch(tokens[start:start + self.batch_size], lengths[start:start + self.batch_size]))
+        return torch.cat(out)
+
+    def _log_prob_batch(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        tokens, lengths = tokens.to(self.device), lengths.to(self.device)
+        width = int(lengths.max())
+        tokens = tokens[:, :width]
+        # Right padding is harmless for a causal model: padded positions come after every scored one.
+        start = torch.full((tokens.shape[0], 1), self.start_id, dtype=torch.long, device=self.device)
+        logits = self.model(input_ids=torch.cat([start, tokens], dim=1)).logits.float()
+        log_probs = torch.log_softmax(logits, dim=-1)  # (B, width + 1, V)
+        token_lp = log_probs[:, :width].gather(2, tokens.unsqueeze(2)).squeeze(2)
+        positions = torch.arange(width, device=self.device).unsqueeze(0)
+        total = (token_lp * (positions < lengths.unsqueeze(1))).sum(dim=1)
+        if self.include_eos:
+            total = total + log_probs[torch.arange(tokens.shape[0]), lengths, self.eos_id]
+        return total.cpu()
+
+
+# ------------------------------------------------------------------------------------ local HF oracle
+
+
+class HFResponseOracle:
+    """A local Hugging Face causal LM as the LLM: samples y ~ p(.|x) at `temperature` (greedy when 0),
+    and returns log p(y|x) under the untempered model, including the end-of-turn token when y ends with one
+    (the OpenAI API does not report that token, so its figures exclude it).
+
+    With `target_response`, y is fixed and log p(y*|x) is computed by teacher forcing instead."""
+
+    def __init__(self, model, tokenizer, task: Task, temperature: float = 1.0, max_new_tokens: int | None = None,
+                 target_response: str | None = None, batch_size: int = 16) -> None:
+        self.model, self.tokenizer, self.task = model, tokenizer, task
+        self.temperature = temperature
+        self.max_new_tokens = max_new_tokens or task.max_response_tokens
+        self.batch_size = batch_size
+        self.use_chat_template = bool(getattr(tokenizer, "chat_template", None))
+        self.target_ids = None
+        if target_response is not None:
+            self.target_ids = tokenizer(target_response, add_special_tokens=False)["input_ids"]
+            if not self.target_ids:
+                raise ValueError("--target-response tokenizes to nothing")
+        eos = model.generation_config.eos_token_id
+        eos = tokenizer.eos_token_id if eos is None else eos
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos])
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def prompt_ids(self, x: str) -> list[int]:
+        if self.use_chat_template:
+            text = self.tokenizer.apply_chat_template(self.task.messages(x), add_generation_prompt=True, tokenize=False)
+            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        # Base models: start from the document-start token so an empty x still has a context.
+        return [document_start_id(self.tokenizer)] + self.tokenizer(self.task.plain_prompt(x), add_special_tokens=False)["input_ids"]
+
+    def score(self, texts: list[str]) -> list[OracleResult]:
+        results = []
+        for start in range(0, len(texts), self.batch_size):
+            chunk = [self.prompt_ids(x) for x in texts[start:start + self.batch_size]]
+            results.extend(self._score_target(chunk) if self.target_ids is not None else self._sample_and_score(chunk))
+        return results
+
+    @torch.no_grad()
+    def _score_target(self, prompts: list[list[int]]) -> list[OracleResult]:
+        rows = [p + self.target_ids for p in prompts]
+        width = max(map(len, rows))
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=self.device)
+        log_probs = torch.log_softmax(self.model(input_ids=input_ids).logits.float(), dim=-1)
+        target = torch.tensor(self.target_ids, device=self.device)
+        results = []
+        for i, prompt in enumerate(prompts):
+            # logits at position j predict token j + 1
+            positions = torch.arange(len(prompt) - 1, len(prompt) - 1 + len(target), device=self.device)
+            total = log_probs[i, positions].gather(1, target.unsqueeze(1)).sum().item()
+            results.append(OracleResult(response=self.tokenizer.decode(self.target_ids), log_likelihood=total,
+                                        num_tokens=len(target)))
+        return results
+
+    @torch.no_grad()
+    def _sample_and_score(self, prompts: list[list[int]]) -> list[OracleResult]:
+        from transformers import GenerationConfig
+
+        width = max(map(len, prompts))
+        pad = self.tokenizer.pad_token_id
+        # Left padding so that every row's generation starts at the same position.
+        input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=self.device)
+        attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
+        sampling = self.temperature > 0
+        # Explicit config: a model's own generation_config may carry top_k / top_p, which would make y come
+        # from a truncated distribution rather than p(y|x) at the requested temperature.
+        config = GenerationConfig(
+            do_sample=sampling, temperature=self.temperature if sampling else None, top_k=None, top_p=None,
+            max_new_tokens=self.max_new_tokens, pad_token_id=pad, eos_token_id=sorted(self.eos_ids),
+        )
+        out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
+                                  output_logits=True, return_dict_in_generate=True)
+        generated = out.sequences[:, width:]
+        log_probs = torch.log_softmax(torch.stack(out.logits, dim=1).float(), dim=-1)  # raw, untempered logits
+        token_lp = log_probs.gather(2, generated.unsqueeze(2)).squeeze(2)
+        results = []
+        for i in range(len(prompts)):
+            ids = generated[i].tolist()
+            end = next((j for j, t in enumerate(ids) if t in self.eos_ids), None)
+            num = len(ids) if end is None else end + 1  # the end-of-turn token belongs to y
+            results.append(OracleResult(
+                response=self.tokenizer.decode(ids[:num], skip_special_tokens=True),
+                log_likelihood=float(token_lp[i, :num].double().sum()),
+                num_tokens=num, truncated=end is None,
+            ))
+        return results
+
+
+# ------------------------------------------------------------------------------------------------ reward
+
+
+@dataclass
+class RewardBatch:
+    texts: list[str]
+    log_prior: torch.Tensor  # (B,) log p(x)
+    log_likelihood: torch.Tensor  # (B,) log p(y|x); NaN where the oracle failed
+    log_reward: torch.Tensor  # (B,) weighted sum; NaN where invalid
+    valid: torch.Tensor  # (B,) bool: usable for training
+    oracle_results: list[OracleResult]
+
+
+class RewardModel:
+    """Combines a prior and a response oracle into log R. `oracle=None` or llm_weight == 0 skips the oracle
+    (no calls are made); `prior_weight == 0` still scores the prior, for logging."""
+
+    def __init__(self, tokenizer, prior: PriorScorer, oracle=None, prior_weight: float = 1.0, llm_weight: float = 1.0) -> None:
+        self.tokenizer, self.prior, self.oracle = tokenizer, prior, oracle
+        self.prior_weight, self.llm_weight = prior_weight, llm_weight
+
+    def decode(self, tokens: torch.Tensor, lengths: torch.Tensor) -> list[str]:
+        return [self.tokenizer.decode(row[:n].tolist()) for row, n in zip(tokens.cpu(), lengths.cpu().tolist())]
+
+    def __call__(self, tokens: torch.Tensor, lengths: torch.Tensor, texts: list[str] | None = None) -> RewardBatch:
+        texts = self.decode(tokens, lengths) if texts is None else texts
+        log_prior = self.prior.log_prob(tokens, lengths).double()
+        if self.oracle is not None and self.llm_weight != 0:
+            results = self.oracle.score(texts)
+            log_likelihood = torch.tensor([r.log_likelihood for r in results], dtype=torch.float64)
+            valid = torch.tensor([r.valid for r in results])
+        else:
+            results = [OracleResult(response="", log_likelihood=0.0, num_tokens=0) for _ in texts]
+            log_likelihood = torch.zeros(len(texts), dtype=torch.float64)
+            valid = torch.ones(len(texts), dtype=torch.bool)
+        log_reward = self.prior_weight * log_prior + self.llm_weight * log_likelihood
+        valid &= torch.isfinite(log_reward)
+        return RewardBatch(texts, log_prior, log_likelihood, log_reward, valid, results)

@@ -1,0 +1,402 @@
+"""The one GFlowNet training loop. suck_gpt4.py and demo.py are this file with other defaults.
+
+Each epoch: sample a batch of x from the exploration policy, score log R(x) = w_prior log p(x) + w_llm log p(y|x),
+append every scored sample to the samples file, then take one trajectory-balance step with log P_F recomputed
+under the current, untempered policy.
+
+  python train.py --prior-model gpt2 --oracle hf --oracle-model gpt2 --task raw --epochs 200
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import asdict
+
+import torch
+
+from checkpoint import (checkpoint_path, latest_checkpoint, load_checkpoint, restore_rng_state, rng_state,
+                        save_checkpoint)
+from errors import UserError
+from evaluation import batch_metrics, sample_metrics
+from gflownet_policy import LogZ, PolicyConfig, TransformerPolicy
+from hf_models import load_causal_lm, resolve_device
+from reward_oracle import TASKS, HFResponseOracle, PriorScorer, RewardModel
+from trajectory_balance import trajectory_balance_loss
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse, but a bad flag prints one line naming the problem (and exits 2) instead of usage + error."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+# --------------------------------------------------------------------------------------------------- flags
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("task and reward")
+    g.add_argument("--task", default="raw", choices=sorted(TASKS), help="how x becomes a request to the LLM")
+    g.add_argument("--oracle", default="openai", choices=["openai", "hf"],
+                   help="openai: chat completions with logprobs (api.openai.com or --base-url); hf: a local model")
+    g.add_argument("--model", default="gpt-4o-mini", help="model name for the OpenAI / OpenAI-compatible oracle")
+    g.add_argument("--oracle-model", default=None,
+                   help="--oracle hf: hub id, folder or .gguf file of the local LLM (default: --prior-model)")
+    g.add_argument("--base-url", default=None, help="an OpenAI-compatible server, e.g. http://localhost:8000/v1")
+    g.add_argument("--max-api-workers", type=int, default=8, help="concurrent API requests")
+    g.add_argument("--llm-temperature", type=float, default=1.0, help="sampling temperature of y (0 = greedy)")
+    g.add_argument("--max-response-tokens", type=int, default=None, help="response length (default: the task's)")
+    g.add_argument("--target-response", default=None,
+                   help="score log p(y*|x) of this fixed response by teacher forcing instead of sampling y")
+    g.add_argument("--prior-model", default="gpt2", help="hub id, folder or .gguf file; its tokenizer is the policy's vocabulary")
+    g.add_argument("--prior-include-eos", action="store_true",
+                   help="include log p(EOS | x) in log p(x) (default: no; x is a snippet)")
+    g.add_argument("--prior-weight", type=float, default=1.0, help="w_prior in log R")
+    g.add_argument("--llm-weight", type=float, default=1.0, help="w_llm in log R (0 = prior only, no oracle calls)")
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the prior and local oracle")
+
+    g = parser.add_argument_group("policy")
+    g.add_argument("--d-model", type=int, default=256)
+    g.add_argument("--num-layers", type=int, default=4)
+    g.add_argument("--num-heads", type=int, default=4)
+    g.add_argument("--max-len", type=int, default=32, help="maximum tokens in x")
+    g.add_argument("--min-len", type=int, default=1, help="minimum tokens in x")
+
+    g = parser.add_argument_group("training")
+    g.add_argument("--batch-size", type=int, default=16, help="samples per epoch (= oracle requests per epoch)")
+    g.add_argument("--epochs", type=int, default=500, help="an epoch is one batch sampled, scored and trained on")
+    g.add_argument("--lr", type=float, default=3e-4, help="policy learning rate")
+    g.add_argument("--lr-z", type=float, default=0.1, help="learning rate of log Z")
+    g.add_argument("--temperature", type=float, default=1.0, help="exploration: sample from softmax(logits / T)")
+    g.add_argument("--epsilon", type=float, default=0.0, help="exploration: mix in this much uniform over allowed actions")
+    g.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the policy's gradient norm (0 = off)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+
+    g = parser.add_argument_group("output")
+    g.add_argument("--output-dir", default="out")
+    g.add_argument("--save-every", type=int, default=25, help="checkpoint every N epochs (and at the end)")
+    g.add_argument("--resume", nargs="?", const="latest", default=None,
+                   help="continue from a checkpoint; with no PATH, the newest one in --output-dir")
+    g.add_argument("--wandb-project", default=None, help="log to this W&B project")
+    g.add_argument("--wandb-mode", default=None, choices=["online", "offline", "disabled"],
+                   help="default: online with --wandb-project, else disabled")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar (logs one line per epoch instead)")
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    checks = [
+        (args.batch_size >= 1, "--batch-size must be >= 1"),
+        (args.epochs >= 0, "--epochs must be >= 0"),
+        (args.lr > 0 and args.lr_z >= 0, "--lr must be > 0 and --lr-z >= 0"),
+        (args.temperature > 0, "--temperature must be > 0"),
+        (0 <= args.epsilon <= 1, "--epsilon must be in [0, 1]"),
+        (args.llm_temperature >= 0, "--llm-temperature must be >= 0"),
+        (args.max_api_workers >= 1, "--max-api-workers must be >= 1"),
+        (args.save_every >= 1, "--save-every must be >= 1"),
+        (1 <= args.min_len <= args.max_len, "need 1 <= --min-len <= --max-len"),
+        (args.d_model >= 1 and args.num_layers >= 1 and args.num_heads >= 1, "--d-model, --num-layers, --num-heads must be >= 1"),
+        (args.d_model % args.num_heads == 0, "--d-model must be divisible by --num-heads"),
+        (args.max_response_tokens is None or args.max_response_tokens >= 1, "--max-response-tokens must be >= 1"),
+        (args.target_response is None or args.target_response != "", "--target-response must not be empty"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
+
+
+# ---------------------------------------------------------------------------------------------- building
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_prior(args: argparse.Namespace, device: torch.device):
+    return load_causal_lm(args.prior_model, device, DTYPES[args.dtype])
+
+
+def build_oracle(args: argparse.Namespace, device: torch.device):
+    task = TASKS[args.task]
+    if args.oracle == "hf":
+        model, tokenizer = load_causal_lm(args.oracle_model or args.prior_model, device, DTYPES[args.dtype])
+        return HFResponseOracle(model, tokenizer, task, temperature=args.llm_temperature,
+                                max_new_tokens=args.max_response_tokens, target_response=args.target_response)
+    from api_client import OpenAIChatOracle
+
+    return OpenAIChatOracle(args.model, task, temperature=args.llm_temperature, max_tokens=args.max_response_tokens,
+                            max_workers=args.max_api_workers, base_url=args.base_url,
+                            target_response=args.target_response)
+
+
+def build_reward_model(args: argparse.Namespace, prior_model, tokenizer, device: torch.device,
+                       with_oracle: bool = True) -> RewardModel:
+    prior = PriorScorer(prior_model, tokenizer, include_eos=args.prior_include_eos)
+    oracle = build_oracle(args, device) if with_oracle and args.llm_weight != 0 else None
+    return RewardModel(tokenizer, prior, oracle, prior_weight=args.prior_weight, llm_weight=args.llm_weight)
+
+
+def policy_vocab_size(prior_model, tokenizer) -> int:
+    # Some checkpoints pad the embedding matrix past the tokenizer; only real tokens are actions.
+    return min(len(tokenizer), prior_model.get_output_embeddings().weight.shape[0])
+
+
+def build_policy(args: argparse.Namespace, prior_model, tokenizer, device: torch.device) -> TransformerPolicy:
+    config = PolicyConfig(
+        vocab_size=policy_vocab_size(prior_model, tokenizer), max_len=args.max_len, min_len=args.min_len,
+        d_model=args.d_model, num_layers=args.num_layers, num_heads=args.num_heads,
+        banned_token_ids=tuple(sorted(set(tokenizer.all_special_ids))),
+    )
+    return TransformerPolicy(config).to(device)
+
+
+def build_policy_for_checkpoint(state: dict, device: torch.device) -> TransformerPolicy:
+    config = dict(state["policy_config"])
+    config["banned_token_ids"] = tuple(config.get("banned_token_ids", ()))
+    policy = TransformerPolicy(PolicyConfig(**config)).to(device)
+    try:
+        policy.load_state_dict(state["policy"])
+    except RuntimeError as exc:
+        raise UserError(f"checkpoint policy does not match its own config: {str(exc).splitlines()[0]}") from None
+    return policy
+
+
+def make_optimizer(policy: torch.nn.Module, log_z: LogZ, args: argparse.Namespace) -> torch.optim.Optimizer:
+    return torch.optim.Adam([
+        {"params": list(policy.parameters()), "lr": args.lr},
+        {"params": list(log_z.parameters()), "lr": args.lr_z},
+    ])
+
+
+# ------------------------------------------------------------------------------------------------ output
+
+
+class JsonlAppender:
+    """Append-only JSONL, flushed and fsynced after every batch: a crash loses at most the batch being written,
+    never what was already paid for. Lines are whole JSON objects, so a reader can skip a torn last line."""
+
+    def __init__(self, path: str) -> None:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self.path = path
+        self.file = open(path, "a", encoding="utf-8")
+
+    def write(self, records: list[dict]) -> None:
+        self.file.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        self.file.flush()
+        os.fsync(self.file.fileno())
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def sample_records(epoch: int, tokens: torch.Tensor, lengths: torch.Tensor, rewards) -> list[dict]:
+    records = []
+    for i, text in enumerate(rewards.texts):
+        result = rewards.oracle_results[i]
+        records.append({
+            "epoch": epoch, "x": text, "token_ids": tokens[i, : int(lengths[i])].tolist(), "y": result.response,
+            "log_prior": float(rewards.log_prior[i]), "log_likelihood": _finite_or_none(rewards.log_likelihood[i]),
+            "log_reward": _finite_or_none(rewards.log_reward[i]), "valid": bool(rewards.valid[i]),
+            "error": result.error, "truncated": result.truncated, "response_tokens": result.num_tokens,
+            "usage": result.usage or None,
+        })
+    return records
+
+
+def _finite_or_none(value: torch.Tensor) -> float | None:
+    value = float(value)
+    return value if torch.isfinite(torch.tensor(value)) else None
+
+
+def init_wandb(args: argparse.Namespace):
+    mode = args.wandb_mode or ("online" if args.wandb_project else "disabled")
+    if mode == "disabled":
+        return None
+    import wandb
+
+    # vars(args) never holds the API key: it is read from the environment by the oracle alone.
+    return wandb.init(project=args.wandb_project or "dataset-sucker", mode=mode, config=vars(args),
+                      dir=args.output_dir, name=f"gfn_{args.task}_seed{args.seed}")
+
+
+# ------------------------------------------------------------------------------------------------- train
+
+
+def train(args: argparse.Namespace, on_start=None) -> dict:
+    """Run (or resume) training as configured by args. `on_start(policy, reward_model)` runs once before the
+    first epoch (demo.py shows samples there). Returns the final metrics and the trained objects."""
+    validate_args(args)
+    if args.oracle == "openai" and args.llm_weight != 0:
+        from api_client import api_key_from_env
+
+        api_key_from_env(args.base_url)  # fail on a missing key before loading any model
+    resume_state = None
+    if args.resume:
+        path = latest_checkpoint(args.output_dir, args.task) if args.resume == "latest" else args.resume
+        resume_state = load_checkpoint(path)
+    device = resolve_device(args.device)
+    torch.manual_seed(args.seed)
+
+    prior_model, tokenizer = load_prior(args, device)
+    if resume_state is not None:
+        policy = build_policy_for_checkpoint(resume_state, device)
+    else:
+        policy = build_policy(args, prior_model, tokenizer, device)
+    if policy.config.vocab_size != policy_vocab_size(prior_model, tokenizer):
+        raise UserError(f"the checkpoint's policy vocabulary ({policy.config.vocab_size}) does not match "
+                        f"--prior-model {args.prior_model!r} ({policy_vocab_size(prior_model, tokenizer)})")
+    log_z = LogZ().to(device)
+    optimizer = make_optimizer(policy, log_z, args)
+    reward_model = build_reward_model(args, prior_model, tokenizer, device)
+    start_epoch = 0
+    if resume_state is not None:
+        log_z.load_state_dict(resume_state["log_z"])
+        optimizer.load_state_dict(resume_state["optimizer"])
+        for group, lr in zip(optimizer.param_groups, (args.lr, args.lr_z)):
+            group["lr"] = lr  # flags given now win over the checkpoint's
+        restore_rng_state(resume_state["rng"])
+        start_epoch = resume_state["epoch"]
+        print(f"resumed from epoch {start_epoch}", file=sys.stderr)
+
+    os.makedirs(args.output_dir, exist_ok=True)
+    samples_file = JsonlAppender(os.path.join(args.output_dir, f"samples_{args.task}.jsonl"))
+    metrics_file = JsonlAppender(os.path.join(args.output_dir, f"metrics_{args.task}.jsonl"))
+    run = init_wandb(args)
+    progress = None
+    if not args.no_progress:
+        from tqdm import tqdm
+
+        progress = tqdm(total=args.epochs, initial=start_epoch, desc=f"gfn {args.task}", dynamic_ncols=True)
+
+    def save(epoch: int) -> str:
+        path = checkpoint_path(args.output_dir, args.task, epoch)
+        save_checkpoint(path, {
+            "epoch": epoch, "args": vars(args), "policy": policy.state_dict(),
+            "policy_config": asdict(policy.config), "log_z": log_z.state_dict(),
+            "optimizer": optimizer.state_dict(), "rng": rng_state(),
+        })
+        return path
+
+    if on_start is not None:
+        on_start(policy, reward_model)
+    metrics: dict = {}
+    last_saved = None
+    oracle_calls = 0
+    try:
+        for epoch in range(start_epoch + 1, args.epochs + 1):
+            started = time.time()
+            # 1. explore: sample from the tempered / epsilon-mixed policy; no gradients flow through sampling
+            tokens, lengths, log_q = policy.sample(args.batch_size, temperature=args.temperature, epsilon=args.epsilon)
+            # 2. score, and keep every scored sample before anything can fail
+            rewards = reward_model(tokens, lengths)
+            oracle_calls += len(rewards.texts) if reward_model.oracle is not None else 0
+            samples_file.write(sample_records(epoch, tokens, lengths, rewards))
+            valid = rewards.valid.to(device)
+            num_invalid = int((~valid).sum())
+            if num_invalid and progress is not None:
+                reasons = sorted({r.error or "non-finite reward" for r, ok in zip(rewards.oracle_results, rewards.valid) if not ok})
+                progress.write(f"epoch {epoch}: {num_invalid} sample(s) skipped: {', '.join(reasons)}")
+            if not bool(valid.any()):
+                metrics = {"train/num_invalid": num_invalid, "epoch": epoch}
+                metrics_file.write([metrics])
+                continue
+            # 3. one TB step on log P_F of the untempered policy, recomputed under the current parameters
+            tokens, lengths, log_q = tokens[valid], lengths[valid], log_q[valid]
+            log_reward = rewards.log_reward.to(device)[valid].float()
+            log_pf = policy.log_pf(tokens, lengths)
+            if not bool(log_z.initialized):
+                log_z.initialize_from(log_reward, log_pf.detach())
+            loss = trajectory_balance_loss(log_z(), log_pf, log_reward)
+            if not torch.isfinite(loss):
+                # Never let a NaN/inf reach the weights: report the offending sample and skip the step.
+                texts = [t for t, ok in zip(rewards.texts, rewards.valid.tolist()) if ok]
+                bad = int((~torch.isfinite(log_pf)).nonzero().flatten()[:1].sum())
+                message = f"epoch {epoch}: non-finite loss (log_pf={log_pf[bad].item()}, sample {texts[bad]!r}); step skipped"
+                print(message, file=sys.stderr)
+                metrics_file.write([{"epoch": epoch, "train/skipped_non_finite": 1}])
+                continue
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if args.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+            optimizer.step()
+
+            valid_cpu = rewards.valid
+            metrics = {
+                "epoch": epoch,
+                "train/tb_loss": loss.item(),
+                "train/log_Z": log_z().item(),
+                "train/log_pf_mean": log_pf.mean().item(),
+                "train/log_reward_mean": log_reward.mean().item(),
+                "train/log_prior_mean": float(rewards.log_prior[valid_cpu].mean()),
+                "train/log_likelihood_mean": float(rewards.log_likelihood[valid_cpu].mean()),
+                "train/num_invalid": num_invalid,
+                "train/num_truncated": sum(r.truncated for r in rewards.oracle_results),
+                "train/oracle_calls": oracle_calls,
+                "train/mean_length": lengths.float().mean().item(),
+                "train/epoch_seconds": time.time() - started,
+                **{f"eval/{k}": v for k, v in batch_metrics(log_reward.detach().cpu(), log_pf.detach().cpu(), log_q.cpu()).items()},
+                **{f"eval/{k}": v for k, v in sample_metrics(rewards.texts, [t[:n].tolist() for t, n in zip(tokens.cpu(), lengths.cpu())]).items()},
+            }
+            metrics_file.write([metrics])
+            if run is not None:
+                run.log(metrics, step=epoch)
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(loss=f"{metrics['train/tb_loss']:.3g}", logZ=f"{metrics['train/log_Z']:.2f}",
+                                     logR=f"{metrics['train/log_reward_mean']:.1f}")
+            else:
+                print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}), flush=True)
+            if epoch % args.save_every == 0 or epoch == args.epochs:
+                last_saved = save(epoch)
+    except KeyboardInterrupt:
+        # Keep what was trained: checkpoint the last completed epoch, then stop.
+        completed = metrics.get("epoch", start_epoch)
+        if completed > start_epoch:
+            last_saved = save(completed)
+        print(f"\ninterrupted; saved {last_saved}", file=sys.stderr)
+        raise
+    finally:
+        if progress is not None:
+            progress.close()
+        samples_file.close()
+        metrics_file.close()
+        if run is not None:
+            run.finish()
+        close = getattr(reward_model.oracle, "close", None)
+        if close:
+            close()
+    return {"metrics": metrics, "checkpoint": last_saved, "epochs": args.epochs, "policy": policy, "log_z": log_z,
+            "reward_model": reward_model, "output_dir": args.output_dir}
+
+
+def build_parser(description: str = __doc__, defaults: dict | None = None) -> argparse.ArgumentParser:
+    parser = OneLineErrorParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    if defaults:
+        parser.set_defaults(**defaults)
+    return parser
+
+
+def main(argv: list[str] | None = None, description: str = __doc__, defaults: dict | None = None,
+         on_start=None, on_end=None) -> int:
+    """Parse flags, train, and turn user mistakes into one line on stderr and exit code 2.
+    on_start(policy, reward_model) and on_end(result) let other entry points look in without copying the loop."""
+    args = build_parser(description, defaults).parse_args(argv)
+    try:
+        result = train(args, on_start=on_start)
+        if on_end is not None:
+            on_end(result)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    print(f"done: {result['checkpoint']}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
