@@ -64,6 +64,7 @@ class OracleResult:
     valid: bool = True
     error: str | None = None  # why it is not valid: "logprob_sentinel", an API error, ...
     usage: dict = field(default_factory=dict)
+    token_ids: list[int] | None = None  # y's token ids, when the oracle is a local model
 
     @classmethod
     def failed(cls, reason: str, response: str = "") -> "OracleResult":
@@ -184,7 +185,7 @@ class HFResponseOracle:
             positions = torch.arange(len(prompt) - 1, len(prompt) - 1 + len(target), device=self.device)
             total = log_probs[i, positions].gather(1, target.unsqueeze(1)).sum().item()
             results.append(OracleResult(response=self.tokenizer.decode(self.target_ids), log_likelihood=total,
-                                        num_tokens=len(target)))
+                                        num_tokens=len(target), token_ids=list(self.target_ids)))
         return results
 
     @torch.no_grad()
@@ -202,9 +203,9 @@ class HFResponseOracle:
         config = GenerationConfig(
             do_sample=sampling, temperature=self.temperature if sampling else None, top_k=None, top_p=None,
             max_new_tokens=self.max_new_tokens, pad_token_id=pad, eos_token_id=sorted(self.eos_ids),
+            output_logits=True, return_dict_in_generate=True,
         )
-        out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
-                                  output_logits=True, return_dict_in_generate=True)
+        out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
         generated = out.sequences[:, width:]
         log_probs = torch.log_softmax(torch.stack(out.logits, dim=1).float(), dim=-1)  # raw, untempered logits
         token_lp = log_probs.gather(2, generated.unsqueeze(2)).squeeze(2)
@@ -216,7 +217,7 @@ class HFResponseOracle:
             results.append(OracleResult(
                 response=self.tokenizer.decode(ids[:num], skip_special_tokens=True),
                 log_likelihood=float(token_lp[i, :num].double().sum()),
-                num_tokens=num, truncated=end is None,
+                num_tokens=num, truncated=end is None, token_ids=ids[:num],
             ))
         return results
 

@@ -1,0 +1,155 @@
+"""The training loop and the command-line entry points, end to end on tiny local models."""
+import contextlib
+import glob
+import io
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import evaluation
+import train
+from checkpoint import load_checkpoint
+from errors import UserError
+from openai_test_server import OpenAITestServer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_flags(model_dir: str, output_dir, *extra: str) -> list[str]:
+    return ["--prior-model", model_dir, "--oracle", "hf", "--d-model", "32", "--num-layers", "1", "--max-len", "6",
+            "--batch-size", "4", "--max-response-tokens", "5", "--output-dir", str(output_dir), "--no-progress",
+            "--device", "cpu", "--seed", "7", *extra]
+
+
+def run_main(argv: list[str], entry=train.main) -> tuple[int, str]:
+    err = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+        try:
+            code = entry(argv)
+        except SystemExit as exc:  # argparse
+            code = exc.code
+    return code, err.getvalue()
+
+
+def read_jsonl(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def losses(output_dir) -> dict[int, float]:
+    return {m["epoch"]: m["train/tb_loss"] for m in read_jsonl(os.path.join(output_dir, "metrics_raw.jsonl"))}
+
+
+def test_stopped_and_resumed_run_logs_the_same_losses(tiny_lm_dir, tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert run_main(tiny_flags(tiny_lm_dir, straight, "--epochs", "6", "--save-every", "3"))[0] == 0
+    assert run_main(tiny_flags(tiny_lm_dir, resumed, "--epochs", "3", "--save-every", "3"))[0] == 0
+    code, err = run_main(tiny_flags(tiny_lm_dir, resumed, "--epochs", "6", "--save-every", "3", "--resume"))
+    assert code == 0, err
+    assert "resumed from epoch 3" in err
+    expected, got = losses(straight), losses(resumed)
+    assert sorted(got) == list(range(1, 7))
+    assert got == pytest.approx(expected, rel=1e-6, abs=1e-6)
+    final = load_checkpoint(str(straight / "checkpoint_gfn_raw_epoch6.pt"))
+    assert final["epoch"] == 6 and bool(final["log_z"]["initialized"])
+    # every scored sample was appended as training went
+    samples = read_jsonl(str(straight / "samples_raw.jsonl"))
+    assert len(samples) == 6 * 4 and {s["epoch"] for s in samples} == set(range(1, 7))
+    first = samples[0]
+    assert first["y"] and len(first["token_ids"]) >= 1 and first["log_prior"] < 0 and first["log_likelihood"] < 0
+    assert first["log_reward"] == pytest.approx(first["log_prior"] + first["log_likelihood"])
+
+
+def test_checkpoints_are_named_and_complete(tiny_lm_dir, tmp_path):
+    assert run_main(tiny_flags(tiny_lm_dir, tmp_path, "--epochs", "5", "--save-every", "2"))[0] == 0
+    names = sorted(os.path.basename(p) for p in glob.glob(str(tmp_path / "checkpoint_*.pt")))
+    assert names == ["checkpoint_gfn_raw_epoch2.pt", "checkpoint_gfn_raw_epoch4.pt", "checkpoint_gfn_raw_epoch5.pt"]
+    state = load_checkpoint(str(tmp_path / names[-1]))
+    assert state["args"]["batch_size"] == 4 and "optimizer" in state and "torch" in state["rng"]
+    assert not glob.glob(str(tmp_path / ".tmp-*"))  # no temp files left behind
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--task", "poetry"], "invalid choice: 'poetry'"),
+    (["--temperature", "-1"], "--temperature must be > 0"),
+    (["--min-len", "9", "--max-len", "4"], "--min-len"),
+    (["--epochs", "ten"], "invalid int value"),
+    (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "tpu"], "--device"),
+])
+def test_bad_flags_are_one_line_errors(tiny_lm_dir, tmp_path, argv, message):
+    code, err = run_main(tiny_flags(tiny_lm_dir, tmp_path) + argv)
+    assert code == 2 and message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_missing_api_key_fails_before_any_model_is_loaded(monkeypatch, tmp_path):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    code, err = run_main(["--prior-model", str(tmp_path / "not-loaded-yet"), "--output-dir", str(tmp_path)])
+    assert code == 2 and err == "error: OPENAI_API_KEY is not set: export it, or use --oracle hf for a local model\n"
+
+
+def test_unknown_model_and_bad_checkpoints_are_one_line_errors(tiny_lm_dir, tmp_path):
+    code, err = run_main(tiny_flags(str(tmp_path / "nope"), tmp_path, "--epochs", "1"))
+    assert code == 2 and "cannot load model" in err and err.count("\n") == 1
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint at all")
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.zeros(2)}, foreign)
+    assert run_main(tiny_flags(tiny_lm_dir, tmp_path / "ok", "--epochs", "2"))[0] == 0
+    real = (tmp_path / "ok" / "checkpoint_gfn_raw_epoch2.pt").read_bytes()
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(real[: len(real) // 2])
+    for path, message in [(garbage, "corrupt or not a PyTorch file"), (truncated, "corrupt or not a PyTorch file"),
+                          (foreign, "is not a checkpoint of this project"), (tmp_path / "missing.pt", "checkpoint not found")]:
+        code, err = run_main(tiny_flags(tiny_lm_dir, tmp_path, "--epochs", "3", "--resume", str(path)))
+        assert code == 2 and message in err and err.count("\n") == 1, err
+    code, err = run_main(tiny_flags(tiny_lm_dir, tmp_path / "empty", "--resume"))
+    assert code == 2 and "no checkpoint_gfn_raw_epoch*.pt" in err
+
+
+def test_suck_gpt4_cli_is_a_real_one_line_error_in_a_subprocess(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "OPENAI_API_KEY"}
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "suck_gpt4.py"), "--output-dir", str(tmp_path)],
+                          capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().startswith("error: OPENAI_API_KEY is not set")
+    assert proc.stderr.count("\n") == 1
+
+
+def test_openai_oracle_run_never_writes_the_key(tiny_lm_dir, tmp_path, monkeypatch):
+    secret = "sk-test-SECRET-0123456789"
+    monkeypatch.setenv("OPENAI_API_KEY", secret)
+    with OpenAITestServer(api_key=secret) as server:
+        argv = tiny_flags(tiny_lm_dir, tmp_path, "--epochs", "3", "--save-every", "2", "--wandb-mode", "offline",
+                          "--wandb-project", "test")
+        argv[argv.index("hf")] = "openai"
+        code, err = run_main(argv + ["--base-url", server.base_url, "--model", "gpt-4o-mini"])
+        assert code == 0, err
+        assert len([r for r in server.requests if r["_path"].endswith("/chat/completions")]) == 12
+    samples = read_jsonl(str(tmp_path / "samples_raw.jsonl"))
+    assert len(samples) == 12 and all(s["valid"] and s["log_likelihood"] < 0 for s in samples)
+    assert samples[0]["usage"]["completion_tokens"] >= 1
+    assert glob.glob(str(tmp_path / "wandb" / "offline-run-*"))  # W&B offline mode works with no network
+    for path in glob.glob(str(tmp_path / "**" / "*"), recursive=True):
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                assert secret.encode() not in f.read(), path
+
+
+def test_evaluation_samples_a_checkpoint_and_writes_a_summary(tiny_lm_dir, tmp_path):
+    assert run_main(tiny_flags(tiny_lm_dir, tmp_path, "--epochs", "2"))[0] == 0
+    checkpoint = str(tmp_path / "checkpoint_gfn_raw_epoch2.pt")
+    output = str(tmp_path / "eval.jsonl")
+    code, err = run_main(["--checkpoint", checkpoint, "--num-samples", "10", "--batch-size", "4", "--score",
+                          "--output", output, "--device", "cpu"], entry=evaluation.main)
+    assert code == 0, err
+    records = read_jsonl(output)
+    assert len(records) == 10 and all(len(r["token_ids"]) <= 6 and "log_reward" in r for r in records)
+    with open(str(tmp_path / "eval_summary.json")) as f:
+        summary = json.load(f)
+    assert summary["num_samples"] == 10 and 0 < summary["unique_fraction"] <= 1 and "kl_reverse" in summary
+    code, err = run_main(["--checkpoint", str(tmp_path / "nope.pt")], entry=evaluation.main)
+    assert code == 2 and "checkpoint not found" in err
