@@ -275,7 +275,7 @@ def train(args: argparse.Namespace, on_start=None) -> dict:
         save_checkpoint(path, {
             "epoch": epoch, "args": vars(args), "policy": policy.state_dict(),
             "policy_config": asdict(policy.config), "log_z": log_z.state_dict(),
-            "optimizer": optimizer.state_dict(), "rng": rng_state(),
+            "optimizer": optimizer.state_dict(), "rng": rng_state(), "oracle_calls": oracle_calls,
         })
         return path
 
@@ -283,7 +283,7 @@ def train(args: argparse.Namespace, on_start=None) -> dict:
         on_start(policy, reward_model)
     metrics: dict = {}
     last_saved = None
-    oracle_calls = 0
+    oracle_calls = resume_state.get("oracle_calls", 0) if resume_state is not None else 0
     try:
         for epoch in range(start_epoch + 1, args.epochs + 1):
             started = time.time()
