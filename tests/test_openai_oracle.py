@@ -5,7 +5,7 @@ import threading
 
 import pytest
 
-from api_client import OpenAIChatOracle, api_key_from_env
+from api_client import OpenAIChatOracle, RetryPolicy, api_key_from_env
 from errors import OracleError, UserError
 from openai_test_server import OpenAITestServer, chat_response_tokens, prompt_token_logprobs
 from reward_oracle import TASKS
@@ -65,9 +65,9 @@ def test_unreachable_server_is_a_recorded_failure_not_a_crash(monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", "test-key")
     with OpenAITestServer() as srv:
         url = srv.base_url
-    oracle = OpenAIChatOracle("gpt-4o-mini", TASKS["raw"], base_url=url, max_retries=0, timeout_s=2)
+    oracle = OpenAIChatOracle("gpt-4o-mini", TASKS["raw"], base_url=url, retry=RetryPolicy(max_attempts=2, base_delay_s=0.01), timeout_s=2)
     result, = oracle.score(["hi"])
-    assert not result.valid and "Connection" in result.error
+    assert not result.valid and result.error == "failed after 2 attempts: APIConnectionError"
 
 
 def test_fixed_target_uses_echoed_prompt_logprobs(server):
