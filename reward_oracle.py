@@ -248,11 +248,20 @@ class RewardModel:
 
     def __call__(self, tokens: torch.Tensor, lengths: torch.Tensor, texts: list[str] | None = None) -> RewardBatch:
         texts = self.decode(tokens, lengths) if texts is None else texts
+        results = self.oracle.score(texts) if self.uses_oracle else None
+        return self.combine(tokens, lengths, texts, results)
+
+    @property
+    def uses_oracle(self) -> bool:
+        return self.oracle is not None and self.llm_weight != 0
+
+    def combine(self, tokens: torch.Tensor, lengths: torch.Tensor, texts: list[str],
+                results: list[OracleResult] | None) -> RewardBatch:
+        """log R from the prior and oracle results obtained elsewhere (live, or from a Batch API round)."""
         log_prior = self.prior.log_prob(tokens, lengths).double()
-        if self.oracle is not None and self.llm_weight != 0:
-            results = self.oracle.score(texts)
+        if results is not None:
             log_likelihood = torch.tensor([r.log_likelihood for r in results], dtype=torch.float64)
-            valid = torch.tensor([r.valid for r in results])
+            valid = torch.tensor([r.valid for r in results], dtype=torch.bool)
         else:
             results = [OracleResult(response="", log_likelihood=0.0, num_tokens=0) for _ in texts]
             log_likelihood = torch.zeros(len(texts), dtype=torch.float64)

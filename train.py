@@ -23,6 +23,7 @@ from errors import UserError
 from evaluation import batch_metrics, sample_metrics
 from gflownet_policy import LogZ, PolicyConfig, TransformerPolicy
 from hf_models import load_causal_lm, resolve_device
+from batch_pipeline import BatchAPIBatches, PrefetchBatches, SyncBatches
 from reward_oracle import TASKS, HFResponseOracle, PriorScorer, RewardModel
 from trajectory_balance import trajectory_balance_loss
 
@@ -58,6 +59,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--llm-weight", type=float, default=1.0, help="w_llm in log R (0 = prior only, no oracle calls)")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="dtype of the prior and local oracle")
+
+    g = parser.add_argument_group("API client (OpenAI / OpenAI-compatible oracle)")
+    g.add_argument("--rpm", type=float, default=None, help="requests per minute limit (default: none; the server's headers still apply)")
+    g.add_argument("--tpm", type=float, default=None, help="tokens per minute limit")
+    g.add_argument("--api-timeout", type=float, default=60.0, help="seconds before one request attempt times out")
+    g.add_argument("--max-attempts", type=int, default=8, help="attempts per request before it is recorded as failed")
+    g.add_argument("--no-cache", action="store_true", help="do not use the SQLite response cache in --output-dir")
+    g.add_argument("--max-cost", type=float, default=None, help="stop cleanly (with a checkpoint) before spending more dollars")
+    g.add_argument("--prices", default=None, help='JSON file of prices per 1M tokens: {"model": {"input": .., "output": .., "cached_input": ..}}')
+    g.add_argument("--prefetch", dest="prefetch", action="store_true", default=None,
+                   help="sample the next batch while this one is scored (default: on with a remote oracle)")
+    g.add_argument("--no-prefetch", dest="prefetch", action="store_false")
+    g.add_argument("--batch-api", action="store_true", help="score through the Batch API: half price, rounds of hours")
+    g.add_argument("--batch-pool-size", type=int, default=512, help="inputs per Batch API round")
+    g.add_argument("--batch-poll-seconds", type=float, default=30.0, help="seconds between Batch API status polls")
 
     g = parser.add_argument_group("policy")
     g.add_argument("--d-model", type=int, default=256)
@@ -103,6 +119,12 @@ def validate_args(args: argparse.Namespace) -> None:
         (args.d_model % args.num_heads == 0, "--d-model must be divisible by --num-heads"),
         (args.max_response_tokens is None or args.max_response_tokens >= 1, "--max-response-tokens must be >= 1"),
         (args.target_response is None or args.target_response != "", "--target-response must not be empty"),
+        (args.rpm is None or args.rpm > 0, "--rpm must be > 0"),
+        (args.tpm is None or args.tpm > 0, "--tpm must be > 0"),
+        (args.api_timeout > 0 and args.max_attempts >= 1, "--api-timeout must be > 0 and --max-attempts >= 1"),
+        (args.max_cost is None or args.max_cost >= 0, "--max-cost must be >= 0"),
+        (args.batch_pool_size >= 1 and args.batch_poll_seconds >= 0, "--batch-pool-size must be >= 1 and --batch-poll-seconds >= 0"),
+        (not args.batch_api or args.oracle == "openai", "--batch-api needs --oracle openai"),
     ]
     for ok, message in checks:
         if not ok:
@@ -124,11 +146,15 @@ def build_oracle(args: argparse.Namespace, device: torch.device):
         model, tokenizer = load_causal_lm(args.oracle_model or args.prior_model, device, DTYPES[args.dtype])
         return HFResponseOracle(model, tokenizer, task, temperature=args.llm_temperature,
                                 max_new_tokens=args.max_response_tokens, target_response=args.target_response)
-    from api_client import OpenAIChatOracle
+    from api_client import OpenAIChatOracle, RetryPolicy, load_prices
 
-    return OpenAIChatOracle(args.model, task, temperature=args.llm_temperature, max_tokens=args.max_response_tokens,
-                            max_workers=args.max_api_workers, base_url=args.base_url,
-                            target_response=args.target_response)
+    return OpenAIChatOracle(
+        args.model, task, temperature=args.llm_temperature, max_tokens=args.max_response_tokens,
+        max_workers=args.max_api_workers, base_url=args.base_url, target_response=args.target_response,
+        timeout_s=args.api_timeout, retry=RetryPolicy(max_attempts=args.max_attempts), rpm=args.rpm, tpm=args.tpm,
+        cache_path=None if args.no_cache else os.path.join(args.output_dir, "response_cache.sqlite"),
+        prices=load_prices(args.prices),
+    )
 
 
 def build_reward_model(args: argparse.Namespace, prior_model, tokenizer, device: torch.device,
@@ -191,7 +217,7 @@ class JsonlAppender:
         self.file.close()
 
 
-def sample_records(epoch: int, tokens: torch.Tensor, lengths: torch.Tensor, rewards) -> list[dict]:
+def sample_records(epoch: int, tokens: torch.Tensor, lengths: torch.Tensor, rewards, trained: bool = True) -> list[dict]:
     records = []
     for i, text in enumerate(rewards.texts):
         result = rewards.oracle_results[i]
@@ -200,7 +226,7 @@ def sample_records(epoch: int, tokens: torch.Tensor, lengths: torch.Tensor, rewa
             "log_prior": float(rewards.log_prior[i]), "log_likelihood": _finite_or_none(rewards.log_likelihood[i]),
             "log_reward": _finite_or_none(rewards.log_reward[i]), "valid": bool(rewards.valid[i]),
             "error": result.error, "truncated": result.truncated, "response_tokens": result.num_tokens,
-            "usage": result.usage or None,
+            "usage": result.usage or None, "trained": trained,
         })
     return records
 
@@ -224,14 +250,32 @@ def init_wandb(args: argparse.Namespace):
 # ------------------------------------------------------------------------------------------------- train
 
 
+def make_batch_source(args: argparse.Namespace, policy, reward_model, may_spend, save_now, resume_state):
+    common = dict(batch_size=args.batch_size, temperature=args.temperature, epsilon=args.epsilon, may_spend=may_spend)
+    if args.batch_api:
+        return BatchAPIBatches(policy, reward_model, pool_size=args.batch_pool_size, poll_seconds=args.batch_poll_seconds,
+                               save_checkpoint=save_now, round_state=(resume_state or {}).get("batch_round"), **common)
+    if use_prefetch(args):
+        return PrefetchBatches(policy, reward_model, **common)
+    return SyncBatches(policy, reward_model, **common)
+
+
+def use_prefetch(args: argparse.Namespace) -> bool:
+    # On by default only with a remote oracle: a local oracle competes with training for the same device and
+    # its sampling would share the RNG with the policy's across threads (no bit-exact resume).
+    return args.prefetch if args.prefetch is not None else (args.oracle == "openai" and args.llm_weight != 0)
+
+
 def train(args: argparse.Namespace, on_start=None) -> dict:
     """Run (or resume) training as configured by args. `on_start(policy, reward_model)` runs once before the
     first epoch (demo.py shows samples there). Returns the final metrics and the trained objects."""
     validate_args(args)
     if args.oracle == "openai" and args.llm_weight != 0:
-        from api_client import api_key_from_env
+        from api_client import api_key_from_env, load_prices, price_for
 
         api_key_from_env(args.base_url)  # fail on a missing key before loading any model
+        if args.max_cost is not None and price_for(args.model, load_prices(args.prices)) is None:
+            raise UserError(f"--max-cost: no price known for model {args.model!r}; give one with --prices FILE.json")
     resume_state = None
     if args.resume:
         path = latest_checkpoint(args.output_dir, args.task) if args.resume == "latest" else args.resume
@@ -250,6 +294,7 @@ def train(args: argparse.Namespace, on_start=None) -> dict:
     log_z = LogZ().to(device)
     optimizer = make_optimizer(policy, log_z, args)
     reward_model = build_reward_model(args, prior_model, tokenizer, device)
+    api = reward_model.oracle if hasattr(reward_model.oracle, "stats") else None  # the remote oracle, if any
     start_epoch = 0
     if resume_state is not None:
         log_z.load_state_dict(resume_state["log_z"])
@@ -258,6 +303,8 @@ def train(args: argparse.Namespace, on_start=None) -> dict:
             group["lr"] = lr  # flags given now win over the checkpoint's
         restore_rng_state(resume_state["rng"])
         start_epoch = resume_state["epoch"]
+        if api is not None and resume_state.get("api_totals"):
+            api.cost.restore(resume_state["api_totals"])  # the budget spans restarts
         print(f"resumed from epoch {start_epoch}", file=sys.stderr)
 
     os.makedirs(args.output_dir, exist_ok=True)
@@ -270,37 +317,63 @@ def train(args: argparse.Namespace, on_start=None) -> dict:
 
         progress = tqdm(total=args.epochs, initial=start_epoch, desc=f"gfn {args.task}", dynamic_ncols=True)
 
+    def log_line(message: str) -> None:
+        (progress.write if progress is not None else lambda m: print(m, file=sys.stderr))(message)
+
+    completed_epoch = start_epoch
+    oracle_calls = resume_state.get("oracle_calls", 0) if resume_state is not None else 0
+    source = None
+
     def save(epoch: int) -> str:
         path = checkpoint_path(args.output_dir, args.task, epoch)
         save_checkpoint(path, {
             "epoch": epoch, "args": vars(args), "policy": policy.state_dict(),
             "policy_config": asdict(policy.config), "log_z": log_z.state_dict(),
             "optimizer": optimizer.state_dict(), "rng": rng_state(), "oracle_calls": oracle_calls,
+            "api_totals": api.cost.snapshot() if api is not None else None,
+            "batch_round": source.checkpoint_state() if source is not None else None,
         })
         return path
 
+    spend = {"batches": 0}
+
+    def may_spend() -> bool:
+        """Before each paid batch: stop when the spend so far plus one more batch at the average cost so far
+        would pass --max-cost."""
+        if api is None or args.max_cost is None:
+            return True
+        dollars = api.cost.snapshot()["dollars"]
+        per_batch = dollars / spend["batches"] if spend["batches"] else 0.0
+        spend["batches"] += 1
+        return dollars + per_batch <= args.max_cost
+
+    source = make_batch_source(args, policy, reward_model, may_spend, lambda: save(completed_epoch), resume_state)
     if on_start is not None:
         on_start(policy, reward_model)
     metrics: dict = {}
     last_saved = None
-    oracle_calls = resume_state.get("oracle_calls", 0) if resume_state is not None else 0
+    stop_reason = None
     try:
         for epoch in range(start_epoch + 1, args.epochs + 1):
             started = time.time()
-            # 1. explore: sample from the tempered / epsilon-mixed policy; no gradients flow through sampling
-            tokens, lengths, log_q = policy.sample(args.batch_size, temperature=args.temperature, epsilon=args.epsilon)
-            # 2. score, and keep every scored sample before anything can fail
-            rewards = reward_model(tokens, lengths)
-            oracle_calls += len(rewards.texts) if reward_model.oracle is not None else 0
+            # 1-2. a batch sampled from the exploration policy (tempered / epsilon-mixed; no gradients flow
+            # through sampling) and scored; every scored sample is written before anything can fail
+            batch = source.next()
+            if batch is None:
+                stop_reason = f"budget: ${api.cost.snapshot()['dollars']:.4f} spent of --max-cost ${args.max_cost}"
+                break
+            tokens, lengths, log_q, rewards = batch.tokens, batch.lengths, batch.log_q, batch.rewards
+            oracle_calls += len(rewards.texts) if reward_model.uses_oracle else 0
             samples_file.write(sample_records(epoch, tokens, lengths, rewards))
             valid = rewards.valid.to(device)
             num_invalid = int((~valid).sum())
-            if num_invalid and progress is not None:
+            if num_invalid:
                 reasons = sorted({r.error or "non-finite reward" for r, ok in zip(rewards.oracle_results, rewards.valid) if not ok})
-                progress.write(f"epoch {epoch}: {num_invalid} sample(s) skipped: {', '.join(reasons)}")
+                log_line(f"epoch {epoch}: {num_invalid} sample(s) skipped: {', '.join(reasons)}")
             if not bool(valid.any()):
-                metrics = {"train/num_invalid": num_invalid, "epoch": epoch}
+                metrics = {"epoch": epoch, "train/num_invalid": num_invalid}
                 metrics_file.write([metrics])
+                completed_epoch = epoch
                 continue
             # 3. one TB step on log P_F of the untempered policy, recomputed under the current parameters
             tokens, lengths, log_q = tokens[valid], lengths[valid], log_q[valid]
@@ -313,15 +386,16 @@ def train(args: argparse.Namespace, on_start=None) -> dict:
                 # Never let a NaN/inf reach the weights: report the offending sample and skip the step.
                 texts = [t for t, ok in zip(rewards.texts, rewards.valid.tolist()) if ok]
                 bad = int((~torch.isfinite(log_pf)).nonzero().flatten()[:1].sum())
-                message = f"epoch {epoch}: non-finite loss (log_pf={log_pf[bad].item()}, sample {texts[bad]!r}); step skipped"
-                print(message, file=sys.stderr)
+                log_line(f"epoch {epoch}: non-finite loss (log_pf={log_pf[bad].item()}, sample {texts[bad]!r}); step skipped")
                 metrics_file.write([{"epoch": epoch, "train/skipped_non_finite": 1}])
+                completed_epoch = epoch
                 continue
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if args.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
             optimizer.step()
+            completed_epoch = epoch
 
             valid_cpu = rewards.valid
             metrics = {
@@ -339,37 +413,50 @@ def train(args: argparse.Namespace, on_start=None) -> dict:
                 "train/epoch_seconds": time.time() - started,
                 **{f"eval/{k}": v for k, v in batch_metrics(log_reward.detach().cpu(), log_pf.detach().cpu(), log_q.cpu()).items()},
                 **{f"eval/{k}": v for k, v in sample_metrics(rewards.texts, [t[:n].tolist() for t, n in zip(tokens.cpu(), lengths.cpu())]).items()},
+                **({f"api/{k}": v for k, v in api.stats().items()} if api is not None else {}),
             }
             metrics_file.write([metrics])
             if run is not None:
                 run.log(metrics, step=epoch)
             if progress is not None:
                 progress.update(1)
-                progress.set_postfix(loss=f"{metrics['train/tb_loss']:.3g}", logZ=f"{metrics['train/log_Z']:.2f}",
-                                     logR=f"{metrics['train/log_reward_mean']:.1f}")
+                postfix = {"loss": f"{metrics['train/tb_loss']:.3g}", "logZ": f"{metrics['train/log_Z']:.2f}",
+                           "logR": f"{metrics['train/log_reward_mean']:.1f}"}
+                if api is not None:
+                    postfix["cost"] = f"${metrics['api/dollars']:.4f}"
+                progress.set_postfix(postfix)
             else:
                 print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}), flush=True)
             if epoch % args.save_every == 0 or epoch == args.epochs:
                 last_saved = save(epoch)
+        if stop_reason is not None:
+            last_saved = save(completed_epoch)
+            log_line(f"stopped at epoch {completed_epoch}: {stop_reason}; saved {last_saved}")
     except KeyboardInterrupt:
         # Keep what was trained: checkpoint the last completed epoch, then stop.
-        completed = metrics.get("epoch", start_epoch)
-        if completed > start_epoch:
-            last_saved = save(completed)
+        if completed_epoch > start_epoch:
+            last_saved = save(completed_epoch)
         print(f"\ninterrupted; saved {last_saved}", file=sys.stderr)
         raise
     finally:
-        if progress is not None:
-            progress.close()
-        samples_file.close()
-        metrics_file.close()
-        if run is not None:
-            run.finish()
-        close = getattr(reward_model.oracle, "close", None)
-        if close:
-            close()
+        # Batches scored ahead (prefetch, the rest of a Batch API pool) were paid for: keep their samples.
+        try:
+            for leftover in source.drain():
+                samples_file.write(sample_records(completed_epoch + 1, leftover.tokens, leftover.lengths,
+                                                  leftover.rewards, trained=False))
+        finally:
+            if progress is not None:
+                progress.close()
+            samples_file.close()
+            metrics_file.close()
+            if run is not None:
+                run.finish()
+            close = getattr(reward_model.oracle, "close", None)
+            if close:
+                close()
     return {"metrics": metrics, "checkpoint": last_saved, "epochs": args.epochs, "policy": policy, "log_z": log_z,
-            "reward_model": reward_model, "output_dir": args.output_dir}
+            "reward_model": reward_model, "output_dir": args.output_dir, "stop_reason": stop_reason,
+            "api_stats": api.stats() if api is not None else None}
 
 
 def build_parser(description: str = __doc__, defaults: dict | None = None) -> argparse.ArgumentParser:

@@ -128,9 +128,11 @@ def test_openai_oracle_run_never_writes_the_key(tiny_lm_dir, tmp_path, monkeypat
         argv[argv.index("hf")] = "openai"
         code, err = run_main(argv + ["--base-url", server.base_url, "--model", "gpt-4o-mini"])
         assert code == 0, err
-        assert len([r for r in server.requests if r["_path"].endswith("/chat/completions")]) == 12
+        # prefetch is on with a remote oracle: a 4th batch was scored ahead while epoch 3 trained
+        assert len([r for r in server.requests if r["_path"].endswith("/chat/completions")]) == 16
     samples = read_jsonl(str(tmp_path / "samples_raw.jsonl"))
-    assert len(samples) == 12 and all(s["valid"] and s["log_likelihood"] < 0 for s in samples)
+    assert len(samples) == 16 and all(s["valid"] and s["log_likelihood"] < 0 for s in samples)
+    assert [s["trained"] for s in samples] == [True] * 12 + [False] * 4  # paid for, so kept
     assert samples[0]["usage"]["completion_tokens"] >= 1
     assert glob.glob(str(tmp_path / "wandb" / "offline-run-*"))  # W&B offline mode works with no network
     for path in glob.glob(str(tmp_path / "**" / "*"), recursive=True):

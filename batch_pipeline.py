@@ -1,0 +1,139 @@
+"""Where the training loop's scored batches come from.
+
+- `SyncBatches`: sample a batch, score it, hand it over. Deterministic: used with local oracles.
+- `PrefetchBatches`: while the rewards of batch k are being fetched, the policy samples batch k+1, so an epoch
+  takes about max(train step + sampling, API round trip) instead of their sum. Batch k+1 is sampled from the
+  parameters before step k, one step stale. That is sound for trajectory balance: TB is an off-policy
+  objective (any full-support sampler has the same optimum) and the loss always recomputes log P_F under the
+  current parameters, so staleness only changes which x are explored, never the gradient's target.
+- `BatchAPIBatches`: Batch API rounds. Sample a pool, submit it as one batch, wait, then hand the scored pool
+  over in minibatches. The pending batch is checkpointed before the first poll, so a restart resumes it.
+
+Every source calls `may_spend()` before it causes a new paid request, so a cost budget stops it cleanly.
+"""
+from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from reward_oracle import RewardBatch
+
+
+@dataclass
+class ScoredBatch:
+    tokens: torch.Tensor
+    lengths: torch.Tensor
+    log_q: torch.Tensor  # the sampler's log-probability of each x (for off-policy metrics)
+    rewards: RewardBatch
+
+
+class SyncBatches:
+    def __init__(self, policy, reward_model, batch_size: int, temperature: float, epsilon: float, may_spend) -> None:
+        self.policy, self.reward_model = policy, reward_model
+        self.batch_size, self.temperature, self.epsilon = batch_size, temperature, epsilon
+        self.may_spend = may_spend
+
+    def sample(self):
+        return self.policy.sample(self.batch_size, temperature=self.temperature, epsilon=self.epsilon)
+
+    def next(self) -> ScoredBatch | None:
+        if not self.may_spend():
+            return None
+        tokens, lengths, log_q = self.sample()
+        return ScoredBatch(tokens, lengths, log_q, self.reward_model(tokens, lengths))
+
+    def drain(self) -> list[ScoredBatch]:
+        """Scored batches that were paid for but not handed over when training stops (none here)."""
+        return []
+
+    def checkpoint_state(self) -> dict | None:
+        return None
+
+
+class PrefetchBatches(SyncBatches):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
+        self.pending: tuple[tuple, Future] | None = None
+
+    def _submit(self) -> None:
+        if not self.may_spend():
+            self.pending = None
+            return
+        sampled = self.sample()
+        self.pending = (sampled, self.executor.submit(self.reward_model, sampled[0], sampled[1]))
+
+    def next(self) -> ScoredBatch | None:
+        if self.pending is None:
+            self._submit()
+            if self.pending is None:
+                return None
+        (tokens, lengths, log_q), future = self.pending
+        # Sample and submit batch k+1 while batch k's requests are in flight, then wait for batch k.
+        self._submit()
+        return ScoredBatch(tokens, lengths, log_q, future.result())
+
+    def drain(self) -> list[ScoredBatch]:
+        """The batch scored ahead when training stops: paid for, so its samples must still be written."""
+        drained = []
+        if self.pending is not None:
+            (tokens, lengths, log_q), future = self.pending
+            drained.append(ScoredBatch(tokens, lengths, log_q, future.result()))
+            self.pending = None
+        self.executor.shutdown(wait=True)
+        return drained
+
+
+class BatchAPIBatches(SyncBatches):
+    """The current round (batch id and the sampled pool) is part of every checkpoint (`checkpoint_state`), and
+    `save_checkpoint()` is called right after submission, before the first poll. A run restarted from a
+    checkpoint taken mid-pool collects that round again (free: its results are in the output file and the
+    cache) and trains on the whole pool."""
+
+    def __init__(self, *args, pool_size: int, poll_seconds: float, save_checkpoint, round_state: dict | None = None,
+                 on_poll=None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.pool_size, self.poll_seconds = pool_size, poll_seconds
+        self.save_checkpoint, self.on_poll = save_checkpoint, on_poll
+        self.round = round_state
+        self.resumed = round_state is not None
+        self.queue: list[ScoredBatch] = []
+
+    def checkpoint_state(self) -> dict | None:
+        return self.round
+
+    def drain(self) -> list[ScoredBatch]:
+        drained, self.queue = self.queue, []
+        return drained
+
+    def _round(self) -> bool:
+        from batch_api import collect_results, submit_batch, wait_for_batch
+
+        oracle = self.reward_model.oracle
+        if not self.resumed:
+            if not self.may_spend():
+                return False
+            tokens, lengths, log_q = self.policy.sample(self.pool_size, temperature=self.temperature, epsilon=self.epsilon)
+            texts = self.reward_model.decode(tokens, lengths)
+            batch_id = submit_batch(oracle, texts)
+            self.round = {"batch_id": batch_id, "tokens": tokens.cpu(), "lengths": lengths.cpu(), "log_q": log_q.cpu(), "texts": texts}
+            self.save_checkpoint()  # before polling: a restart must find this batch, not pay for it again
+        self.resumed = False
+        current, device = self.round, self.policy.device
+        batch = wait_for_batch(oracle, current["batch_id"], self.poll_seconds, on_poll=self.on_poll) if current["batch_id"] else None
+        results = collect_results(oracle, batch, current["texts"])
+        tokens, lengths = current["tokens"].to(device), current["lengths"].to(device)
+        rewards = self.reward_model.combine(tokens, lengths, current["texts"], results)
+        for start in range(0, len(current["texts"]), self.batch_size):
+            part = slice(start, start + self.batch_size)
+            self.queue.append(ScoredBatch(tokens[part], lengths[part], current["log_q"][part].to(device), RewardBatch(
+                rewards.texts[part], rewards.log_prior[part], rewards.log_likelihood[part], rewards.log_reward[part],
+                rewards.valid[part], rewards.oracle_results[part])))
+        return True
+
+    def next(self) -> ScoredBatch | None:
+        if not self.queue and not self._round():
+            return None
+        return self.queue.pop(0)
