@@ -691,6 +691,7 @@ class OpenAITestServer:
             body = {}
         entry = dict(body) if body is not None else {"_raw": raw.decode("utf-8", "replace")}
         entry["_path"] = path
+        entry["_idempotency_key"] = headers.get("Idempotency-Key")
         with self._lock:
             self.requests.append(entry)
             self.request_times.append(time.monotonic() if arrived is None else arrived)
