@@ -1,0 +1,25 @@
+"""Each benchmark script runs on its tiny setting and prints well-formed JSON (the numbers are in BENCHMARKS.md)."""
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_benchmark(name: str, *args: str) -> dict:
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", name), *args], capture_output=True,
+                          text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout)
+
+
+def test_api_pool_quick():
+    result = run_benchmark("api_pool.py", "--quick")
+    pool, = result["pool"]
+    assert pool["ok"] == pool["requests"] and pool["peak_in_flight"] <= pool["workers"]
+    assert 0 < pool["fraction_of_ideal"] <= 1.05
+    faulty, = result["pool_10pct_429"]
+    assert faulty["ok"] == faulty["requests"]
+    run, = result["epoch"]["runs"]
+    assert run["prefetch_on_epoch_s"] > 0 and run["prefetch_off_epoch_s"] > 0
