@@ -62,25 +62,33 @@ class PrefetchBatches(SyncBatches):
         if not self.may_spend():
             self.pending = None
             return
-        sampled = self.sample()
-        self.pending = (sampled, self.executor.submit(self.reward_model, sampled[0], sampled[1]))
+        tokens, lengths, log_q = self.sample()
+        texts = self.reward_model.decode(tokens, lengths)
+        # Only the oracle's requests run in the background; the prior is scored on this thread, so model
+        # state (a LoRA policy switching its adapters off for the prior) is never touched from two threads.
+        oracle_future = self.executor.submit(self.reward_model.oracle.score, texts) if self.reward_model.uses_oracle else None
+        self.pending = ((tokens, lengths, log_q, texts), oracle_future)
+
+    def _finish(self, pending) -> ScoredBatch:
+        (tokens, lengths, log_q, texts), oracle_future = pending
+        results = oracle_future.result() if oracle_future is not None else None
+        return ScoredBatch(tokens, lengths, log_q, self.reward_model.combine(tokens, lengths, texts, results))
 
     def next(self) -> ScoredBatch | None:
         if self.pending is None:
             self._submit()
             if self.pending is None:
                 return None
-        (tokens, lengths, log_q), future = self.pending
+        current = self.pending
         # Sample and submit batch k+1 while batch k's requests are in flight, then wait for batch k.
         self._submit()
-        return ScoredBatch(tokens, lengths, log_q, future.result())
+        return self._finish(current)
 
     def drain(self) -> list[ScoredBatch]:
         """The batch scored ahead when training stops: paid for, so its samples must still be written."""
         drained = []
         if self.pending is not None:
-            (tokens, lengths, log_q), future = self.pending
-            drained.append(ScoredBatch(tokens, lengths, log_q, future.result()))
+            drained.append(self._finish(self.pending))
             self.pending = None
         self.executor.shutdown(wait=True)
         return drained

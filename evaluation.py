@@ -118,7 +118,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     device = resolve_device(args.device)
     torch.manual_seed(args.seed)
     prior_model, tokenizer = load_prior(run_args, device)
-    policy = build_policy_for_checkpoint(state, device)
+    policy = build_policy_for_checkpoint(state, prior_model, tokenizer, device)
     reward_model = build_reward_model(run_args, prior_model, tokenizer, device, with_oracle=args.score)
     records, all_log_pf, all_log_q, all_log_r, token_lists = [], [], [], [], []
     remaining = args.num_samples

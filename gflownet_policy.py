@@ -79,52 +79,41 @@ class Block(nn.Module):
         return h + self.mlp(self.ln_2(h)), new_cache
 
 
-class TransformerPolicy(nn.Module):
-    """Pre-LayerNorm GPT-style policy. Input vocabulary: tokens, then BOS; output: tokens, then STOP."""
+@dataclass
+class PolicyOutputs:
+    """Everything the losses need from one teacher-forced pass; columns index prefixes s_0 .. s_L."""
 
-    def __init__(self, config: PolicyConfig) -> None:
-        super().__init__()
+    log_pf_steps: torch.Tensor  # (B, L+1) log-prob of the action taken from s_t (token, or STOP at t == length)
+    log_stop: torch.Tensor  # (B, L+1) log P_F(STOP | s_t) for every t, taken or not (modified SubTB)
+    log_flows: torch.Tensor  # (B, L+1) learned log F(s_t) (SubTB)
+
+    @property
+    def log_pf(self) -> torch.Tensor:
+        return self.log_pf_steps.sum(dim=1)
+
+
+class AutoregressivePolicy(nn.Module):
+    """Sampling and teacher forcing shared by every policy. Actions are the vocabulary's tokens, then STOP
+    (index vocab_size). Subclasses provide `_forward(input_ids, start_pos, cache) -> (action_logits (B, T, V+1),
+    hidden (B, T, H), cache)`, `start_id` (the input id that precedes x) and `flow_head` (hidden -> log F)."""
+
+    config: PolicyConfig
+    start_id: int
+
+    def _init_action_space(self, config: PolicyConfig) -> None:
         config.validate()
         self.config = config
         self.stop_id = config.vocab_size
-        self.bos_id = config.vocab_size  # input-side id; shares its index with STOP but lives in a different table
-        self.tok_emb = nn.Embedding(config.vocab_size + 1, config.d_model)
-        self.pos_emb = nn.Embedding(config.max_len + 1, config.d_model)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
-        self.ln_f = nn.LayerNorm(config.d_model)
-        self.head = nn.Linear(config.d_model, config.vocab_size + 1)
         # Tokens the policy may never emit (e.g. the prior's special tokens): a fixed -inf mask, not learned.
         banned = torch.zeros(config.vocab_size + 1, dtype=torch.bool)
         for token_id in config.banned_token_ids:
             if 0 <= token_id < config.vocab_size:
                 banned[token_id] = True
         self.register_buffer("banned", banned, persistent=False)
-        self.apply(self._init_weights)
-        for name, p in self.named_parameters():  # GPT-2's scaled init of residual projections
-            if name.endswith("proj.weight") or name.endswith("mlp.2.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.num_layers))
-
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     @property
     def device(self) -> torch.device:
-        return self.head.weight.device
-
-    def _logits(self, input_ids: torch.Tensor, start_pos: int = 0, caches=None):
-        positions = torch.arange(start_pos, start_pos + input_ids.shape[1], device=input_ids.device)
-        h = self.tok_emb(input_ids) + self.pos_emb(positions)
-        new_caches = []
-        for i, block in enumerate(self.blocks):
-            h, cache = block(h, None if caches is None else caches[i])
-            new_caches.append(cache)
-        return self.head(self.ln_f(h)).float(), new_caches
+        return self.banned.device
 
     def _action_mask(self, position: torch.Tensor | int, num_rows: int) -> torch.Tensor:
         """Boolean (rows, V+1) mask of forbidden actions after `position` tokens have been generated."""
@@ -140,28 +129,44 @@ class TransformerPolicy(nn.Module):
     def masked_log_probs(self, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return torch.log_softmax(logits.masked_fill(mask, float("-inf")), dim=-1)
 
-    def log_pf(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """Teacher-forced sum of log P_F over each trajectory, including the stop action, under the
-        current (untempered) parameters. Returns (B,) float32 with gradients."""
-        return self.log_pf_per_step(tokens, lengths).sum(dim=1)
+    def _inputs(self, tokens: torch.Tensor, context: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+        """[start, context..., x...] and the index of the first action's logits."""
+        batch = tokens.shape[0]
+        start = torch.full((batch, 1), self.start_id, dtype=torch.long, device=tokens.device)
+        parts = [start] + ([context.expand(batch, -1)] if context is not None else []) + [tokens]
+        return torch.cat(parts, dim=1), 0 if context is None else context.shape[1]
 
-    def log_pf_per_step(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """(B, max_len + 1) log-probabilities of each action taken; zeros past the stop action.
-        Column t is the action taken from the prefix of length t (a token, or STOP when t == length)."""
+    def evaluate(self, tokens: torch.Tensor, lengths: torch.Tensor, context: torch.Tensor | None = None) -> PolicyOutputs:
+        """One teacher-forced pass under the current (untempered) parameters, with gradients."""
         batch, width = tokens.shape
         max_len = self.config.max_len
         if width < max_len:
             tokens = F.pad(tokens, (0, max_len - width))
         tokens = tokens[:, :max_len]
-        bos = torch.full((batch, 1), self.bos_id, dtype=torch.long, device=tokens.device)
-        logits, _ = self._logits(torch.cat([bos, tokens], dim=1))  # (B, max_len + 1, V + 1)
+        input_ids, offset = self._inputs(tokens, context)
+        logits, hidden, _ = self._forward(input_ids, 0, None)
+        logits, hidden = logits[:, offset:], hidden[:, offset:]  # (B, max_len + 1, .) from s_0 on
         steps = torch.arange(max_len + 1, device=tokens.device)
         mask = torch.stack([self._action_mask(int(t), batch) for t in steps], dim=1)
         log_probs = self.masked_log_probs(logits, mask)
         actions = torch.cat([tokens, torch.zeros(batch, 1, dtype=torch.long, device=tokens.device)], dim=1)
         actions = torch.where(steps.unsqueeze(0) == lengths.unsqueeze(1), self.stop_id, actions)
         taken = log_probs.gather(2, actions.unsqueeze(2)).squeeze(2)
-        return torch.where(steps.unsqueeze(0) <= lengths.unsqueeze(1), taken, torch.zeros_like(taken))
+        in_trajectory = steps.unsqueeze(0) <= lengths.unsqueeze(1)
+        return PolicyOutputs(
+            log_pf_steps=torch.where(in_trajectory, taken, torch.zeros_like(taken)),
+            log_stop=log_probs[..., self.stop_id],
+            log_flows=self.flow_head(hidden.float()).squeeze(-1),
+        )
+
+    def log_pf_per_step(self, tokens: torch.Tensor, lengths: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, max_len + 1) log-probabilities of each action taken; zeros past the stop action.
+        Column t is the action taken from the prefix of length t (a token, or STOP when t == length)."""
+        return self.evaluate(tokens, lengths, context).log_pf_steps
+
+    def log_pf(self, tokens: torch.Tensor, lengths: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """Teacher-forced sum of log P_F over each trajectory, including the stop action. (B,) with gradients."""
+        return self.log_pf_per_step(tokens, lengths, context).sum(dim=1)
 
     @torch.no_grad()
     def sample(
@@ -170,6 +175,7 @@ class TransformerPolicy(nn.Module):
         temperature: float = 1.0,
         epsilon: float = 0.0,
         generator: torch.Generator | None = None,
+        context: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Sample trajectories with a KV cache from the exploration policy
         (logits / temperature, mixed with epsilon-uniform over allowed actions).
@@ -186,10 +192,11 @@ class TransformerPolicy(nn.Module):
         lengths = torch.full((batch_size,), max_len, dtype=torch.long, device=device)
         sampler_log_prob = torch.zeros(batch_size, device=device)
         done = torch.zeros(batch_size, dtype=torch.bool, device=device)
-        next_input = torch.full((batch_size, 1), self.bos_id, dtype=torch.long, device=device)
-        caches = None
+        next_input, _ = self._inputs(tokens[:, :0], context)
+        cache, position = None, 0
         for t in range(max_len + 1):
-            logits, caches = self._logits(next_input, start_pos=t, caches=caches)
+            logits, _, cache = self._forward(next_input, position, cache)
+            position += next_input.shape[1]
             mask = self._action_mask(t, batch_size)
             probs = self.masked_log_probs(logits[:, -1] / temperature, mask).exp()
             if epsilon > 0:
@@ -208,8 +215,146 @@ class TransformerPolicy(nn.Module):
             next_input = torch.where(done, torch.zeros_like(action), action).unsqueeze(1)
         return tokens, lengths, sampler_log_prob
 
+    def trainable_state(self) -> dict:
+        """What a checkpoint must hold to restore this policy (on top of its config)."""
+        return self.state_dict()
+
+    def load_trainable_state(self, state: dict) -> None:
+        self.load_state_dict(state)
+
+
+class TransformerPolicy(AutoregressivePolicy):
+    """Pre-LayerNorm GPT-style policy trained from scratch. Input vocabulary: tokens, then BOS."""
+
+    def __init__(self, config: PolicyConfig) -> None:
+        super().__init__()
+        self._init_action_space(config)
+        self.start_id = config.vocab_size  # input-side BOS; shares its index with STOP but lives in another table
+        self.tok_emb = nn.Embedding(config.vocab_size + 1, config.d_model)
+        self.pos_emb = nn.Embedding(config.max_len + 1, config.d_model)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
+        self.ln_f = nn.LayerNorm(config.d_model)
+        self.head = nn.Linear(config.d_model, config.vocab_size + 1)
+        self.flow_head = nn.Linear(config.d_model, 1)  # log F(s) for SubTB; unused (and untrained) by TB
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2's scaled init of residual projections
+            if name.endswith("proj.weight") or name.endswith("mlp.2.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.num_layers))
+
+    @property
+    def bos_id(self) -> int:
+        return self.start_id
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def _forward(self, input_ids: torch.Tensor, start_pos: int = 0, caches=None):
+        positions = torch.arange(start_pos, start_pos + input_ids.shape[1], device=input_ids.device)
+        h = self.tok_emb(input_ids) + self.pos_emb(positions)
+        new_caches = []
+        for i, block in enumerate(self.blocks):
+            h, cache = block(h, None if caches is None else caches[i])
+            new_caches.append(cache)
+        h = self.ln_f(h)
+        return self.head(h).float(), h, new_caches
+
+    def _logits(self, input_ids: torch.Tensor, start_pos: int = 0, caches=None):
+        logits, _, caches = self._forward(input_ids, start_pos, caches)
+        return logits, caches
+
     def checkpoint_config(self) -> dict:
         return asdict(self.config)
+
+
+class LoRAPolicy(AutoregressivePolicy):
+    """A pretrained causal LM with LoRA adapters as the policy (Hu et al., 2024). At initialisation (LoRA's B
+    matrices are zero) it *is* the LM: x starts from the LM's document-start token, tokens are the LM's own
+    next-token distribution, and STOP is the LM's end-of-text token, which is therefore not also a token action.
+    The same weights serve the prior with the adapters switched off (`adapters_disabled`), so one copy is
+    loaded. Sampling uses the model's own KV cache."""
+
+    def __init__(self, peft_model, config: PolicyConfig, start_id: int, stop_token_id: int, lora_settings: dict) -> None:
+        super().__init__()
+        self._init_action_space(config)
+        self.model = peft_model
+        self.start_id = start_id
+        self.stop_token_id = stop_token_id
+        self.lora_settings = lora_settings
+        hidden = peft_model.get_base_model().config.get_text_config().hidden_size
+        self.flow_head = nn.Linear(hidden, 1)  # log F(s) for SubTB, on the LM's last hidden state
+        nn.init.zeros_(self.flow_head.weight)
+        nn.init.zeros_(self.flow_head.bias)
+        self.flow_head.to(next(peft_model.parameters()).device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.flow_head.weight.device
+
+    def _forward(self, input_ids: torch.Tensor, start_pos: int = 0, cache=None):
+        out = self.model(input_ids=input_ids, past_key_values=cache, use_cache=True, output_hidden_states=True)
+        logits = out.logits.float()
+        vocab = self.config.vocab_size
+        action_logits = torch.cat([logits[..., :vocab], logits[..., self.stop_token_id: self.stop_token_id + 1]], dim=-1)
+        return action_logits, out.hidden_states[-1], out.past_key_values
+
+    def adapters_disabled(self):
+        """Context manager: the base LM without adapters (the prior p(x), or a local oracle on the same weights)."""
+        return self.model.disable_adapter()
+
+    def set_lora_dropout(self, active: bool) -> None:
+        # Only LoRA's own dropout follows the training step; the base model stays in eval mode so that
+        # teacher-forced log P_F is exactly the distribution the sampler used.
+        for name, module in self.model.named_modules():
+            if name.endswith("lora_dropout"):
+                module.train(active)
+
+    def trainable_state(self) -> dict:
+        from peft import get_peft_model_state_dict
+
+        return {"lora": {k: v.detach().cpu() for k, v in get_peft_model_state_dict(self.model).items()},
+                "flow_head": self.flow_head.state_dict()}
+
+    def load_trainable_state(self, state: dict) -> None:
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(self.model, state["lora"])
+        unexpected = getattr(result, "unexpected_keys", [])
+        if unexpected:
+            raise ValueError(f"LoRA weights do not fit this model: unexpected {unexpected[:3]}")
+        self.flow_head.load_state_dict(state["flow_head"])
+
+
+def default_lora_targets(model) -> list[str]:
+    """peft's per-architecture defaults (e.g. c_attn for GPT-2, q_proj/v_proj for Llama-style models)."""
+    from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
+
+    model_type = model.config.model_type
+    if model_type not in DEFAULTS:
+        raise ValueError(f"no default LoRA target modules for model type {model_type!r}; pass --lora-target-modules")
+    return list(DEFAULTS[model_type])
+
+
+def make_lora_policy(base_model, config: PolicyConfig, start_id: int, stop_token_id: int, r: int = 16,
+                     alpha: float = 32.0, dropout: float = 0.0, target_modules: list[str] | None = None) -> LoRAPolicy:
+    """Wrap base_model (in place: LoRA layers are injected into it) and return the policy."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = list(target_modules) if target_modules else default_lora_targets(base_model)
+    lora_config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none",
+                             task_type="CAUSAL_LM")
+    from hf_models import register_adapters
+
+    peft_model = get_peft_model(base_model, lora_config)
+    peft_model.eval()
+    register_adapters(base_model, peft_model)
+    settings = {"r": r, "alpha": alpha, "dropout": dropout, "target_modules": targets}
+    return LoRAPolicy(peft_model, config, start_id, stop_token_id, settings)
 
 
 class LogZ(nn.Module):

@@ -5,6 +5,7 @@ would double memory and start-up time, so loaded models are cached by (spec, dev
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -12,6 +13,19 @@ import torch
 from errors import UserError
 
 _MODEL_CACHE: dict[tuple, tuple] = {}
+# id(base model) -> the peft model that injected LoRA layers into it. Other users of the same weights (the
+# prior, a local oracle) must run with the adapters switched off.
+_ADAPTED: dict[int, object] = {}
+
+
+def register_adapters(base_model, peft_model) -> None:
+    _ADAPTED[id(base_model)] = peft_model
+
+
+def without_adapters(model):
+    """Context manager: run `model` as the pretrained LM even if a LoRA policy wraps it."""
+    peft_model = _ADAPTED.get(id(model))
+    return peft_model.disable_adapter() if peft_model is not None else contextlib.nullcontext()
 
 
 def split_model_spec(spec: str) -> tuple[str, str | None]:
@@ -64,9 +78,20 @@ def document_start_id(tokenizer) -> int:
     documents separated by <|endoftext|>, so that is the right context when the vocabulary has it (SmolLM2
     too, whose default BOS is the chat token <|im_start|>); otherwise the BOS, then the EOS token."""
     endoftext = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    if isinstance(endoftext, int) and endoftext != tokenizer.unk_token_id and endoftext is not None:
+    if isinstance(endoftext, int) and endoftext != tokenizer.unk_token_id:
         return endoftext
     for candidate in (tokenizer.bos_token_id, tokenizer.eos_token_id):
         if candidate is not None:
             return candidate
     raise UserError("tokenizer has neither <|endoftext|>, a BOS nor an EOS token to start a text from")
+
+
+def document_end_id(tokenizer) -> int:
+    """The token that ends a text: <|endoftext|> when the vocabulary has it (a chat model's EOS, such as
+    SmolLM2's <|im_end|>, ends a turn, not a document), else the EOS token."""
+    endoftext = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    if isinstance(endoftext, int) and endoftext != tokenizer.unk_token_id:
+        return endoftext
+    if tokenizer.eos_token_id is not None:
+        return tokenizer.eos_token_id
+    raise UserError("tokenizer has neither <|endoftext|> nor an EOS token to end a text with")

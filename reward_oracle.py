@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from hf_models import document_start_id
+from hf_models import document_end_id, document_start_id, without_adapters
 
 # --------------------------------------------------------------------------------------------------- tasks
 
@@ -95,7 +95,7 @@ class PriorScorer:
     def __init__(self, model, tokenizer, include_eos: bool = False, batch_size: int = 32) -> None:
         self.model = model
         self.start_id = document_start_id(tokenizer)
-        self.eos_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else self.start_id
+        self.eos_id = document_end_id(tokenizer)
         self.include_eos = include_eos
         self.batch_size = batch_size
 
@@ -117,7 +117,8 @@ class PriorScorer:
         tokens = tokens[:, :width]
         # Right padding is harmless for a causal model: padded positions come after every scored one.
         start = torch.full((tokens.shape[0], 1), self.start_id, dtype=torch.long, device=self.device)
-        logits = self.model(input_ids=torch.cat([start, tokens], dim=1)).logits.float()
+        with without_adapters(self.model):
+            logits = self.model(input_ids=torch.cat([start, tokens], dim=1)).logits.float()
         log_probs = torch.log_softmax(logits, dim=-1)  # (B, width + 1, V)
         token_lp = log_probs[:, :width].gather(2, tokens.unsqueeze(2)).squeeze(2)
         positions = torch.arange(width, device=self.device).unsqueeze(0)
@@ -177,7 +178,8 @@ class HFResponseOracle:
         width = max(map(len, rows))
         pad = self.tokenizer.pad_token_id
         input_ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=self.device)
-        log_probs = torch.log_softmax(self.model(input_ids=input_ids).logits.float(), dim=-1)
+        with without_adapters(self.model):
+            log_probs = torch.log_softmax(self.model(input_ids=input_ids).logits.float(), dim=-1)
         target = torch.tensor(self.target_ids, device=self.device)
         results = []
         for i, prompt in enumerate(prompts):
@@ -205,7 +207,8 @@ class HFResponseOracle:
             max_new_tokens=self.max_new_tokens, pad_token_id=pad, eos_token_id=sorted(self.eos_ids),
             output_logits=True, return_dict_in_generate=True,
         )
-        out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+        with without_adapters(self.model):
+            out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
         generated = out.sequences[:, width:]
         log_probs = torch.log_softmax(torch.stack(out.logits, dim=1).float(), dim=-1)  # raw, untempered logits
         token_lp = log_probs.gather(2, generated.unsqueeze(2)).squeeze(2)

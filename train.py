@@ -21,8 +21,8 @@ from checkpoint import (checkpoint_path, latest_checkpoint, load_checkpoint, res
                         save_checkpoint)
 from errors import UserError
 from evaluation import batch_metrics, sample_metrics
-from gflownet_policy import LogZ, PolicyConfig, TransformerPolicy
-from hf_models import load_causal_lm, resolve_device
+from gflownet_policy import AutoregressivePolicy, LogZ, PolicyConfig, TransformerPolicy, make_lora_policy
+from hf_models import document_end_id, document_start_id, load_causal_lm, resolve_device
 from batch_pipeline import BatchAPIBatches, PrefetchBatches, SyncBatches
 from reward_oracle import TASKS, HFResponseOracle, PriorScorer, RewardModel
 from trajectory_balance import trajectory_balance_loss
@@ -76,6 +76,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-poll-seconds", type=float, default=30.0, help="seconds between Batch API status polls")
 
     g = parser.add_argument_group("policy")
+    g.add_argument("--policy", default="transformer", choices=["transformer", "lora"],
+                   help="transformer: trained from scratch; lora: the prior LM itself with LoRA adapters")
+    g.add_argument("--lora-r", type=int, default=16)
+    g.add_argument("--lora-alpha", type=float, default=32.0)
+    g.add_argument("--lora-dropout", type=float, default=0.0)
+    g.add_argument("--lora-target-modules", nargs="+", default=None,
+                   help="module names to adapt (default: peft's choice for the architecture)")
     g.add_argument("--d-model", type=int, default=256)
     g.add_argument("--num-layers", type=int, default=4)
     g.add_argument("--num-heads", type=int, default=4)
@@ -117,6 +124,7 @@ def validate_args(args: argparse.Namespace) -> None:
         (1 <= args.min_len <= args.max_len, "need 1 <= --min-len <= --max-len"),
         (args.d_model >= 1 and args.num_layers >= 1 and args.num_heads >= 1, "--d-model, --num-layers, --num-heads must be >= 1"),
         (args.d_model % args.num_heads == 0, "--d-model must be divisible by --num-heads"),
+        (args.lora_r >= 1 and args.lora_alpha > 0 and 0 <= args.lora_dropout < 1, "need --lora-r >= 1, --lora-alpha > 0, 0 <= --lora-dropout < 1"),
         (args.max_response_tokens is None or args.max_response_tokens >= 1, "--max-response-tokens must be >= 1"),
         (args.target_response is None or args.target_response != "", "--target-response must not be empty"),
         (args.rpm is None or args.rpm > 0, "--rpm must be > 0"),
@@ -169,29 +177,49 @@ def policy_vocab_size(prior_model, tokenizer) -> int:
     return min(len(tokenizer), prior_model.get_output_embeddings().weight.shape[0])
 
 
-def build_policy(args: argparse.Namespace, prior_model, tokenizer, device: torch.device) -> TransformerPolicy:
-    config = PolicyConfig(
+def policy_config(args: argparse.Namespace, prior_model, tokenizer) -> PolicyConfig:
+    return PolicyConfig(
         vocab_size=policy_vocab_size(prior_model, tokenizer), max_len=args.max_len, min_len=args.min_len,
         d_model=args.d_model, num_layers=args.num_layers, num_heads=args.num_heads,
         banned_token_ids=tuple(sorted(set(tokenizer.all_special_ids))),
     )
-    return TransformerPolicy(config).to(device)
 
 
-def build_policy_for_checkpoint(state: dict, device: torch.device) -> TransformerPolicy:
+def build_policy(args: argparse.Namespace, prior_model, tokenizer, device: torch.device,
+                 config: PolicyConfig | None = None, lora_settings: dict | None = None) -> AutoregressivePolicy:
+    """`--policy transformer`: a fresh transformer over the prior's vocabulary. `--policy lora`: the prior LM
+    itself with LoRA adapters (one copy of the weights; the prior is scored with the adapters off)."""
+    config = config or policy_config(args, prior_model, tokenizer)
+    if getattr(args, "policy", "transformer") == "transformer":
+        return TransformerPolicy(config).to(device)
+    settings = lora_settings or {"r": args.lora_r, "alpha": args.lora_alpha, "dropout": args.lora_dropout,
+                                 "target_modules": args.lora_target_modules}
+    stop_token_id = document_end_id(tokenizer)
+    banned = tuple(sorted(set(config.banned_token_ids) | {stop_token_id}))  # STOP is that token, not a token action
+    config = PolicyConfig(**{**asdict(config), "banned_token_ids": banned})
+    try:
+        return make_lora_policy(prior_model, config, document_start_id(tokenizer), stop_token_id, r=settings["r"],
+                                alpha=settings["alpha"], dropout=settings["dropout"], target_modules=settings["target_modules"])
+    except ValueError as exc:  # peft: target modules not found in the model, unknown architecture
+        raise UserError(f"cannot add LoRA adapters to {args.prior_model!r}: {str(exc).splitlines()[0]}") from None
+
+
+def build_policy_for_checkpoint(state: dict, prior_model, tokenizer, device: torch.device) -> AutoregressivePolicy:
     config = dict(state["policy_config"])
     config["banned_token_ids"] = tuple(config.get("banned_token_ids", ()))
-    policy = TransformerPolicy(PolicyConfig(**config)).to(device)
+    run_args = argparse.Namespace(**state["args"])
+    policy = build_policy(run_args, prior_model, tokenizer, device, config=PolicyConfig(**config),
+                          lora_settings=state.get("lora_settings"))
     try:
-        policy.load_state_dict(state["policy"])
-    except RuntimeError as exc:
+        policy.load_trainable_state(state["policy"])
+    except (RuntimeError, ValueError, KeyError) as exc:
         raise UserError(f"checkpoint policy does not match its own config: {str(exc).splitlines()[0]}") from None
     return policy
 
 
 def make_optimizer(policy: torch.nn.Module, log_z: LogZ, args: argparse.Namespace) -> torch.optim.Optimizer:
     return torch.optim.Adam([
-        {"params": list(policy.parameters()), "lr": args.lr},
+        {"params": [p for p in policy.parameters() if p.requires_grad], "lr": args.lr},
         {"params": list(log_z.parameters()), "lr": args.lr_z},
     ])
 
@@ -285,7 +313,7 @@ def train(args: argparse.Namespace, on_start=None) -> dict:
 
     prior_model, tokenizer = load_prior(args, device)
     if resume_state is not None:
-        policy = build_policy_for_checkpoint(resume_state, device)
+        policy = build_policy_for_checkpoint(resume_state, prior_model, tokenizer, device)
     else:
         policy = build_policy(args, prior_model, tokenizer, device)
     if policy.config.vocab_size != policy_vocab_size(prior_model, tokenizer):
@@ -327,7 +355,8 @@ def train(args: argparse.Namespace, on_start=None) -> dict:
     def save(epoch: int) -> str:
         path = checkpoint_path(args.output_dir, args.task, epoch)
         save_checkpoint(path, {
-            "epoch": epoch, "args": vars(args), "policy": policy.state_dict(),
+            "epoch": epoch, "args": vars(args), "policy": policy.trainable_state(),
+            "lora_settings": getattr(policy, "lora_settings", None),
             "policy_config": asdict(policy.config), "log_z": log_z.state_dict(),
             "optimizer": optimizer.state_dict(), "rng": rng_state(), "oracle_calls": oracle_calls,
             "api_totals": api.cost.snapshot() if api is not None else None,

@@ -91,3 +91,50 @@ def word_lm_dirs(tmp_path_factory) -> tuple[str, str]:
     prior = save_tiny_gpt2(str(tmp_path_factory.mktemp("word-prior")), word_tokenizer(words), seed=2, n_embd=16, init_range=0.3)
     oracle = save_tiny_gpt2(str(tmp_path_factory.mktemp("word-oracle")), word_tokenizer(words), seed=3, n_embd=16, init_range=0.3)
     return prior, oracle
+
+
+from collections.abc import Iterator  # noqa: E402  (for the fixture below)
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory) -> Iterator[str]:
+    """A throwaway redis-server on a free local port, persistence off; skips when the binary is missing."""
+    import shutil
+    import socket
+    import subprocess
+    import time
+
+    import redis
+
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server not installed: apt-get install redis-server")
+    with socket.socket() as s:  # redis needs a concrete port: take a free one from the OS
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    workdir = tmp_path_factory.mktemp("redis")
+    log = open(workdir / "redis.log", "w")
+    server = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                               "--dir", str(workdir)], stdout=log, stderr=subprocess.STDOUT)
+    url = f"redis://127.0.0.1:{port}/0"
+    client = redis.Redis.from_url(url, socket_connect_timeout=0.5)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.exceptions.ConnectionError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"redis-server did not start: {(workdir / 'redis.log').read_text()[-2000:]}")
+                time.sleep(0.02)
+        yield url
+    finally:
+        client.close()
+        server.terminate()
+        try:
+            server.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        log.close()

@@ -1,0 +1,473 @@
+"""A replay buffer of high-reward samples x, mixed into GFlowNet training batches (as in Hu et al. 2024,
+"Amortizing intractable inference in large language models", and Lee et al. 2024, "Learning diverse attacks on
+large language models for robust red-teaming and safety tuning").
+
+An item is a sequence of token ids plus its text, stored with its UNTEMPERED reward components
+log p(x) (`log_prior`) and log p(y|x) (`log_likelihood`) and JSON extras (e.g. the response y). Its log reward is
+always recomputed from those components, log R = prior_weight * log_prior + llm_weight * log_likelihood, so a
+reward schedule that changes the weights or the reward temperature re-tempers everything already stored.
+
+Two backends with identical behaviour: "memory" (a dict per condition, guarded by a lock) and "redis" (shared by
+several processes). The rules, per condition ("" when the task is unconditional):
+
+1. Capacity per condition. Each condition (e.g. each subject of a conditional task) holds at most `capacity`
+   items. When it is full, a new item whose log reward is higher than the current minimum evicts the minimum
+   (among equal minima, the one inserted last); otherwise it is not stored. Eviction compares log rewards computed
+   with the weights passed to this `add`, recomputed for the stored items too, from their stored components: no
+   score is stored, so a changed schedule is applied consistently at add time and again at sample time.
+2. Exact duplicates (same token_ids in the same condition) are never stored twice. A duplicate with a strictly
+   higher log reward (its components can differ, e.g. a re-sampled y) replaces the stored one; otherwise it is
+   dropped.
+3. Near duplicates: two items are near duplicates when the Jaccard similarity of their sets of token bigrams
+   (unigrams for a sequence of fewer than 2 tokens) is >= `near_duplicate_threshold` (a threshold > 1 turns this
+   off). A new item that is a near duplicate of stored items is compared with the best of them: if it scores
+   strictly higher it replaces them all (every stored near duplicate is removed), otherwise it is dropped. An
+   exact duplicate is handled the same way (it is a near duplicate with similarity 1). Each new item is compared
+   with every stored item of its condition: O(capacity) per item, fine up to ~10k items per condition.
+   A replacement (rules 2 and 3) counts as a new insertion for tie-breaking.
+4. Sampling, with replacement, `n` items (or [] for an empty condition), deterministic given `generator`. Items
+   are ranked by log reward / reward_temperature, computed with the weights passed to `sample`, descending, ties
+   broken by insertion order (earliest first). Then:
+     - "rank" (default): P(rank r) proportional to 1 / (rank_k + r), r = 0 for the best (rank-based prioritisation,
+       Schaul et al. 2016). Default rank_k = 1.0: the best item gets 1/H_n of the draws (about 0.44 of them
+       for 5 items, 0.13 for 1000), so sampling never collapses onto the top item whatever the reward scale.
+       Dividing by reward_temperature does not change ranks, so in this mode only the weights matter.
+     - "tempered": P proportional to exp(log_reward / (reward_temperature * priority_temperature)).
+     - "uniform": every stored item equally likely.
+   Both backends fetch the items and do the probability computation and the draw in Python
+   (`generator.choices`), so the same seed and insert sequence give the same samples from either.
+5. Redis layout, for namespace N and condition C: a hash `N:C:items` (item id -> JSON of the item and its
+   insertion number), a counter `N:C:next_seq` (insertion numbers, for tie-breaks), and a set `N:conditions`.
+   The item id is a hash of token_ids, so one field per sequence. `add` reads a condition, decides in Python
+   and writes inside a WATCH/MULTI transaction that is retried if another writer touched the condition in the
+   meantime, so concurrent processes cannot exceed capacity, store duplicates or lose an update. Nothing but
+   items is stored; `clear()` deletes only keys `N:*` (N may not contain ':', so no namespace prefixes another).
+   An unreachable server raises `ReplayBufferConnectionError` naming the URL (password redacted).
+
+Reward components must be finite (a NaN or an infinite log reward cannot be ranked): `add` raises ValueError.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import heapq
+import hashlib
+import json
+import math
+import random
+import threading
+from dataclasses import dataclass, field
+from typing import Iterator, Protocol
+from urllib.parse import urlsplit, urlunsplit
+
+import redis
+
+from errors import UserError
+
+BACKENDS = ("memory", "redis")
+PRIORITIES = ("rank", "tempered", "uniform")
+DEFAULT_RANK_K = 1.0
+
+
+@dataclass
+class ReplayItem:
+    token_ids: list[int]
+    text: str
+    log_prior: float  # log p(x), untempered
+    log_likelihood: float  # log p(y|x) (or any second component), untempered
+    extra: dict = field(default_factory=dict)  # JSON-serialisable; stored and returned as-is
+
+    def log_reward(self, prior_weight: float, llm_weight: float) -> float:
+        return prior_weight * self.log_prior + llm_weight * self.log_likelihood
+
+
+class ReplayBuffer(Protocol):
+    def add(self, items: list[ReplayItem], condition: str = "", prior_weight: float = 1.0,
+            llm_weight: float = 1.0) -> int: ...
+
+    def sample(self, n: int, condition: str = "", prior_weight: float = 1.0, llm_weight: float = 1.0,
+               reward_temperature: float = 1.0, generator: random.Random | None = None) -> list[ReplayItem]: ...
+
+    def __len__(self) -> int: ...
+
+    def size(self, condition: str = "") -> int: ...
+
+    def conditions(self) -> list[str]: ...
+
+    def clear(self) -> None: ...
+
+
+class ReplayBufferConnectionError(UserError, ConnectionError):
+    """The Redis server cannot be reached (a UserError, so the command line prints one line)."""
+
+
+# ------------------------------------------------------------------------------------- shared rules
+
+
+@dataclass
+class _Entry:
+    item: ReplayItem
+    seq: int  # insertion number: ties in reward go to the earliest
+
+    @functools.cached_property
+    def grams(self) -> frozenset:  # only adds need it, so sampling never computes it
+        return token_grams(self.item.token_ids)
+
+
+def token_grams(token_ids: list[int]) -> frozenset:
+    """The set of token bigrams, or of unigrams when there are fewer than 2 tokens."""
+    if len(token_ids) < 2:
+        return frozenset((t,) for t in token_ids)
+    return frozenset(zip(token_ids, token_ids[1:]))
+
+
+def _item_id(token_ids: list[int]) -> str:
+    """Stable id of a sequence: one field per sequence in Redis, one key per sequence in memory."""
+    return hashlib.blake2b(",".join(map(str, token_ids)).encode(), digest_size=16).hexdigest()
+
+
+def _gram_index(entries: dict[str, _Entry]) -> dict[tuple, set[str]]:
+    """gram -> ids of the entries containing it. Near-duplicate candidates are the entries sharing a gram with the
+    new item, so a check costs the length of those posting lists rather than a set intersection per entry."""
+    index: dict[tuple, set[str]] = {}
+    for item_id, entry in entries.items():
+        for gram in entry.grams:
+            index.setdefault(gram, set()).add(item_id)
+    return index
+
+
+def _finite(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _positive(name: str, value: object) -> float:
+    if _finite(name, value) <= 0:
+        raise ValueError(f"{name} must be > 0, got {value!r}")
+    return float(value)
+
+
+def _check_condition(condition: object) -> str:
+    if not isinstance(condition, str):
+        raise ValueError(f"condition must be a string, got {condition!r}")
+    return condition
+
+
+def _normalised(item: object) -> ReplayItem:
+    """A validated copy with plain types; extra goes through JSON in both backends, so both return the same."""
+    if not isinstance(item, ReplayItem):
+        raise ValueError(f"items must be ReplayItem, got {type(item).__name__}")
+    if not all(isinstance(t, int) and not isinstance(t, bool) for t in item.token_ids):
+        raise ValueError(f"token_ids must be a list of ints, got {item.token_ids!r:.80}")
+    if not isinstance(item.text, str):
+        raise ValueError(f"text must be a string, got {type(item.text).__name__}")
+    try:
+        extra = json.loads(json.dumps(item.extra, allow_nan=False))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"extra must be a JSON-serialisable dict: {e}") from None
+    if not isinstance(extra, dict):
+        raise ValueError(f"extra must be a dict, got {type(item.extra).__name__}")
+    return ReplayItem([int(t) for t in item.token_ids], item.text, _finite("log_prior", item.log_prior),
+                      _finite("log_likelihood", item.log_likelihood), extra)
+
+
+def _admit(entries: dict[str, _Entry], index: dict[tuple, set[str]] | None, items: list[ReplayItem],
+           next_seq: int, prior_weight: float, llm_weight: float, capacity: int,
+           near_duplicate_threshold: float) -> tuple[int, int]:
+    """Rules 1-3 for one condition, one item at a time: updates `entries` (item id -> entry) and `index` (its
+    `_gram_index`, None when near duplicates are off) in place. Returns (how many items were stored or replaced,
+    the next insertion number)."""
+    score = {i: e.item.log_reward(prior_weight, llm_weight) for i, e in entries.items()}
+    # Eviction order: lowest score first, and among equal scores the latest inserted. Replaced or evicted entries
+    # stay in the heap and are skipped when they surface (their id is gone or carries a newer seq).
+    heap = [(s, -entries[i].seq, i) for i, s in score.items()]
+    heapq.heapify(heap)
+
+    def remove(item_id: str) -> None:
+        if index is not None:
+            for gram in entries[item_id].grams:
+                index[gram].discard(item_id)
+                if not index[gram]:
+                    del index[gram]  # so a long run's index holds only the grams of stored items
+        del entries[item_id], score[item_id]
+
+    admitted = 0
+    for item in items:
+        item_id, new_score, entry = _item_id(item.token_ids), item.log_reward(prior_weight, llm_weight), _Entry(item, next_seq)
+        rivals = {item_id} & entries.keys()  # an exact duplicate is a near duplicate with similarity 1
+        if index is not None:
+            shared: dict[str, int] = {}
+            for gram in entry.grams:
+                for other in index.get(gram, ()):
+                    shared[other] = shared.get(other, 0) + 1
+            rivals |= {other for other, n in shared.items()
+                       if n / (len(entry.grams) + len(entries[other].grams) - n) >= near_duplicate_threshold}
+        if rivals:
+            if new_score <= max(score[i] for i in rivals):
+                continue
+            for i in rivals:
+                remove(i)
+        elif len(entries) >= capacity:
+            while heap[0][2] not in entries or entries[heap[0][2]].seq != -heap[0][1]:
+                heapq.heappop(heap)  # stale
+            if new_score <= heap[0][0]:
+                continue
+            remove(heapq.heappop(heap)[2])
+        entries[item_id], score[item_id] = entry, new_score
+        heapq.heappush(heap, (new_score, -entry.seq, item_id))
+        if index is not None:
+            for gram in entry.grams:
+                index.setdefault(gram, set()).add(item_id)
+        next_seq += 1
+        admitted += 1
+    return admitted, next_seq
+
+
+def _draw(entries: list[_Entry], n: int, prior_weight: float, llm_weight: float, reward_temperature: float,
+          priority: str, rank_k: float, priority_temperature: float, generator: random.Random) -> list[_Entry]:
+    """Rule 4: rank by tempered log reward (ties: earliest inserted first), weight, draw n with replacement."""
+    if not entries or n == 0:
+        return []
+    tempered = [e.item.log_reward(prior_weight, llm_weight) / reward_temperature for e in entries]
+    order = sorted(range(len(entries)), key=lambda i: (-tempered[i], entries[i].seq))
+    if priority == "rank":
+        weights = [1.0 / (rank_k + r) for r in range(len(order))]
+    elif priority == "tempered":
+        best = tempered[order[0]]  # subtract the max so exp cannot overflow; the best item has weight 1
+        weights = [math.exp((tempered[i] - best) / priority_temperature) for i in order]
+    else:
+        weights = [1.0] * len(order)
+    return [entries[order[r]] for r in generator.choices(range(len(order)), weights=weights, k=n)]
+
+
+def _check_sample_args(n: object, condition: object, prior_weight: float, llm_weight: float,
+                       reward_temperature: float) -> None:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"n must be an int >= 0, got {n!r}")
+    _check_condition(condition)
+    _finite("prior_weight", prior_weight)
+    _finite("llm_weight", llm_weight)
+    _positive("reward_temperature", reward_temperature)
+
+
+class _Settings:
+    def __init__(self, capacity: int, priority: str, rank_k: float, priority_temperature: float,
+                 near_duplicate_threshold: float) -> None:
+        self.capacity, self.priority, self.rank_k = capacity, priority, rank_k
+        self.priority_temperature, self.near_duplicate_threshold = priority_temperature, near_duplicate_threshold
+
+
+# ------------------------------------------------------------------------------------- memory backend
+
+
+class MemoryReplayBuffer(_Settings):
+    def __init__(self, capacity: int, priority: str, rank_k: float, priority_temperature: float,
+                 near_duplicate_threshold: float) -> None:
+        super().__init__(capacity, priority, rank_k, priority_temperature, near_duplicate_threshold)
+        self.entries: dict[str, dict[str, _Entry]] = {}  # condition -> item id -> entry
+        self.next_seq: dict[str, int] = {}
+        self.gram_index: dict[str, dict[tuple, set[str]]] = {}  # condition -> _gram_index, kept up to date
+        self.lock = threading.Lock()  # so threads sharing one buffer see the same rules as Redis writers
+
+    def add(self, items: list[ReplayItem], condition: str = "", prior_weight: float = 1.0,
+            llm_weight: float = 1.0) -> int:
+        items = [_normalised(item) for item in items]
+        _check_condition(condition)
+        _finite("prior_weight", prior_weight)
+        _finite("llm_weight", llm_weight)
+        if not items:
+            return 0
+        with self.lock:
+            entries = self.entries.setdefault(condition, {})
+            index = self.gram_index.setdefault(condition, {}) if self.near_duplicate_threshold <= 1 else None
+            admitted, self.next_seq[condition] = _admit(entries, index, items, self.next_seq.get(condition, 0),
+                                                        prior_weight, llm_weight, self.capacity,
+                                                        self.near_duplicate_threshold)
+            return admitted
+
+    def sample(self, n: int, condition: str = "", prior_weight: float = 1.0, llm_weight: float = 1.0,
+               reward_temperature: float = 1.0, generator: random.Random | None = None) -> list[ReplayItem]:
+        _check_sample_args(n, condition, prior_weight, llm_weight, reward_temperature)
+        with self.lock:
+            entries = list(self.entries.get(condition, {}).values())
+        drawn = _draw(entries, n, prior_weight, llm_weight, reward_temperature, self.priority, self.rank_k,
+                      self.priority_temperature, generator or random.Random())
+        # Callers may mutate what they get, so hand out copies (one per distinct item, like the Redis backend).
+        copies: dict[int, ReplayItem] = {}
+        for e in drawn:
+            if id(e) not in copies:
+                copies[id(e)] = copy.deepcopy(e.item)
+        return [copies[id(e)] for e in drawn]
+
+    def __len__(self) -> int:
+        with self.lock:
+            return sum(len(entries) for entries in self.entries.values())
+
+    def size(self, condition: str = "") -> int:
+        with self.lock:
+            return len(self.entries.get(_check_condition(condition), {}))
+
+    def conditions(self) -> list[str]:
+        with self.lock:
+            return sorted(self.entries)
+
+    def clear(self) -> None:
+        with self.lock:
+            self.entries.clear()
+            self.next_seq.clear()
+            self.gram_index.clear()
+
+
+# ------------------------------------------------------------------------------------- redis backend
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced by ***, for error messages."""
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+        return urlunsplit(parts._replace(netloc=netloc))
+    except ValueError:
+        return "<unparseable redis url>"
+
+
+class RedisReplayBuffer(_Settings):
+    def __init__(self, capacity: int, priority: str, rank_k: float, priority_temperature: float,
+                 near_duplicate_threshold: float, redis_url: str, namespace: str) -> None:
+        super().__init__(capacity, priority, rank_k, priority_temperature, near_duplicate_threshold)
+        self.url, self.namespace = redact_url(redis_url), namespace
+        self.conditions_key = f"{namespace}:conditions"
+        try:
+            self.client = redis.Redis.from_url(redis_url, decode_responses=True, socket_connect_timeout=5,
+                                               socket_timeout=60)
+        except ValueError as e:
+            raise ValueError(f"invalid redis_url {self.url!r}: {e}") from None
+        with self._reachable():
+            self.client.ping()
+
+    @contextlib.contextmanager
+    def _reachable(self) -> Iterator[None]:
+        try:
+            yield
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as e:
+            raise ReplayBufferConnectionError(f"cannot reach Redis at {self.url}: {e}") from None
+
+    def _key(self, condition: str, what: str) -> str:
+        return f"{self.namespace}:{condition}:{what}"
+
+    @staticmethod
+    def _decode(raw: dict[str, str]) -> dict[str, _Entry]:
+        entries = {}
+        for item_id, value in raw.items():
+            d = json.loads(value)
+            entries[item_id] = _Entry(ReplayItem(d["token_ids"], d["text"], d["log_prior"], d["log_likelihood"],
+                                                 d["extra"]), d["seq"])
+        return entries
+
+    def add(self, items: list[ReplayItem], condition: str = "", prior_weight: float = 1.0,
+            llm_weight: float = 1.0) -> int:
+        items = [_normalised(item) for item in items]
+        _check_condition(condition)
+        _finite("prior_weight", prior_weight)
+        _finite("llm_weight", llm_weight)
+        if not items:
+            return 0
+        items_key, seq_key = self._key(condition, "items"), self._key(condition, "next_seq")
+
+        def transaction(pipe: redis.client.Pipeline) -> int:
+            # Runs after WATCH(items_key, seq_key); redis-py re-runs it when a watched key changed before EXEC.
+            entries = self._decode(pipe.hgetall(items_key))
+            before = {i: e.seq for i, e in entries.items()}
+            index = _gram_index(entries) if self.near_duplicate_threshold <= 1 else None
+            admitted, next_seq = _admit(entries, index, items, int(pipe.get(seq_key) or 0), prior_weight,
+                                        llm_weight, self.capacity, self.near_duplicate_threshold)
+            removed = [i for i in before if i not in entries]
+            written = {i: json.dumps({"token_ids": e.item.token_ids, "text": e.item.text,
+                                      "log_prior": e.item.log_prior, "log_likelihood": e.item.log_likelihood,
+                                      "extra": e.item.extra, "seq": e.seq})
+                       for i, e in entries.items() if before.get(i) != e.seq}
+            pipe.multi()
+            if removed:
+                pipe.hdel(items_key, *removed)
+            if written:
+                pipe.hset(items_key, mapping=written)
+                pipe.sadd(self.conditions_key, condition)
+            if admitted:
+                pipe.set(seq_key, next_seq)
+            return admitted
+
+        with self._reachable():
+            return self.client.transaction(transaction, items_key, seq_key, value_from_callable=True)
+
+    def sample(self, n: int, condition: str = "", prior_weight: float = 1.0, llm_weight: float = 1.0,
+               reward_temperature: float = 1.0, generator: random.Random | None = None) -> list[ReplayItem]:
+        _check_sample_args(n, condition, prior_weight, llm_weight, reward_temperature)
+        if n == 0:
+            return []
+        with self._reachable():
+            entries = list(self._decode(self.client.hgetall(self._key(condition, "items"))).values())
+        drawn = _draw(entries, n, prior_weight, llm_weight, reward_temperature, self.priority, self.rank_k,
+                      self.priority_temperature, generator or random.Random())
+        return [e.item for e in drawn]
+
+    def __len__(self) -> int:
+        with self._reachable():
+            conditions = self.conditions()
+            with self.client.pipeline(transaction=False) as pipe:
+                for condition in conditions:
+                    pipe.hlen(self._key(condition, "items"))
+                return sum(pipe.execute())
+
+    def size(self, condition: str = "") -> int:
+        with self._reachable():
+            return self.client.hlen(self._key(_check_condition(condition), "items"))
+
+    def conditions(self) -> list[str]:
+        with self._reachable():
+            return sorted(self.client.smembers(self.conditions_key))
+
+    def clear(self) -> None:
+        # Escape glob characters so the pattern matches exactly the keys "namespace:...".
+        pattern = "".join("\\" + c if c in "*?[]\\" else c for c in self.namespace) + ":*"
+        with self._reachable():
+            batch = []
+            for key in self.client.scan_iter(match=pattern, count=1000):
+                batch.append(key)
+                if len(batch) == 1000:
+                    self.client.unlink(*batch)
+                    batch = []
+            if batch:
+                self.client.unlink(*batch)
+
+
+# ------------------------------------------------------------------------------------- factory
+
+
+def make_replay_buffer(backend: str, capacity: int, *, priority: str = "rank", rank_k: float = DEFAULT_RANK_K,
+                       priority_temperature: float = 1.0, near_duplicate_threshold: float = 0.8,
+                       redis_url: str | None = None, namespace: str = "gfn-replay") -> ReplayBuffer:
+    """A replay buffer with the rules of the module docstring. backend: "memory" or "redis" (needs redis_url;
+    several processes with the same redis_url and namespace share one buffer)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown replay buffer backend {backend!r}: expected one of {', '.join(BACKENDS)}")
+    if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
+        raise ValueError(f"replay buffer capacity must be an int >= 1, got {capacity!r}")
+    if priority not in PRIORITIES:
+        raise ValueError(f"unknown replay priority {priority!r}: expected one of {', '.join(PRIORITIES)}")
+    rank_k = _positive("rank_k", rank_k)
+    priority_temperature = _positive("priority_temperature", priority_temperature)
+    if isinstance(near_duplicate_threshold, bool) or not isinstance(near_duplicate_threshold, (int, float)) \
+            or math.isnan(near_duplicate_threshold) or near_duplicate_threshold <= 0:
+        raise ValueError(f"near_duplicate_threshold must be > 0 (> 1 disables it), got {near_duplicate_threshold!r}")
+    if backend == "memory":
+        return MemoryReplayBuffer(capacity, priority, rank_k, priority_temperature, float(near_duplicate_threshold))
+    if not redis_url or not isinstance(redis_url, str):
+        raise ValueError("the redis replay buffer needs redis_url, e.g. redis://localhost:6379/0")
+    if not isinstance(namespace, str) or not namespace or ":" in namespace:
+        raise ValueError(f"namespace must be a non-empty string without ':', got {namespace!r}")
+    return RedisReplayBuffer(capacity, priority, rank_k, priority_temperature, float(near_duplicate_threshold),
+                             redis_url, namespace)
