@@ -215,6 +215,10 @@ class AutoregressivePolicy(nn.Module):
             next_input = torch.where(done, torch.zeros_like(action), action).unsqueeze(1)
         return tokens, lengths, sampler_log_prob
 
+    def set_training_dropout(self, active: bool) -> None:
+        """Dropout on for the loss's forward pass only; sampling always runs without it."""
+        self.train(active)
+
     def trainable_state(self) -> dict:
         """What a checkpoint must hold to restore this policy (on top of its config)."""
         return self.state_dict()
@@ -307,7 +311,7 @@ class LoRAPolicy(AutoregressivePolicy):
         """Context manager: the base LM without adapters (the prior p(x), or a local oracle on the same weights)."""
         return self.model.disable_adapter()
 
-    def set_lora_dropout(self, active: bool) -> None:
+    def set_training_dropout(self, active: bool) -> None:
         # Only LoRA's own dropout follows the training step; the base model stays in eval mode so that
         # teacher-forced log P_F is exactly the distribution the sampler used.
         for name, module in self.model.named_modules():

@@ -49,14 +49,19 @@ def resolve_device(device: str) -> torch.device:
     return resolved
 
 
-def load_causal_lm(spec: str, device: torch.device | str = "cpu", dtype: torch.dtype | None = None):
-    """Return (model, tokenizer) in eval mode with gradients off. Errors name the model and the cause."""
+def load_causal_lm(spec: str, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
+                   reload: bool = False):
+    """Return (model, tokenizer) in eval mode with gradients off. Errors name the model and the cause.
+    reload=True loads fresh weights (a LoRA policy injects adapters into the model it wraps, so a new policy
+    must not reuse weights an earlier one adapted); later calls for the same spec share the new copy."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = torch.device(device)
     key = (spec, str(device), str(dtype))
-    if key in _MODEL_CACHE:
+    if key in _MODEL_CACHE and not reload:
         return _MODEL_CACHE[key]
+    if key in _MODEL_CACHE:
+        _ADAPTED.pop(id(_MODEL_CACHE.pop(key)[0]), None)
     path, gguf_file = split_model_spec(spec)
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     try:

@@ -106,12 +106,21 @@ class PriorScorer:
     @torch.no_grad()
     def log_prob(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """(B,) float32 log p(x) for x = tokens[i, :lengths[i]]."""
+        prefix = self.prefix_log_probs(tokens, lengths)
+        return prefix.gather(1, lengths.cpu().unsqueeze(1)).squeeze(1)
+
+    @torch.no_grad()
+    def prefix_log_probs(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """(B, width + 1): column t is log p(x_1..x_t) (plus log p(EOS | x_1..x_t) with include_eos), for every
+        prefix up to each row's length, from the same single teacher-forced pass; columns past a row's length
+        repeat its full value (never used)."""
         out = []
         for start in range(0, tokens.shape[0], self.batch_size):
-            out.append(self._log_prob_batch(tokens[start:start + self.batch_size], lengths[start:start + self.batch_size]))
-        return torch.cat(out)
+            out.append(self._prefix_batch(tokens[start:start + self.batch_size], lengths[start:start + self.batch_size]))
+        width = max(o.shape[1] for o in out)
+        return torch.cat([torch.nn.functional.pad(o, (0, width - o.shape[1]), value=float("nan")) for o in out])
 
-    def _log_prob_batch(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    def _prefix_batch(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         tokens, lengths = tokens.to(self.device), lengths.to(self.device)
         width = int(lengths.max())
         tokens = tokens[:, :width]
@@ -122,10 +131,11 @@ class PriorScorer:
         log_probs = torch.log_softmax(logits, dim=-1)  # (B, width + 1, V)
         token_lp = log_probs[:, :width].gather(2, tokens.unsqueeze(2)).squeeze(2)
         positions = torch.arange(width, device=self.device).unsqueeze(0)
-        total = (token_lp * (positions < lengths.unsqueeze(1))).sum(dim=1)
+        token_lp = token_lp * (positions < lengths.unsqueeze(1))
+        prefix = torch.cat([torch.zeros_like(token_lp[:, :1]), token_lp.cumsum(dim=1)], dim=1)  # (B, width + 1)
         if self.include_eos:
-            total = total + log_probs[torch.arange(tokens.shape[0]), lengths, self.eos_id]
-        return total.cpu()
+            prefix = prefix + log_probs[:, :, self.eos_id]
+        return prefix.cpu()
 
 
 # ------------------------------------------------------------------------------------ local HF oracle
@@ -257,6 +267,32 @@ class RewardModel:
     @property
     def uses_oracle(self) -> bool:
         return self.oracle is not None and self.llm_weight != 0
+
+    def can_score_prefixes(self) -> bool:
+        """Prefix rewards need a deterministic oracle: none, or a local model with a fixed target."""
+        return not self.uses_oracle or (isinstance(self.oracle, HFResponseOracle) and self.oracle.target_ids is not None)
+
+    @torch.no_grad()
+    def prefix_log_rewards(self, tokens: torch.Tensor, lengths: torch.Tensor, min_len: int = 1) -> torch.Tensor:
+        """(B, max_len + 1): log R(x_1..x_t) for every prefix with min_len <= t <= length (others NaN), for the
+        modified SubTB loss. The prior costs one pass; a fixed-target local oracle scores each prefix as its own
+        row (B * max_len rows, batched)."""
+        if not self.can_score_prefixes():
+            raise ValueError("prefix rewards need --llm-weight 0 or a local oracle with --target-response")
+        batch, max_len = tokens.shape
+        steps = torch.arange(max_len + 1).unsqueeze(0)
+        usable = (steps >= min_len) & (steps <= lengths.cpu().unsqueeze(1))
+        prior = self.prior.prefix_log_probs(tokens, lengths).double()[:, : max_len + 1]
+        log_reward = torch.full((batch, max_len + 1), float("nan"), dtype=torch.float64)
+        log_reward[:, : prior.shape[1]] = self.prior_weight * prior
+        if self.uses_oracle:
+            rows, cols = usable.nonzero(as_tuple=True)
+            texts = [self.tokenizer.decode(tokens[r, :c].tolist()) for r, c in zip(rows.tolist(), cols.tolist())]
+            results = self.oracle.score(texts)
+            likelihood = torch.full_like(log_reward, float("nan"))
+            likelihood[rows, cols] = torch.tensor([r.log_likelihood for r in results], dtype=torch.float64)
+            log_reward = log_reward + self.llm_weight * likelihood
+        return torch.where(usable, log_reward, torch.full_like(log_reward, float("nan")))
 
     def combine(self, tokens: torch.Tensor, lengths: torch.Tensor, texts: list[str],
                 results: list[OracleResult] | None) -> RewardBatch:

@@ -25,7 +25,7 @@ from gflownet_policy import AutoregressivePolicy, LogZ, PolicyConfig, Transforme
 from hf_models import document_end_id, document_start_id, load_causal_lm, resolve_device
 from batch_pipeline import BatchAPIBatches, PrefetchBatches, SyncBatches
 from reward_oracle import TASKS, HFResponseOracle, PriorScorer, RewardModel
-from trajectory_balance import trajectory_balance_loss
+from trajectory_balance import LOSSES, gflownet_loss, vargrad_log_z
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -90,6 +90,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--min-len", type=int, default=1, help="minimum tokens in x")
 
     g = parser.add_argument_group("training")
+    g.add_argument("--loss", default="tb", choices=LOSSES,
+                   help="tb: trajectory balance; subtb: SubTB(lambda) with a learned flow head; modified-subtb: every "
+                        "prefix can terminate (needs prefix rewards); vargrad: batch variance, no log Z")
+    g.add_argument("--subtb-lambda", type=float, default=1.0, help="SubTB weight lambda^(length of sub-trajectory)")
+    g.add_argument("--reward-temp-start", type=float, default=1.0, help="train on log R / T, T annealed linearly ...")
+    g.add_argument("--reward-temp-end", type=float, default=1.0, help="... to this value ...")
+    g.add_argument("--reward-temp-horizon", type=int, default=0, help="... over this many epochs (0 = constant start value)")
     g.add_argument("--batch-size", type=int, default=16, help="samples per epoch (= oracle requests per epoch)")
     g.add_argument("--epochs", type=int, default=500, help="an epoch is one batch sampled, scored and trained on")
     g.add_argument("--lr", type=float, default=3e-4, help="policy learning rate")
@@ -133,6 +140,9 @@ def validate_args(args: argparse.Namespace) -> None:
         (args.max_cost is None or args.max_cost >= 0, "--max-cost must be >= 0"),
         (args.batch_pool_size >= 1 and args.batch_poll_seconds >= 0, "--batch-pool-size must be >= 1 and --batch-poll-seconds >= 0"),
         (not args.batch_api or args.oracle == "openai", "--batch-api needs --oracle openai"),
+        (args.subtb_lambda > 0, "--subtb-lambda must be > 0"),
+        (args.reward_temp_start > 0 and args.reward_temp_end > 0 and args.reward_temp_horizon >= 0,
+         "--reward-temp-start and --reward-temp-end must be > 0, --reward-temp-horizon >= 0"),
     ]
     for ok, message in checks:
         if not ok:
@@ -145,7 +155,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def load_prior(args: argparse.Namespace, device: torch.device):
-    return load_causal_lm(args.prior_model, device, DTYPES[args.dtype])
+    return load_causal_lm(args.prior_model, device, DTYPES[args.dtype], reload=getattr(args, "policy", "transformer") == "lora")
 
 
 def build_oracle(args: argparse.Namespace, device: torch.device):
@@ -278,6 +288,14 @@ def init_wandb(args: argparse.Namespace):
 # ------------------------------------------------------------------------------------------------- train
 
 
+def reward_temperature(args: argparse.Namespace, epoch: int) -> float:
+    """Linear anneal from --reward-temp-start to --reward-temp-end over --reward-temp-horizon epochs."""
+    if args.reward_temp_horizon <= 0:
+        return args.reward_temp_start
+    progress = min(1.0, (epoch - 1) / args.reward_temp_horizon)
+    return args.reward_temp_start + progress * (args.reward_temp_end - args.reward_temp_start)
+
+
 def make_batch_source(args: argparse.Namespace, policy, reward_model, may_spend, save_now, resume_state):
     common = dict(batch_size=args.batch_size, temperature=args.temperature, epsilon=args.epsilon, may_spend=may_spend)
     if args.batch_api:
@@ -322,6 +340,8 @@ def train(args: argparse.Namespace, on_start=None) -> dict:
     log_z = LogZ().to(device)
     optimizer = make_optimizer(policy, log_z, args)
     reward_model = build_reward_model(args, prior_model, tokenizer, device)
+    if args.loss == "modified-subtb" and not reward_model.can_score_prefixes():
+        raise UserError("--loss modified-subtb scores every prefix of x: use --llm-weight 0, or --oracle hf with --target-response")
     api = reward_model.oracle if hasattr(reward_model.oracle, "stats") else None  # the remote oracle, if any
     start_epoch = 0
     if resume_state is not None:
@@ -404,13 +424,21 @@ def train(args: argparse.Namespace, on_start=None) -> dict:
                 metrics_file.write([metrics])
                 completed_epoch = epoch
                 continue
-            # 3. one TB step on log P_F of the untempered policy, recomputed under the current parameters
+            # 3. one step of the loss on log P_F of the untempered policy, recomputed under the current parameters
             tokens, lengths, log_q = tokens[valid], lengths[valid], log_q[valid]
-            log_reward = rewards.log_reward.to(device)[valid].float()
-            log_pf = policy.log_pf(tokens, lengths)
+            temperature = reward_temperature(args, epoch)
+            log_reward = rewards.log_reward.to(device)[valid].float() / temperature
+            policy.set_training_dropout(True)
+            outputs = policy.evaluate(tokens, lengths)
+            policy.set_training_dropout(False)
+            log_pf = outputs.log_pf
+            prefix_log_reward = None
+            if args.loss == "modified-subtb":
+                prefix_log_reward = (reward_model.prefix_log_rewards(tokens, lengths, policy.config.min_len) / temperature).to(device).float()
             if not bool(log_z.initialized):
                 log_z.initialize_from(log_reward, log_pf.detach())
-            loss = trajectory_balance_loss(log_z(), log_pf, log_reward)
+            loss = gflownet_loss(args.loss, outputs, log_z(), log_reward, lengths, subtb_lambda=args.subtb_lambda,
+                                 prefix_log_reward=prefix_log_reward, min_len=policy.config.min_len)
             if not torch.isfinite(loss):
                 # Never let a NaN/inf reach the weights: report the offending sample and skip the step.
                 texts = [t for t, ok in zip(rewards.texts, rewards.valid.tolist()) if ok]
@@ -429,8 +457,10 @@ def train(args: argparse.Namespace, on_start=None) -> dict:
             valid_cpu = rewards.valid
             metrics = {
                 "epoch": epoch,
-                "train/tb_loss": loss.item(),
-                "train/log_Z": log_z().item(),
+                **({"train/tb_loss": loss.item()} if args.loss == "tb" else {}),
+                "train/loss": loss.item(),
+                "train/log_Z": log_z().item() if args.loss in ("tb", "subtb") else vargrad_log_z(log_pf.detach(), log_reward),
+                "train/reward_temperature": temperature,
                 "train/log_pf_mean": log_pf.mean().item(),
                 "train/log_reward_mean": log_reward.mean().item(),
                 "train/log_prior_mean": float(rewards.log_prior[valid_cpu].mean()),
@@ -449,7 +479,7 @@ def train(args: argparse.Namespace, on_start=None) -> dict:
                 run.log(metrics, step=epoch)
             if progress is not None:
                 progress.update(1)
-                postfix = {"loss": f"{metrics['train/tb_loss']:.3g}", "logZ": f"{metrics['train/log_Z']:.2f}",
+                postfix = {"loss": f"{metrics['train/loss']:.3g}", "logZ": f"{metrics['train/log_Z']:.2f}",
                            "logR": f"{metrics['train/log_reward_mean']:.1f}"}
                 if api is not None:
                     postfix["cost"] = f"${metrics['api/dollars']:.4f}"

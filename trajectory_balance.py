@@ -138,6 +138,7 @@ def modified_subtb_loss(
     prefix_log_reward: torch.Tensor,
     lengths: torch.Tensor,
     min_len: int = 1,
+    log_z: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Modified SubTB loss of Hu et al. (2024), "Amortizing intractable inference in large language
     models", eq. 9: every prefix s_t with min_len <= t may terminate, with reward R(s_t T).
@@ -164,6 +165,11 @@ def modified_subtb_loss(
         lengths: (B,) integer lengths, min_len <= lengths[b] <= L.
         min_len: the shortest length that may terminate (>= 1).
 
+    log_z: when given (scalar or (B,)), the root s_0 joins as a start state with log F(s_0) = log Z, adding the
+        pairs (0, j) for min_len <= j <= n. Without it, no pair contains the first action, so with min_len >= 1
+        the distribution of the first token is never trained (the exact-target test fails); the training
+        loop always passes it.
+
     Returns a scalar of log_pf_steps' dtype. Memory is O(B * L^2).
     """
     if log_pf_steps.dim() != 2:
@@ -184,11 +190,15 @@ def modified_subtb_loss(
     target = prefix_log_reward.detach().to(dtype) - log_stop.to(dtype) - prefix
     # residual_ij = potential_i - potential_j; masked with where so -inf/nan outside the range stay out.
     potential = torch.where(terminable, target, torch.zeros_like(target))
+    if log_z is not None:  # the root's potential is log Z - (empty prefix log P_F = 0)
+        root = log_z.to(dtype).expand(batch).unsqueeze(1)
+        potential = torch.cat([root, potential[:, 1:]], dim=1)
     residual = potential.unsqueeze(2) - potential.unsqueeze(1)  # [b, i, j]
 
     i = t.reshape(1, -1, 1)
     j = t.reshape(1, 1, -1)
-    pair = (i >= min_len) & (i < j) & (j <= lengths.unsqueeze(2))
+    start = (i >= min_len) | ((i == 0) if log_z is not None else torch.zeros_like(i, dtype=torch.bool))
+    pair = start & (i < j) & (j >= min_len) & (j <= lengths.unsqueeze(2))
     # Mask before squaring: pow's backward multiplies by the residual, so a non-finite one would leak nan.
     squared = torch.where(pair, residual, torch.zeros_like(residual)).pow(2)
     num_pairs = pair.sum(dim=(1, 2))  # m (m - 1) / 2 with m = n - min_len + 1
@@ -221,3 +231,24 @@ def vargrad_log_z(log_pf: torch.Tensor, log_reward: torch.Tensor) -> float:
     if log_pf.shape != log_reward.shape:
         raise ValueError(f"log_pf {tuple(log_pf.shape)} and log_reward {tuple(log_reward.shape)} differ in shape")
     return float((log_reward.detach() - log_pf.detach().to(log_reward.dtype)).mean())
+
+
+LOSSES = ("tb", "subtb", "modified-subtb", "vargrad")
+
+
+def gflownet_loss(name: str, outputs, log_z: torch.Tensor, log_reward: torch.Tensor, lengths: torch.Tensor,
+                  subtb_lambda: float = 1.0, prefix_log_reward: torch.Tensor | None = None, min_len: int = 1) -> torch.Tensor:
+    """Dispatch by name. `outputs` is a gflownet_policy.PolicyOutputs from one teacher-forced pass."""
+    if name == "tb":
+        return trajectory_balance_loss(log_z, outputs.log_pf, log_reward)
+    if name == "subtb":
+        # log Z is the flow of the initial state s_0; the flow head gives every other state's.
+        return subtb_loss(outputs.log_pf_steps, outputs.log_flows, log_reward, lengths, lam=subtb_lambda, log_z=log_z)
+    if name == "modified-subtb":
+        if prefix_log_reward is None:
+            raise ValueError("modified-subtb needs prefix_log_reward")
+        return modified_subtb_loss(outputs.log_pf_steps, outputs.log_stop, prefix_log_reward, lengths, min_len=min_len,
+                                   log_z=log_z)
+    if name == "vargrad":
+        return vargrad_loss(outputs.log_pf, log_reward)
+    raise ValueError(f"unknown loss {name!r}; choose from {', '.join(LOSSES)}")

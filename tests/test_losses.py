@@ -96,12 +96,20 @@ def naive_subtb(steps, flows, log_reward, lengths, lam, log_z=None):
     return total / len(lengths)
 
 
-def naive_modified_subtb(steps, log_stop, prefix_log_reward, lengths, min_len):
+def naive_modified_subtb(steps, log_stop, prefix_log_reward, lengths, min_len, log_z=None):
     """Float64 reference: explicit double loop over pairs min_len <= i < j <= n, uniform weights,
-    mean over the trajectories that have at least one pair."""
+    mean over the trajectories that have at least one pair; with log_z also the pairs (0, j), j >= min_len,
+    where the root's potential is log Z."""
     total, counted = 0.0, 0
     for b, n in enumerate(lengths.tolist()):
         squares, pairs = 0.0, 0
+        if log_z is not None:
+            for j in range(min_len, n + 1):
+                residual = log_z - (prefix_log_reward[b, j] - log_stop[b, j])
+                for t in range(0, j):
+                    residual = residual + steps[b, t]
+                squares = squares + residual ** 2
+                pairs += 1
         for i in range(min_len, n + 1):
             for j in range(i + 1, n + 1):
                 residual = (prefix_log_reward[b, i] - log_stop[b, i]) - (prefix_log_reward[b, j] - log_stop[b, j])
@@ -236,6 +244,24 @@ def test_modified_subtb_matches_naive_double_loop(min_len):
     assert expected > 0
     assert abs(got64.item() - expected) <= 1e-12 * expected
     assert abs(got32.item() - expected) <= 1e-5 * expected
+
+
+@pytest.mark.parametrize("min_len", [1, 2])
+def test_modified_subtb_with_root_log_z_matches_naive_double_loop(min_len):
+    lengths, steps, _, log_stop, prefix_log_reward, _ = random_batch(11, [max(n, min_len) for n in MODIFIED_LENGTHS])
+    log_stop = forbid_early_stop(log_stop, lengths, min_len)
+    log_z = torch.tensor(-1.7, dtype=torch.float64, requires_grad=True)
+    steps.requires_grad_(True)
+    expected = naive_modified_subtb(steps, log_stop, prefix_log_reward, lengths, min_len, log_z=log_z)
+    got = modified_subtb_loss(steps, log_stop, prefix_log_reward, lengths, min_len=min_len, log_z=log_z)
+    assert abs(got.item() - expected.item()) <= 1e-12 * expected.item()
+    without_root = modified_subtb_loss(steps, log_stop, prefix_log_reward, lengths, min_len=min_len)
+    assert abs(got.item() - without_root.item()) > 1e-6
+    fast_grads = torch.autograd.grad(got, (steps, log_z))
+    naive_grads = torch.autograd.grad(expected, (steps, log_z))
+    for fast_grad, naive_grad in zip(fast_grads, naive_grads):
+        assert torch.allclose(fast_grad, naive_grad, rtol=1e-10, atol=1e-12)
+    assert (fast_grads[0][:, 0] != 0).any()  # the first action is now trained
 
 
 @pytest.mark.parametrize("min_len", [1, 2])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 import socket
 import threading
 import uuid
@@ -12,7 +13,7 @@ from collections import Counter
 import pytest
 import redis
 
-from replay_buffer import ReplayBufferConnectionError, ReplayItem, make_replay_buffer
+from replay_buffer import ReplayBufferConnectionError, ReplayItem, jaccard, make_replay_buffer, token_grams
 
 
 def item(token_ids: list[int], log_prior: float, log_likelihood: float = 0.0, text: str | None = None,
@@ -95,7 +96,8 @@ def test_eviction_uses_the_weights_given_to_add(make) -> None:
         buffer = make(2)
         buffer.add([item(distinct(0), 5.0, 0.0, text="prior-heavy"), item(distinct(1), 0.0, 5.0, text="llm-heavy")])
         # Worth 1 under either weighting: it evicts whichever stored item is worth 0 under this add's weights.
-        assert buffer.add([item(distinct(2), 1.0, 1.0, text="new")], prior_weight=weights[0], llm_weight=weights[1]) == 1
+        new = item(distinct(2), 1.0, 1.0, text="new")
+        assert buffer.add([new], prior_weight=weights[0], llm_weight=weights[1]) == 1
         assert set(contents(buffer)) == {"new", {"llm-heavy": "prior-heavy", "prior-heavy": "llm-heavy"}[survivor]}
 
 
@@ -156,6 +158,39 @@ def test_near_duplicate_of_several_compares_with_best_and_removes_all(make) -> N
     assert set(contents(buffer)) == {"a", "b", "unrelated"}
     assert buffer.add([item(long, 4.0, text="long")]) == 1
     assert set(contents(buffer)) == {"long", "unrelated"}
+
+
+def reference_contents(offers: list[ReplayItem], capacity: int, threshold: float) -> set[tuple]:
+    """Rules 1-3 written the slow, obvious way: a list scanned in full for every offer."""
+    stored: list[tuple[ReplayItem, int]] = []  # (item, insertion number)
+    for seq, x in enumerate(offers):
+        score = x.log_reward(1.0, 1.0)
+        rivals = [(y, s) for y, s in stored if y.token_ids == x.token_ids
+                  or (threshold <= 1 and jaccard(token_grams(x.token_ids), token_grams(y.token_ids)) >= threshold)]
+        if rivals:
+            if score <= max(y.log_reward(1.0, 1.0) for y, _ in rivals):
+                continue
+            stored = [entry for entry in stored if entry not in rivals]
+        elif len(stored) >= capacity:
+            worst = min(stored, key=lambda entry: (entry[0].log_reward(1.0, 1.0), -entry[1]))
+            if score <= worst[0].log_reward(1.0, 1.0):
+                continue
+            stored.remove(worst)
+        stored.append((x, seq))
+    return {(tuple(y.token_ids), y.log_prior) for y, _ in stored}
+
+
+@pytest.mark.parametrize("threshold", [0.3, 0.6, 1.0, 2.0])
+def test_rules_match_a_brute_force_reference(make, threshold: float) -> None:
+    rng = random.Random(int(threshold * 10))
+    offers = [item([rng.randint(0, 5) for _ in range(rng.randint(0, 6))], float(rng.randint(-20, 20)))
+              for _ in range(150)]  # a small vocabulary: many exact and near duplicates, and tied rewards
+    buffer = make(8, priority="uniform", near_duplicate_threshold=threshold)
+    for start in range(0, len(offers), 5):
+        buffer.add(offers[start:start + 5])
+    drawn = buffer.sample(3000, generator=random.Random(0))
+    assert {(tuple(x.token_ids), x.log_prior) for x in drawn} == reference_contents(offers, 8, threshold)
+    assert buffer.size() == len(reference_contents(offers, 8, threshold))
 
 
 def test_conditions_are_separate_heaps(make) -> None:
@@ -311,7 +346,8 @@ def test_unreachable_redis_is_a_one_line_connection_error() -> None:
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    with pytest.raises(ReplayBufferConnectionError, match=f"cannot reach Redis at redis://:\\*\\*\\*@127.0.0.1:{port}/0") as e:
+    redacted = re.escape(f"cannot reach Redis at redis://:***@127.0.0.1:{port}/0")
+    with pytest.raises(ReplayBufferConnectionError, match=redacted) as e:
         make_replay_buffer("redis", 10, redis_url=f"redis://:hunter2@127.0.0.1:{port}/0")
     assert "hunter2" not in str(e.value) and "\n" not in str(e.value)
     assert isinstance(e.value, ConnectionError)
@@ -332,7 +368,8 @@ def test_backends_return_identical_samples(redis_url: str) -> None:
         batches.append((batch, sequence_rng.choice(["", "s1"]), sequence_rng.choice([1.0, 0.5])))
     for priority in ("rank", "tempered", "uniform"):
         buffers = [make_replay_buffer(backend, 6, priority=priority, near_duplicate_threshold=0.6,
-                                      redis_url=redis_url, namespace=fresh_namespace()) for backend in ("memory", "redis")]
+                                      redis_url=redis_url, namespace=fresh_namespace())
+                   for backend in ("memory", "redis")]
         try:
             for batch, condition, prior_weight in batches:
                 added = [b.add(batch, condition, prior_weight=prior_weight) for b in buffers]
