@@ -30,13 +30,26 @@ class ScoredBatch:
 
 
 class SyncBatches:
-    def __init__(self, policy, reward_model, batch_size: int, temperature: float, epsilon: float, may_spend) -> None:
+    def __init__(self, policy, reward_model, batch_size: int, temperature: float, epsilon: float, may_spend,
+                 tempered_fraction: float = 0.0, temperature_range: tuple[float, float] = (1.0, 1.0)) -> None:
         self.policy, self.reward_model = policy, reward_model
         self.batch_size, self.temperature, self.epsilon = batch_size, temperature, epsilon
         self.may_spend = may_spend
+        self.tempered_fraction, self.temperature_range = tempered_fraction, temperature_range
 
-    def sample(self):
-        return self.policy.sample(self.batch_size, temperature=self.temperature, epsilon=self.epsilon)
+    def sample(self, size: int | None = None):
+        """A fresh batch: most of it at --temperature, `tempered_fraction` of it at one temperature drawn
+        uniformly from `temperature_range` (drawn from the torch RNG, so runs stay reproducible)."""
+        size = size or self.batch_size
+        num_tempered = round(self.tempered_fraction * size)
+        parts = []
+        if size - num_tempered:
+            parts.append(self.policy.sample(size - num_tempered, temperature=self.temperature, epsilon=self.epsilon))
+        if num_tempered:
+            low, high = self.temperature_range
+            drawn = low + (high - low) * torch.rand(()).item()
+            parts.append(self.policy.sample(num_tempered, temperature=drawn, epsilon=self.epsilon))
+        return tuple(torch.cat(tensors) for tensors in zip(*parts))
 
     def next(self) -> ScoredBatch | None:
         if not self.may_spend():
@@ -123,7 +136,7 @@ class BatchAPIBatches(SyncBatches):
         if not self.resumed:
             if not self.may_spend():
                 return False
-            tokens, lengths, log_q = self.policy.sample(self.pool_size, temperature=self.temperature, epsilon=self.epsilon)
+            tokens, lengths, log_q = self.sample(self.pool_size)
             texts = self.reward_model.decode(tokens, lengths)
             batch_id = submit_batch(oracle, texts)
             self.round = {"batch_id": batch_id, "tokens": tokens.cpu(), "lengths": lengths.cpu(), "log_q": log_q.cpu(), "texts": texts}

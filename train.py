@@ -103,6 +103,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--lr-z", type=float, default=0.1, help="learning rate of log Z")
     g.add_argument("--temperature", type=float, default=1.0, help="exploration: sample from softmax(logits / T)")
     g.add_argument("--epsilon", type=float, default=0.0, help="exploration: mix in this much uniform over allowed actions")
+    g.add_argument("--tempered-fraction", type=float, default=0.0,
+                   help="exploration: this fraction of each fresh batch is sampled at a temperature drawn from --temperature-range")
+    g.add_argument("--temperature-range", type=float, nargs=2, default=[0.5, 2.0], metavar=("LOW", "HIGH"))
+    g.add_argument("--replay-fraction", type=float, default=0.0,
+                   help="this fraction of each training batch is replayed from the buffer (on top of the fresh samples)")
+    g.add_argument("--replay-capacity", type=int, default=1000)
+    g.add_argument("--replay-backend", default="memory", choices=["memory", "redis"])
+    g.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    g.add_argument("--replay-priority", default="rank", choices=["rank", "tempered", "uniform"])
+    g.add_argument("--replay-near-duplicate", type=float, default=0.8,
+                   help="token-bigram Jaccard similarity at which two samples count as near duplicates (>1 = off)")
     g.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the policy's gradient norm (0 = off)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
@@ -141,6 +152,10 @@ def validate_args(args: argparse.Namespace) -> None:
         (args.batch_pool_size >= 1 and args.batch_poll_seconds >= 0, "--batch-pool-size must be >= 1 and --batch-poll-seconds >= 0"),
         (not args.batch_api or args.oracle == "openai", "--batch-api needs --oracle openai"),
         (args.subtb_lambda > 0, "--subtb-lambda must be > 0"),
+        (0 <= args.tempered_fraction <= 1, "--tempered-fraction must be in [0, 1]"),
+        (0 < args.temperature_range[0] <= args.temperature_range[1], "--temperature-range needs 0 < LOW <= HIGH"),
+        (0 <= args.replay_fraction < 1, "--replay-fraction must be in [0, 1)"),
+        (args.replay_capacity >= 1, "--replay-capacity must be >= 1"),
         (args.reward_temp_start > 0 and args.reward_temp_end > 0 and args.reward_temp_horizon >= 0,
          "--reward-temp-start and --reward-temp-end must be > 0, --reward-temp-horizon >= 0"),
     ]
@@ -269,6 +284,19 @@ def sample_records(epoch: int, tokens: torch.Tensor, lengths: torch.Tensor, rewa
     return records
 
 
+def replay_items(tokens: torch.Tensor, lengths: torch.Tensor, rewards) -> list:
+    """The valid fresh samples, with their untempered reward components, for the replay buffer."""
+    from replay_buffer import ReplayItem
+
+    items = []
+    for i, text in enumerate(rewards.texts):
+        if bool(rewards.valid[i]):
+            items.append(ReplayItem(token_ids=tokens[i, : int(lengths[i])].tolist(), text=text, log_prior=float(rewards.log_prior[i]),
+                                    log_likelihood=float(rewards.log_likelihood[i]),
+                                    extra={"y": rewards.oracle_results[i].response}))
+    return items
+
+
 def _finite_or_none(value: torch.Tensor) -> float | None:
     value = float(value)
     return value if torch.isfinite(torch.tensor(value)) else None
@@ -288,6 +316,36 @@ def init_wandb(args: argparse.Namespace):
 # ------------------------------------------------------------------------------------------------- train
 
 
+def build_replay_buffer(args: argparse.Namespace):
+    if args.replay_fraction <= 0:
+        return None
+    from replay_buffer import make_replay_buffer
+
+    try:
+        return make_replay_buffer(args.replay_backend, args.replay_capacity, priority=args.replay_priority,
+                                  near_duplicate_threshold=args.replay_near_duplicate, redis_url=args.redis_url,
+                                  namespace=f"gfn-replay-{args.task}")
+    except ValueError as exc:
+        raise UserError(f"replay buffer: {exc}") from None
+
+
+def replay_batch(buffer, args: argparse.Namespace, num_fresh: int, device: torch.device):
+    """Replayed (tokens, lengths, log_prior, log_likelihood) making up --replay-fraction of the training batch."""
+    if buffer is None or len(buffer) == 0:
+        return None
+    num = round(args.replay_fraction / (1 - args.replay_fraction) * num_fresh)
+    items = buffer.sample(num, prior_weight=args.prior_weight, llm_weight=args.llm_weight) if num else []
+    if not items:
+        return None
+    tokens = torch.zeros(len(items), args.max_len, dtype=torch.long, device=device)
+    for i, item in enumerate(items):
+        tokens[i, : len(item.token_ids)] = torch.tensor(item.token_ids, device=device)
+    lengths = torch.tensor([len(item.token_ids) for item in items], device=device)
+    log_prior = torch.tensor([item.log_prior for item in items], dtype=torch.float64)
+    log_likelihood = torch.tensor([item.log_likelihood for item in items], dtype=torch.float64)
+    return tokens, lengths, log_prior, log_likelihood
+
+
 def reward_temperature(args: argparse.Namespace, epoch: int) -> float:
     """Linear anneal from --reward-temp-start to --reward-temp-end over --reward-temp-horizon epochs."""
     if args.reward_temp_horizon <= 0:
@@ -297,7 +355,8 @@ def reward_temperature(args: argparse.Namespace, epoch: int) -> float:
 
 
 def make_batch_source(args: argparse.Namespace, policy, reward_model, may_spend, save_now, resume_state):
-    common = dict(batch_size=args.batch_size, temperature=args.temperature, epsilon=args.epsilon, may_spend=may_spend)
+    common = dict(batch_size=args.batch_size, temperature=args.temperature, epsilon=args.epsilon, may_spend=may_spend,
+                  tempered_fraction=args.tempered_fraction, temperature_range=tuple(args.temperature_range))
     if args.batch_api:
         return BatchAPIBatches(policy, reward_model, pool_size=args.batch_pool_size, poll_seconds=args.batch_poll_seconds,
                                save_checkpoint=save_now, round_state=(resume_state or {}).get("batch_round"), **common)
@@ -397,6 +456,7 @@ def train(args: argparse.Namespace, on_start=None) -> dict:
         return dollars + per_batch <= args.max_cost
 
     source = make_batch_source(args, policy, reward_model, may_spend, lambda: save(completed_epoch), resume_state)
+    replay = build_replay_buffer(args)
     if on_start is not None:
         on_start(policy, reward_model)
     metrics: dict = {}
@@ -424,10 +484,21 @@ def train(args: argparse.Namespace, on_start=None) -> dict:
                 metrics_file.write([metrics])
                 completed_epoch = epoch
                 continue
-            # 3. one step of the loss on log P_F of the untempered policy, recomputed under the current parameters
+            # 3. one step of the loss on log P_F of the untempered policy, recomputed under the current parameters,
+            # on the valid fresh samples plus replayed ones (whose rewards are recomputed from stored components)
             tokens, lengths, log_q = tokens[valid], lengths[valid], log_q[valid]
+            num_fresh = len(tokens)
             temperature = reward_temperature(args, epoch)
             log_reward = rewards.log_reward.to(device)[valid].float() / temperature
+            replayed = replay_batch(replay, args, num_fresh, device)
+            if replay is not None:
+                replay.add(replay_items(batch.tokens, batch.lengths, rewards), prior_weight=args.prior_weight,
+                           llm_weight=args.llm_weight)
+            if replayed is not None:
+                replay_log_reward = args.prior_weight * replayed[2] + args.llm_weight * replayed[3]
+                tokens = torch.cat([tokens, replayed[0]])
+                lengths = torch.cat([lengths, replayed[1]])
+                log_reward = torch.cat([log_reward, replay_log_reward.to(device).float() / temperature])
             policy.set_training_dropout(True)
             outputs = policy.evaluate(tokens, lengths)
             policy.set_training_dropout(False)
@@ -461,17 +532,18 @@ def train(args: argparse.Namespace, on_start=None) -> dict:
                 "train/loss": loss.item(),
                 "train/log_Z": log_z().item() if args.loss in ("tb", "subtb") else vargrad_log_z(log_pf.detach(), log_reward),
                 "train/reward_temperature": temperature,
-                "train/log_pf_mean": log_pf.mean().item(),
-                "train/log_reward_mean": log_reward.mean().item(),
+                "train/log_pf_mean": log_pf[:num_fresh].mean().item(),
+                "train/log_reward_mean": log_reward[:num_fresh].mean().item(),
                 "train/log_prior_mean": float(rewards.log_prior[valid_cpu].mean()),
                 "train/log_likelihood_mean": float(rewards.log_likelihood[valid_cpu].mean()),
                 "train/num_invalid": num_invalid,
                 "train/num_truncated": sum(r.truncated for r in rewards.oracle_results),
                 "train/oracle_calls": oracle_calls,
-                "train/mean_length": lengths.float().mean().item(),
+                "train/mean_length": lengths[:num_fresh].float().mean().item(),
                 "train/epoch_seconds": time.time() - started,
-                **{f"eval/{k}": v for k, v in batch_metrics(log_reward.detach().cpu(), log_pf.detach().cpu(), log_q.cpu()).items()},
-                **{f"eval/{k}": v for k, v in sample_metrics(rewards.texts, [t[:n].tolist() for t, n in zip(tokens.cpu(), lengths.cpu())]).items()},
+                "train/num_replayed": len(tokens) - num_fresh,
+                **{f"eval/{k}": v for k, v in batch_metrics(log_reward[:num_fresh].detach().cpu(), log_pf[:num_fresh].detach().cpu(), log_q.cpu()).items()},
+                **{f"eval/{k}": v for k, v in sample_metrics(rewards.texts, [t[:n].tolist() for t, n in zip(tokens[:num_fresh].cpu(), lengths[:num_fresh].cpu())]).items()},
                 **({f"api/{k}": v for k, v in api.stats().items()} if api is not None else {}),
             }
             metrics_file.write([metrics])

@@ -1,0 +1,138 @@
+"""The LoRA policy on the prior LM, replay and exploration mixing in training, reward schedules and guards."""
+import argparse
+import contextlib
+import io
+import json
+import os
+
+import pytest
+import torch
+
+import train
+from checkpoint import load_checkpoint
+from gflownet_policy import LoRAPolicy
+from hf_models import load_causal_lm
+from reward_oracle import PriorScorer
+
+
+def lora_args(model_dir: str, tmp_path, *extra: str) -> argparse.Namespace:
+    return train.build_parser().parse_args([
+        "--prior-model", model_dir, "--oracle", "hf", "--policy", "lora", "--max-len", "6", "--batch-size", "4",
+        "--max-response-tokens", "4", "--output-dir", str(tmp_path), "--no-progress", "--device", "cpu",
+        "--seed", "5", "--lora-r", "4", *extra])
+
+
+def build(args):
+    prior_model, tokenizer = train.load_prior(args, torch.device("cpu"))
+    policy = train.build_policy(args, prior_model, tokenizer, torch.device("cpu"))
+    return prior_model, tokenizer, policy
+
+
+def test_lora_policy_starts_as_the_prior_lm_and_its_cache_matches_teacher_forcing(tiny_lm_dir, tmp_path):
+    args = lora_args(tiny_lm_dir, tmp_path, "--prior-include-eos", "--max-len", "12")
+    prior_model, tokenizer, policy = build(args)
+    assert isinstance(policy, LoRAPolicy)
+    assert policy.stop_token_id == tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    trainable = [name for name, p in policy.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in name or "flow_head" in name for name in trainable)
+    torch.manual_seed(0)
+    tokens, lengths, sampler_log_prob = policy.sample(32)
+    assert torch.allclose(sampler_log_prob, policy.log_pf(tokens, lengths), atol=1e-4)
+    # LoRA's B matrices start at zero: P_F(x, stop) is exactly the LM's p(x) p(<|endoftext|> | x) for any x
+    # shorter than max_len (at max_len the stop is forced, not the LM's choice).
+    generator = torch.Generator().manual_seed(1)
+    assert tokenizer.all_special_ids == [policy.stop_token_id] == [0]
+    tokens = torch.randint(1, policy.config.vocab_size, (16, 12), generator=generator)  # any non-special token
+    lengths = torch.randint(1, 12, (16,), generator=generator)
+    tokens[torch.arange(12).unsqueeze(0) >= lengths.unsqueeze(1)] = 0
+    prior = PriorScorer(prior_model, tokenizer, include_eos=True).log_prob(tokens, lengths)
+    # The one difference: x may not be empty (min_len 1), so the first step renormalises over tokens.
+    with torch.no_grad():
+        first = torch.log_softmax(prior_model(input_ids=torch.tensor([[policy.start_id]])).logits[0, -1].double(), -1)
+    renormalisation = -torch.log1p(-first[policy.stop_token_id].exp()).item()
+    assert renormalisation > 1e-4
+    assert torch.allclose(policy.log_pf(tokens, lengths).detach().double(), prior.double() + renormalisation, atol=1e-4)
+
+
+def test_prior_is_scored_with_adapters_off_after_training(tiny_lm_dir, tmp_path):
+    model, tokenizer = load_causal_lm(tiny_lm_dir, reload=True)
+    tokens = torch.tensor([[5, 9, 17, 3], [40, 41, 0, 0]])
+    lengths = torch.tensor([4, 2])
+    before = PriorScorer(model, tokenizer).log_prob(tokens, lengths)
+    with contextlib.redirect_stdout(io.StringIO()):
+        result = train.train(lora_args(tiny_lm_dir, tmp_path, "--epochs", "3", "--lr", "0.05"))
+    policy = result["policy"]
+    lora_weights = [p for name, p in policy.named_parameters() if "lora_B" in name]
+    assert any(p.abs().sum() > 0 for p in lora_weights)  # the adapters moved...
+    after = result["reward_model"].prior.log_prob(tokens, lengths)
+    assert torch.allclose(before, after, atol=1e-5)  # ...but the prior is still the pretrained LM
+    assert not torch.allclose(policy.log_pf(tokens, lengths).detach(), before, atol=1e-3)
+
+
+def test_lora_run_resumes_with_the_same_losses(tiny_lm_dir, tmp_path):
+    def run(output_dir, *extra):
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            assert train.main(["--prior-model", tiny_lm_dir, "--oracle", "hf", "--policy", "lora", "--max-len", "6",
+                               "--batch-size", "4", "--max-response-tokens", "4", "--output-dir", str(output_dir),
+                               "--no-progress", "--device", "cpu", "--seed", "5", "--lora-r", "4", "--lr", "0.01",
+                               "--loss", "subtb", "--save-every", "2", *extra]) == 0
+        with open(os.path.join(output_dir, "metrics_raw.jsonl")) as f:
+            return {m["epoch"]: m["train/loss"] for m in map(json.loads, f)}
+
+    straight = run(tmp_path / "a", "--epochs", "4")
+    run(tmp_path / "b", "--epochs", "2")
+    resumed = run(tmp_path / "b", "--epochs", "4", "--resume")
+    assert resumed == pytest.approx(straight, rel=1e-5, abs=1e-6)
+    state = load_checkpoint(str(tmp_path / "a" / "checkpoint_gfn_raw_epoch4.pt"))
+    assert state["lora_settings"]["r"] == 4 and set(state["policy"]) == {"lora", "flow_head"}
+    # only adapter weights are saved, not the base model
+    assert sum(t.numel() for t in state["policy"]["lora"].values()) < 20_000
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+def test_training_mixes_replayed_samples(tiny_lm_dir, tmp_path, backend, request):
+    extra = ["--replay-fraction", "0.5", "--replay-backend", backend, "--tempered-fraction", "0.5"]
+    if backend == "redis":
+        extra += ["--redis-url", request.getfixturevalue("redis_url")]
+    args = train.build_parser().parse_args([
+        "--prior-model", tiny_lm_dir, "--oracle", "hf", "--max-len", "6", "--batch-size", "4", "--d-model", "32",
+        "--num-layers", "1", "--max-response-tokens", "4", "--output-dir", str(tmp_path), "--no-progress",
+        "--device", "cpu", "--epochs", "4", *extra])
+    with contextlib.redirect_stdout(io.StringIO()):
+        train.train(args)
+    with open(tmp_path / "metrics_raw.jsonl") as f:
+        metrics = [json.loads(line) for line in f]
+    assert metrics[0]["train/num_replayed"] == 0  # nothing stored before the first batch
+    assert all(m["train/num_replayed"] == 4 for m in metrics[1:])  # half of each training batch of 8
+    samples = [json.loads(line) for line in open(tmp_path / "samples_raw.jsonl")]
+    assert len(samples) == 16  # replayed samples cost no oracle call and are not written again
+    if backend == "redis":
+        from replay_buffer import make_replay_buffer
+
+        buffer = make_replay_buffer("redis", 1000, redis_url=request.getfixturevalue("redis_url"), namespace="gfn-replay-raw")
+        assert 1 <= len(buffer) <= 16
+        buffer.clear()
+
+
+def test_reward_temperature_anneals_linearly():
+    args = argparse.Namespace(reward_temp_start=4.0, reward_temp_end=1.0, reward_temp_horizon=3)
+    assert [train.reward_temperature(args, epoch) for epoch in (1, 2, 3, 4, 10)] == [4.0, 3.0, 2.0, 1.0, 1.0]
+    args.reward_temp_horizon = 0
+    assert train.reward_temperature(args, 7) == 4.0
+
+
+def test_modified_subtb_with_a_sampled_oracle_is_a_one_line_error(tiny_lm_dir, tmp_path):
+    err = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+        code = train.main(["--prior-model", tiny_lm_dir, "--oracle", "hf", "--loss", "modified-subtb",
+                           "--output-dir", str(tmp_path), "--device", "cpu"])
+    assert code == 2 and "modified-subtb scores every prefix" in err.getvalue() and err.getvalue().count("\n") == 1
+
+
+def test_lora_on_unknown_modules_is_a_one_line_error(tiny_lm_dir, tmp_path):
+    err = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+        code = train.main(["--prior-model", tiny_lm_dir, "--oracle", "hf", "--policy", "lora", "--lora-target-modules",
+                           "no_such_layer", "--output-dir", str(tmp_path), "--device", "cpu"])
+    last_line = err.getvalue().strip().splitlines()[-1]  # earlier lines: transformers' own loading progress bar
+    assert code == 2 and last_line.startswith("error: cannot add LoRA adapters") and "no_such_layer" in last_line
