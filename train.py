@@ -477,8 +477,11 @@ def train(args: argparse.Namespace, on_start=None) -> dict:
             valid = rewards.valid.to(device)
             num_invalid = int((~valid).sum())
             if num_invalid:
-                reasons = sorted({r.error or "non-finite reward" for r, ok in zip(rewards.oracle_results, rewards.valid) if not ok})
-                log_line(f"epoch {epoch}: {num_invalid} sample(s) skipped: {', '.join(reasons)}")
+                bad = [(text, r.error or f"non-finite reward (log p(x)={float(p):.4g}, log p(y|x)={float(l):.4g})")
+                       for text, r, ok, p, l in zip(rewards.texts, rewards.oracle_results, rewards.valid.tolist(),
+                                                    rewards.log_prior, rewards.log_likelihood) if not ok]
+                reasons = sorted({reason for _, reason in bad})
+                log_line(f"epoch {epoch}: {num_invalid} sample(s) skipped: {'; '.join(reasons)}; first: {bad[0][0][:80]!r}")
             if not bool(valid.any()):
                 metrics = {"epoch": epoch, "train/num_invalid": num_invalid}
                 metrics_file.write([metrics])

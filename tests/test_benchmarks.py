@@ -23,3 +23,12 @@ def test_api_pool_quick():
     assert faulty["ok"] == faulty["requests"]
     run, = result["epoch"]["runs"]
     assert run["prefetch_on_epoch_s"] > 0 and run["prefetch_off_epoch_s"] > 0
+
+
+def test_policy_comparison_quick(tiny_chat_lm_dir):
+    result = run_benchmark("policy_comparison.py", "--model", tiny_chat_lm_dir, "--quick")
+    transformer, lora = result["runs"]
+    assert (transformer["policy"], lora["policy"]) == ("transformer", "lora")
+    assert transformer["oracle_calls"] == lora["oracle_calls"] == 3 * 4  # the same oracle budget
+    for run in result["runs"]:
+        assert len(run["samples"]) == 5 and 0 < run["last_2_epochs"]["unique_fraction"] <= 1

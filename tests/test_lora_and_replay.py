@@ -136,3 +136,29 @@ def test_lora_on_unknown_modules_is_a_one_line_error(tiny_lm_dir, tmp_path):
                            "no_such_layer", "--output-dir", str(tmp_path), "--device", "cpu"])
     last_line = err.getvalue().strip().splitlines()[-1]  # earlier lines: transformers' own loading progress bar
     assert code == 2 and last_line.startswith("error: cannot add LoRA adapters") and "no_such_layer" in last_line
+
+
+def test_non_finite_rewards_are_reported_with_the_sample_and_never_trained_on(tiny_lm_dir, tmp_path):
+    from reward_oracle import OracleResult
+
+    class HalfBrokenOracle:  # every other x gets log p(y|x) = -inf, as an overflowing scorer would
+        def score(self, texts):
+            return [OracleResult("y", float("-inf") if i % 2 else -3.0, 1) for i in range(len(texts))]
+
+    def install(policy, reward_model):
+        reward_model.oracle = HalfBrokenOracle()
+
+    args = train.build_parser().parse_args([
+        "--prior-model", tiny_lm_dir, "--oracle", "hf", "--max-len", "6", "--batch-size", "4", "--d-model", "32",
+        "--num-layers", "1", "--output-dir", str(tmp_path), "--no-progress", "--device", "cpu", "--epochs", "2"])
+    err = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+        result = train.train(args, on_start=install)
+    assert "2 sample(s) skipped: non-finite reward (log p(x)=" in err.getvalue() and "first: '" in err.getvalue()
+    with open(tmp_path / "metrics_raw.jsonl") as f:
+        metrics = [json.loads(line) for line in f]
+    assert [m["train/num_invalid"] for m in metrics] == [2, 2]
+    assert all(torch.isfinite(p).all() for p in result["policy"].parameters())
+    assert torch.isfinite(result["log_z"]()).all()
+    samples = [json.loads(line) for line in open(tmp_path / "samples_raw.jsonl")]
+    assert [s["valid"] for s in samples] == [True, False] * 4 and samples[1]["log_reward"] is None
