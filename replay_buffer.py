@@ -192,6 +192,15 @@ def _normalised(item: object) -> ReplayItem:
                       _finite("log_likelihood", item.log_likelihood), extra)
 
 
+def _checked_add_args(items: list[ReplayItem], condition: str, prior_weight: float, llm_weight: float) -> list[ReplayItem]:
+    """The argument checks both backends' add() share; returns the normalised items."""
+    items = [_normalised(item) for item in items]
+    _check_condition(condition)
+    _finite("prior_weight", prior_weight)
+    _finite("llm_weight", llm_weight)
+    return items
+
+
 def _admit(entries: dict[str, _Entry], index: dict[tuple, set[str]] | None, items: list[ReplayItem],
            next_seq: int, prior_weight: float, llm_weight: float, capacity: int,
            near_duplicate_threshold: float) -> tuple[int, int]:
@@ -290,10 +299,7 @@ class MemoryReplayBuffer(_Settings):
 
     def add(self, items: list[ReplayItem], condition: str = "", prior_weight: float = 1.0,
             llm_weight: float = 1.0) -> int:
-        items = [_normalised(item) for item in items]
-        _check_condition(condition)
-        _finite("prior_weight", prior_weight)
-        _finite("llm_weight", llm_weight)
+        items = _checked_add_args(items, condition, prior_weight, llm_weight)
         if not items:
             return 0
         with self.lock:
@@ -387,10 +393,7 @@ class RedisReplayBuffer(_Settings):
 
     def add(self, items: list[ReplayItem], condition: str = "", prior_weight: float = 1.0,
             llm_weight: float = 1.0) -> int:
-        items = [_normalised(item) for item in items]
-        _check_condition(condition)
-        _finite("prior_weight", prior_weight)
-        _finite("llm_weight", llm_weight)
+        items = _checked_add_args(items, condition, prior_weight, llm_weight)
         if not items:
             return 0
         items_key, seq_key = self._key(condition, "items"), self._key(condition, "next_seq")
