@@ -27,6 +27,8 @@ class ScoredBatch:
     lengths: torch.Tensor
     log_q: torch.Tensor  # the sampler's log-probability of each x (for off-policy metrics)
     rewards: RewardBatch
+    condition: str = ""  # which log Z (and replay heap) the batch belongs to; "" when unconditional
+    context: torch.Tensor | None = None  # prompt ids the policy was conditioned on
 
 
 class SyncBatches:

@@ -362,22 +362,29 @@ def make_lora_policy(base_model, config: PolicyConfig, start_id: int, stop_token
 
 
 class LogZ(nn.Module):
-    """The learned log partition function. `initialized` is saved with checkpoints so that a resumed run
-    does not re-initialise it from its first batch."""
+    """The learned log partition function, one per condition (a conditional log Z for conditioned tasks such
+    as one per subject; unconditional tasks have the single condition ""). `initialized` is saved with
+    checkpoints so that a resumed run does not re-initialise it from its first batch."""
 
-    def __init__(self) -> None:
+    def __init__(self, conditions: list[str] | tuple[str, ...] = ("",)) -> None:
         super().__init__()
-        self.value = nn.Parameter(torch.zeros(()))
-        self.register_buffer("initialized", torch.tensor(False))
+        self.conditions = list(conditions)
+        self.index = {condition: i for i, condition in enumerate(self.conditions)}
+        self.values = nn.Parameter(torch.zeros(len(self.conditions)))
+        self.register_buffer("initialized", torch.zeros(len(self.conditions), dtype=torch.bool))
+
+    def is_initialized(self, condition: str = "") -> bool:
+        return bool(self.initialized[self.index[condition]])
 
     @torch.no_grad()
-    def initialize_from(self, log_reward: torch.Tensor, log_pf: torch.Tensor) -> None:
+    def initialize_from(self, log_reward: torch.Tensor, log_pf: torch.Tensor, condition: str = "") -> None:
         """Set log Z to mean(log R - log P_F): the least-squares optimum of TB for a fixed policy."""
-        self.value.fill_((log_reward - log_pf).float().mean().item())
-        self.initialized.fill_(True)
+        i = self.index[condition]
+        self.values[i] = (log_reward - log_pf).float().mean().item()
+        self.initialized[i] = True
 
-    def forward(self) -> torch.Tensor:
-        return self.value
+    def forward(self, condition: str = "") -> torch.Tensor:
+        return self.values[self.index[condition]]
 
 
 def enumerate_sequences(vocab_size: int, min_len: int, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:

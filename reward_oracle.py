@@ -246,6 +246,7 @@ class RewardBatch:
     log_reward: torch.Tensor  # (B,) weighted sum; NaN where invalid
     valid: torch.Tensor  # (B,) bool: usable for training
     oracle_results: list[OracleResult]
+    extras: list[dict] | None = None  # per-sample task-specific fields for the samples file
 
 
 class RewardModel:

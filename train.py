@@ -279,7 +279,7 @@ def sample_records(epoch: int, tokens: torch.Tensor, lengths: torch.Tensor, rewa
             "log_prior": float(rewards.log_prior[i]), "log_likelihood": _finite_or_none(rewards.log_likelihood[i]),
             "log_reward": _finite_or_none(rewards.log_reward[i]), "valid": bool(rewards.valid[i]),
             "error": result.error, "truncated": result.truncated, "response_tokens": result.num_tokens,
-            "usage": result.usage or None, "trained": trained,
+            "usage": result.usage or None, "trained": trained, **(rewards.extras[i] if rewards.extras else {}),
         })
     return records
 
@@ -329,12 +329,12 @@ def build_replay_buffer(args: argparse.Namespace):
         raise UserError(f"replay buffer: {exc}") from None
 
 
-def replay_batch(buffer, args: argparse.Namespace, num_fresh: int, device: torch.device):
+def replay_batch(buffer, args: argparse.Namespace, num_fresh: int, device: torch.device, condition: str = ""):
     """Replayed (tokens, lengths, log_prior, log_likelihood) making up --replay-fraction of the training batch."""
-    if buffer is None or len(buffer) == 0:
+    if buffer is None or buffer.size(condition) == 0:
         return None
     num = round(args.replay_fraction / (1 - args.replay_fraction) * num_fresh)
-    items = buffer.sample(num, prior_weight=args.prior_weight, llm_weight=args.llm_weight) if num else []
+    items = buffer.sample(num, condition=condition, prior_weight=args.prior_weight, llm_weight=args.llm_weight) if num else []
     if not items:
         return None
     tokens = torch.zeros(len(items), args.max_len, dtype=torch.long, device=device)
@@ -493,25 +493,25 @@ def train(args: argparse.Namespace, on_start=None) -> dict:
             num_fresh = len(tokens)
             temperature = reward_temperature(args, epoch)
             log_reward = rewards.log_reward.to(device)[valid].float() / temperature
-            replayed = replay_batch(replay, args, num_fresh, device)
+            replayed = replay_batch(replay, args, num_fresh, device, batch.condition)
             if replay is not None:
-                replay.add(replay_items(batch.tokens, batch.lengths, rewards), prior_weight=args.prior_weight,
-                           llm_weight=args.llm_weight)
+                replay.add(replay_items(batch.tokens, batch.lengths, rewards), condition=batch.condition,
+                           prior_weight=args.prior_weight, llm_weight=args.llm_weight)
             if replayed is not None:
                 replay_log_reward = args.prior_weight * replayed[2] + args.llm_weight * replayed[3]
                 tokens = torch.cat([tokens, replayed[0]])
                 lengths = torch.cat([lengths, replayed[1]])
                 log_reward = torch.cat([log_reward, replay_log_reward.to(device).float() / temperature])
             policy.set_training_dropout(True)
-            outputs = policy.evaluate(tokens, lengths)
+            outputs = policy.evaluate(tokens, lengths, batch.context)
             policy.set_training_dropout(False)
             log_pf = outputs.log_pf
             prefix_log_reward = None
             if args.loss == "modified-subtb":
                 prefix_log_reward = (reward_model.prefix_log_rewards(tokens, lengths, policy.config.min_len) / temperature).to(device).float()
-            if not bool(log_z.initialized):
-                log_z.initialize_from(log_reward, log_pf.detach())
-            loss = gflownet_loss(args.loss, outputs, log_z(), log_reward, lengths, subtb_lambda=args.subtb_lambda,
+            if not log_z.is_initialized(batch.condition):
+                log_z.initialize_from(log_reward, log_pf.detach(), batch.condition)
+            loss = gflownet_loss(args.loss, outputs, log_z(batch.condition), log_reward, lengths, subtb_lambda=args.subtb_lambda,
                                  prefix_log_reward=prefix_log_reward, min_len=policy.config.min_len)
             if not torch.isfinite(loss):
                 # Never let a NaN/inf reach the weights: report the offending sample and skip the step.
@@ -533,7 +533,7 @@ def train(args: argparse.Namespace, on_start=None) -> dict:
                 "epoch": epoch,
                 **({"train/tb_loss": loss.item()} if args.loss == "tb" else {}),
                 "train/loss": loss.item(),
-                "train/log_Z": log_z().item() if args.loss in ("tb", "subtb") else vargrad_log_z(log_pf.detach(), log_reward),
+                "train/log_Z": log_z(batch.condition).item() if args.loss in ("tb", "subtb") else vargrad_log_z(log_pf.detach(), log_reward),
                 "train/reward_temperature": temperature,
                 "train/log_pf_mean": log_pf[:num_fresh].mean().item(),
                 "train/log_reward_mean": log_reward[:num_fresh].mean().item(),
