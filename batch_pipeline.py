@@ -39,18 +39,19 @@ class SyncBatches:
         self.may_spend = may_spend
         self.tempered_fraction, self.temperature_range = tempered_fraction, temperature_range
 
-    def sample(self, size: int | None = None):
+    def sample(self, size: int | None = None, context: torch.Tensor | None = None):
         """A fresh batch: most of it at --temperature, `tempered_fraction` of it at one temperature drawn
         uniformly from `temperature_range` (drawn from the torch RNG, so runs stay reproducible)."""
         size = size or self.batch_size
         num_tempered = round(self.tempered_fraction * size)
         parts = []
         if size - num_tempered:
-            parts.append(self.policy.sample(size - num_tempered, temperature=self.temperature, epsilon=self.epsilon))
+            parts.append(self.policy.sample(size - num_tempered, temperature=self.temperature, epsilon=self.epsilon,
+                                            context=context))
         if num_tempered:
             low, high = self.temperature_range
             drawn = low + (high - low) * torch.rand(()).item()
-            parts.append(self.policy.sample(num_tempered, temperature=drawn, epsilon=self.epsilon))
+            parts.append(self.policy.sample(num_tempered, temperature=drawn, epsilon=self.epsilon, context=context))
         return tuple(torch.cat(tensors) for tensors in zip(*parts))
 
     def next(self) -> ScoredBatch | None:

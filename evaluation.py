@@ -95,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = OneLineErrorParser(description="Sample inputs from a trained GFlowNet checkpoint and summarise them.")
     parser.add_argument("--checkpoint", required=True, help="a checkpoint_gfn_*.pt file")
+    parser.add_argument("--task", default=None, help="optional check: the task the checkpoint must have been trained on")
+    parser.add_argument("--samples-per-subject", type=int, default=16, help="contradiction task: questions per example")
     parser.add_argument("--num-samples", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=1.0)
@@ -115,10 +117,20 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
         raise UserError("--num-samples and --batch-size must be >= 1")
     state = load_checkpoint(args.checkpoint)
     run_args = argparse.Namespace(**state["args"])
+    if args.task is not None and args.task != run_args.task:
+        raise UserError(f"{args.checkpoint} was trained on --task {run_args.task}, not {args.task}")
     device = resolve_device(args.device)
     torch.manual_seed(args.seed)
     prior_model, tokenizer = load_prior(run_args, device)
     policy = build_policy_for_checkpoint(state, prior_model, tokenizer, device)
+    if run_args.task == "contradiction":
+        import contradiction_task
+
+        reward = contradiction_task.build_reward(run_args, prior_model, tokenizer, device)
+        output = args.output or os.path.splitext(args.checkpoint)[0] + "_questions.jsonl"
+        summary = contradiction_task.evaluate(state, policy, tokenizer, reward, args.samples_per_subject, output)
+        print(contradiction_task.format_table(summary), file=sys.stderr)
+        return summary
     reward_model = build_reward_model(run_args, prior_model, tokenizer, device, with_oracle=args.score)
     records, all_log_pf, all_log_q, all_log_r, token_lists = [], [], [], [], []
     remaining = args.num_samples

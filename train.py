@@ -40,7 +40,8 @@ class OneLineErrorParser(argparse.ArgumentParser):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("task and reward")
-    g.add_argument("--task", default="raw", choices=sorted(TASKS), help="how x becomes a request to the LLM")
+    g.add_argument("--task", default="raw", choices=sorted(TASKS) + ["contradiction"],
+                   help="how x becomes a request to the LLM; contradiction: the contradictory-question task")
     g.add_argument("--oracle", default="openai", choices=["openai", "hf"],
                    help="openai: chat completions with logprobs (api.openai.com or --base-url); hf: a local model")
     g.add_argument("--model", default="gpt-4o-mini", help="model name for the OpenAI / OpenAI-compatible oracle")
@@ -52,13 +53,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-response-tokens", type=int, default=None, help="response length (default: the task's)")
     g.add_argument("--target-response", default=None,
                    help="score log p(y*|x) of this fixed response by teacher forcing instead of sampling y")
-    g.add_argument("--prior-model", default="gpt2", help="hub id, folder or .gguf file; its tokenizer is the policy's vocabulary")
+    g.add_argument("--prior-model", default=None,
+                   help="hub id, folder or .gguf file; its tokenizer is the policy's vocabulary (default gpt2; "
+                        "gpt2-large for --task contradiction, where it is the question sampler's base model)")
     g.add_argument("--prior-include-eos", action="store_true",
                    help="include log p(EOS | x) in log p(x) (default: no; x is a snippet)")
     g.add_argument("--prior-weight", type=float, default=1.0, help="w_prior in log R")
     g.add_argument("--llm-weight", type=float, default=1.0, help="w_llm in log R (0 = prior only, no oracle calls)")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="dtype of the prior and local oracle")
+
+    g = parser.add_argument_group("contradiction task (--task contradiction --policy lora)")
+    g.add_argument("--data", default=None, help="task JSONL of {id, subject, edit_fact} (default: the shipped example set)")
+    g.add_argument("--base-model", default=None, help="the frozen LM that answers (default: the sampler's own base model)")
+    g.add_argument("--nli-model", default="microsoft/deberta-large-mnli", help="any AutoModelForSequenceClassification NLI model")
+    g.add_argument("--answer-max-tokens", type=int, default=32)
+    g.add_argument("--likelihood-weight", type=float, default=1.0, help="w_L on log P_Q (question fluency)")
+    g.add_argument("--contradiction-threshold", type=float, default=-6.0)
+    g.add_argument("--failure-penalty", type=float, default=-100.0)
+    g.add_argument("--penalized-steps", type=int, default=150)
+    g.add_argument("--answer-quality-weight", type=float, default=0.0)
+    g.add_argument("--answer-quality-threshold", type=float, default=None)
+    g.add_argument("--answer-failure-penalty", type=float, default=-50.0)
 
     g = parser.add_argument_group("API client (OpenAI / OpenAI-compatible oracle)")
     g.add_argument("--rpm", type=float, default=None, help="requests per minute limit (default: none; the server's headers still apply)")
@@ -130,7 +146,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def validate_args(args: argparse.Namespace) -> None:
+    if args.prior_model is None:
+        args.prior_model = "gpt2-large" if args.task == "contradiction" else "gpt2"
+    if args.task == "contradiction":
+        from contradiction_task import DEFAULT_DATA
+
+        args.data = args.data or DEFAULT_DATA
     checks = [
+        (args.task != "contradiction" or args.policy == "lora", "--task contradiction needs --policy lora"),
+        (args.task != "contradiction" or args.loss != "modified-subtb", "--task contradiction cannot use --loss modified-subtb"),
+        (args.task != "contradiction" or not args.batch_api, "--task contradiction does not use the API oracle"),
+        (args.task != "contradiction" or args.replay_fraction == 0,
+         "--task contradiction does not support --replay-fraction yet (its hybrid reward is not a weighted sum of two stored terms)"),
+        (args.answer_max_tokens >= 1 and args.penalized_steps >= 0, "need --answer-max-tokens >= 1 and --penalized-steps >= 0"),
         (args.batch_size >= 1, "--batch-size must be >= 1"),
         (args.epochs >= 0, "--epochs must be >= 0"),
         (args.lr > 0 and args.lr_z >= 0, "--lr must be > 0 and --lr-z >= 0"),
@@ -375,7 +403,7 @@ def train(args: argparse.Namespace, on_start=None) -> dict:
     """Run (or resume) training as configured by args. `on_start(policy, reward_model)` runs once before the
     first epoch (demo.py shows samples there). Returns the final metrics and the trained objects."""
     validate_args(args)
-    if args.oracle == "openai" and args.llm_weight != 0:
+    if args.oracle == "openai" and args.llm_weight != 0 and args.task != "contradiction":
         from api_client import api_key_from_env, load_prices, price_for
 
         api_key_from_env(args.base_url)  # fail on a missing key before loading any model
@@ -396,14 +424,25 @@ def train(args: argparse.Namespace, on_start=None) -> dict:
     if policy.config.vocab_size != policy_vocab_size(prior_model, tokenizer):
         raise UserError(f"the checkpoint's policy vocabulary ({policy.config.vocab_size}) does not match "
                         f"--prior-model {args.prior_model!r} ({policy_vocab_size(prior_model, tokenizer)})")
-    log_z = LogZ().to(device)
+    examples = None
+    if args.task == "contradiction":
+        from contradiction_task import build_reward as build_contradiction_reward, load_dataset
+
+        examples = load_dataset(args.data)
+        log_z = LogZ([example["id"] for example in examples]).to(device)  # one log Z per example
+        reward_model = RewardModel(tokenizer, PriorScorer(prior_model, tokenizer), None)  # unused by this task
+        contradiction_reward = build_contradiction_reward(args, prior_model, tokenizer, device)
+    else:
+        log_z = LogZ().to(device)
+        reward_model = build_reward_model(args, prior_model, tokenizer, device)
     optimizer = make_optimizer(policy, log_z, args)
-    reward_model = build_reward_model(args, prior_model, tokenizer, device)
     if args.loss == "modified-subtb" and not reward_model.can_score_prefixes():
         raise UserError("--loss modified-subtb scores every prefix of x: use --llm-weight 0, or --oracle hf with --target-response")
     api = reward_model.oracle if hasattr(reward_model.oracle, "stats") else None  # the remote oracle, if any
     start_epoch = 0
     if resume_state is not None:
+        if resume_state.get("log_z_conditions", [""]) != log_z.conditions:
+            raise UserError("the checkpoint was trained on other conditions (examples) than this run's --data")
         log_z.load_state_dict(resume_state["log_z"])
         optimizer.load_state_dict(resume_state["optimizer"])
         for group, lr in zip(optimizer.param_groups, (args.lr, args.lr_z)):
@@ -436,7 +475,7 @@ def train(args: argparse.Namespace, on_start=None) -> dict:
         save_checkpoint(path, {
             "epoch": epoch, "args": vars(args), "policy": policy.trainable_state(),
             "lora_settings": getattr(policy, "lora_settings", None),
-            "policy_config": asdict(policy.config), "log_z": log_z.state_dict(),
+            "policy_config": asdict(policy.config), "log_z": log_z.state_dict(), "log_z_conditions": log_z.conditions,
             "optimizer": optimizer.state_dict(), "rng": rng_state(), "oracle_calls": oracle_calls,
             "api_totals": api.cost.snapshot() if api is not None else None,
             "batch_round": source.checkpoint_state() if source is not None else None,
@@ -455,7 +494,14 @@ def train(args: argparse.Namespace, on_start=None) -> dict:
         spend["batches"] += 1
         return dollars + per_batch <= args.max_cost
 
-    source = make_batch_source(args, policy, reward_model, may_spend, lambda: save(completed_epoch), resume_state)
+    if args.task == "contradiction":
+        from contradiction_task import ContradictionBatches
+
+        source = ContradictionBatches(policy, tokenizer, examples, contradiction_reward, start_epoch, batch_size=args.batch_size,
+                                      temperature=args.temperature, epsilon=args.epsilon, may_spend=may_spend,
+                                      tempered_fraction=args.tempered_fraction, temperature_range=tuple(args.temperature_range))
+    else:
+        source = make_batch_source(args, policy, reward_model, may_spend, lambda: save(completed_epoch), resume_state)
     replay = build_replay_buffer(args)
     if on_start is not None:
         on_start(policy, reward_model)

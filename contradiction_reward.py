@@ -1,0 +1,274 @@
+"""The reward for contradictory question generation: questions q whose answers contradict an edit fact.
+
+A policy writes questions q about a subject. A frozen base LM answers each one greedily (the answer a), and an
+NLI classifier judges whether a contradicts the edit fact f (e.g. "The play Hamlet was written by Christopher
+Marlowe."): questions that make the unedited model contradict f are the ones a knowledge edit has to change.
+Every term is returned separately, for logging:
+
+    log C   = log P_NLI(contradiction | premise = f, hypothesis = a)     (order configurable, see below)
+    log P_Q = log P_base(q)        teacher-forced after the document-start token: fluency, keeps q natural
+    log P_A = log P_base(a | q)    the greedy answer under the untempered model, with its end token if it ended
+    A(q)    = w_A * log P_A  (+ answer_failure_penalty where log P_A < answer_quality_threshold, when set)
+
+    composite phase (step >= penalized_steps):  log R = log C + w_L * log P_Q + A(q)
+    penalised phase (step <  penalized_steps):  log R = w_L * log P_Q + A(q)  where log C >= contradiction_threshold
+                                                log R = failure_penalty + A(q) elsewhere
+
+The penalised ("hybrid") phase first teaches the policy *which* questions contradict at all, ranking those
+only by fluency; the composite phase then ranks them by how surely they contradict. The answer-quality terms
+apply in both phases.
+
+Failures are a large *finite* negative log-reward, never -inf: the GFlowNet target R(q) / Z must stay a
+distribution, and the trajectory-balance loss (log Z + log P_F - log R)^2 would be infinite, and its gradient
+NaN, for a single -inf in the batch. Every term is a sum of log-softmaxes of finite logits, so it is finite
+too; `valid` marks the rows where that nevertheless failed (a NaN from the model), like RewardBatch.valid.
+
+Premise / hypothesis order: by default premise = the edit fact, hypothesis = the base model's answer. The
+question asked is "does the answer contradict the fact we want the model to hold?", and NLI models are
+trained with the reference statement as the premise and the claim being checked as the hypothesis. The
+contradiction label is nearly symmetric in principle but not in trained models, so `nli_order="answer-fact"`
+is available to swap the pair.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from errors import UserError
+from hf_models import document_start_id, without_adapters
+from reward_oracle import PriorScorer
+
+NLI_ORDERS = ("fact-answer", "answer-fact")
+
+# ----------------------------------------------------------------------------------------------------- NLI
+
+
+class NLIScorer:
+    """Any AutoModelForSequenceClassification NLI model; the contradiction label is found from config.id2label
+    (case-insensitive match of 'contradiction'; a clear ValueError naming the labels if absent)."""
+
+    def __init__(self, model, tokenizer, batch_size: int = 32, max_length: int = 256) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        self.batch_size, self.max_length = batch_size, max_length
+        id2label = {int(i): str(label) for i, label in model.config.id2label.items()}
+        matches = [i for i, label in id2label.items() if label.strip().lower() == "contradiction"]
+        if len(matches) != 1:
+            raise ValueError(f"NLI model needs exactly one 'contradiction' label in config.id2label; "
+                             f"its labels are {sorted(id2label.items())}")
+        self.contradiction_index = matches[0]
+
+    @classmethod
+    def load(cls, spec: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> "NLIScorer":
+        """Tokenizer and classifier from a hub id or folder. float32 by default: checkpoints are often fp16 (the
+        MiniLM one is), and fp16 on CPU is slow, while the model is small enough that memory does not matter."""
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(spec)
+            model = AutoModelForSequenceClassification.from_pretrained(spec, dtype=dtype)
+            model.to(device).eval()
+            model.requires_grad_(False)
+            return cls(model, tokenizer)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"cannot load NLI model {spec!r}: {first_line}") from None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def log_contradiction(self, premises: list[str], hypotheses: list[str]) -> torch.Tensor:
+        """(B,) float64 log P(contradiction | premise, hypothesis) = log_softmax(logits)[contradiction]."""
+        if len(premises) != len(hypotheses):
+            raise ValueError(f"{len(premises)} premises but {len(hypotheses)} hypotheses")
+        out = []
+        for start in range(0, len(premises), self.batch_size):
+            batch = self.tokenizer(premises[start:start + self.batch_size], hypotheses[start:start + self.batch_size],
+                                   padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+            logits = self.model(**batch.to(self.device)).logits
+            # float64 before the softmax: a confident "no" stays a finite, exact log-prob instead of rounding
+            out.append(torch.log_softmax(logits.double(), dim=-1)[:, self.contradiction_index].cpu())
+        return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
+
+
+# ------------------------------------------------------------------------------------------------ answerer
+
+
+class Answerer:
+    """The frozen base LM: answers each question greedily and scores log P_Q(q) and log P_A(a | q).
+
+    Instruct models (the tokenizer has a chat template) get the question as the user turn; base models get
+    `prompt_template` after the document-start token. For plain prompts the answer also ends after the first
+    token containing `plain_stop` (a newline by default): the Q/A format holds one answer per line, and
+    without a stop a base model goes on to invent the next question, which the NLI model would then judge.
+    That stop token counts as the answer's end token, like EOS. `plain_stop=None` turns it off.
+
+    When the base model is the policy's own LoRA-wrapped model, every pass runs with the adapters off."""
+
+    def __init__(self, model, tokenizer, answer_max_tokens: int = 32, prompt_template: str = "Q: {question}\nA:",
+                 batch_size: int = 16, plain_stop: str | None = "\n") -> None:
+        self.model, self.tokenizer = model, tokenizer
+        self.answer_max_tokens = answer_max_tokens
+        self.prompt_template = prompt_template
+        self.batch_size = batch_size
+        self.use_chat_template = bool(getattr(tokenizer, "chat_template", None))
+        self.stop = None if self.use_chat_template else plain_stop
+        self.start_id = document_start_id(tokenizer)
+        # The model's own end tokens and the tokenizer's: a chat model's EOS (end of turn) may be missing from
+        # an old generation config, and stopping at either is right.
+        eos = model.generation_config.eos_token_id
+        eos = [] if eos is None else (list(eos) if isinstance(eos, (list, tuple)) else [eos])
+        self.eos_ids = set(eos) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_ids)
+        self.prior = PriorScorer(model, tokenizer, include_eos=False, batch_size=batch_size)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def prompt_ids(self, question: str) -> list[int]:
+        if self.use_chat_template:
+            text = self.tokenizer.apply_chat_template([{"role": "user", "content": question}],
+                                                      add_generation_prompt=True, tokenize=False)
+            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        text = self.prompt_template.format(question=question)
+        return [self.start_id] + self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def answer(self, questions: list[str]) -> list[dict]:
+        """Each {"answer", "log_answer", "answer_tokens", "truncated", "token_ids"}: the greedy answer (text
+        cut at the stop string and stripped), log P_A(answer | question) in float64 over its answer_tokens
+        token ids, and truncated=True when it hit answer_max_tokens without an end token."""
+        results = []
+        for start in range(0, len(questions), self.batch_size):
+            results.extend(self._answer_batch([self.prompt_ids(q) for q in questions[start:start + self.batch_size]]))
+        return results
+
+    @torch.no_grad()
+    def _answer_batch(self, prompts: list[list[int]]) -> list[dict]:
+        from transformers import GenerationConfig
+
+        width = max(map(len, prompts))
+        # Left padding: every row's answer starts at the same position.
+        input_ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in prompts], device=self.device)
+        attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
+        # generate() fills every field left at None from the model's own generation config, so the processors
+        # that would move greedy decoding off the raw argmax are switched off explicitly (top_k / top_p /
+        # temperature only act when sampling, which do_sample=False rules out).
+        config = GenerationConfig(
+            do_sample=False, num_beams=1, repetition_penalty=1.0, no_repeat_ngram_size=0, min_length=0,
+            min_new_tokens=0, max_new_tokens=self.answer_max_tokens, pad_token_id=self.pad_id,
+            eos_token_id=sorted(self.eos_ids), output_logits=True, return_dict_in_generate=True,
+        )
+        with without_adapters(self.model):
+            out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+        generated = out.sequences[:, width:]
+        log_probs = torch.log_softmax(torch.stack(out.logits, dim=1).float(), dim=-1)  # raw, untempered logits
+        token_lp = log_probs.gather(2, generated.unsqueeze(2)).squeeze(2).double()
+        results = []
+        for i in range(len(prompts)):
+            ids = generated[i].tolist()
+            end = self._end_position(ids)
+            num = len(ids) if end is None else end + 1  # the end token belongs to the answer
+            text = self.tokenizer.decode(ids[:num], skip_special_tokens=True)
+            if self.stop:
+                text = text.split(self.stop)[0]
+            results.append({"answer": text.strip(), "log_answer": float(token_lp[i, :num].sum()),
+                            "answer_tokens": num, "truncated": end is None, "token_ids": ids[:num]})
+        return results
+
+    def _end_position(self, ids: list[int]) -> int | None:
+        """Index of the answer's last token: the first end token, or the first token that completes the stop
+        string. Rows that finished early are padded, and the pad id is often the EOS id, hence 'first'."""
+        for j, token in enumerate(ids):
+            if token in self.eos_ids:
+                return j
+            if self.stop and self.stop in self.tokenizer.decode(ids[:j + 1], skip_special_tokens=True):
+                return j
+        return None
+
+    def log_question(self, questions: list[str]) -> torch.Tensor:
+        """(B,) float64 log P_Q(q) of each question's tokens after the document-start token (no end token:
+        questions are snippets whose length the policy's stop action decides), via the prior's scorer."""
+        rows = [self.tokenizer(q, add_special_tokens=False)["input_ids"] for q in questions]
+        if not rows:
+            return torch.zeros(0, dtype=torch.float64)
+        lengths = torch.tensor([len(r) for r in rows])
+        tokens = torch.full((len(rows), max(1, int(lengths.max()))), self.pad_id, dtype=torch.long)
+        for i, row in enumerate(rows):
+            tokens[i, :len(row)] = torch.tensor(row, dtype=torch.long)
+        return self.prior.log_prob(tokens, lengths).double()
+
+
+# -------------------------------------------------------------------------------------------------- reward
+
+
+@dataclass
+class ContradictionRewardConfig:
+    likelihood_weight: float = 1.0  # w_L on log P_Q
+    contradiction_threshold: float = -6.0  # penalised phase: log C must be >= this
+    # Penalised phase: log R of a question whose answer does not contradict. Large but finite (not -inf), so that
+    # R stays a distribution; it must sit well below w_L * log P_Q of passing questions (GPT-2 gives ~3-4 nats
+    # a token, so -60 to -100 for a 20-30 token question), or a short failure outranks a long success.
+    failure_penalty: float = -100.0
+    penalized_steps: int = 150  # penalised phase length, in training steps
+    answer_quality_weight: float = 0.0  # w_A on log P_A (0 = off)
+    answer_quality_threshold: float | None = None  # if set: log P_A below it adds answer_failure_penalty
+    answer_failure_penalty: float = -50.0
+    nli_order: str = "fact-answer"  # "fact-answer": premise = edit fact, hypothesis = answer; or "answer-fact"
+
+    def __post_init__(self) -> None:
+        if self.nli_order not in NLI_ORDERS:
+            raise ValueError(f"nli_order must be one of {NLI_ORDERS}, not {self.nli_order!r}")
+        for name in ("failure_penalty", "answer_failure_penalty", "contradiction_threshold", "likelihood_weight",
+                     "answer_quality_weight"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be finite, not {getattr(self, name)}")
+        if self.penalized_steps < 0:
+            raise ValueError(f"penalized_steps must be >= 0, not {self.penalized_steps}")
+
+
+class ContradictionReward:
+    """log R(q) for a batch of questions, each with its own edit fact; see the module docstring."""
+
+    def __init__(self, answerer: Answerer, nli: NLIScorer, config: ContradictionRewardConfig) -> None:
+        self.answerer, self.nli, self.config = answerer, nli, config
+
+    def phase(self, step: int) -> str:
+        return "penalized" if step < self.config.penalized_steps else "composite"
+
+    def __call__(self, questions: list[str], edit_facts: list[str], step: int) -> dict:
+        """Returns (B,) float64 tensors "log_reward", "log_contradiction", "log_question", "log_answer",
+        "answer_penalty" (0 or answer_failure_penalty), bool tensors "passes_threshold" (log C >= threshold)
+        and "valid" (log R finite), lists "answers" (text) and "answer_results" (Answerer.answer's dicts),
+        and "phase": "penalized" or "composite"."""
+        if len(questions) != len(edit_facts):
+            raise ValueError(f"{len(questions)} questions but {len(edit_facts)} edit facts")
+        cfg = self.config
+        answer_results = self.answerer.answer(questions)
+        answers = [r["answer"] for r in answer_results]
+        log_question = self.answerer.log_question(questions)
+        log_answer = torch.tensor([r["log_answer"] for r in answer_results], dtype=torch.float64)
+        if cfg.nli_order == "fact-answer":
+            log_contradiction = self.nli.log_contradiction(list(edit_facts), answers)
+        else:
+            log_contradiction = self.nli.log_contradiction(answers, list(edit_facts))
+
+        answer_penalty = torch.zeros_like(log_answer)
+        if cfg.answer_quality_threshold is not None:
+            answer_penalty[log_answer < cfg.answer_quality_threshold] = cfg.answer_failure_penalty
+        answer_term = cfg.answer_quality_weight * log_answer + answer_penalty
+
+        passes_threshold = log_contradiction >= cfg.contradiction_threshold
+        phase = self.phase(step)
+        if phase == "composite":
+            log_reward = log_contradiction + cfg.likelihood_weight * log_question + answer_term
+        else:
+            failure = torch.full_like(log_question, cfg.failure_penalty)
+            log_reward = torch.where(passes_threshold, cfg.likelihood_weight * log_question, failure) + answer_term
+        return {"log_reward": log_reward, "log_contradiction": log_contradiction, "log_question": log_question,
+                "log_answer": log_answer, "answer_penalty": answer_penalty, "passes_threshold": passes_threshold,
+                "valid": torch.isfinite(log_reward), "answers": answers, "answer_results": answer_results,
+                "phase": phase}

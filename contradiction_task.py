@@ -1,0 +1,145 @@
+"""The contradiction task: a LoRA policy, conditioned on a prompt built from a subject, asks questions whose answers
+by a frozen base LM an NLI model judges to contradict an edit fact (the reward is in contradiction_reward.py).
+
+Each training epoch takes the next example (subject, edit fact) in the dataset, samples a batch of questions
+conditioned on `CONTEXT_TEMPLATE` with that subject, scores them, and trains with a log Z of that example's own
+(a conditional log Z: one learned scalar per example id). The samples file records every question with its
+answer and each reward term.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+
+import torch
+
+from batch_pipeline import ScoredBatch, SyncBatches
+from errors import UserError
+from reward_oracle import OracleResult, RewardBatch
+
+CONTEXT_TEMPLATE = "Here is a question about {subject}:\n"
+DEFAULT_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "contradiction_example.jsonl")
+
+
+def context_ids(tokenizer, subject: str, device: torch.device) -> torch.Tensor:
+    ids = tokenizer(CONTEXT_TEMPLATE.format(subject=subject), add_special_tokens=False)["input_ids"]
+    return torch.tensor([ids], dtype=torch.long, device=device)
+
+
+def load_dataset(path: str) -> list[dict]:
+    from convert_data import load_examples
+
+    examples = load_examples(path)
+    if not examples:
+        raise UserError(f"{path}: no examples")
+    return examples
+
+
+def build_reward(args: argparse.Namespace, prior_model, tokenizer, device: torch.device):
+    """The frozen base model answers (the sampler's own weights with adapters off when --base-model is unset or
+    names the same model) and the NLI model judges."""
+    from contradiction_reward import Answerer, ContradictionReward, ContradictionRewardConfig, NLIScorer
+    from hf_models import load_causal_lm
+
+    if args.base_model in (None, args.prior_model):
+        base_model, base_tokenizer = prior_model, tokenizer
+    else:
+        base_model, base_tokenizer = load_causal_lm(args.base_model, device)
+    answerer = Answerer(base_model, base_tokenizer, answer_max_tokens=args.answer_max_tokens)
+    nli = NLIScorer.load(args.nli_model, device)
+    config = ContradictionRewardConfig(
+        likelihood_weight=args.likelihood_weight, contradiction_threshold=args.contradiction_threshold,
+        failure_penalty=args.failure_penalty, penalized_steps=args.penalized_steps,
+        answer_quality_weight=args.answer_quality_weight, answer_quality_threshold=args.answer_quality_threshold,
+        answer_failure_penalty=args.answer_failure_penalty,
+    )
+    return ContradictionReward(answerer, nli, config)
+
+
+def score_questions(reward, example: dict, questions: list[str], step: int) -> RewardBatch:
+    """Reward terms as a RewardBatch: log_prior holds log P_Q (question fluency), log_likelihood log C
+    (contradiction), the answer is the 'response'; the other terms go to extras."""
+    out = reward(questions, [example["edit_fact"]] * len(questions), step)
+    log_reward = out["log_reward"].double()
+    results = [OracleResult(response=answer, log_likelihood=float(log_c), num_tokens=0)
+               for answer, log_c in zip(out["answers"], out["log_contradiction"])]
+    extras = [{"subject": example["subject"], "edit_fact": example["edit_fact"], "example_id": example["id"],
+               "log_question": float(q), "log_contradiction": float(c), "log_answer": float(a), "phase": out["phase"]}
+              for q, c, a in zip(out["log_question"], out["log_contradiction"], out["log_answer"])]
+    return RewardBatch(questions, out["log_question"].double(), out["log_contradiction"].double(), log_reward,
+                       torch.isfinite(log_reward), results, extras)
+
+
+class ContradictionBatches(SyncBatches):
+    """Batches of questions, one example per epoch in dataset order (so every subject is visited equally)."""
+
+    def __init__(self, policy, tokenizer, examples: list[dict], reward, start_step: int, **kwargs) -> None:
+        super().__init__(policy, None, **kwargs)
+        self.tokenizer, self.examples, self.reward = tokenizer, examples, reward
+        self.step = start_step
+
+    def next(self) -> ScoredBatch | None:
+        if not self.may_spend():
+            return None
+        example = self.examples[self.step % len(self.examples)]
+        self.step += 1
+        context = context_ids(self.tokenizer, example["subject"], self.policy.device)
+        tokens, lengths, log_q = self.sample(context=context)
+        questions = [self.tokenizer.decode(row[:n].tolist()) for row, n in zip(tokens.cpu(), lengths.cpu().tolist())]
+        rewards = score_questions(self.reward, example, questions, self.step)
+        return ScoredBatch(tokens, lengths, log_q, rewards, condition=example["id"], context=context)
+
+
+# ----------------------------------------------------------------------------------------------- evaluation
+
+
+def evaluate(state: dict, policy, tokenizer, reward, samples_per_subject: int, output: str) -> dict:
+    """K questions per example, answered and judged; contradiction rate = share with P(contradiction) > 0.5.
+    Scored in the composite phase (the hybrid schedule only shapes training)."""
+    from checkpoint import atomic_write
+    from evaluation import distinct_n, unique_fraction
+
+    run_args = argparse.Namespace(**state["args"])
+    examples = load_dataset(run_args.data)
+    rows, records = [], []
+    for example in examples:
+        context = context_ids(tokenizer, example["subject"], policy.device)
+        tokens, lengths, _ = policy.sample(samples_per_subject, context=context)
+        questions = [tokenizer.decode(row[:n].tolist()) for row, n in zip(tokens.cpu(), lengths.cpu().tolist())]
+        scored = score_questions(reward, example, questions, step=reward.config.penalized_steps)
+        for i, question in enumerate(questions):
+            records.append({"question": question, "answer": scored.oracle_results[i].response,
+                            "log_reward": float(scored.log_reward[i]), **scored.extras[i]})
+        log_c = scored.log_likelihood
+        rows.append({
+            "example_id": example["id"], "subject": example["subject"],
+            "contradiction_rate": float((log_c > torch.log(torch.tensor(0.5, dtype=log_c.dtype))).double().mean()),
+            "log_question_mean": float(scored.log_prior.mean()),
+            "log_answer_mean": statistics.mean(e["log_answer"] for e in scored.extras),
+            "unique_fraction": unique_fraction(questions),
+            "distinct_2": distinct_n([t[:n].tolist() for t, n in zip(tokens.cpu(), lengths.cpu())], 2),
+            "example_question": questions[0],
+        })
+    overall = {key: statistics.mean(r[key] for r in rows) for key in
+               ("contradiction_rate", "log_question_mean", "log_answer_mean", "unique_fraction", "distinct_2")}
+    lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    atomic_write(output, lambda f: f.write(lines.encode()))
+    summary = {"checkpoint_epoch": state["epoch"], "samples_per_subject": samples_per_subject, "overall": overall,
+               "per_example": rows, "output": output}
+    atomic_write(os.path.splitext(output)[0] + "_summary.json",
+                 lambda f: f.write(json.dumps(summary, indent=2, ensure_ascii=False).encode()))
+    return summary
+
+
+def format_table(summary: dict) -> str:
+    header = f"{'example':<18} {'contradiction':>13} {'log P_Q':>8} {'log P_A':>8} {'unique':>6} {'dist-2':>6}  example question"
+    lines = [header, "-" * len(header)]
+    for r in summary["per_example"]:
+        lines.append(f"{r['example_id'][:18]:<18} {r['contradiction_rate']:>13.2f} {r['log_question_mean']:>8.1f} "
+                     f"{r['log_answer_mean']:>8.1f} {r['unique_fraction']:>6.2f} {r['distinct_2']:>6.2f}  {r['example_question'][:60]!r}")
+    o = summary["overall"]
+    lines.append(f"{'overall':<18} {o['contradiction_rate']:>13.2f} {o['log_question_mean']:>8.1f} {o['log_answer_mean']:>8.1f} "
+                 f"{o['unique_fraction']:>6.2f} {o['distinct_2']:>6.2f}")
+    return "\n".join(lines)
