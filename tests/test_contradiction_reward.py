@@ -1,0 +1,296 @@
+import math
+
+import pytest
+import torch
+
+from contradiction_reward import Answerer, ContradictionReward, ContradictionRewardConfig, NLIScorer
+from errors import UserError
+from hf_models import document_start_id, load_causal_lm
+
+FACTS = ["The play Hamlet was written by Christopher Marlowe.", "Paris is the capital of Italy."]
+QUESTIONS = ["Who wrote Hamlet?", "What is the capital of France?", "To be or not to be?",
+             "Once upon a time there was", "Hello! How can I help you today?", "def add(a, b):"]
+NLI_WORDS = ("the play hamlet was written by christopher marlowe william shakespeare paris is capital of italy "
+             "france who wrote what to be or not once upon a time there was hello how can i help you today "
+             "def add b . , ? ! : ( )").split()
+
+
+def save_tiny_nli(folder: str, id2label: dict[int, str], seed: int = 0) -> str:
+    """A random 1-layer BERT classifier with a word-level BERT-style tokenizer, saved like a hub model."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
+    vocab = {w: i for i, w in enumerate(specials + sorted(set(NLI_WORDS)))}
+    raw = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    raw.normalizer = normalizers.Lowercase()
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    raw.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, cls_token="[CLS]", sep_token="[SEP]",
+                                        pad_token="[PAD]", unk_token="[UNK]")
+    torch.manual_seed(seed)
+    # A large initializer range so that the three probabilities differ clearly between pairs.
+    config = BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, num_labels=3, id2label=id2label, label2id={v: k for k, v in id2label.items()},
+                        max_position_embeddings=128, initializer_range=0.5, pad_token_id=vocab["[PAD]"])
+    BertForSequenceClassification(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def nli_dir(tmp_path_factory) -> str:
+    return save_tiny_nli(str(tmp_path_factory.mktemp("tiny-nli")), {0: "entailment", 1: "neutral", 2: "contradiction"})
+
+
+@pytest.fixture(scope="module")
+def nli(nli_dir) -> NLIScorer:
+    return NLIScorer.load(nli_dir, "cpu")
+
+
+def naive_log_prob(model, ids: list[int]) -> float:
+    """Float64, one sequence at a time: sum of log p(ids[j] | ids[:j]) for j >= 1."""
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids])).logits[0].double()
+    return math.fsum(torch.log_softmax(logits[j - 1], -1)[ids[j]].item() for j in range(1, len(ids)))
+
+
+def naive_log_contradiction(scorer: NLIScorer, premise: str, hypothesis: str, index: int) -> float:
+    with torch.no_grad():
+        logits = scorer.model(**scorer.tokenizer(premise, hypothesis, return_tensors="pt")).logits[0].double()
+    return math.log(torch.softmax(logits, -1)[index].item())
+
+
+# ----------------------------------------------------------------------------------------------------- NLI
+
+
+def test_log_contradiction_matches_naive_per_pair_scores(nli):
+    assert nli.contradiction_index == 2
+    premises = [FACTS[i % 2] for i in range(len(QUESTIONS))]
+    hypotheses = QUESTIONS[::-1]  # different lengths: padding inside a batch
+    nli.batch_size = 4  # several micro-batches
+    got = nli.log_contradiction(premises, hypotheses)
+    assert got.dtype == torch.float64 and got.shape == (len(premises),)
+    expected = torch.tensor([naive_log_contradiction(nli, p, h, 2) for p, h in zip(premises, hypotheses)], dtype=torch.float64)
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert got.std() > 0.01  # the pairs really score differently, so the comparison means something
+    # Premise and hypothesis are not interchangeable to the model.
+    swapped = nli.log_contradiction(hypotheses, premises)
+    assert not torch.allclose(swapped, got, atol=1e-3)
+
+
+def test_contradiction_label_is_read_from_id2label(tmp_path):
+    folder = save_tiny_nli(str(tmp_path), {0: "CONTRADICTION", 1: "neutral", 2: "entailment"}, seed=1)
+    scorer = NLIScorer.load(folder, "cpu")
+    assert scorer.contradiction_index == 0
+    got = scorer.log_contradiction([FACTS[0], FACTS[1]], ["Who wrote Hamlet?", "Paris is the capital of France."])
+    expected = [naive_log_contradiction(scorer, FACTS[0], "Who wrote Hamlet?", 0),
+                naive_log_contradiction(scorer, FACTS[1], "Paris is the capital of France.", 0)]
+    assert got.tolist() == pytest.approx(expected, abs=1e-5)
+    wrong_label = [naive_log_contradiction(scorer, FACTS[0], "Who wrote Hamlet?", 2)]
+    assert got[0].item() != pytest.approx(wrong_label[0], abs=1e-3)
+
+
+def test_model_without_contradiction_label_is_a_clear_error(nli):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                        num_labels=2, id2label={0: "LABEL_0", 1: "LABEL_1"})
+    with pytest.raises(ValueError, match="LABEL_0.*LABEL_1"):
+        NLIScorer(BertForSequenceClassification(config), nli.tokenizer)
+
+
+def test_load_failures_are_one_line_user_errors(tmp_path, tiny_lm_dir):
+    with pytest.raises(UserError) as missing:
+        NLIScorer.load(str(tmp_path / "no-such-model"), "cpu")
+    assert str(missing.value).startswith("cannot load NLI model") and "\n" not in str(missing.value)
+    # A causal LM folder loads as a classifier with a fresh 2-label head: refused, naming the labels.
+    with pytest.raises(UserError) as not_nli:
+        NLIScorer.load(tiny_lm_dir, "cpu")
+    assert "LABEL_0" in str(not_nli.value) and "\n" not in str(not_nli.value)
+
+
+# ------------------------------------------------------------------------------------------------ answerer
+
+
+def test_answers_are_deterministic_batch_independent_and_scored_by_teacher_forcing(tiny_lm_dir):
+    model, tokenizer = load_causal_lm(tiny_lm_dir)
+    answerer = Answerer(model, tokenizer, answer_max_tokens=6, batch_size=4, plain_stop=None)
+    assert answerer.prompt_ids("Hi") == [document_start_id(tokenizer)] + tokenizer("Q: Hi\nA:", add_special_tokens=False)["input_ids"]
+    first = answerer.answer(QUESTIONS)
+    assert answerer.answer(QUESTIONS) == first
+    # One question at a time (no padding) gives the same answers as left-padded batches.
+    answerer.batch_size = 1
+    assert [r["token_ids"] for r in answerer.answer(QUESTIONS)] == [r["token_ids"] for r in first]
+    for question, result in zip(QUESTIONS, first):
+        prompt, ids = answerer.prompt_ids(question), result["token_ids"]
+        assert result["answer_tokens"] == len(ids)
+        assert result["truncated"] == (ids[-1] not in answerer.eos_ids) and (not result["truncated"] or len(ids) == 6)
+        assert result["answer"] == tokenizer.decode(ids, skip_special_tokens=True).strip()
+        expected = naive_log_prob(model, prompt + ids) - naive_log_prob(model, prompt)
+        assert result["log_answer"] == pytest.approx(expected, abs=1e-3)
+
+
+def test_greedy_ignores_the_model_generation_config(tiny_lm_dir):
+    """A shipped generation config with a repetition penalty must not move the answer off the raw argmax."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir).eval()  # a private copy: its config is changed
+    tokenizer = AutoTokenizer.from_pretrained(tiny_lm_dir)
+    tokenizer.pad_token = tokenizer.eos_token
+    model.generation_config.repetition_penalty = 50.0
+    model.generation_config.no_repeat_ngram_size = 1
+    model.generation_config.top_k = 1
+    answerer = Answerer(model, tokenizer, answer_max_tokens=8, plain_stop=None)
+    for question, result in zip(QUESTIONS[:3], answerer.answer(QUESTIONS[:3])):
+        ids = answerer.prompt_ids(question) + result["token_ids"]
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids])).logits[0]
+        start = len(ids) - len(result["token_ids"])
+        assert result["token_ids"] == logits[start - 1:len(ids) - 1].argmax(-1).tolist()
+    # The tiny random model repeats itself greedily: what a repetition penalty would have prevented.
+    assert any(len(set(r["token_ids"])) < len(r["token_ids"]) for r in answerer.answer(QUESTIONS[:3]))
+
+
+def test_answers_end_at_an_end_token_or_the_plain_stop_string(tiny_lm_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_lm_dir)
+    tokenizer.pad_token = tokenizer.eos_token
+    free = Answerer(model, tokenizer, answer_max_tokens=8, plain_stop=None).answer(QUESTIONS)
+    ids = free[0]["token_ids"]
+    assert free[0]["truncated"] and len(ids) == 8
+
+    # A stop string completed by the third answer token of question 0 (and perhaps earlier by others).
+    stop = tokenizer.decode(ids[2:3])
+    stopped = Answerer(model, tokenizer, answer_max_tokens=8, plain_stop=stop, batch_size=3)
+    for question, unstopped, result in zip(QUESTIONS, free, stopped.answer(QUESTIONS)):
+        texts = [tokenizer.decode(unstopped["token_ids"][:j + 1]) for j in range(8)]
+        end = next((j for j, t in enumerate(texts) if stop in t), None)
+        num = 8 if end is None else end + 1
+        assert result["token_ids"] == unstopped["token_ids"][:num] and result["truncated"] == (end is None)
+        assert result["answer"] == texts[num - 1].split(stop)[0].strip()
+        prompt = stopped.prompt_ids(question)
+        expected = naive_log_prob(model, prompt + result["token_ids"]) - naive_log_prob(model, prompt)
+        assert result["log_answer"] == pytest.approx(expected, abs=1e-3)
+    assert stopped.answer(QUESTIONS[:1])[0]["answer_tokens"] <= 3
+
+    # An end token (here: the model's third greedy token made an EOS) ends the answer and is part of it;
+    # rows that end early are padded with the pad (= EOS) id, which must not be counted.
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, ids[2]]
+    ended = Answerer(model, tokenizer, answer_max_tokens=8, plain_stop=None, batch_size=6)
+    for question, unstopped, result in zip(QUESTIONS, free, ended.answer(QUESTIONS)):
+        end = next((j for j, t in enumerate(unstopped["token_ids"]) if t in ended.eos_ids), None)
+        num = 8 if end is None else end + 1
+        assert result["token_ids"] == unstopped["token_ids"][:num] and result["truncated"] == (end is None)
+        prompt = ended.prompt_ids(question)
+        expected = naive_log_prob(model, prompt + result["token_ids"]) - naive_log_prob(model, prompt)
+        assert result["log_answer"] == pytest.approx(expected, abs=1e-3)
+    assert ended.answer(QUESTIONS[:1])[0] == {**ended.answer(QUESTIONS[:1])[0], "answer_tokens": 3, "truncated": False}
+
+
+def test_chat_model_gets_the_question_as_a_user_turn(tiny_chat_lm_dir):
+    model, tokenizer = load_causal_lm(tiny_chat_lm_dir)
+    answerer = Answerer(model, tokenizer, answer_max_tokens=5, batch_size=4)
+    prompt = answerer.prompt_ids("Who wrote Hamlet?")
+    assert prompt == tokenizer("<|im_start|>user\nWho wrote Hamlet?<|im_end|>\n<|im_start|>assistant\n",
+                               add_special_tokens=False)["input_ids"]
+    assert answerer.stop is None  # chat answers end at the end of the turn only
+    results = answerer.answer(QUESTIONS)
+    for question, result in zip(QUESTIONS, results):
+        prompt = answerer.prompt_ids(question)
+        expected = naive_log_prob(model, prompt + result["token_ids"]) - naive_log_prob(model, prompt)
+        assert result["log_answer"] == pytest.approx(expected, abs=1e-3)
+        assert result["truncated"] == (result["token_ids"][-1] != tokenizer.convert_tokens_to_ids("<|im_end|>"))
+
+
+def test_log_question_matches_a_naive_float64_score_after_the_document_start(tiny_lm_dir):
+    model, tokenizer = load_causal_lm(tiny_lm_dir)
+    answerer = Answerer(model, tokenizer, batch_size=4)
+    questions = QUESTIONS + [""]
+    got = answerer.log_question(questions)
+    assert got.dtype == torch.float64 and got.shape == (len(questions),)
+    start = document_start_id(tokenizer)
+    expected = [naive_log_prob(model, [start] + tokenizer(q, add_special_tokens=False)["input_ids"]) for q in questions]
+    assert got.tolist() == pytest.approx(expected, abs=1e-4)
+    assert got[-1].item() == 0.0 and (got[:-1] < 0).all()
+
+
+# -------------------------------------------------------------------------------------------------- reward
+
+
+@pytest.fixture(scope="module")
+def answerer(tiny_lm_dir) -> Answerer:
+    model, tokenizer = load_causal_lm(tiny_lm_dir)
+    return Answerer(model, tokenizer, answer_max_tokens=6, batch_size=4)
+
+
+def facts_for(questions: list[str]) -> list[str]:
+    return [FACTS[i % 2] for i in range(len(questions))]
+
+
+def test_penalized_phase_is_fluency_where_contradicting_and_the_penalty_elsewhere(answerer, nli):
+    facts = facts_for(QUESTIONS)
+    probe = ContradictionReward(answerer, nli, ContradictionRewardConfig())(QUESTIONS, facts, step=0)
+    threshold = probe["log_contradiction"].median().item()
+    config = ContradictionRewardConfig(likelihood_weight=0.7, contradiction_threshold=threshold, failure_penalty=-123.0,
+                                       penalized_steps=10)
+    out = ContradictionReward(answerer, nli, config)(QUESTIONS, facts, step=3)
+    assert out["phase"] == "penalized"
+    passes = out["log_contradiction"] >= threshold
+    assert passes.any() and (~passes).any()
+    assert torch.equal(out["passes_threshold"], passes)
+    assert torch.equal(out["log_reward"][passes], 0.7 * out["log_question"][passes])
+    assert (out["log_reward"][~passes] == -123.0).all()
+    # The terms are the scorers' own.
+    assert torch.equal(out["log_contradiction"], nli.log_contradiction(facts, out["answers"]))
+    assert torch.equal(out["log_question"], answerer.log_question(QUESTIONS))
+    assert out["answers"] == [r["answer"] for r in answerer.answer(QUESTIONS)]
+    for key in ("log_reward", "log_contradiction", "log_question", "log_answer"):
+        assert out[key].dtype == torch.float64 and out[key].shape == (len(QUESTIONS),) and torch.isfinite(out[key]).all()
+    assert out["valid"].all()
+
+
+def test_composite_phase_sums_the_terms_with_the_answer_penalty(answerer, nli):
+    facts = facts_for(QUESTIONS)
+    log_answer = torch.tensor([r["log_answer"] for r in answerer.answer(QUESTIONS)], dtype=torch.float64)
+    answer_threshold = log_answer.median().item()
+    config = ContradictionRewardConfig(likelihood_weight=0.5, answer_quality_weight=0.3, penalized_steps=10,
+                                       answer_quality_threshold=answer_threshold, answer_failure_penalty=-50.0)
+    out = ContradictionReward(answerer, nli, config)(QUESTIONS, facts, step=10)
+    assert out["phase"] == "composite"
+    below = out["log_answer"] < answer_threshold
+    assert below.any() and (~below).any()
+    expected = out["log_contradiction"] + 0.5 * out["log_question"] + 0.3 * out["log_answer"] - 50.0 * below
+    assert torch.allclose(out["log_reward"], expected, rtol=0, atol=1e-12)
+    assert torch.equal(out["answer_penalty"], -50.0 * below.double())
+    assert torch.isfinite(out["log_reward"]).all()
+
+
+def test_phase_switches_exactly_at_penalized_steps_and_answer_terms_apply_in_both(answerer, nli):
+    facts = facts_for(QUESTIONS)
+    config = ContradictionRewardConfig(contradiction_threshold=-1e9, penalized_steps=5, answer_quality_weight=0.25)
+    reward = ContradictionReward(answerer, nli, config)
+    phases = {step: reward(QUESTIONS, facts, step) for step in (0, 4, 5, 6)}
+    assert [phases[s]["phase"] for s in (0, 4, 5, 6)] == ["penalized", "penalized", "composite", "composite"]
+    before, after = phases[4], phases[5]
+    # Everything passes the threshold, so the only difference between the phases is the log C term.
+    assert torch.allclose(before["log_reward"], before["log_question"] + 0.25 * before["log_answer"], rtol=0, atol=1e-12)
+    assert torch.allclose(after["log_reward"] - before["log_reward"], after["log_contradiction"], rtol=0, atol=1e-12)
+    assert torch.equal(phases[0]["log_reward"], before["log_reward"])  # and deterministic
+
+
+def test_order_option_swaps_the_nli_pair_and_bad_configs_are_refused(answerer, nli):
+    facts = facts_for(QUESTIONS)
+    out = ContradictionReward(answerer, nli, ContradictionRewardConfig(nli_order="answer-fact"))(QUESTIONS, facts, 0)
+    assert torch.equal(out["log_contradiction"], nli.log_contradiction(out["answers"], facts))
+    assert not torch.allclose(out["log_contradiction"], nli.log_contradiction(facts, out["answers"]), atol=1e-3)
+    with pytest.raises(ValueError, match="nli_order"):
+        ContradictionRewardConfig(nli_order="premise-first")
+    with pytest.raises(ValueError, match="failure_penalty"):
+        ContradictionRewardConfig(failure_penalty=float("-inf"))
+    with pytest.raises(ValueError, match="edit facts"):
+        ContradictionReward(answerer, nli, ContradictionRewardConfig())(QUESTIONS, facts[:2], 0)
