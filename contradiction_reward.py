@@ -155,11 +155,11 @@ class Answerer:
         input_ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in prompts], device=self.device)
         attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
         # generate() fills every field left at None from the model's own generation config, so the processors
-        # that would move greedy decoding off the raw argmax are switched off explicitly (top_k / top_p /
-        # temperature only act when sampling, which do_sample=False rules out).
+        # that would move greedy decoding off the raw argmax are switched off explicitly (min_new_tokens=0 also
+        # overrides a shipped min_length; top_k / top_p / temperature only act when sampling).
         config = GenerationConfig(
-            do_sample=False, num_beams=1, repetition_penalty=1.0, no_repeat_ngram_size=0, min_length=0,
-            min_new_tokens=0, max_new_tokens=self.answer_max_tokens, pad_token_id=self.pad_id,
+            do_sample=False, num_beams=1, repetition_penalty=1.0, no_repeat_ngram_size=0, min_new_tokens=0,
+            max_new_tokens=self.answer_max_tokens, pad_token_id=self.pad_id,
             eos_token_id=sorted(self.eos_ids), output_logits=True, return_dict_in_generate=True,
         )
         with without_adapters(self.model):

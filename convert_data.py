@@ -109,7 +109,7 @@ def read_json_records(path: str, text: str) -> list[tuple[str, object]]:
 
 
 def read_csv_records(path: str, text: str) -> list[tuple[str, object]]:
-    rows = csv.reader(io.StringIO(text, newline=""))
+    rows = csv.reader(io.StringIO(text, newline=""), strict=True)  # strict: an unclosed quote is an error
     try:
         header = next(rows, None)
     except csv.Error as exc:
@@ -380,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"wrote {len(examples)} examples to {args.output}")
+    print(f"wrote {len(examples)} example{'' if len(examples) == 1 else 's'} to {args.output}")
     return 0
 
 

@@ -85,16 +85,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     roles = [("sampler", args.sampler, CAUSAL_LM), ("base-model", args.base_model or args.sampler, CAUSAL_LM),
              ("nli-model", args.nli_model, NLI), ("prior-model", args.prior_model, CAUSAL_LM)]
-    done: dict[tuple[str, str], str] = {}  # (spec, kind) -> where it is
+    done: dict[tuple[str, str], str] = {}  # (hub id, kind) -> its snapshot folder: fetch each once
     try:
         for role, spec, kind in roles:
             if not spec.strip():
                 raise UserError(f"--{role} is empty")
-            if (spec, kind) in done:
-                print(f"{role}: {spec} -> {done[spec, kind]} (already fetched above)", flush=True)
-            elif looks_like_path(spec):
-                done[spec, kind] = check_local_model(spec)
-                print(f"{role}: {spec} is already local ({done[spec, kind]}), nothing to download", flush=True)
+            if looks_like_path(spec):
+                print(f"{role}: {spec} is already local ({check_local_model(spec)}), nothing to download", flush=True)
+            elif (spec, kind) in done:
+                print(f"{role}: {spec} -> {done[spec, kind]} (same as above)", flush=True)
             else:
                 done[spec, kind] = download_model(spec, kind, args.cache_dir)
                 print(f"{role}: {spec} -> {done[spec, kind]}", flush=True)

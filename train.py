@@ -9,6 +9,7 @@ under the current, untempered policy.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -17,6 +18,7 @@ from dataclasses import asdict
 
 import torch
 
+import distributed
 from checkpoint import (checkpoint_path, latest_checkpoint, load_checkpoint, restore_rng_state, rng_state,
                         save_checkpoint)
 from errors import UserError
@@ -24,7 +26,7 @@ from evaluation import batch_metrics, sample_metrics
 from gflownet_policy import AutoregressivePolicy, LogZ, PolicyConfig, TransformerPolicy, make_lora_policy
 from hf_models import document_end_id, document_start_id, load_causal_lm, resolve_device
 from batch_pipeline import BatchAPIBatches, PrefetchBatches, SyncBatches
-from reward_oracle import TASKS, HFResponseOracle, PriorScorer, RewardModel
+from reward_oracle import TASKS, HFResponseOracle, PriorScorer, RewardBatch, RewardModel
 from trajectory_balance import LOSSES, gflownet_loss, vargrad_log_z
 
 
@@ -131,6 +133,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--replay-near-duplicate", type=float, default=0.8,
                    help="token-bigram Jaccard similarity at which two samples count as near duplicates (>1 = off)")
     g.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the policy's gradient norm (0 = off)")
+    g.add_argument("--reward-rank0", action="store_true",
+                   help="under torchrun: only rank 0 builds the reward (oracle, base and NLI models), samples the "
+                        "whole batch, scores it and broadcasts it; each rank trains on its shard (default: every "
+                        "rank samples and scores its own batch, right for API oracles)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
 
@@ -280,6 +286,16 @@ def make_optimizer(policy: torch.nn.Module, log_z: LogZ, args: argparse.Namespac
 # ------------------------------------------------------------------------------------------------ output
 
 
+class NullAppender:
+    """What ranks other than 0 write to under torchrun: nothing."""
+
+    def write(self, records: list[dict]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 class JsonlAppender:
     """Append-only JSONL, flushed and fsynced after every batch: a crash loses at most the batch being written,
     never what was already paid for. Lines are whole JSON objects, so a reader can skip a torn last line."""
@@ -374,6 +390,39 @@ def replay_batch(buffer, args: argparse.Namespace, num_fresh: int, device: torch
     return tokens, lengths, log_prior, log_likelihood
 
 
+def batch_to_cpu(batch):
+    if batch is None:
+        return None
+    return dataclasses.replace(batch, tokens=batch.tokens.cpu(), lengths=batch.lengths.cpu(), log_q=batch.log_q.cpu(),
+                               context=None if batch.context is None else batch.context.cpu())
+
+
+def shard(batch, rank: int, world_size: int, device: torch.device):
+    """Rank `rank`'s contiguous share of a batch scored by rank 0 (asymmetric mode)."""
+    size = len(batch.rewards.texts) // world_size
+    part = slice(rank * size, (rank + 1) * size)
+    r = batch.rewards
+    rewards = RewardBatch(r.texts[part], r.log_prior[part], r.log_likelihood[part], r.log_reward[part], r.valid[part],
+                          r.oracle_results[part], r.extras[part] if r.extras else None)
+    return dataclasses.replace(batch, tokens=batch.tokens[part].to(device), lengths=batch.lengths[part].to(device),
+                               log_q=batch.log_q[part].to(device), rewards=rewards,
+                               context=None if batch.context is None else batch.context.to(device))
+
+
+def initialize_log_z(log_z: LogZ, condition: str, log_reward, log_pf, dist_info) -> None:
+    """First batch of a condition: log Z = mean(log R - log P_F) over the whole batch, i.e. over every rank's
+    shard under torchrun (the same value a single process would get from the same batch)."""
+    if log_z.is_initialized(condition):
+        return
+    total = torch.zeros(2, dtype=torch.float64, device=log_z.values.device)
+    if log_reward is not None:
+        total[0], total[1] = (log_reward - log_pf).double().sum(), len(log_reward)
+    if dist_info.enabled:
+        torch.distributed.all_reduce(total)
+    if total[1] > 0:
+        log_z.initialize_from(total[0:1] / total[1], torch.zeros(1, device=total.device), condition)
+
+
 def reward_temperature(args: argparse.Namespace, epoch: int) -> float:
     """Linear anneal from --reward-temp-start to --reward-temp-end over --reward-temp-horizon epochs."""
     if args.reward_temp_horizon <= 0:
@@ -413,8 +462,14 @@ def train(args: argparse.Namespace, on_start=None) -> dict:
     if args.resume:
         path = latest_checkpoint(args.output_dir, args.task) if args.resume == "latest" else args.resume
         resume_state = load_checkpoint(path)
+    dist_info = distributed.setup()
+    if dist_info.enabled and args.batch_api:
+        raise UserError("--batch-api is not supported under torchrun: run it in one process")
     device = resolve_device(args.device)
-    torch.manual_seed(args.seed)
+    if dist_info.enabled and device.type == "cuda":
+        device = torch.device("cuda", dist_info.local_rank)
+    builds_reward = dist_info.is_main or not args.reward_rank0  # asymmetric mode: only rank 0 scores
+    torch.manual_seed(args.seed)  # the same on every rank: identical initial parameters
 
     prior_model, tokenizer = load_prior(args, device)
     if resume_state is not None:
@@ -431,11 +486,12 @@ def train(args: argparse.Namespace, on_start=None) -> dict:
         examples = load_dataset(args.data)
         log_z = LogZ([example["id"] for example in examples]).to(device)  # one log Z per example
         reward_model = RewardModel(tokenizer, PriorScorer(prior_model, tokenizer), None)  # unused by this task
-        contradiction_reward = build_contradiction_reward(args, prior_model, tokenizer, device)
+        contradiction_reward = build_contradiction_reward(args, prior_model, tokenizer, device) if builds_reward else None
     else:
         log_z = LogZ().to(device)
-        reward_model = build_reward_model(args, prior_model, tokenizer, device)
+        reward_model = build_reward_model(args, prior_model, tokenizer, device, with_oracle=builds_reward)
     optimizer = make_optimizer(policy, log_z, args)
+    trainable = [p for group in optimizer.param_groups for p in group["params"]]
     if args.loss == "modified-subtb" and not reward_model.can_score_prefixes():
         raise UserError("--loss modified-subtb scores every prefix of x: use --llm-weight 0, or --oracle hf with --target-response")
     api = reward_model.oracle if hasattr(reward_model.oracle, "stats") else None  # the remote oracle, if any
@@ -447,18 +503,22 @@ def train(args: argparse.Namespace, on_start=None) -> dict:
         optimizer.load_state_dict(resume_state["optimizer"])
         for group, lr in zip(optimizer.param_groups, (args.lr, args.lr_z)):
             group["lr"] = lr  # flags given now win over the checkpoint's
-        restore_rng_state(resume_state["rng"])
+        per_rank = resume_state.get("rng_per_rank") or [resume_state["rng"]]
+        restore_rng_state(per_rank[dist_info.rank] if len(per_rank) == dist_info.world_size else resume_state["rng"])
         start_epoch = resume_state["epoch"]
         if api is not None and resume_state.get("api_totals"):
             api.cost.restore(resume_state["api_totals"])  # the budget spans restarts
         print(f"resumed from epoch {start_epoch}", file=sys.stderr)
+    if dist_info.enabled and not args.reward_rank0 and (resume_state is None or "rng_per_rank" not in resume_state):
+        torch.manual_seed(args.seed + 7919 * dist_info.rank)  # symmetric mode: each rank explores its own x
 
+    # Only rank 0 writes files, logs to W&B and shows progress; the other ranks write nothing.
     os.makedirs(args.output_dir, exist_ok=True)
-    samples_file = JsonlAppender(os.path.join(args.output_dir, f"samples_{args.task}.jsonl"))
-    metrics_file = JsonlAppender(os.path.join(args.output_dir, f"metrics_{args.task}.jsonl"))
-    run = init_wandb(args)
+    samples_file = JsonlAppender(os.path.join(args.output_dir, f"samples_{args.task}.jsonl")) if dist_info.is_main else NullAppender()
+    metrics_file = JsonlAppender(os.path.join(args.output_dir, f"metrics_{args.task}.jsonl")) if dist_info.is_main else NullAppender()
+    run = init_wandb(args) if dist_info.is_main else None
     progress = None
-    if not args.no_progress:
+    if not args.no_progress and dist_info.is_main:
         from tqdm import tqdm
 
         progress = tqdm(total=args.epochs, initial=start_epoch, desc=f"gfn {args.task}", dynamic_ncols=True)
@@ -471,8 +531,13 @@ def train(args: argparse.Namespace, on_start=None) -> dict:
     source = None
 
     def save(epoch: int) -> str:
+        """Collective under torchrun (every rank's RNG state is gathered); rank 0 writes."""
         path = checkpoint_path(args.output_dir, args.task, epoch)
+        rng_per_rank = distributed.gather_to_main(rng_state(), dist_info)
+        if not dist_info.is_main:
+            return path
         save_checkpoint(path, {
+            "rng_per_rank": rng_per_rank, "world_size": dist_info.world_size,
             "epoch": epoch, "args": vars(args), "policy": policy.trainable_state(),
             "lora_settings": getattr(policy, "lora_settings", None),
             "policy_config": asdict(policy.config), "log_z": log_z.state_dict(), "log_z_conditions": log_z.conditions,
@@ -494,14 +559,18 @@ def train(args: argparse.Namespace, on_start=None) -> dict:
         spend["batches"] += 1
         return dollars + per_batch <= args.max_cost
 
-    if args.task == "contradiction":
+    # Asymmetric mode: rank 0 samples and scores world_size batches at once; the other ranks have no source.
+    source_args = argparse.Namespace(**{**vars(args), "batch_size": args.batch_size * (dist_info.world_size if args.reward_rank0 else 1)})
+    if not builds_reward:
+        source = None
+    elif args.task == "contradiction":
         from contradiction_task import ContradictionBatches
 
-        source = ContradictionBatches(policy, tokenizer, examples, contradiction_reward, start_epoch, batch_size=args.batch_size,
+        source = ContradictionBatches(policy, tokenizer, examples, contradiction_reward, start_epoch, batch_size=source_args.batch_size,
                                       temperature=args.temperature, epsilon=args.epsilon, may_spend=may_spend,
                                       tempered_fraction=args.tempered_fraction, temperature_range=tuple(args.temperature_range))
     else:
-        source = make_batch_source(args, policy, reward_model, may_spend, lambda: save(completed_epoch), resume_state)
+        source = make_batch_source(source_args, policy, reward_model, may_spend, lambda: save(completed_epoch), resume_state)
     replay = build_replay_buffer(args)
     if on_start is not None:
         on_start(policy, reward_model)
@@ -513,13 +582,27 @@ def train(args: argparse.Namespace, on_start=None) -> dict:
             started = time.time()
             # 1-2. a batch sampled from the exploration policy (tempered / epsilon-mixed; no gradients flow
             # through sampling) and scored; every scored sample is written before anything can fail
-            batch = source.next()
+            batch = source.next() if source is not None else None
+            if dist_info.enabled and args.reward_rank0:
+                batch = distributed.broadcast(batch_to_cpu(batch) if dist_info.is_main else None, dist_info)
+                if batch is not None:
+                    samples_file.write(sample_records(epoch, batch.tokens, batch.lengths, batch.rewards))
+                    batch = shard(batch, dist_info.rank, dist_info.world_size, device)
+            elif dist_info.enabled:
+                records = sample_records(epoch, batch.tokens, batch.lengths, batch.rewards) if batch is not None else None
+                gathered = distributed.gather_to_main(records, dist_info)
+                for rank_records in gathered or []:
+                    samples_file.write(rank_records or [])
+                if distributed.any_rank(batch is None, dist_info):
+                    batch = None
+            elif batch is not None:
+                samples_file.write(sample_records(epoch, batch.tokens, batch.lengths, batch.rewards))
             if batch is None:
-                stop_reason = f"budget: ${api.cost.snapshot()['dollars']:.4f} spent of --max-cost ${args.max_cost}"
+                stop_reason = (f"budget: ${api.cost.snapshot()['dollars']:.4f} spent of --max-cost ${args.max_cost}"
+                               if api is not None else "budget reached on rank 0")
                 break
             tokens, lengths, log_q, rewards = batch.tokens, batch.lengths, batch.log_q, batch.rewards
             oracle_calls += len(rewards.texts) if reward_model.uses_oracle else 0
-            samples_file.write(sample_records(epoch, tokens, lengths, rewards))
             valid = rewards.valid.to(device)
             num_invalid = int((~valid).sum())
             if num_invalid:
@@ -529,6 +612,12 @@ def train(args: argparse.Namespace, on_start=None) -> dict:
                 reasons = sorted({reason for _, reason in bad})
                 log_line(f"epoch {epoch}: {num_invalid} sample(s) skipped: {'; '.join(reasons)}; first: {bad[0][0][:80]!r}")
             if not bool(valid.any()):
+                if dist_info.enabled:  # still join this step's collectives, contributing nothing
+                    initialize_log_z(log_z, batch.condition, None, None, dist_info)
+                    distributed.any_rank(False, dist_info)
+                    optimizer.zero_grad(set_to_none=True)
+                    distributed.average_gradients(trainable, dist_info)
+                    optimizer.step()
                 metrics = {"epoch": epoch, "train/num_invalid": num_invalid}
                 metrics_file.write([metrics])
                 completed_epoch = epoch
@@ -555,11 +644,10 @@ def train(args: argparse.Namespace, on_start=None) -> dict:
             prefix_log_reward = None
             if args.loss == "modified-subtb":
                 prefix_log_reward = (reward_model.prefix_log_rewards(tokens, lengths, policy.config.min_len) / temperature).to(device).float()
-            if not log_z.is_initialized(batch.condition):
-                log_z.initialize_from(log_reward, log_pf.detach(), batch.condition)
+            initialize_log_z(log_z, batch.condition, log_reward, log_pf.detach(), dist_info)
             loss = gflownet_loss(args.loss, outputs, log_z(batch.condition), log_reward, lengths, subtb_lambda=args.subtb_lambda,
                                  prefix_log_reward=prefix_log_reward, min_len=policy.config.min_len)
-            if not torch.isfinite(loss):
+            if distributed.any_rank(not bool(torch.isfinite(loss)), dist_info):
                 # Never let a NaN/inf reach the weights: report the offending sample and skip the step.
                 texts = [t for t, ok in zip(rewards.texts, rewards.valid.tolist()) if ok]
                 bad = int((~torch.isfinite(log_pf)).nonzero().flatten()[:1].sum())
@@ -569,6 +657,7 @@ def train(args: argparse.Namespace, on_start=None) -> dict:
                 continue
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            distributed.average_gradients(trainable, dist_info)  # every rank then takes the same step
             if args.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
             optimizer.step()
@@ -621,7 +710,7 @@ def train(args: argparse.Namespace, on_start=None) -> dict:
     finally:
         # Batches scored ahead (prefetch, the rest of a Batch API pool) were paid for: keep their samples.
         try:
-            for leftover in source.drain():
+            for leftover in (source.drain() if source is not None else []):
                 samples_file.write(sample_records(completed_epoch + 1, leftover.tokens, leftover.lengths,
                                                   leftover.rewards, trained=False))
         finally:
@@ -634,6 +723,7 @@ def train(args: argparse.Namespace, on_start=None) -> dict:
             close = getattr(reward_model.oracle, "close", None)
             if close:
                 close()
+            distributed.teardown(dist_info)
     return {"metrics": metrics, "checkpoint": last_saved, "epochs": args.epochs, "policy": policy, "log_z": log_z,
             "reward_model": reward_model, "output_dir": args.output_dir, "stop_reason": stop_reason,
             "api_stats": api.stats() if api is not None else None}

@@ -10,21 +10,21 @@ from hf_models import document_start_id, load_causal_lm
 FACTS = ["The play Hamlet was written by Christopher Marlowe.", "Paris is the capital of Italy."]
 QUESTIONS = ["Who wrote Hamlet?", "What is the capital of France?", "To be or not to be?",
              "Once upon a time there was", "Hello! How can I help you today?", "def add(a, b):"]
-NLI_WORDS = ("the play hamlet was written by christopher marlowe william shakespeare paris is capital of italy "
-             "france who wrote what to be or not once upon a time there was hello how can i help you today "
-             "def add b . , ? ! : ( )").split()
+# Character-level: the tiny random LM answers in odd bytes, which a word vocabulary would all map to [UNK].
+NLI_CHARS = [chr(i) for i in range(128) if not chr(i).isspace() and not chr(i).isupper()] + ["\ufffd"]
 
 
 def save_tiny_nli(folder: str, id2label: dict[int, str], seed: int = 0) -> str:
-    """A random 1-layer BERT classifier with a word-level BERT-style tokenizer, saved like a hub model."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    """A random 1-layer BERT classifier with a character-level BERT-style tokenizer, saved like a hub model."""
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
 
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
-    vocab = {w: i for i, w in enumerate(specials + sorted(set(NLI_WORDS)))}
+    vocab = {c: i for i, c in enumerate(specials + NLI_CHARS)}
     raw = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
     raw.normalizer = normalizers.Lowercase()
-    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    raw.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
+                                                 pre_tokenizers.Split(Regex("."), behavior="isolated")])
     raw.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
         special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
@@ -38,6 +38,15 @@ def save_tiny_nli(folder: str, id2label: dict[int, str], seed: int = 0) -> str:
     BertForSequenceClassification(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These models are tiny: on a busy machine, synchronising torch's threads costs more than the work."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -178,9 +187,10 @@ def test_answers_end_at_an_end_token_or_the_plain_stop_string(tiny_lm_dir):
         assert result["log_answer"] == pytest.approx(expected, abs=1e-3)
     assert stopped.answer(QUESTIONS[:1])[0]["answer_tokens"] <= 3
 
-    # An end token (here: the model's third greedy token made an EOS) ends the answer and is part of it;
-    # rows that end early are padded with the pad (= EOS) id, which must not be counted.
-    model.generation_config.eos_token_id = [tokenizer.eos_token_id, ids[2]]
+    # An end token (here: the first greedy token of question 0 that differs from its first, made an EOS) ends
+    # the answer and is part of it; rows that end early are padded with the pad (= EOS) id, not counted.
+    first_new = next(j for j, t in enumerate(ids) if t != ids[0])
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, ids[first_new]]
     ended = Answerer(model, tokenizer, answer_max_tokens=8, plain_stop=None, batch_size=6)
     for question, unstopped, result in zip(QUESTIONS, free, ended.answer(QUESTIONS)):
         end = next((j for j, t in enumerate(unstopped["token_ids"]) if t in ended.eos_ids), None)
@@ -189,7 +199,8 @@ def test_answers_end_at_an_end_token_or_the_plain_stop_string(tiny_lm_dir):
         prompt = ended.prompt_ids(question)
         expected = naive_log_prob(model, prompt + result["token_ids"]) - naive_log_prob(model, prompt)
         assert result["log_answer"] == pytest.approx(expected, abs=1e-3)
-    assert ended.answer(QUESTIONS[:1])[0] == {**ended.answer(QUESTIONS[:1])[0], "answer_tokens": 3, "truncated": False}
+    assert ended.answer(QUESTIONS[:1])[0]["answer_tokens"] == first_new + 1
+    assert any(r["truncated"] for r in ended.answer(QUESTIONS))  # rows that end and rows that run on, in one batch
 
 
 def test_chat_model_gets_the_question_as_a_user_turn(tiny_chat_lm_dir):
@@ -217,6 +228,35 @@ def test_log_question_matches_a_naive_float64_score_after_the_document_start(tin
     expected = [naive_log_prob(model, [start] + tokenizer(q, add_special_tokens=False)["input_ids"]) for q in questions]
     assert got.tolist() == pytest.approx(expected, abs=1e-4)
     assert got[-1].item() == 0.0 and (got[:-1] < 0).all()
+
+
+def test_answers_and_fluency_come_from_the_base_model_when_the_policy_wraps_it(tiny_lm_dir):
+    """The policy's LoRA adapters live inside the base model's modules: the answerer must switch them off."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hf_models import register_adapters
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir).eval()  # a private copy: adapters get injected
+    tokenizer = AutoTokenizer.from_pretrained(tiny_lm_dir)
+    tokenizer.pad_token = tokenizer.eos_token
+    answerer = Answerer(model, tokenizer, answer_max_tokens=6, plain_stop=None)
+    answers, fluency = answerer.answer(QUESTIONS), answerer.log_question(QUESTIONS)
+    ids = torch.tensor([answerer.prompt_ids(QUESTIONS[0])])
+    with torch.no_grad():
+        base_logits = model(input_ids=ids).logits
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True,
+                                                  bias="none"))
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 5.0)  # adapters that change the model a lot
+        assert not torch.allclose(model(input_ids=ids).logits, base_logits, atol=1e-2)  # model itself now adapted
+    register_adapters(model, peft_model)
+    wrapped = answerer.answer(QUESTIONS)
+    assert [r["token_ids"] for r in wrapped] == [r["token_ids"] for r in answers]
+    assert [r["log_answer"] for r in wrapped] == pytest.approx([r["log_answer"] for r in answers], abs=1e-5)
+    assert torch.allclose(answerer.log_question(QUESTIONS), fluency, atol=1e-5)
 
 
 # -------------------------------------------------------------------------------------------------- reward

@@ -1,0 +1,89 @@
+"""Data-parallel training under torchrun: `torchrun --nproc_per_node N train.py ...`.
+
+torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; with WORLD_SIZE > 1 the process group starts (NCCL on CUDA, gloo
+on the CPU). Every rank holds the same trainable parameters (same seed at initialisation); after each backward
+pass the gradients of every trainable parameter (the LoRA adapters or the transformer, and log Z) are averaged
+over ranks with one all-reduce each, so every rank takes the same optimizer step, as DistributedDataParallel
+would (the policy's loss is not a plain forward call, which DDP's wrapper assumes, so the all-reduce is done here).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup() -> DistInfo:
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return DistInfo()
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def teardown(info: DistInfo) -> None:
+    if info.enabled and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def average_gradients(parameters, info: DistInfo) -> None:
+    if not info.enabled:
+        return
+    for p in parameters:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)  # a rank whose batch had no valid sample still joins the all-reduce
+        dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+        p.grad /= info.world_size
+
+
+@torch.no_grad()
+def average_(tensor: torch.Tensor, info: DistInfo) -> None:
+    """In-place mean over ranks (log Z after each rank initialised it from its own shard)."""
+    if info.enabled:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        tensor /= info.world_size
+
+
+def broadcast(obj, info: DistInfo, src: int = 0):
+    """Rank src's object on every rank (pickled; tensors should be on the CPU)."""
+    if not info.enabled:
+        return obj
+    box = [obj if info.rank == src else None]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def gather_to_main(obj, info: DistInfo) -> list | None:
+    """Every rank's object, in rank order, on rank 0 (None elsewhere)."""
+    if not info.enabled:
+        return [obj]
+    gathered = [None] * info.world_size if info.is_main else None
+    dist.gather_object(obj, gathered, dst=0)
+    return gathered
+
+
+def any_rank(flag: bool, info: DistInfo) -> bool:
+    """True on every rank if it is True on any (for decisions every rank must take together)."""
+    if not info.enabled:
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
