@@ -698,9 +698,10 @@ def train(args: argparse.Namespace, on_start=None) -> dict:
                 print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}), flush=True)
             if epoch % args.save_every == 0 or epoch == args.epochs:
                 last_saved = save(epoch)
-        if stop_reason is not None:
-            last_saved = save(completed_epoch)
-            log_line(f"stopped at epoch {completed_epoch}: {stop_reason}; saved {last_saved}")
+        if stop_reason is not None or (args.epochs == 0 and start_epoch == 0):
+            last_saved = save(completed_epoch)  # at the budget, or the untrained policy for --epochs 0
+            if stop_reason is not None:
+                log_line(f"stopped at epoch {completed_epoch}: {stop_reason}; saved {last_saved}")
     except KeyboardInterrupt:
         # Keep what was trained: checkpoint the last completed epoch, then stop.
         if completed_epoch > start_epoch:
