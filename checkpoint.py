@@ -7,10 +7,10 @@ from __future__ import annotations
 import glob
 import os
 import re
-import tempfile
 
 import torch
 
+from durable_files import atomic_write
 from errors import UserError
 
 FORMAT = "dataset-sucker-gfn/1"
@@ -18,24 +18,6 @@ FORMAT = "dataset-sucker-gfn/1"
 
 def checkpoint_path(output_dir: str, task: str, epoch: int) -> str:
     return os.path.join(output_dir, f"checkpoint_gfn_{task}_epoch{epoch}.pt")
-
-
-def atomic_write(path: str, write) -> None:
-    """Call write(file_object) on a temp file in the same directory, fsync it, then rename it over `path`,
-    so a crash leaves either the old file or the new one, never half of one."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def save_checkpoint(path: str, state: dict) -> None:

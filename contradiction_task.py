@@ -98,7 +98,7 @@ class ContradictionBatches(SyncBatches):
 def evaluate(state: dict, policy, tokenizer, reward, samples_per_subject: int, output: str) -> dict:
     """K questions per example, answered and judged; contradiction rate = share with P(contradiction) > 0.5.
     Scored in the composite phase (the hybrid schedule only shapes training)."""
-    from checkpoint import atomic_write
+    from durable_files import atomic_write
     from evaluation import distinct_n, unique_fraction
 
     run_args = argparse.Namespace(**state["args"])

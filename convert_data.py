@@ -38,9 +38,9 @@ import json
 import os
 import re
 import sys
-import tempfile
 
-from errors import UserError
+from durable_files import atomic_write
+from errors import OneLineErrorParser, UserError
 
 OPTIONAL_TEXT_FIELDS = ("true_fact", "prompt")
 CSV_REQUIRED_COLUMNS = ("subject", "edit_fact")
@@ -327,33 +327,12 @@ def load_examples(path: str) -> list[dict]:
 
 
 def write_jsonl_atomically(path: str, examples: list[dict]) -> None:
-    """Temp file in the same directory, fsync, rename over `path`: a crash leaves the old file or the new one.
-    (checkpoint.atomic_write does the same, but importing it would load torch for a JSON job.)"""
+    """A crash leaves the old file or the new one, never half of one."""
     text = "".join(json.dumps(example, ensure_ascii=False) + "\n" for example in examples)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 # ---------------------------------------------------------------------------------------------------- CLI
-
-
-class OneLineErrorParser(argparse.ArgumentParser):
-    """argparse, but a bad flag prints one line (and exits 2) instead of usage + error. Same as train.py's;
-    not imported from there because train.py loads torch."""
-
-    def error(self, message: str):
-        self.exit(2, f"error: {message} (see --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -17,7 +17,7 @@ import argparse
 import os
 import sys
 
-from errors import UserError
+from errors import OneLineErrorParser, UserError
 
 CAUSAL_LM = "causal-lm"
 NLI = "nli"
@@ -59,14 +59,6 @@ def download_model(model_id: str, kind: str, cache_dir: str | None = None) -> st
     if isinstance(config_path, str):
         return os.path.dirname(config_path)
     return cache_dir or constants.HF_HUB_CACHE  # stored, but not where the cache lookup expects it
-
-
-class OneLineErrorParser(argparse.ArgumentParser):
-    """argparse, but a bad flag prints one line (and exits 2) instead of usage + error. Same as train.py's;
-    not imported from there because train.py loads the whole training stack."""
-
-    def error(self, message: str):
-        self.exit(2, f"error: {message} (see --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:

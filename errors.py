@@ -1,4 +1,6 @@
-"""The one exception type the command-line entry points turn into a one-line message and a non-zero exit."""
+"""User mistakes as one line: the exception the command-line entry points turn into `error: ...` and exit code 2,
+and an argparse parser that reports bad flags the same way. No heavy imports, so every CLI can use it."""
+import argparse
 
 
 class UserError(Exception):
@@ -7,3 +9,10 @@ class UserError(Exception):
 
 class OracleError(UserError):
     """The response oracle cannot be used as configured (auth, permissions, unsupported endpoint)."""
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse, but a bad flag prints one line naming the problem (and exits 2) instead of usage + error."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see --help)\n")

@@ -91,7 +91,7 @@ def exact_distribution_metrics(policy_log_prob: torch.Tensor, log_reward: torch.
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from train import OneLineErrorParser
+    from errors import OneLineErrorParser
 
     parser = OneLineErrorParser(description="Sample inputs from a trained GFlowNet checkpoint and summarise them.")
     parser.add_argument("--checkpoint", required=True, help="a checkpoint_gfn_*.pt file")
@@ -109,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def evaluate_checkpoint(args: argparse.Namespace) -> dict:
-    from checkpoint import atomic_write, load_checkpoint
+    from checkpoint import load_checkpoint
+    from durable_files import atomic_write
     from train import build_reward_model, build_policy_for_checkpoint, load_prior
     from hf_models import resolve_device
 

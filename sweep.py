@@ -20,7 +20,7 @@ import os
 import statistics
 import sys
 
-from errors import UserError
+from errors import OneLineErrorParser, UserError
 
 
 def parse_grid(items: list[str]) -> list[tuple[str, list[str]]]:
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = sys.argv[1:] if argv is None else argv
     ours, train_argv = (argv[: argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
-    parser = train.OneLineErrorParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineErrorParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--grid", nargs="+", required=True, help="flag=v1,v2 ... (training flags without the --)")
     parser.add_argument("--tail", type=int, default=10, help="epochs averaged for the table")
     parser.add_argument("--wandb-group", default=None)

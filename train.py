@@ -21,20 +21,14 @@ import torch
 import distributed
 from checkpoint import (checkpoint_path, latest_checkpoint, load_checkpoint, restore_rng_state, rng_state,
                         save_checkpoint)
-from errors import UserError
+from durable_files import JsonlAppender, NullAppender
+from errors import OneLineErrorParser, UserError
 from evaluation import batch_metrics, sample_metrics
 from gflownet_policy import AutoregressivePolicy, LogZ, PolicyConfig, TransformerPolicy, make_lora_policy
 from hf_models import document_end_id, document_start_id, load_causal_lm, resolve_device
 from batch_pipeline import BatchAPIBatches, PrefetchBatches, SyncBatches
 from reward_oracle import TASKS, HFResponseOracle, PriorScorer, RewardBatch, RewardModel
 from trajectory_balance import LOSSES, gflownet_loss, vargrad_log_z
-
-
-class OneLineErrorParser(argparse.ArgumentParser):
-    """argparse, but a bad flag prints one line naming the problem (and exits 2) instead of usage + error."""
-
-    def error(self, message: str):
-        self.exit(2, f"error: {message} (see --help)\n")
 
 
 # --------------------------------------------------------------------------------------------------- flags
@@ -284,34 +278,6 @@ def make_optimizer(policy: torch.nn.Module, log_z: LogZ, args: argparse.Namespac
 
 
 # ------------------------------------------------------------------------------------------------ output
-
-
-class NullAppender:
-    """What ranks other than 0 write to under torchrun: nothing."""
-
-    def write(self, records: list[dict]) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-class JsonlAppender:
-    """Append-only JSONL, flushed and fsynced after every batch: a crash loses at most the batch being written,
-    never what was already paid for. Lines are whole JSON objects, so a reader can skip a torn last line."""
-
-    def __init__(self, path: str) -> None:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        self.path = path
-        self.file = open(path, "a", encoding="utf-8")
-
-    def write(self, records: list[dict]) -> None:
-        self.file.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-        self.file.flush()
-        os.fsync(self.file.fileno())
-
-    def close(self) -> None:
-        self.file.close()
 
 
 def sample_records(epoch: int, tokens: torch.Tensor, lengths: torch.Tensor, rewards, trained: bool = True) -> list[dict]:

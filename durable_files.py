@@ -1,0 +1,53 @@
+"""Files that are never half-written: whole files replaced atomically, and JSONL logs appended and fsynced as
+training goes. Nothing here imports torch, so light command-line tools can use it too."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+
+def atomic_write(path: str, write) -> None:
+    """Call write(file_object) on a temp file in the same directory, fsync it, then rename it over `path`,
+    so a crash leaves either the old file or the new one, never half of one."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+class NullAppender:
+    """What ranks other than 0 write to under torchrun: nothing."""
+
+    def write(self, records: list[dict]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class JsonlAppender:
+    """Append-only JSONL, flushed and fsynced after every batch: a crash loses at most the batch being written,
+    never what was already paid for. Lines are whole JSON objects, so a reader can skip a torn last line."""
+
+    def __init__(self, path: str) -> None:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self.path = path
+        self.file = open(path, "a", encoding="utf-8")
+
+    def write(self, records: list[dict]) -> None:
+        self.file.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        self.file.flush()
+        os.fsync(self.file.fileno())
+
+    def close(self) -> None:
+        self.file.close()
