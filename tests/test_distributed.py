@@ -34,7 +34,9 @@ def _worker(rank: int, world_size: int, port: int, argv: list[str], results) -> 
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         result = train.train(train.build_parser().parse_args(argv))
     state = result["policy"].trainable_state()
-    results.put((rank, {k: v.clone() for k, v in state["lora"].items()}, result["log_z"]().item()))
+    # Plain lists, not tensors: a tensor sent through a torch Queue is shared by file descriptor, which is gone
+    # once this process exits, possibly before the parent reads it.
+    results.put((rank, {k: v.double().tolist() for k, v in state["lora"].items()}, result["log_z"]().item()))
 
 
 def run_two_ranks(argv: list[str]) -> dict:
@@ -44,7 +46,8 @@ def run_two_ranks(argv: list[str]) -> dict:
     processes = [context.Process(target=_worker, args=(rank, 2, port, argv, results)) for rank in range(2)]
     for p in processes:
         p.start()
-    out = dict((rank, (lora, log_z)) for rank, lora, log_z in (results.get(timeout=240) for _ in processes))
+    out = {rank: ({k: torch.tensor(v, dtype=torch.float64) for k, v in lora.items()}, log_z)
+           for rank, lora, log_z in (results.get(timeout=240) for _ in processes)}
     for p in processes:
         p.join(timeout=60)
         assert p.exitcode == 0
@@ -65,7 +68,7 @@ def test_two_ranks_stay_identical_and_match_one_process_on_the_same_data(tiny_lm
     single_lora = single["policy"].trainable_state()["lora"]
     moved = False
     for name in lora0:
-        assert torch.allclose(lora0[name], single_lora[name], atol=1e-5), name
+        assert torch.allclose(lora0[name], single_lora[name].double(), atol=1e-5), name
         moved |= bool(single_lora[name].abs().sum() > 0) and "lora_B" in name
     assert moved  # the comparison is not between two untouched initialisations
     assert abs(log_z0 - single["log_z"]().item()) < 1e-4
