@@ -210,10 +210,12 @@ class HFResponseOracle:
         input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=self.device)
         attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
         sampling = self.temperature > 0
-        # Explicit config: a model's own generation_config may carry top_k / top_p, which would make y come
-        # from a truncated distribution rather than p(y|x) at the requested temperature.
+        # Explicit neutral settings: generate() fills fields left as None from the model's own generation_config,
+        # whose top_k / top_p / repetition penalty would make y come from something other than p(y|x) at the
+        # requested temperature.
         config = GenerationConfig(
-            do_sample=sampling, temperature=self.temperature if sampling else None, top_k=None, top_p=None,
+            do_sample=sampling, temperature=self.temperature if sampling else None, top_k=0, top_p=1.0,
+            repetition_penalty=1.0, no_repeat_ngram_size=0, min_new_tokens=0, num_beams=1,
             max_new_tokens=self.max_new_tokens, pad_token_id=pad, eos_token_id=sorted(self.eos_ids),
             output_logits=True, return_dict_in_generate=True,
         )
