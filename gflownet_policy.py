@@ -11,7 +11,7 @@ A sequence of length max_len terminates by force (probability 1); shorter ones p
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -245,10 +245,6 @@ class TransformerPolicy(AutoregressivePolicy):
             if name.endswith("proj.weight") or name.endswith("mlp.2.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.num_layers))
 
-    @property
-    def bos_id(self) -> int:
-        return self.start_id
-
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
         if isinstance(module, nn.Linear):
@@ -272,8 +268,6 @@ class TransformerPolicy(AutoregressivePolicy):
         logits, _, caches = self._forward(input_ids, start_pos, caches)
         return logits, caches
 
-    def checkpoint_config(self) -> dict:
-        return asdict(self.config)
 
 
 class LoRAPolicy(AutoregressivePolicy):

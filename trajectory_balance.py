@@ -21,11 +21,6 @@ def trajectory_balance_loss(log_z: torch.Tensor, log_pf: torch.Tensor, log_rewar
     return residual.pow(2).mean()
 
 
-def trajectory_balance_residual(log_z: torch.Tensor, log_pf: torch.Tensor, log_reward: torch.Tensor) -> torch.Tensor:
-    """Per-sample residual log Z + log P_F - log R, for logging and diagnostics."""
-    return (log_z + log_pf - log_reward).detach()
-
-
 # ---------------------------------------------------------------------------------------------
 # Sub-trajectory objectives.
 #

@@ -29,7 +29,7 @@ def test_tempered_sampler_log_prob_is_the_tempered_policy_and_log_pf_is_untemper
     temperature, epsilon = 2.0, 0.1
     tokens, lengths, log_q = policy.sample(32, temperature=temperature, epsilon=epsilon)
     # naive reference: per-step loop over a full forward pass, tempered and epsilon-mixed
-    bos = torch.full((32, 1), policy.bos_id)
+    bos = torch.full((32, 1), policy.start_id)
     logits, _ = policy._logits(torch.cat([bos, tokens], 1))
     expected = torch.zeros(32, dtype=torch.float64)
     for i in range(32):
