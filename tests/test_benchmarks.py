@@ -32,3 +32,12 @@ def test_policy_comparison_quick(tiny_chat_lm_dir):
     assert transformer["oracle_calls"] == lora["oracle_calls"] == 3 * 4  # the same oracle budget
     for run in result["runs"]:
         assert len(run["samples"]) == 5 and 0 < run["last_2_epochs"]["unique_fraction"] <= 1
+
+
+def test_throughput_quick():
+    result = run_benchmark("throughput.py", "--quick", "--device", "cpu")
+    policy, = result["policy"]
+    assert policy["sample_tokens_per_s_kv_cache"] > 0 and policy["sample_tokens_per_s_recompute"] > 0
+    assert policy["train_steps_per_s"] > 0
+    prior, = result["prior"]
+    assert prior["overhead_ratio"] > 0 and result["peak_rss_mb"] > 0

@@ -1,0 +1,129 @@
+"""Throughput: sampling with the KV cache against recomputing the whole prefix every step, training steps per
+second, and prior scoring against a bare batched forward pass of the same model (the ratio is our overhead; the
+bare pass is the limit). GPT-2 vocabulary size (50,257), randomly initialised models, batch 16. Prints JSON.
+
+  python benchmarks/throughput.py            # the run in BENCHMARKS.md (CPU here; the same script on CUDA)
+  python benchmarks/throughput.py --quick    # seconds
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+from gflownet_policy import LogZ, PolicyConfig, TransformerPolicy  # noqa: E402
+from trajectory_balance import trajectory_balance_loss  # noqa: E402
+
+
+def timed(fn, repeats: int, device: torch.device) -> float:
+    fn()  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - started) / repeats
+
+
+@torch.no_grad()
+def sample_without_cache(policy: TransformerPolicy, batch_size: int) -> torch.Tensor:
+    """The naive sampler: a full forward pass over the whole prefix for every new token."""
+    device, max_len = policy.device, policy.config.max_len
+    inputs = torch.full((batch_size, 1), policy.start_id, dtype=torch.long, device=device)
+    for t in range(max_len):
+        logits, _, _ = policy._forward(inputs, 0, None)
+        probs = policy.masked_log_probs(logits[:, -1], policy._action_mask(t, batch_size)).exp()
+        probs[:, policy.stop_id] = 0  # fixed length, so both samplers generate the same number of tokens
+        inputs = torch.cat([inputs, torch.multinomial(probs, 1)], dim=1)
+    return inputs
+
+
+def policy_numbers(max_len: int, batch_size: int, d_model: int, num_layers: int, repeats: int, device) -> dict:
+    torch.manual_seed(0)
+    config = PolicyConfig(vocab_size=50257, max_len=max_len, min_len=max_len, d_model=d_model, num_layers=num_layers,
+                          num_heads=4)
+    policy = TransformerPolicy(config).to(device)
+    tokens_per_batch = batch_size * max_len  # min_len = max_len: every sequence has exactly max_len tokens
+    cached = timed(lambda: policy.sample(batch_size), repeats, device)
+    uncached = timed(lambda: sample_without_cache(policy, batch_size), repeats, device)
+    log_z = LogZ().to(device)
+    optimizer = torch.optim.Adam(list(policy.parameters()) + list(log_z.parameters()), lr=1e-4)
+    tokens, lengths, _ = policy.sample(batch_size)
+    log_reward = torch.randn(batch_size, device=device)
+
+    def step():
+        loss = trajectory_balance_loss(log_z(), policy.log_pf(tokens, lengths), log_reward)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    train_seconds = timed(step, repeats, device)
+    return {"max_len": max_len, "batch_size": batch_size, "d_model": d_model, "num_layers": num_layers,
+            "sample_tokens_per_s_kv_cache": round(tokens_per_batch / cached, 1),
+            "sample_tokens_per_s_recompute": round(tokens_per_batch / uncached, 1),
+            "kv_cache_speedup": round(uncached / cached, 2),
+            "train_steps_per_s": round(1 / train_seconds, 2)}
+
+
+def prior_numbers(max_len: int, batch_size: int, n_embd: int, n_layer: int, repeats: int, device) -> dict:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from reward_oracle import PriorScorer
+
+    class Tokenizer:  # what PriorScorer needs: where texts start and end
+        eos_token_id = 50256
+        unk_token_id = None
+
+        def convert_tokens_to_ids(self, token):
+            return 50256
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_embd=n_embd, n_layer=n_layer, n_head=4, n_positions=max_len + 1)).to(device).eval()
+    scorer = PriorScorer(model, Tokenizer(), batch_size=batch_size)
+    tokens = torch.randint(0, 50256, (batch_size, max_len), device=device)
+    lengths = torch.full((batch_size,), max_len, device=device)
+    inputs = torch.cat([torch.full((batch_size, 1), 50256, device=device), tokens], dim=1)
+    with torch.no_grad():
+        bare = timed(lambda: model(input_ids=inputs).logits, repeats, device)
+    scored = timed(lambda: scorer.log_prob(tokens, lengths), repeats, device)
+    return {"max_len": max_len, "batch_size": batch_size, "n_embd": n_embd, "n_layer": n_layer,
+            "prior_tokens_per_s": round(batch_size * max_len / scored, 1),
+            "bare_forward_tokens_per_s": round(batch_size * max_len / bare, 1),
+            "overhead_ratio": round(scored / bare, 3)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    repeats = 1 if args.quick else 3
+    lengths = [8] if args.quick else [32, 128]
+    size = dict(d_model=64, num_layers=1) if args.quick else dict(d_model=256, num_layers=4)
+    prior_size = dict(n_embd=64, n_layer=1) if args.quick else dict(n_embd=768, n_layer=12)
+    result = {"benchmark": "throughput", "device": str(device), "date": time.strftime("%Y-%m-%d"),
+              "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, "
+                         f"Python {platform.python_version()}",
+              "policy": [policy_numbers(n, 16, repeats=repeats, device=device, **size) for n in lengths],
+              "prior": [prior_numbers(n, 16, repeats=repeats, device=device, **prior_size) for n in lengths]}
+    if device.type == "cuda":
+        result["peak_memory_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    else:
+        result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
