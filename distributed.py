@@ -39,8 +39,13 @@ def setup() -> DistInfo:
     return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def teardown(info: DistInfo) -> None:
+def teardown(info: DistInfo, clean_exit: bool = True) -> None:
     if info.enabled and dist.is_initialized():
+        if clean_exit:
+            # A rank that leaves while a peer is still receiving its last gather (the checkpoint's RNG states)
+            # tears gloo's pair down under the transfer and aborts ("terminate called without an active
+            # exception"); wait until every rank is done. Not after an error: the peers may never arrive.
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -543,6 +543,7 @@ def train(args: argparse.Namespace, on_start=None) -> dict:
     metrics: dict = {}
     last_saved = None
     stop_reason = None
+    clean_exit = False
     try:
         for epoch in range(start_epoch + 1, args.epochs + 1):
             started = time.time()
@@ -668,6 +669,7 @@ def train(args: argparse.Namespace, on_start=None) -> dict:
             last_saved = save(completed_epoch)  # at the budget, or the untrained policy for --epochs 0
             if stop_reason is not None:
                 log_line(f"stopped at epoch {completed_epoch}: {stop_reason}; saved {last_saved}")
+        clean_exit = True
     except KeyboardInterrupt:
         # Keep what was trained: checkpoint the last completed epoch, then stop.
         if completed_epoch > start_epoch:
@@ -690,7 +692,7 @@ def train(args: argparse.Namespace, on_start=None) -> dict:
             close = getattr(reward_model.oracle, "close", None)
             if close:
                 close()
-            distributed.teardown(dist_info)
+            distributed.teardown(dist_info, clean_exit)
     return {"metrics": metrics, "checkpoint": last_saved, "epochs": args.epochs, "policy": policy, "log_z": log_z,
             "reward_model": reward_model, "output_dir": args.output_dir, "stop_reason": stop_reason,
             "api_stats": api.stats() if api is not None else None}
