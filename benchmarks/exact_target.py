@@ -11,7 +11,8 @@ batch size and reward-call budget. Prints one JSON object.
 
   python benchmarks/exact_target.py                       # the runs in BENCHMARKS.md (about an hour on 2 CPU cores)
   python benchmarks/exact_target.py --quick               # seconds: the smoke test the test suite runs
-  python benchmarks/exact_target.py --plot benchmarks/exact_target.png --output out/exact_target.json
+  python benchmarks/exact_target.py --targets 6x5 --output out/exact_6x5.json    # one target (run two at once)
+  python benchmarks/exact_target.py --plot-from out/exact_6x5.json out/exact_6x6.json --plot benchmarks/exact_target.png
 """
 from __future__ import annotations
 
@@ -121,7 +122,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: runs are comparable)")
     parser.add_argument("--output", default=None, help="also write the JSON here")
     parser.add_argument("--plot", default=None, help="PNG of TV against reward calls (needs matplotlib)")
+    parser.add_argument("--plot-from", nargs="+", default=None, metavar="JSON",
+                        help="only draw --plot from earlier --output files (e.g. one per target, run in parallel)")
     args = parser.parse_args()
+    if args.plot_from:
+        targets = []
+        for path in args.plot_from:
+            with open(path) as f:
+                targets += json.load(f)["targets"]
+        plot({"targets": targets}, args.plot or "exact_target.png")
+        return
     if args.quick:
         args.targets, args.reward_calls, args.eval_every, args.batch_size = ["3x3"], 256, 128, 32
     if not args.no_torchgfn:
