@@ -22,6 +22,7 @@ import io
 import json
 import os
 import platform
+import shlex
 import sys
 import tempfile
 import time
@@ -57,7 +58,7 @@ def summarize(curve: list[dict]) -> dict:
 
 def run_ours(prior: str, oracle: str, vocab_size: int, max_len: int, policy: str, loss: str, batch_size: int,
              reward_calls: int, eval_every: int, seed: int, lr: float, lr_z: float, d_model: int,
-             lr_schedule: str) -> tuple[list[dict], object]:
+             lr_schedule: str, extra_flags: list[str] = ()) -> tuple[list[dict], object]:
     import torch
 
     import train
@@ -69,7 +70,7 @@ def run_ours(prior: str, oracle: str, vocab_size: int, max_len: int, policy: str
              "--policy", policy, "--loss", loss, "--max-len", str(max_len), "--batch-size", str(batch_size),
              "--epochs", str(reward_calls // batch_size), "--lr", str(lr), "--lr-z", str(lr_z),
              "--d-model", str(d_model), "--num-layers", "2", "--save-every", "1000000", "--no-progress",
-             "--device", "cpu", "--seed", str(seed), "--lr-schedule", lr_schedule]
+             "--device", "cpu", "--seed", str(seed), "--lr-schedule", lr_schedule, *extra_flags]
     if policy == "lora":
         flags += ["--lora-target-modules", "c_attn", "c_proj", "c_fc"]
     curve: list[dict] = []
@@ -117,6 +118,8 @@ def main() -> None:
     parser.add_argument("--lora-lr", type=float, default=1e-2)
     parser.add_argument("--torchgfn-lrs", type=float, nargs="+", default=[1e-3, 3e-3],
                         help="torchgfn TB is run at each; the comparison uses the best")
+    parser.add_argument("--train-flags", default="",
+                        help='more train.py flags for our runs, e.g. "--d-model 128 --max-grad-norm 0" (they win)')
     parser.add_argument("--no-torchgfn", action="store_true", help="skip the torchgfn baseline")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: runs are comparable)")
@@ -145,7 +148,7 @@ def main() -> None:
     result = {"machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                           "cpu_count": os.cpu_count(), "torch_threads": args.threads, "torch": torch.__version__},
               "date": time.strftime("%Y-%m-%d"), "batch_size": args.batch_size, "reward_calls": args.reward_calls,
-              "lr_schedule": args.lr_schedule, "targets": []}
+              "lr_schedule": args.lr_schedule, "train_flags": args.train_flags, "targets": []}
     for spec in args.targets:
         vocab_size, max_len = (int(n) for n in spec.split("x"))
         target = {"vocab_size": vocab_size, "max_len": max_len, "runs": []}
@@ -158,7 +161,7 @@ def main() -> None:
                     lr = args.lora_lr if policy == "lora" else args.transformer_lr
                     curve, log_reward = run_ours(prior, oracle, vocab_size, max_len, policy, loss, args.batch_size,
                                                  args.reward_calls, args.eval_every, args.seed, lr, 0.1, 32,
-                                                 args.lr_schedule)
+                                                 args.lr_schedule, shlex.split(args.train_flags))
                     target["runs"].append({"system": "ours", "policy": policy, "loss": loss, "lr": lr,
                                            "wall_seconds": round(time.time() - started, 1), **summarize(curve), "curve": curve})
                     print(f"{spec} {policy} {loss}: TV {curve[-1]['tv']:.4f}", file=sys.stderr)
