@@ -6,6 +6,9 @@ import json
 import os
 import tempfile
 
+_UMASK = os.umask(0)  # read once at import (single-threaded): mkstemp makes 0600 files, the result should not be
+os.umask(_UMASK)
+
 
 def atomic_write(path: str, write) -> None:
     """Call write(file_object) on a temp file in the same directory, fsync it, then rename it over `path`,
@@ -17,6 +20,7 @@ def atomic_write(path: str, write) -> None:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
+            os.fchmod(f.fileno(), 0o666 & ~_UMASK)  # what open() would have given the file
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
