@@ -9,7 +9,7 @@ Each run trains with train.py's loop (one reward call per sampled x, `--batch-si
 one-hot state, its standard setup; benchmarks/torchgfn_baseline.py) runs on the same reward table with the same
 batch size and reward-call budget. Prints one JSON object.
 
-  python benchmarks/exact_target.py                       # the runs in BENCHMARKS.md (about an hour on 2 CPU cores)
+  python benchmarks/exact_target.py                       # both targets, one after the other: about 45 min
   python benchmarks/exact_target.py --quick               # seconds: the smoke test the test suite runs
   python benchmarks/exact_target.py --targets 6x5 --output out/exact_6x5.json    # one target (run two at once)
   python benchmarks/exact_target.py --plot-from out/exact_6x5.json out/exact_6x6.json --plot benchmarks/exact_target.png
