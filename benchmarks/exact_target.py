@@ -120,6 +120,7 @@ def main() -> None:
                         help="torchgfn TB is run at each; the comparison uses the best")
     parser.add_argument("--train-flags", default="",
                         help='more train.py flags for our runs, e.g. "--d-model 128 --max-grad-norm 0" (they win)')
+    parser.add_argument("--torchgfn-hidden-dim", type=int, default=256, help="width of torchgfn's MLP (2 hidden layers)")
     parser.add_argument("--no-torchgfn", action="store_true", help="skip the torchgfn baseline")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: runs are comparable)")
@@ -174,8 +175,9 @@ def main() -> None:
             for lr in args.torchgfn_lrs:
                 started = time.time()
                 curve = run_torchgfn_tb(log_reward, vocab_size, max_len, args.batch_size, args.reward_calls,
-                                        args.eval_every, seed=args.seed, lr=lr, lr_schedule=args.lr_schedule)
-                target["runs"].append({"system": "torchgfn", "policy": "mlp", "loss": "tb", "lr": lr,
+                                        args.eval_every, seed=args.seed, lr=lr, lr_schedule=args.lr_schedule,
+                                        hidden_dim=args.torchgfn_hidden_dim)
+                target["runs"].append({"system": "torchgfn", "policy": f"mlp{args.torchgfn_hidden_dim}", "loss": "tb", "lr": lr,
                                        "wall_seconds": round(time.time() - started, 1), **summarize(curve), "curve": curve})
                 print(f"{spec} torchgfn tb lr {lr}: TV {curve[-1]['tv']:.4f}", file=sys.stderr)
         target["comparison"] = compare_with_torchgfn(target["runs"])
