@@ -482,9 +482,7 @@ def train(args: argparse.Namespace, on_start=None, on_epoch=None) -> dict:
         if resume_state.get("log_z_conditions", [""]) != log_z.conditions:
             raise UserError("the checkpoint was trained on other conditions (examples) than this run's --data")
         log_z.load_state_dict(resume_state["log_z"])
-        optimizer.load_state_dict(resume_state["optimizer"])
-        for group, lr in zip(optimizer.param_groups, (args.lr, args.lr_z)):
-            group["lr"] = lr  # flags given now win over the checkpoint's
+        optimizer.load_state_dict(resume_state["optimizer"])  # its learning rates are replaced every epoch
         per_rank = resume_state.get("rng_per_rank") or [resume_state["rng"]]
         restore_rng_state(per_rank[dist_info.rank] if len(per_rank) == dist_info.world_size else resume_state["rng"])
         start_epoch = resume_state["epoch"]
@@ -563,6 +561,9 @@ def train(args: argparse.Namespace, on_start=None, on_epoch=None) -> dict:
     try:
         for epoch in range(start_epoch + 1, args.epochs + 1):
             started = time.time()
+            # before any optimizer step of this epoch; flags given now win over a resumed checkpoint's rates
+            for group, base_lr in zip(optimizer.param_groups, (args.lr, args.lr_z)):
+                group["lr"] = base_lr * learning_rate_factor(args, epoch)
             # 1-2. a batch sampled from the exploration policy (tempered / epsilon-mixed; no gradients flow
             # through sampling) and scored; every scored sample is written before anything can fail
             batch = source.next() if source is not None else None
@@ -610,8 +611,6 @@ def train(args: argparse.Namespace, on_start=None, on_epoch=None) -> dict:
             tokens, lengths, log_q = tokens[valid], lengths[valid], log_q[valid]
             num_fresh = len(tokens)
             temperature = reward_temperature(args, epoch)
-            for group, base_lr in zip(optimizer.param_groups, (args.lr, args.lr_z)):
-                group["lr"] = base_lr * learning_rate_factor(args, epoch)
             log_reward = rewards.log_reward.to(device)[valid].float() / temperature
             replayed = replay_batch(replay, args, num_fresh, device, batch.condition)
             if replay is not None:
