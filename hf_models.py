@@ -78,25 +78,45 @@ def load_causal_lm(spec: str, device: torch.device | str = "cpu", dtype: torch.d
     return model, tokenizer
 
 
+# Document boundaries by family, in order of preference. Chosen by what the vocabulary contains, never by
+# comparing with the unknown token: SmolLM2's unk *is* <|endoftext|>, and Llama-3 has no unk at all.
+#   GPT-2, SmolLM2, Qwen2, StarCoder: <|endoftext|> separates pretraining documents (start and end);
+#   Llama-3: <|begin_of_text|> ... <|end_of_text|> (its instruct EOS <|eot_id|> ends a turn, not a document);
+#   Llama-2, Mistral, Gemma: the tokenizer's own BOS / EOS (<s> ... </s>, <bos> ... <eos>).
+DOCUMENT_START_TOKENS = ("<|endoftext|>", "<|begin_of_text|>")
+DOCUMENT_END_TOKENS = ("<|endoftext|>", "<|end_of_text|>")
+
+
+def _first_in_vocabulary(tokenizer, candidates: tuple[str, ...]) -> int | None:
+    vocabulary = tokenizer.get_vocab()  # includes added (special) tokens
+    for token in candidates:
+        if token in vocabulary:
+            return vocabulary[token]
+    return None
+
+
 def document_start_id(tokenizer) -> int:
-    """The id a text starts from when scoring it unconditionally. GPT-2-style models were trained on
-    documents separated by <|endoftext|>, so that is the right context when the vocabulary has it (SmolLM2
-    too, whose default BOS is the chat token <|im_start|>); otherwise the BOS, then the EOS token."""
-    endoftext = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    if isinstance(endoftext, int) and endoftext != tokenizer.unk_token_id:
-        return endoftext
-    for candidate in (tokenizer.bos_token_id, tokenizer.eos_token_id):
+    """The id a text starts from when scoring it unconditionally: the family's document separator when the
+    vocabulary has one (see DOCUMENT_START_TOKENS), else the BOS token, else the EOS token."""
+    found = _first_in_vocabulary(tokenizer, DOCUMENT_START_TOKENS)
+    for candidate in (found, tokenizer.bos_token_id, tokenizer.eos_token_id):
         if candidate is not None:
             return candidate
-    raise UserError("tokenizer has neither <|endoftext|>, a BOS nor an EOS token to start a text from")
+    raise UserError("tokenizer has neither <|endoftext|>, <|begin_of_text|>, a BOS nor an EOS token to start a text from")
 
 
 def document_end_id(tokenizer) -> int:
-    """The token that ends a text: <|endoftext|> when the vocabulary has it (a chat model's EOS, such as
-    SmolLM2's <|im_end|>, ends a turn, not a document), else the EOS token."""
-    endoftext = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    if isinstance(endoftext, int) and endoftext != tokenizer.unk_token_id:
-        return endoftext
-    if tokenizer.eos_token_id is not None:
-        return tokenizer.eos_token_id
-    raise UserError("tokenizer has neither <|endoftext|> nor an EOS token to end a text with")
+    """The token that ends a document: <|endoftext|> or <|end_of_text|> when the vocabulary has one (a chat
+    model's EOS, such as <|im_end|> or <|eot_id|>, ends a turn, not a document), else the EOS token."""
+    found = _first_in_vocabulary(tokenizer, DOCUMENT_END_TOKENS)
+    for candidate in (found, tokenizer.eos_token_id):
+        if candidate is not None:
+            return candidate
+    raise UserError("tokenizer has neither <|endoftext|>, <|end_of_text|> nor an EOS token to end a text with")
+
+
+def describe_special_tokens(tokenizer) -> str:
+    """One line for start-up: which ids start and end a document under this tokenizer."""
+    start, end = document_start_id(tokenizer), document_end_id(tokenizer)
+    return (f"document start {tokenizer.convert_ids_to_tokens(start)!r} (id {start}), "
+            f"document end {tokenizer.convert_ids_to_tokens(end)!r} (id {end})")

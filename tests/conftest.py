@@ -60,6 +60,43 @@ def bpe_tokenizer(chat: bool = False):
     return tokenizer
 
 
+# Special-token layouts of real model families, as their tokenizer_config.json files declare them:
+# (special tokens in id order, bos, eos, unk, pad, expected document start, expected document end).
+TOKEN_LAYOUTS = {
+    "gpt2": (["<|endoftext|>"], "<|endoftext|>", "<|endoftext|>", "<|endoftext|>", None,
+             "<|endoftext|>", "<|endoftext|>"),
+    # SmolLM2 (and StarCoder): unk IS <|endoftext|> (id 0); BOS/EOS are the chat tokens.
+    "smollm2": (["<|endoftext|>", "<|im_start|>", "<|im_end|>"], "<|im_start|>", "<|im_end|>", "<|endoftext|>",
+                "<|im_end|>", "<|endoftext|>", "<|endoftext|>"),
+    "llama2": (["<unk>", "<s>", "</s>"], "<s>", "</s>", "<unk>", None, "<s>", "</s>"),
+    # Llama-3 instruct: no unk; EOS is the end-of-turn <|eot_id|>, documents end with <|end_of_text|>.
+    "llama3": (["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+               "<|begin_of_text|>", "<|eot_id|>", None, None, "<|begin_of_text|>", "<|end_of_text|>"),
+    # Qwen2 instruct: no BOS and no unk; pad is <|endoftext|>, EOS <|im_end|>.
+    "qwen2": (["<|endoftext|>", "<|im_start|>", "<|im_end|>"], None, "<|im_end|>", None, "<|endoftext|>",
+              "<|endoftext|>", "<|endoftext|>"),
+}
+
+
+def layout_tokenizer(layout: str):
+    """A small byte-level BPE whose special tokens, BOS, EOS, unk and pad follow a real family's layout."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials, bos, eos, unk, pad = TOKEN_LAYOUTS[layout][:5]
+    raw = Tokenizer(models.BPE(unk_token=unk))
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    raw.train_from_iterator(SENTENCES, trainers.BpeTrainer(vocab_size=320, special_tokens=specials,
+                                                           initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    kwargs = {name: value for name, value in (("bos_token", bos), ("eos_token", eos), ("unk_token", unk),
+                                              ("pad_token", pad)) if value is not None}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, **kwargs)
+    if "<|im_start|>" in specials:
+        tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
 def word_tokenizer(words: list[str]):
     """A word-level tokenizer: ids 0..len(words)-1 are the words, then <|endoftext|>. For enumerable targets."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
