@@ -82,7 +82,8 @@ class PrefetchBatches(SyncBatches):
         texts = self.reward_model.decode(tokens, lengths)
         # Only the oracle's requests run in the background; the prior is scored on this thread, so model
         # state (a LoRA policy switching its adapters off for the prior) is never touched from two threads.
-        oracle_future = self.executor.submit(self.reward_model.oracle.score, texts) if self.reward_model.uses_oracle else None
+        oracle_future = (self.executor.submit(self.reward_model.query_oracle, tokens, lengths, texts)
+                         if self.reward_model.uses_oracle else None)
         self.pending = ((tokens, lengths, log_q, texts), oracle_future)
 
     def _finish(self, pending) -> ScoredBatch:
@@ -142,6 +143,7 @@ class BatchAPIBatches(SyncBatches):
             tokens, lengths, log_q = self.sample(self.pool_size)
             texts = self.reward_model.decode(tokens, lengths)
             batch_id = submit_batch(oracle, texts)
+            self.reward_model.count(0, len(texts))
             self.round = {"batch_id": batch_id, "tokens": tokens.cpu(), "lengths": lengths.cpu(), "log_q": log_q.cpu(), "texts": texts}
             self.save_checkpoint()  # before polling: a restart must find this batch, not pay for it again
         self.resumed = False

@@ -8,11 +8,13 @@
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
+from errors import UserError
 from hf_models import document_end_id, document_start_id, without_adapters
 
 # --------------------------------------------------------------------------------------------------- tasks
@@ -141,20 +143,35 @@ class PriorScorer:
 # ------------------------------------------------------------------------------------ local HF oracle
 
 
+ORACLE_FORMATS = ("auto", "chat", "plain")
+
+
 class HFResponseOracle:
     """A local Hugging Face causal LM as the LLM: samples y ~ p(.|x) at `temperature` (greedy when 0),
     and returns log p(y|x) under the untempered model, including the end-of-turn token when y ends with one
     (the OpenAI API does not report that token, so its figures exclude it).
 
-    With `target_response`, y is fixed and log p(y*|x) is computed by teacher forcing instead."""
+    With `target_response`, y is fixed and log p(y*|x) is computed by teacher forcing instead.
+
+    `prompt_format`: "chat" renders the task's messages with the tokenizer's chat template (an instruct model's
+    default system prompt included, when its template adds one); "plain" is the document-start token followed
+    by the task's plain prompt (for --task raw: x itself), what a base or memorising model saw in training;
+    "auto" is chat when the tokenizer has a template, else plain. x enters the prompt as token ids: the policy's
+    own ids when the caller passes them (same vocabulary), never a decode-and-re-encode of them."""
 
     def __init__(self, model, tokenizer, task: Task, temperature: float = 1.0, max_new_tokens: int | None = None,
-                 target_response: str | None = None, batch_size: int = 16) -> None:
+                 target_response: str | None = None, batch_size: int = 16, prompt_format: str = "auto") -> None:
         self.model, self.tokenizer, self.task = model, tokenizer, task
         self.temperature = temperature
         self.max_new_tokens = max_new_tokens or task.max_response_tokens
         self.batch_size = batch_size
-        self.use_chat_template = bool(getattr(tokenizer, "chat_template", None))
+        has_template = bool(getattr(tokenizer, "chat_template", None))
+        if prompt_format not in ORACLE_FORMATS:
+            raise ValueError(f"prompt_format must be one of {ORACLE_FORMATS}, got {prompt_format!r}")
+        if prompt_format == "chat" and not has_template:
+            raise UserError("--oracle-format chat: the oracle's tokenizer has no chat template; use plain or auto")
+        self.prompt_format = "chat" if prompt_format == "chat" or (prompt_format == "auto" and has_template) else "plain"
+        self.prompt_before, self.prompt_after = self._prompt_around_x()
         self.target_ids = None
         if target_response is not None:
             self.target_ids = tokenizer(target_response, add_special_tokens=False)["input_ids"]
@@ -168,17 +185,36 @@ class HFResponseOracle:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def prompt_ids(self, x: str) -> list[int]:
-        if self.use_chat_template:
-            text = self.tokenizer.apply_chat_template(self.task.messages(x), add_generation_prompt=True, tokenize=False)
-            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        # Base models: start from the document-start token so an empty x still has a context.
-        return [document_start_id(self.tokenizer)] + self.tokenizer(self.task.plain_prompt(x), add_special_tokens=False)["input_ids"]
+    def _prompt_around_x(self) -> tuple[list[int], list[int]]:
+        """(ids before x, ids after x). The prompt is rendered once around a marker and split there, so that x
+        can be spliced in as ids; the marker uses private-use characters that no template or task contains."""
+        marker = "\ue000x\ue000"
+        if self.prompt_format == "chat":
+            text = self.tokenizer.apply_chat_template(self.task.messages(marker), add_generation_prompt=True, tokenize=False)
+            prefix = []  # the template writes its own start tokens
+        else:
+            text = self.task.plain_prompt(marker)
+            prefix = [document_start_id(self.tokenizer)]  # so that an empty prompt still has a context
+        before, found, after = text.partition(marker)
+        if not found:
+            raise UserError("the oracle's chat template drops the user message; use --oracle-format plain")
 
-    def score(self, texts: list[str]) -> list[OracleResult]:
+        def encode(piece: str) -> list[int]:
+            return self.tokenizer(piece, add_special_tokens=False)["input_ids"] if piece else []
+
+        return prefix + encode(before), encode(after)
+
+    def prompt_ids(self, x: str | list[int]) -> list[int]:
+        """The oracle's input for x, given as text (encoded here) or as token ids (used as they are)."""
+        x_ids = list(x) if not isinstance(x, str) else self.tokenizer(x, add_special_tokens=False)["input_ids"]
+        return self.prompt_before + x_ids + self.prompt_after
+
+    def score(self, texts: list[str], token_ids: list[list[int]] | None = None) -> list[OracleResult]:
+        """Score each x; with `token_ids` (same vocabulary as this oracle) the ids are used and texts ignored."""
+        inputs = token_ids if token_ids is not None else texts
         results = []
-        for start in range(0, len(texts), self.batch_size):
-            chunk = [self.prompt_ids(x) for x in texts[start:start + self.batch_size]]
+        for start in range(0, len(inputs), self.batch_size):
+            chunk = [self.prompt_ids(x) for x in inputs[start:start + self.batch_size]]
             results.extend(self._score_target(chunk) if self.target_ids is not None else self._sample_and_score(chunk))
         return results
 
@@ -230,7 +266,7 @@ class HFResponseOracle:
             end = next((j for j, t in enumerate(ids) if t in self.eos_ids), None)
             num = len(ids) if end is None else end + 1  # the end-of-turn token belongs to y
             results.append(OracleResult(
-                response=self.tokenizer.decode(ids[:num], skip_special_tokens=True),
+                response=self.tokenizer.decode(ids[:num]),  # exactly: special tokens mark y's boundaries
                 log_likelihood=float(token_lp[i, :num].double().sum()),
                 num_tokens=num, truncated=end is None, token_ids=ids[:num],
             ))
@@ -249,37 +285,92 @@ class RewardBatch:
     valid: torch.Tensor  # (B,) bool: usable for training
     oracle_results: list[OracleResult]
     extras: list[dict] | None = None  # per-sample task-specific fields for the samples file
+    retokenises: list[bool] | None = None  # does encode(decode(x's ids)) give x's ids back?
+    oracle_saw_text: bool = False  # True when x reached the oracle as text (an API), not as the policy's ids
+
+
+def token_id_lists(tokens: torch.Tensor, lengths: torch.Tensor) -> list[list[int]]:
+    return [row[:n].tolist() for row, n in zip(tokens.cpu(), lengths.cpu().tolist())]
+
+
+def same_vocabulary(tokenizer, other) -> bool:
+    return tokenizer is other or tokenizer.get_vocab() == other.get_vocab()
 
 
 class RewardModel:
     """Combines a prior and a response oracle into log R. `oracle=None` or llm_weight == 0 skips the oracle
-    (no calls are made); `prior_weight == 0` still scores the prior, for logging."""
+    (no calls are made); `prior_weight == 0` still scores the prior, for logging.
+
+    Counting: `reward_calls` is every reward evaluation (each x and each prefix scored), `oracle_calls` every
+    one that reached the oracle. A deterministic oracle (a fixed target scored locally) is asked about each x or
+    prefix once per run: answers are kept in `known_likelihoods`, so replayed samples and modified SubTB's
+    prefixes (the full x among them) are never scored twice."""
 
     def __init__(self, tokenizer, prior: PriorScorer, oracle=None, prior_weight: float = 1.0, llm_weight: float = 1.0) -> None:
         self.tokenizer, self.prior, self.oracle = tokenizer, prior, oracle
         self.prior_weight, self.llm_weight = prior_weight, llm_weight
+        # A local oracle with the prior's vocabulary scores the policy's own ids: decoding and re-encoding them
+        # changed 8-19% of x on SmolLM2. Any other oracle (an API) receives text.
+        self.oracle_takes_ids = isinstance(oracle, HFResponseOracle) and same_vocabulary(oracle.tokenizer, tokenizer)
+        self.known_likelihoods: dict[tuple[int, ...], float] = {}
+        self.reward_calls = 0
+        self.oracle_calls = 0
+        self.counter_lock = threading.Lock()  # the prefetch thread queries the oracle too
 
     def decode(self, tokens: torch.Tensor, lengths: torch.Tensor) -> list[str]:
-        return [self.tokenizer.decode(row[:n].tolist()) for row, n in zip(tokens.cpu(), lengths.cpu().tolist())]
+        return [self.tokenizer.decode(ids) for ids in token_id_lists(tokens, lengths)]
 
     def __call__(self, tokens: torch.Tensor, lengths: torch.Tensor, texts: list[str] | None = None) -> RewardBatch:
         texts = self.decode(tokens, lengths) if texts is None else texts
-        results = self.oracle.score(texts) if self.uses_oracle else None
+        results = self.query_oracle(tokens, lengths, texts) if self.uses_oracle else None
         return self.combine(tokens, lengths, texts, results)
 
     @property
     def uses_oracle(self) -> bool:
         return self.oracle is not None and self.llm_weight != 0
 
+    @property
+    def deterministic_oracle(self) -> bool:
+        return isinstance(self.oracle, HFResponseOracle) and self.oracle.target_ids is not None
+
+    def count(self, num_rewards: int, num_oracle: int) -> None:
+        with self.counter_lock:
+            self.reward_calls += num_rewards
+            self.oracle_calls += num_oracle
+
+    def query_oracle(self, tokens: torch.Tensor, lengths: torch.Tensor, texts: list[str]) -> list[OracleResult]:
+        """The oracle's results for these x (token ids for a local oracle with our vocabulary, else texts).
+        Counts the oracle calls; `combine` counts the reward evaluations."""
+        ids = token_id_lists(tokens, lengths)
+        if not self.deterministic_oracle:
+            self.count(0, len(texts))
+            return self.oracle.score(texts, token_ids=ids) if self.oracle_takes_ids else self.oracle.score(texts)
+        return self._deterministic_results(ids, texts)
+
+    def _deterministic_results(self, ids: list[list[int]], texts: list[str]) -> list[OracleResult]:
+        """Score only what this run has not scored before (and each distinct x once)."""
+        missing = list(dict.fromkeys(tuple(row) for row in ids if tuple(row) not in self.known_likelihoods))
+        if missing:
+            rows = [list(key) for key in missing]
+            fresh = (self.oracle.score([], token_ids=rows) if self.oracle_takes_ids
+                     else self.oracle.score([self.tokenizer.decode(row) for row in rows]))
+            self.count(0, len(rows))
+            for key, result in zip(missing, fresh):
+                self.known_likelihoods[key] = result.log_likelihood
+        target_ids = list(self.oracle.target_ids)
+        response = self.oracle.tokenizer.decode(target_ids)
+        return [OracleResult(response=response, log_likelihood=self.known_likelihoods[tuple(row)],
+                             num_tokens=len(target_ids), token_ids=target_ids) for row in ids]
+
     def can_score_prefixes(self) -> bool:
         """Prefix rewards need a deterministic oracle: none, or a local model with a fixed target."""
-        return not self.uses_oracle or (isinstance(self.oracle, HFResponseOracle) and self.oracle.target_ids is not None)
+        return not self.uses_oracle or self.deterministic_oracle
 
     @torch.no_grad()
     def prefix_log_rewards(self, tokens: torch.Tensor, lengths: torch.Tensor, min_len: int = 1) -> torch.Tensor:
         """(B, max_len + 1): log R(x_1..x_t) for every prefix with min_len <= t <= length (others NaN), for the
-        modified SubTB loss. The prior costs one pass; a fixed-target local oracle scores each prefix as its own
-        row (B * max_len rows, batched)."""
+        modified SubTB loss. The prior costs one pass; a fixed-target local oracle scores each prefix it has not
+        scored before as its own row (batched). Every prefix counts as a reward evaluation."""
         if not self.can_score_prefixes():
             raise ValueError("prefix rewards need --llm-weight 0 or a local oracle with --target-response")
         batch, max_len = tokens.shape
@@ -288,10 +379,11 @@ class RewardModel:
         prior = self.prior.prefix_log_probs(tokens, lengths).double()[:, : max_len + 1]
         log_reward = torch.full((batch, max_len + 1), float("nan"), dtype=torch.float64)
         log_reward[:, : prior.shape[1]] = self.prior_weight * prior
+        rows, cols = usable.nonzero(as_tuple=True)
+        self.count(len(rows), 0)
         if self.uses_oracle:
-            rows, cols = usable.nonzero(as_tuple=True)
-            texts = [self.tokenizer.decode(tokens[r, :c].tolist()) for r, c in zip(rows.tolist(), cols.tolist())]
-            results = self.oracle.score(texts)
+            prefixes = [tokens[r, :c].tolist() for r, c in zip(rows.tolist(), cols.tolist())]
+            results = self._deterministic_results(prefixes, [])
             likelihood = torch.full_like(log_reward, float("nan"))
             likelihood[rows, cols] = torch.tensor([r.log_likelihood for r in results], dtype=torch.float64)
             log_reward = log_reward + self.llm_weight * likelihood
@@ -301,6 +393,7 @@ class RewardModel:
                 results: list[OracleResult] | None) -> RewardBatch:
         """log R from the prior and oracle results obtained elsewhere (live, or from a Batch API round)."""
         log_prior = self.prior.log_prob(tokens, lengths).double()
+        self.count(len(texts), 0)
         if results is not None:
             log_likelihood = torch.tensor([r.log_likelihood for r in results], dtype=torch.float64)
             valid = torch.tensor([r.valid for r in results], dtype=torch.bool)
@@ -310,4 +403,7 @@ class RewardModel:
             valid = torch.ones(len(texts), dtype=torch.bool)
         log_reward = self.prior_weight * log_prior + self.llm_weight * log_likelihood
         valid &= torch.isfinite(log_reward)
-        return RewardBatch(texts, log_prior, log_likelihood, log_reward, valid, results)
+        ids = token_id_lists(tokens, lengths)
+        retokenises = [self.tokenizer(text, add_special_tokens=False)["input_ids"] == row for text, row in zip(texts, ids)]
+        return RewardBatch(texts, log_prior, log_likelihood, log_reward, valid, results, retokenises=retokenises,
+                           oracle_saw_text=self.uses_oracle and not self.oracle_takes_ids)

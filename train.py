@@ -26,7 +26,7 @@ from durable_files import JsonlAppender, NullAppender
 from errors import OneLineErrorParser, UserError
 from evaluation import batch_metrics, sample_metrics
 from gflownet_policy import AutoregressivePolicy, LogZ, PolicyConfig, TransformerPolicy, make_lora_policy
-from hf_models import document_end_id, document_start_id, load_causal_lm, resolve_device
+from hf_models import describe_special_tokens, document_end_id, document_start_id, load_causal_lm, resolve_device
 from batch_pipeline import BatchAPIBatches, PrefetchBatches, SyncBatches
 from reward_oracle import TASKS, HFResponseOracle, PriorScorer, RewardBatch, RewardModel
 from trajectory_balance import LOSSES, gflownet_loss, vargrad_log_z
@@ -48,6 +48,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-api-workers", type=int, default=8, help="concurrent API requests")
     g.add_argument("--llm-temperature", type=float, default=1.0, help="sampling temperature of y (0 = greedy)")
     g.add_argument("--max-response-tokens", type=int, default=None, help="response length (default: the task's)")
+    g.add_argument("--oracle-format", default="auto", choices=["auto", "chat", "plain"],
+                   help="what the oracle receives: chat = the task's messages (a local model: through its chat "
+                        "template; an API: chat completions); plain = the task's plain prompt as text (a local model: "
+                        "after the document-start token; an API: the completions endpoint); auto = chat for APIs and "
+                        "for local tokenizers with a chat template, else plain. See the README's task table")
     g.add_argument("--target-response", default=None,
                    help="score log p(y*|x) of this fixed response by teacher forcing instead of sampling y")
     g.add_argument("--prior-model", default=None,
@@ -212,7 +217,8 @@ def build_oracle(args: argparse.Namespace, device: torch.device):
     if args.oracle == "hf":
         model, tokenizer = load_causal_lm(args.oracle_model or args.prior_model, device, DTYPES[args.dtype])
         return HFResponseOracle(model, tokenizer, task, temperature=args.llm_temperature,
-                                max_new_tokens=args.max_response_tokens, target_response=args.target_response)
+                                max_new_tokens=args.max_response_tokens, target_response=args.target_response,
+                                prompt_format=args.oracle_format)
     from api_client import OpenAIChatOracle, RetryPolicy, load_prices
 
     return OpenAIChatOracle(
@@ -292,6 +298,8 @@ def sample_records(epoch: int, tokens: torch.Tensor, lengths: torch.Tensor, rewa
         result = rewards.oracle_results[i]
         records.append({
             "epoch": epoch, "x": text, "token_ids": tokens[i, : int(lengths[i])].tolist(), "y": result.response,
+            "y_token_ids": result.token_ids,
+            "x_retokenises": rewards.retokenises[i] if rewards.retokenises is not None else None,
             "log_prior": float(rewards.log_prior[i]), "log_likelihood": _finite_or_none(rewards.log_likelihood[i]),
             "log_reward": _finite_or_none(rewards.log_reward[i]), "valid": bool(rewards.valid[i]),
             "error": result.error, "truncated": result.truncated, "response_tokens": result.num_tokens,
@@ -311,6 +319,12 @@ def replay_items(tokens: torch.Tensor, lengths: torch.Tensor, rewards) -> list:
                                     log_likelihood=float(rewards.log_likelihood[i]),
                                     extra={"y": rewards.oracle_results[i].response}))
     return items
+
+
+def length_histogram(lengths: torch.Tensor) -> dict[str, int]:
+    """{length: count} of the sampled x (string keys: JSON and W&B)."""
+    values, counts = torch.unique(lengths.cpu(), return_counts=True)
+    return {str(int(v)): int(c) for v, c in zip(values, counts)}
 
 
 def _finite_or_none(value: torch.Tensor) -> float | None:
@@ -454,6 +468,8 @@ def train(args: argparse.Namespace, on_start=None, on_epoch=None) -> dict:
     torch.manual_seed(args.seed)  # the same on every rank: identical initial parameters
 
     prior_model, tokenizer = load_prior(args, device)
+    if dist_info.is_main:
+        print(f"prior {args.prior_model}: {describe_special_tokens(tokenizer)}", file=sys.stderr)
     if resume_state is not None:
         policy = build_policy_for_checkpoint(resume_state, prior_model, tokenizer, device)
     else:
@@ -507,7 +523,9 @@ def train(args: argparse.Namespace, on_start=None, on_epoch=None) -> dict:
         (progress.write if progress is not None else lambda m: print(m, file=sys.stderr))(message)
 
     completed_epoch = start_epoch
-    oracle_calls = resume_state.get("oracle_calls", 0) if resume_state is not None else 0
+    if resume_state is not None:  # the run's counts of reward evaluations go on from the checkpoint's
+        reward_model.oracle_calls = resume_state.get("oracle_calls", 0)
+        reward_model.reward_calls = resume_state.get("reward_calls", reward_model.oracle_calls)
     source = None
 
     def save(epoch: int) -> str:
@@ -521,7 +539,8 @@ def train(args: argparse.Namespace, on_start=None, on_epoch=None) -> dict:
             "epoch": epoch, "args": vars(args), "policy": policy.trainable_state(),
             "lora_settings": getattr(policy, "lora_settings", None),
             "policy_config": asdict(policy.config), "log_z": log_z.state_dict(), "log_z_conditions": log_z.conditions,
-            "optimizer": optimizer.state_dict(), "rng": rng_state(), "oracle_calls": oracle_calls,
+            "optimizer": optimizer.state_dict(), "rng": rng_state(),
+            "oracle_calls": reward_model.oracle_calls, "reward_calls": reward_model.reward_calls,
             "api_totals": api.cost.snapshot() if api is not None else None,
             "batch_round": source.checkpoint_state() if source is not None else None,
         })
@@ -586,7 +605,6 @@ def train(args: argparse.Namespace, on_start=None, on_epoch=None) -> dict:
                                if api is not None else "budget reached on rank 0")
                 break
             tokens, lengths, log_q, rewards = batch.tokens, batch.lengths, batch.log_q, batch.rewards
-            oracle_calls += len(rewards.texts) if reward_model.uses_oracle else 0
             valid = rewards.valid.to(device)
             num_invalid = int((~valid).sum())
             if num_invalid:
@@ -652,7 +670,7 @@ def train(args: argparse.Namespace, on_start=None, on_epoch=None) -> dict:
                 "epoch": epoch,
                 **({"train/tb_loss": loss.item()} if args.loss == "tb" else {}),
                 "train/loss": loss.item(),
-                "train/log_Z": log_z(batch.condition).item() if args.loss in ("tb", "subtb") else vargrad_log_z(log_pf.detach(), log_reward),
+                "train/log_Z": log_z(batch.condition).item() if args.loss != "vargrad" else vargrad_log_z(log_pf.detach(), log_reward),
                 "train/reward_temperature": temperature,
                 "train/lr": optimizer.param_groups[0]["lr"],
                 "train/log_pf_mean": log_pf[:num_fresh].mean().item(),
@@ -661,8 +679,12 @@ def train(args: argparse.Namespace, on_start=None, on_epoch=None) -> dict:
                 "train/log_likelihood_mean": float(rewards.log_likelihood[valid_cpu].mean()),
                 "train/num_invalid": num_invalid,
                 "train/num_truncated": sum(r.truncated for r in rewards.oracle_results),
-                "train/oracle_calls": oracle_calls,
+                "train/oracle_calls": reward_model.oracle_calls,
+                "train/reward_calls": reward_model.reward_calls,
+                **({"train/retokenised_changed": sum(not same for same in rewards.retokenises)}
+                   if rewards.oracle_saw_text and rewards.retokenises is not None else {}),
                 "train/mean_length": lengths[:num_fresh].float().mean().item(),
+                "train/length_histogram": length_histogram(batch.lengths),
                 "train/epoch_seconds": time.time() - started,
                 "train/num_replayed": len(tokens) - num_fresh,
                 **{f"eval/{k}": v for k, v in batch_metrics(log_reward[:num_fresh].detach().cpu(), log_pf[:num_fresh].detach().cpu(), log_q.cpu()).items()},

@@ -65,7 +65,7 @@ def test_sampled_response_log_likelihood_is_untempered_score_of_y(tiny_chat_lm_d
         y_ids = result.token_ids
         assert len(y_ids) == result.num_tokens
         assert result.truncated == (y_ids[-1] != tokenizer.eos_token_id)  # the end-of-turn token is part of y
-        assert result.response == tokenizer.decode(y_ids, skip_special_tokens=True)
+        assert result.response == tokenizer.decode(y_ids)  # exactly, special tokens kept
         prompt = oracle.prompt_ids(text)
         expected = naive_log_prob(model, prompt + y_ids) - naive_log_prob(model, prompt)
         assert result.log_likelihood == pytest.approx(expected, abs=1e-3)

@@ -62,6 +62,11 @@ def test_stopped_and_resumed_run_logs_the_same_losses(tiny_lm_dir, tmp_path):
     first = samples[0]
     assert first["y"] and len(first["token_ids"]) >= 1 and first["log_prior"] < 0 and first["log_likelihood"] < 0
     assert first["log_reward"] == pytest.approx(first["log_prior"] + first["log_likelihood"])
+    assert first["y_token_ids"] and isinstance(first["x_retokenises"], bool)
+    metrics = read_jsonl(str(straight / "metrics_raw.jsonl"))
+    assert all(sum(m["train/length_histogram"].values()) == 4 for m in metrics)
+    assert [m["train/oracle_calls"] for m in metrics] == [4 * epoch for epoch in range(1, 7)]
+    assert "special tokens" not in err and "document start '<|endoftext|>'" in err
 
 
 def test_cosine_learning_rate_schedule_reaches_the_minimum_at_the_last_epoch(tiny_lm_dir, tmp_path):
