@@ -126,6 +126,11 @@ class AutoregressivePolicy(nn.Module):
         mask[full, self.stop_id] = False
         return mask
 
+    def _action_logits(self, logits: torch.Tensor, hidden: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+        """Final action logits from `_forward`'s, at prefix lengths `steps` (a policy with a separate stop
+        decision overrides this). Sampling and teacher forcing both go through it, so P_F stays exact."""
+        return logits
+
     def masked_log_probs(self, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return torch.log_softmax(logits.masked_fill(mask, float("-inf")), dim=-1)
 
@@ -147,6 +152,7 @@ class AutoregressivePolicy(nn.Module):
         logits, hidden, _ = self._forward(input_ids, 0, None)
         logits, hidden = logits[:, offset:], hidden[:, offset:]  # (B, max_len + 1, .) from s_0 on
         steps = torch.arange(max_len + 1, device=tokens.device)
+        logits = self._action_logits(logits, hidden, steps)
         mask = torch.stack([self._action_mask(int(t), batch) for t in steps], dim=1)
         log_probs = self.masked_log_probs(logits, mask)
         actions = torch.cat([tokens, torch.zeros(batch, 1, dtype=torch.long, device=tokens.device)], dim=1)
@@ -195,10 +201,11 @@ class AutoregressivePolicy(nn.Module):
         next_input, _ = self._inputs(tokens[:, :0], context)
         cache, position = None, 0
         for t in range(max_len + 1):
-            logits, _, cache = self._forward(next_input, position, cache)
+            logits, hidden, cache = self._forward(next_input, position, cache)
             position += next_input.shape[1]
             mask = self._action_mask(t, batch_size)
-            probs = self.masked_log_probs(logits[:, -1] / temperature, mask).exp()
+            step_logits = self._action_logits(logits[:, -1], hidden[:, -1], torch.tensor(t, device=device))
+            probs = self.masked_log_probs(step_logits / temperature, mask).exp()
             if epsilon > 0:
                 allowed = (~mask).float()
                 probs = (1 - epsilon) * probs + epsilon * allowed / allowed.sum(dim=1, keepdim=True)
@@ -270,10 +277,29 @@ class TransformerPolicy(AutoregressivePolicy):
 
 
 
+def uniform_length_stop_logits(min_len: int, max_len: int) -> torch.Tensor:
+    """(max_len + 1,) stop logits s_t that make the length of x uniform on [min_len, max_len] when
+    P(stop | t) = sigmoid(s_t): the hazard of a uniform length is 1 / (max_len - t + 1), whose logit is
+    -log(max_len - t). Entries below min_len are masked anyway; at max_len the stop is forced."""
+    steps = torch.arange(max_len + 1, dtype=torch.float64)
+    return -torch.log((max_len - steps).clamp(min=1)).float()
+
+
+LORA_STOP_MODES = ("head", "eos")
+
+
 class LoRAPolicy(AutoregressivePolicy):
-    """A pretrained causal LM with LoRA adapters as the policy (Hu et al., 2024). At initialisation (LoRA's B
-    matrices are zero) it *is* the LM: x starts from the LM's document-start token, tokens are the LM's own
-    next-token distribution, and STOP is the LM's end-of-text token, which is therefore not also a token action.
+    """A pretrained causal LM with LoRA adapters as the policy (Hu et al., 2024). x starts from the LM's
+    document-start token and tokens follow the LM's own next-token distribution (at initialisation, LoRA's B
+    matrices being zero). The LM's end-of-text token is never a token action. STOP is decided by `stop_mode`:
+
+    - "head" (default): a separate, learned stop decision, P(STOP | s_t) = sigmoid(b_t + w . h_t), with the
+      token actions taking the rest of the mass in the LM's proportions. b starts at the logits of a uniform
+      length on [min_len, max_len] and w at zero, so the untrained policy is the LM with uniformly distributed
+      lengths. (A real LM almost never predicts end-of-text after a short snippet: with "eos", every x on
+      SmolLM2 had exactly --max-len tokens.)
+    - "eos": STOP is the LM's end-of-text logit, so the untrained policy is exactly the LM's p(x) p(EOS | x).
+
     The same weights serve the prior with the adapters switched off (`adapters_disabled`), so one copy is
     loaded. Sampling uses the model's own KV cache."""
 
@@ -284,11 +310,19 @@ class LoRAPolicy(AutoregressivePolicy):
         self.start_id = start_id
         self.stop_token_id = stop_token_id
         self.lora_settings = lora_settings
+        self.stop_mode = lora_settings.get("stop", "eos")  # checkpoints from before the stop head: "eos"
+        if self.stop_mode not in LORA_STOP_MODES:
+            raise ValueError(f"unknown LoRA stop mode {self.stop_mode!r}; choose from {LORA_STOP_MODES}")
         hidden = peft_model.get_base_model().config.get_text_config().hidden_size
+        device = next(peft_model.parameters()).device
         self.flow_head = nn.Linear(hidden, 1)  # log F(s) for SubTB, on the LM's last hidden state
         nn.init.zeros_(self.flow_head.weight)
         nn.init.zeros_(self.flow_head.bias)
-        self.flow_head.to(next(peft_model.parameters()).device)
+        self.flow_head.to(device)
+        if self.stop_mode == "head":
+            self.stop_bias = nn.Parameter(uniform_length_stop_logits(config.min_len, config.max_len).to(device))
+            self.stop_head = nn.Linear(hidden, 1, bias=False).to(device)
+            nn.init.zeros_(self.stop_head.weight)
 
     @property
     def device(self) -> torch.device:
@@ -300,6 +334,15 @@ class LoRAPolicy(AutoregressivePolicy):
         vocab = self.config.vocab_size
         action_logits = torch.cat([logits[..., :vocab], logits[..., self.stop_token_id: self.stop_token_id + 1]], dim=-1)
         return action_logits, out.hidden_states[-1], out.past_key_values
+
+    def _action_logits(self, logits: torch.Tensor, hidden: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+        if self.stop_mode == "eos":
+            return logits
+        # Token log-probs normalised over the allowed tokens (sum of exp = 1), beside the stop logit: the
+        # softmax then gives P(STOP) = sigmoid(stop logit) exactly, and tokens the LM's relative probabilities.
+        token_log_probs = torch.log_softmax(logits[..., :-1].masked_fill(self.banned[:-1], float("-inf")), dim=-1)
+        stop = self.stop_bias[steps] + self.stop_head(hidden.to(self.stop_head.weight.dtype)).squeeze(-1).float()
+        return torch.cat([token_log_probs, stop.unsqueeze(-1)], dim=-1)
 
     def adapters_disabled(self):
         """Context manager: the base LM without adapters (the prior p(x), or a local oracle on the same weights)."""
@@ -315,8 +358,11 @@ class LoRAPolicy(AutoregressivePolicy):
     def trainable_state(self) -> dict:
         from peft import get_peft_model_state_dict
 
-        return {"lora": {k: v.detach().cpu() for k, v in get_peft_model_state_dict(self.model).items()},
-                "flow_head": self.flow_head.state_dict()}
+        state = {"lora": {k: v.detach().cpu() for k, v in get_peft_model_state_dict(self.model).items()},
+                 "flow_head": self.flow_head.state_dict()}
+        if self.stop_mode == "head":
+            state["stop"] = {"bias": self.stop_bias.detach().cpu(), "head": self.stop_head.state_dict()}
+        return state
 
     def load_trainable_state(self, state: dict) -> None:
         from peft import set_peft_model_state_dict
@@ -326,6 +372,10 @@ class LoRAPolicy(AutoregressivePolicy):
         if unexpected:
             raise ValueError(f"LoRA weights do not fit this model: unexpected {unexpected[:3]}")
         self.flow_head.load_state_dict(state["flow_head"])
+        if self.stop_mode == "head":
+            with torch.no_grad():
+                self.stop_bias.copy_(state["stop"]["bias"])
+            self.stop_head.load_state_dict(state["stop"]["head"])
 
 
 def default_lora_targets(model) -> list[str]:
@@ -339,7 +389,8 @@ def default_lora_targets(model) -> list[str]:
 
 
 def make_lora_policy(base_model, config: PolicyConfig, start_id: int, stop_token_id: int, r: int = 16,
-                     alpha: float = 32.0, dropout: float = 0.0, target_modules: list[str] | None = None) -> LoRAPolicy:
+                     alpha: float = 32.0, dropout: float = 0.0, target_modules: list[str] | None = None,
+                     stop_mode: str = "head") -> LoRAPolicy:
     """Wrap base_model (in place: LoRA layers are injected into it) and return the policy."""
     from peft import LoraConfig, get_peft_model
 
@@ -351,7 +402,7 @@ def make_lora_policy(base_model, config: PolicyConfig, start_id: int, stop_token
     peft_model = get_peft_model(base_model, lora_config)
     peft_model.eval()
     register_adapters(base_model, peft_model)
-    settings = {"r": r, "alpha": alpha, "dropout": dropout, "target_modules": targets}
+    settings = {"r": r, "alpha": alpha, "dropout": dropout, "target_modules": targets, "stop": stop_mode}
     return LoRAPolicy(peft_model, config, start_id, stop_token_id, settings)
 
 

@@ -309,9 +309,7 @@ class RewardModel:
     def __init__(self, tokenizer, prior: PriorScorer, oracle=None, prior_weight: float = 1.0, llm_weight: float = 1.0) -> None:
         self.tokenizer, self.prior, self.oracle = tokenizer, prior, oracle
         self.prior_weight, self.llm_weight = prior_weight, llm_weight
-        # A local oracle with the prior's vocabulary scores the policy's own ids: decoding and re-encoding them
-        # changed 8-19% of x on SmolLM2. Any other oracle (an API) receives text.
-        self.oracle_takes_ids = isinstance(oracle, HFResponseOracle) and same_vocabulary(oracle.tokenizer, tokenizer)
+        self._takes_ids: tuple[object, bool] = (None, False)  # (oracle, decision), see oracle_takes_ids
         self.known_likelihoods: dict[tuple[int, ...], float] = {}
         self.reward_calls = 0
         self.oracle_calls = 0
@@ -324,6 +322,15 @@ class RewardModel:
         texts = self.decode(tokens, lengths) if texts is None else texts
         results = self.query_oracle(tokens, lengths, texts) if self.uses_oracle else None
         return self.combine(tokens, lengths, texts, results)
+
+    @property
+    def oracle_takes_ids(self) -> bool:
+        """A local oracle with the prior's vocabulary scores the policy's own ids: decoding and re-encoding them
+        changed 8-19% of x on SmolLM2. Any other oracle (an API) receives text. Decided once per oracle."""
+        if self._takes_ids[0] is not self.oracle:
+            takes = isinstance(self.oracle, HFResponseOracle) and same_vocabulary(self.oracle.tokenizer, self.tokenizer)
+            self._takes_ids = (self.oracle, takes)
+        return self._takes_ids[1]
 
     @property
     def uses_oracle(self) -> bool:

@@ -101,6 +101,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--lora-dropout", type=float, default=0.0)
     g.add_argument("--lora-target-modules", nargs="+", default=None,
                    help="module names to adapt (default: peft's choice for the architecture)")
+    g.add_argument("--lora-stop", default="head", choices=["head", "eos"],
+                   help="head: a learned stop decision that starts from uniform lengths on [--min-len, --max-len]; "
+                        "eos: stop when the LM predicts end-of-text (real LMs rarely do after a short snippet)")
     g.add_argument("--d-model", type=int, default=256)
     g.add_argument("--num-layers", type=int, default=4)
     g.add_argument("--num-heads", type=int, default=4)
@@ -169,6 +172,8 @@ def validate_args(args: argparse.Namespace) -> None:
         (args.task != "contradiction" or args.replay_fraction == 0,
          "--task contradiction does not support --replay-fraction yet (its hybrid reward is not a weighted sum of two stored terms)"),
         (args.answer_max_tokens >= 1 and args.penalized_steps >= 0, "need --answer-max-tokens >= 1 and --penalized-steps >= 0"),
+        (args.loss != "modified-subtb" or args.llm_weight == 0 or (args.oracle == "hf" and args.target_response is not None),
+         "--loss modified-subtb scores every prefix of x: use --llm-weight 0, or --oracle hf with --target-response"),
         (args.batch_size >= 1, "--batch-size must be >= 1"),
         (args.epochs >= 0, "--epochs must be >= 0"),
         (args.lr > 0 and args.lr_z >= 0, "--lr must be > 0 and --lr-z >= 0"),
@@ -258,13 +263,14 @@ def build_policy(args: argparse.Namespace, prior_model, tokenizer, device: torch
     if getattr(args, "policy", "transformer") == "transformer":
         return TransformerPolicy(config).to(device)
     settings = lora_settings or {"r": args.lora_r, "alpha": args.lora_alpha, "dropout": args.lora_dropout,
-                                 "target_modules": args.lora_target_modules}
+                                 "target_modules": args.lora_target_modules, "stop": args.lora_stop}
     stop_token_id = document_end_id(tokenizer)
     banned = tuple(sorted(set(config.banned_token_ids) | {stop_token_id}))  # STOP is that token, not a token action
     config = PolicyConfig(**{**asdict(config), "banned_token_ids": banned})
     try:
         return make_lora_policy(prior_model, config, document_start_id(tokenizer), stop_token_id, r=settings["r"],
-                                alpha=settings["alpha"], dropout=settings["dropout"], target_modules=settings["target_modules"])
+                                alpha=settings["alpha"], dropout=settings["dropout"], target_modules=settings["target_modules"],
+                                stop_mode=settings.get("stop", "eos"))
     except ValueError as exc:  # peft: target modules not found in the model, unknown architecture
         raise UserError(f"cannot add LoRA adapters to {args.prior_model!r}: {str(exc).splitlines()[0]}") from None
 

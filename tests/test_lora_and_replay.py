@@ -3,6 +3,7 @@ import argparse
 import contextlib
 import io
 import json
+import math
 import os
 
 import pytest
@@ -29,9 +30,9 @@ def build(args):
 
 
 def test_lora_policy_starts_as_the_prior_lm_and_its_cache_matches_teacher_forcing(tiny_lm_dir, tmp_path):
-    args = lora_args(tiny_lm_dir, tmp_path, "--prior-include-eos", "--max-len", "12")
+    args = lora_args(tiny_lm_dir, tmp_path, "--prior-include-eos", "--max-len", "12", "--lora-stop", "eos")
     prior_model, tokenizer, policy = build(args)
-    assert isinstance(policy, LoRAPolicy)
+    assert isinstance(policy, LoRAPolicy) and policy.stop_mode == "eos"
     assert policy.stop_token_id == tokenizer.convert_tokens_to_ids("<|endoftext|>")
     trainable = [name for name, p in policy.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in name or "flow_head" in name for name in trainable)
@@ -52,6 +53,36 @@ def test_lora_policy_starts_as_the_prior_lm_and_its_cache_matches_teacher_forcin
     renormalisation = -torch.log1p(-first[policy.stop_token_id].exp()).item()
     assert renormalisation > 1e-4
     assert torch.allclose(policy.log_pf(tokens, lengths).detach().double(), prior.double() + renormalisation, atol=1e-4)
+
+
+def test_lora_stop_head_starts_as_the_lm_with_uniform_lengths(tiny_lm_dir, tmp_path):
+    min_len, max_len = 2, 7
+    args = lora_args(tiny_lm_dir, tmp_path, "--min-len", str(min_len), "--max-len", str(max_len))
+    prior_model, tokenizer, policy = build(args)
+    assert policy.stop_mode == "head"
+    trainable = [name for name, p in policy.named_parameters() if p.requires_grad]
+    assert "stop_bias" in trainable and "stop_head.weight" in trainable
+    # Untrained: log P_F(x) = sum_t log p_LM(x_t | x_<t, not a special token) - log(number of lengths), exactly.
+    generator = torch.Generator().manual_seed(3)
+    tokens = torch.randint(1, policy.config.vocab_size, (12, max_len), generator=generator)
+    lengths = torch.randint(min_len, max_len + 1, (12,), generator=generator)
+    tokens[torch.arange(max_len).unsqueeze(0) >= lengths.unsqueeze(1)] = 0
+    special = torch.tensor(tokenizer.all_special_ids)
+    expected = []
+    with torch.no_grad():
+        for row, n in zip(tokens, lengths.tolist()):
+            logits = prior_model(input_ids=torch.cat([torch.tensor([policy.start_id]), row[:n]]).unsqueeze(0)).logits[0].double()
+            logits[:, special] = float("-inf")
+            log_probs = torch.log_softmax(logits, -1)
+            expected.append(sum(log_probs[t, row[t]].item() for t in range(n)) - math.log(max_len - min_len + 1))
+    got = policy.log_pf(tokens, lengths).detach().double()
+    assert torch.allclose(got, torch.tensor(expected, dtype=torch.float64), atol=1e-4)
+    # sampling follows it: lengths spread over the whole range (with "eos" this tiny LM almost never stops)
+    torch.manual_seed(0)
+    tokens, lengths, sampler_log_prob = policy.sample(400)
+    assert torch.allclose(sampler_log_prob, policy.log_pf(tokens, lengths), atol=1e-4)
+    counts = torch.bincount(lengths, minlength=max_len + 1)[min_len:]
+    assert counts.min() > 400 / 6 * 0.6 and counts.max() < 400 / 6 * 1.4, counts
 
 
 def test_prior_is_scored_with_adapters_off_after_training(tiny_lm_dir, tmp_path):
@@ -84,7 +115,8 @@ def test_lora_run_resumes_with_the_same_losses(tiny_lm_dir, tmp_path):
     resumed = run(tmp_path / "b", "--epochs", "4", "--resume")
     assert resumed == pytest.approx(straight, rel=1e-5, abs=1e-6)
     state = load_checkpoint(str(tmp_path / "a" / "checkpoint_gfn_raw_epoch4.pt"))
-    assert state["lora_settings"]["r"] == 4 and set(state["policy"]) == {"lora", "flow_head"}
+    assert state["lora_settings"]["r"] == 4 and set(state["policy"]) == {"lora", "flow_head", "stop"}
+    assert state["lora_settings"]["stop"] == "head"
     # only adapter weights are saved, not the base model
     assert sum(t.numel() for t in state["policy"]["lora"].values()) < 20_000
 
