@@ -24,12 +24,14 @@ import re
 import sqlite3
 import threading
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import httpx2  # the HTTP library the openai client is built on (since openai 3)
 import openai
 
+from concurrency import AdaptiveConcurrency
 from errors import OracleError, UserError
 from reward_oracle import OracleResult, Task, sum_token_logprobs
 
@@ -99,7 +101,8 @@ class CostTracker:
         self.totals = {"requests": 0, "cache_hits": 0, "failed": 0, "prompt_tokens": 0, "cached_tokens": 0,
                        "completion_tokens": 0, "dollars": 0.0}
 
-    def add_usage(self, usage: dict, discount: float | None = None) -> float:
+    def charge(self, usage: dict, discount: float | None = None) -> dict:
+        """One paid request's row of the spend ledger: its tokens and dollars (not yet added to the totals)."""
         prompt = int(usage.get("prompt_tokens") or 0)
         completion = int(usage.get("completion_tokens") or 0)
         cached = int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
@@ -107,13 +110,18 @@ class CostTracker:
         if self.price is not None:
             dollars = ((prompt - cached) * self.price["input"] + cached * self.price["cached_input"]
                        + completion * self.price["output"]) / 1e6 * (self.discount if discount is None else discount)
+        return {"requests": 1, "prompt_tokens": prompt, "cached_tokens": cached, "completion_tokens": completion,
+                "dollars": dollars}
+
+    def add(self, charge: dict) -> None:
         with self.lock:
-            self.totals["requests"] += 1
-            self.totals["prompt_tokens"] += prompt
-            self.totals["cached_tokens"] += cached
-            self.totals["completion_tokens"] += completion
-            self.totals["dollars"] += dollars
-        return dollars
+            for name in LEDGER_COLUMNS:
+                self.totals[name] += charge[name]
+
+    def add_usage(self, usage: dict, discount: float | None = None) -> float:
+        charge = self.charge(usage, discount)
+        self.add(charge)
+        return charge["dollars"]
 
     def count(self, key: str) -> None:
         with self.lock:
@@ -227,13 +235,20 @@ class RateLimiter:
 # -------------------------------------------------------------------------------------------------- cache
 
 
-class ResponseCache:
-    """SQLite (WAL) map from a request hash to the server's JSON reply. Each insert is its own transaction,
-    so a crash mid-write leaves the database as it was before that insert."""
+LEDGER_COLUMNS = ("requests", "prompt_tokens", "cached_tokens", "completion_tokens", "dollars")
 
-    def __init__(self, path: str) -> None:
+
+class ResponseCache:
+    """SQLite (WAL) map from a request hash to the server's JSON reply, and the spend ledger: one row per paid
+    request, tagged with the run that paid for it. A reply and its ledger row are written in one transaction,
+    so after a crash (even kill -9) the ledger holds exactly the requests whose answers were kept, and a resumed
+    run's spending restarts from the ledger, not from its last checkpoint. `store_responses=False` (--no-cache)
+    keeps the ledger but neither stores nor serves replies."""
+
+    def __init__(self, path: str, store_responses: bool = True) -> None:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         self.path = path
+        self.store_responses = store_responses
         self.lock = threading.Lock()
         try:
             self.db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
@@ -241,22 +256,46 @@ class ResponseCache:
             self.db.execute("PRAGMA synchronous=NORMAL")  # durable across process crashes in WAL mode
             self.db.execute("CREATE TABLE IF NOT EXISTS responses (key TEXT PRIMARY KEY, request TEXT NOT NULL, "
                             "response TEXT NOT NULL, created REAL NOT NULL)")
+            self.db.execute("CREATE TABLE IF NOT EXISTS spend (id INTEGER PRIMARY KEY, run_id TEXT NOT NULL, "
+                            "key TEXT NOT NULL, requests INTEGER NOT NULL, prompt_tokens INTEGER NOT NULL, "
+                            "cached_tokens INTEGER NOT NULL, completion_tokens INTEGER NOT NULL, dollars REAL NOT NULL, "
+                            "created REAL NOT NULL)")
         except sqlite3.DatabaseError as exc:
             raise UserError(f"response cache {path} is not a usable SQLite database ({exc}); move it away or use --no-cache") from None
+
+    def put_paid(self, key: str, request: dict, response: dict, run_id: str, charge: dict) -> None:
+        """Store a paid reply and its ledger row atomically."""
+        with self.lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                if self.store_responses:
+                    self.db.execute("INSERT OR REPLACE INTO responses VALUES (?, ?, ?, ?)",
+                                    (key, json.dumps(request, ensure_ascii=False), json.dumps(response), time.time()))
+                self.db.execute("INSERT INTO spend (run_id, key, requests, prompt_tokens, cached_tokens, completion_tokens, "
+                                "dollars, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                                (run_id, key, *(charge[name] for name in LEDGER_COLUMNS), time.time()))
+                self.db.execute("COMMIT")
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+
+    def spent(self, run_id: str) -> dict:
+        """The ledger's totals for one run."""
+        with self.lock:
+            row = self.db.execute(f"SELECT {', '.join(f'COALESCE(SUM({c}), 0)' for c in LEDGER_COLUMNS)} "
+                                  "FROM spend WHERE run_id = ?", (run_id,)).fetchone()
+        return dict(zip(LEDGER_COLUMNS, row))
 
     @staticmethod
     def key(request: dict) -> str:
         return hashlib.sha256(json.dumps(request, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
     def get(self, key: str) -> dict | None:
+        if not self.store_responses:
+            return None
         with self.lock:
             row = self.db.execute("SELECT response FROM responses WHERE key = ?", (key,)).fetchone()
         return json.loads(row[0]) if row else None
-
-    def put(self, key: str, request: dict, response: dict) -> None:
-        with self.lock:
-            self.db.execute("INSERT OR REPLACE INTO responses VALUES (?, ?, ?, ?)",
-                            (key, json.dumps(request, ensure_ascii=False), json.dumps(response), time.time()))
 
     def __len__(self) -> int:
         with self.lock:
@@ -328,6 +367,28 @@ def classify(exc: Exception, model: str) -> tuple[str, float | None]:
     return "fatal", None
 
 
+OVERLOAD_STATUS = {429, 503}  # the server says it has too much to do
+
+
+def concurrency_outcome(exc: BaseException) -> str:
+    """How a failed attempt steers the adaptive concurrency limit: a timeout, 429 or 503 means the server is
+    overloaded (halve the limit); anything else says nothing about load."""
+    if isinstance(exc, (openai.APITimeoutError, httpx2.TimeoutException)):
+        return "overload"
+    if isinstance(exc, openai.APIStatusError) and exc.status_code in OVERLOAD_STATUS:
+        return "overload"
+    return "error"
+
+
+def completion_work(text: str) -> float:
+    """Completion tokens + 1 of a raw reply: latency is compared per unit of work, since long replies take longer."""
+    try:
+        usage = json.loads(text).get("usage") or {}
+        return float(int(usage.get("completion_tokens") or 0) + 1)
+    except (ValueError, TypeError, AttributeError):
+        return 1.0  # malformed: the attempt is retried anyway; its latency still counts as one unit
+
+
 def fatal_message(exc: Exception, model: str) -> str:
     """A one-line reason. Uses the server's message, which never contains our key (OpenAI redacts keys)."""
     if not isinstance(exc, openai.APIStatusError):
@@ -345,11 +406,18 @@ def fatal_message(exc: Exception, model: str) -> str:
     return f"oracle request rejected (HTTP {exc.status_code}). Server said: {message}"
 
 
+# Failures that mean the server cannot be reached (refused, dropped, timed out), as opposed to a bad answer:
+# batches in which every request failed this way stop the run (see train.py --max-unreachable-batches).
+UNREACHABLE = (openai.APITimeoutError, openai.APIConnectionError, httpx2.TransportError)
+UNREACHABLE_PREFIX = "unreachable: "
+
+
 def call_with_retries(attempt_fn, policy: RetryPolicy, model: str, limiter: RateLimiter | None = None,
                       sleep=time.sleep, on_retry=None):
     """Run attempt_fn until it succeeds. Returns (value, None) or (None, reason) after the last attempt;
     raises FatalAPIError for errors retrying cannot fix."""
     last_reason = "no attempt made"
+    unreachable = False
     for attempt in range(policy.max_attempts):
         try:
             return attempt_fn(), None
@@ -360,6 +428,7 @@ def call_with_retries(attempt_fn, policy: RetryPolicy, model: str, limiter: Rate
             if kind == "fatal":
                 raise FatalAPIError(fatal_message(exc, model)) from None
             last_reason = (f"HTTP {exc.status_code}" if isinstance(exc, openai.APIStatusError) else type(exc).__name__)
+            unreachable = isinstance(exc, UNREACHABLE)
             if attempt + 1 == policy.max_attempts:
                 break
             delay = policy.delay(attempt, retry_after)
@@ -368,16 +437,24 @@ def call_with_retries(attempt_fn, policy: RetryPolicy, model: str, limiter: Rate
             if on_retry is not None:
                 on_retry(last_reason)
             sleep(delay)
-    return None, f"failed after {policy.max_attempts} attempts: {last_reason}"
+    prefix = UNREACHABLE_PREFIX if unreachable else ""
+    return None, f"{prefix}failed after {policy.max_attempts} attempts: {last_reason}"
 
 
 # --------------------------------------------------------------------------------------- request building
 
 
 def chat_request(model: str, task: Task, x: str, temperature: float, max_tokens: int) -> dict:
-    """The canonical chat request: the exact JSON body sent, and the cache key's input."""
+    """The canonical chat request: the exact JSON body sent, and the cache key's input. top_logprobs is sent
+    explicitly: llama.cpp's server returns no logprobs at all without it (0 is accepted by OpenAI, vLLM and
+    llama.cpp alike)."""
     return {"model": model, "messages": task.messages(x), "temperature": temperature, "max_tokens": max_tokens,
-            "logprobs": True, "n": 1}
+            "logprobs": True, "top_logprobs": 0, "n": 1}
+
+
+def plain_request(model: str, prompt: str, temperature: float, max_tokens: int) -> dict:
+    """A completions request for --oracle-format plain: the prompt text as is, y's token logprobs back."""
+    return {"model": model, "prompt": prompt, "temperature": temperature, "max_tokens": max_tokens, "logprobs": 1, "n": 1}
 
 
 def echo_request(model: str, prompt: str, target: str) -> dict:
@@ -397,6 +474,22 @@ def parse_chat_completion(body: dict, model: str) -> OracleResult:
     total, saw_sentinel = sum_token_logprobs(logprobs)
     return OracleResult(
         response=(choice.get("message") or {}).get("content") or "", log_likelihood=total, num_tokens=len(logprobs),
+        truncated=choice.get("finish_reason") == "length", valid=not saw_sentinel,
+        error="logprob_sentinel" if saw_sentinel else None, usage=body.get("usage") or {},
+    )
+
+
+def parse_plain_completion(body: dict, model: str) -> OracleResult:
+    """log p(y|x) from a completions reply (no echo): the generated tokens' logprobs."""
+    choice = (body.get("choices") or [None])[0]
+    if not isinstance(choice, dict):
+        raise ValueError("reply has no choices")
+    token_logprobs = (choice.get("logprobs") or {}).get("token_logprobs")
+    if token_logprobs is None:
+        raise OracleError(f"the server returned no logprobs for model {model!r} on its completions endpoint")
+    total, saw_sentinel = sum_token_logprobs([float(lp) for lp in token_logprobs])
+    return OracleResult(
+        response=choice.get("text") or "", log_likelihood=total, num_tokens=len(token_logprobs),
         truncated=choice.get("finish_reason") == "length", valid=not saw_sentinel,
         error="logprob_sentinel" if saw_sentinel else None, usage=body.get("usage") or {},
     )
@@ -428,9 +521,15 @@ class OpenAIChatOracle:
                  max_workers: int = 8, base_url: str | None = None, target_response: str | None = None,
                  timeout_s: float = DEFAULT_TIMEOUT_S, retry: RetryPolicy | None = None,
                  rpm: float | None = None, tpm: float | None = None, cache_path: str | None = None,
-                 prices: dict | None = None) -> None:
+                 prices: dict | None = None, store_responses: bool = True, prompt_format: str = "auto",
+                 adaptive_concurrency: bool = True) -> None:
         if max_workers < 1:
             raise UserError(f"--max-api-workers must be >= 1, got {max_workers}")
+        if prompt_format not in ("auto", "chat", "plain"):
+            raise UserError(f"unknown oracle format {prompt_format!r}")
+        # chat (and auto): chat completions of the task's messages; plain: the completions endpoint, fed the task's
+        # plain prompt as text, for base models served by vLLM or llama.cpp.
+        self.prompt_format = "plain" if prompt_format == "plain" else "chat"
         self.model, self.task, self.temperature = model, task, temperature
         self.max_tokens = max_tokens or task.max_response_tokens
         self.target_response = target_response
@@ -443,9 +542,12 @@ class OpenAIChatOracle:
         )
         self.retry = retry or RetryPolicy()
         self.limiter = RateLimiter(rpm, tpm)
-        self.cache = ResponseCache(cache_path) if cache_path else None
+        self.cache = ResponseCache(cache_path, store_responses=store_responses) if cache_path else None
+        self.run_id = uuid.uuid4().hex  # tags this run's rows in the spend ledger; a resumed run takes its own back
         self.cost = CostTracker(model, prices if prices is not None else PRICES_PER_MILLION)
         self.pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="oracle")
+        # max_workers is the ceiling; adaptive, fewer are in flight while the server queues (one-slot llama.cpp)
+        self.concurrency = AdaptiveConcurrency(max_workers, fixed=not adaptive_concurrency)
         self.retries = 0
 
     def score(self, texts: list[str]) -> list[OracleResult]:
@@ -464,12 +566,16 @@ class OpenAIChatOracle:
         """(endpoint, JSON body) of the request that scores x."""
         if self.target_response is not None:
             return "/v1/completions", echo_request(self.model, self.task.plain_prompt(x), self.target_response)
+        if self.prompt_format == "plain":
+            return "/v1/completions", plain_request(self.model, self.task.plain_prompt(x), self.temperature, self.max_tokens)
         return "/v1/chat/completions", chat_request(self.model, self.task, x, self.temperature, self.max_tokens)
 
     def cache_key(self, endpoint: str, body: dict) -> str:
         return ResponseCache.key({"base_url": self.base_url, "endpoint": endpoint, **body})
 
     def parse(self, x: str, body: dict) -> OracleResult:
+        if self.target_response is None and self.prompt_format == "plain":
+            return parse_plain_completion(body, self.model)
         if self.target_response is not None:
             prompt = self.task.plain_prompt(x)
             return parse_echo_completion(body, len(prompt), len(prompt) + len(self.target_response),
@@ -490,8 +596,15 @@ class OpenAIChatOracle:
         def attempt() -> dict:
             self.limiter.acquire(estimated_tokens)
             create = (self.client.completions if endpoint == "/v1/completions" else self.client.chat.completions)
-            # One Idempotency-Key per logical request, reused by every retry of it.
-            raw = create.with_raw_response.create(**body, extra_headers={"Idempotency-Key": key[:48]})
+            self.concurrency.acquire()  # the adaptive limit on requests in flight (concurrency.py)
+            started = time.monotonic()
+            try:
+                # One Idempotency-Key per logical request, reused by every retry of it.
+                raw = create.with_raw_response.create(**body, extra_headers={"Idempotency-Key": key[:48]})
+            except BaseException as exc:
+                self.concurrency.release(concurrency_outcome(exc), time.monotonic() - started)
+                raise
+            self.concurrency.release("ok", time.monotonic() - started, work=completion_work(raw.text))
             self.limiter.observe_headers(raw.headers, in_flight_hint=self.max_workers)
             reply = json.loads(raw.text)  # malformed JSON raises here and is retried
             self.parse(x, reply)  # a reply we cannot parse is retried too
@@ -505,12 +618,23 @@ class OpenAIChatOracle:
             raise
         if failure is not None:
             self.cost.count("failed")
-            return OracleResult.failed(failure)
-        self.cost.add_usage(reply.get("usage") or {})
+            return OracleResult.failed(failure, unreachable=failure.startswith(UNREACHABLE_PREFIX))
+        self.record_paid(key, body, reply)
         self.limiter.settle_tokens(estimated_tokens, int((reply.get("usage") or {}).get("total_tokens") or estimated_tokens))
-        if self.cache is not None:
-            self.cache.put(key, body, reply)
         return self.parse(x, reply)
+
+    def record_paid(self, key: str, body: dict, reply: dict, discount: float | None = None) -> None:
+        """A paid reply: into the cache and the spend ledger in one transaction, then into the running totals."""
+        charge = self.cost.charge(reply.get("usage") or {}, discount)
+        if self.cache is not None:
+            self.cache.put_paid(key, body, reply, self.run_id, charge)
+        self.cost.add(charge)
+
+    def resume_spending(self, run_id: str) -> None:
+        """Continue the spend ledger of an earlier run: totals restart from what it recorded as paid."""
+        self.run_id = run_id
+        if self.cache is not None:
+            self.cost.restore(self.cache.spent(run_id))
 
     def _count_retry(self, reason: str) -> None:
         with self.cost.lock:
@@ -521,10 +645,99 @@ class OpenAIChatOracle:
                 "returns prompt logprobs with echo=True (vLLM does, api.openai.com does not); use --oracle hf")
 
     def stats(self) -> dict:
-        return {**self.cost.snapshot(), "retries": self.retries}
+        return {**self.cost.snapshot(), "retries": self.retries, "concurrency_limit": self.concurrency.limit}
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
         self.client.close()
         if self.cache is not None:
             self.cache.close()
+
+
+# ---------------------------------------------------------------------------------------------- preflight
+
+PREFLIGHT_TIMEOUT_S = 15.0
+# Texts whose greedy continuation is one ordinary word on any LM, for the echo alignment check.
+ALIGNMENT_PROBES = ("The capital of France is", "Once upon a time, there was a", "1, 2, 3, 4,")
+ALIGNMENT_TOLERANCE = 0.1  # nats; a misaligned echo is off by whole nats, numerical noise by far less
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def served_models(client: openai.OpenAI, base_url: str) -> list[str] | None:
+    """The model ids the server lists, or None when it does not list models. A server that cannot be reached
+    or refuses the key is a one-line UserError, in seconds rather than after hours of retries."""
+    try:
+        return sorted(model.id for model in client.models.list())
+    except openai.AuthenticationError as exc:
+        raise UserError(f"authentication failed at {base_url} (HTTP 401): check OPENAI_API_KEY. Server said: {_first_line(exc)}") from None
+    except UNREACHABLE as exc:
+        raise UserError(f"cannot reach the oracle server at {base_url} ({type(exc).__name__}): is it running, "
+                        "and is --base-url right?") from None
+    except (openai.APIStatusError, openai.APIResponseValidationError, ValueError, TypeError, AttributeError):
+        return None
+
+
+def echo_alignment(client: openai.OpenAI, model: str, base_url: str) -> float | None:
+    """Largest |echoed logprob - generated logprob| over the probes: a server's echo of prompt logprobs is
+    compared with the logprob it reports when it generates the same token after the same text. None when no
+    probe could be compared (the continuation was empty or did not come back as its own token)."""
+    worst = None
+    for probe in ALIGNMENT_PROBES:
+        try:
+            generated = json.loads(client.completions.with_raw_response.create(
+                model=model, prompt=probe, max_tokens=1, temperature=0.0, logprobs=1).text)
+            choice = generated["choices"][0]
+            token, logprobs = choice.get("text") or "", (choice.get("logprobs") or {}).get("token_logprobs") or []
+            if not token.strip() or not logprobs or logprobs[0] is None:
+                continue
+            echoed = json.loads(client.completions.with_raw_response.create(
+                model=model, prompt=probe + token, max_tokens=1, temperature=0.0, echo=True, logprobs=1).text)
+        except openai.BadRequestError as exc:
+            raise OracleError(f"{base_url} cannot score --target-response: its completions endpoint refused a prompt "
+                              f"logprob request with echo=True ({_first_line(exc)}); use --oracle hf") from None
+        except UNREACHABLE as exc:
+            raise UserError(f"cannot reach the oracle server at {base_url} ({type(exc).__name__})") from None
+        echo_logprobs = (echoed["choices"][0].get("logprobs") or {})
+        found = [lp for offset, lp in zip(echo_logprobs.get("text_offset") or [], echo_logprobs.get("token_logprobs") or [])
+                 if offset == len(probe) and lp is not None]
+        if not found:
+            continue
+        gap = abs(float(found[0]) - float(logprobs[0]))
+        worst = gap if worst is None else max(worst, gap)
+    return worst
+
+
+def preflight(model: str, base_url: str | None, timeout_s: float, target_response: str | None = None,
+              check_model: bool = True) -> list[str]:
+    """Checks made once at start-up, before any model is loaded or any paid batch is sent: the server answers,
+    it serves `model`, and (with --target-response) its echoed prompt logprobs are aligned. Returns notes to
+    print; raises UserError naming the problem."""
+    shown_url = base_url or "https://api.openai.com/v1"
+    timeout = min(timeout_s, PREFLIGHT_TIMEOUT_S)
+    client = openai.OpenAI(api_key=api_key_from_env(base_url), base_url=base_url, timeout=timeout, max_retries=1)
+    notes = []
+    try:
+        models = served_models(client, shown_url)
+        if models is None:
+            notes.append(f"model check skipped: {shown_url} does not list its models")
+        elif check_model and model not in models:
+            shown = ", ".join(models[:20]) + (f", ... ({len(models) - 20} more)" if len(models) > 20 else "")
+            raise UserError(f"model {model!r} is not served by {shown_url}; it serves: {shown or 'nothing'}")
+        if target_response is not None:
+            gap = echo_alignment(client, model, shown_url)
+            if gap is None:
+                notes.append("echo alignment not checked: no probe's continuation came back as its own token")
+            elif gap > ALIGNMENT_TOLERANCE:
+                raise OracleError(
+                    f"{shown_url} echoes prompt logprobs misaligned with its own generation logprobs (off by {gap:.2f} "
+                    "nats; llama-cpp-python's server shifts them by one token for models without a BOS token), so "
+                    "log p(y*|x) would be wrong: use vLLM, or --oracle hf with the model file")
+            else:
+                notes.append(f"echo alignment checked: echoed and generated logprobs agree within {gap:.3f} nats")
+    finally:
+        client.close()
+    return notes

@@ -104,8 +104,6 @@ def collect_results(oracle: OpenAIChatOracle, batch, texts: list[str]) -> list[O
             reply = response["body"]
             if custom_id(key) not in billed:  # a duplicate x in the pool was one request, paid once
                 billed.add(custom_id(key))
-                oracle.cost.add_usage(reply.get("usage") or {}, discount=BATCH_DISCOUNT)
-                if oracle.cache is not None:
-                    oracle.cache.put(key, body, reply)
+                oracle.record_paid(key, body, reply, discount=BATCH_DISCOUNT)
             results.append(oracle.parse(x, reply))
     return results

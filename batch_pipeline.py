@@ -54,7 +54,9 @@ class SyncBatches:
             parts.append(self.policy.sample(num_tempered, temperature=drawn, epsilon=self.epsilon, context=context))
         return tuple(torch.cat(tensors) for tensors in zip(*parts))
 
-    def next(self) -> ScoredBatch | None:
+    def next(self, more: bool = True) -> ScoredBatch | None:
+        """The next scored batch, or None when the budget is spent. more=False: no batch will be asked for
+        after this one (the last epoch), so nothing may be sampled or paid for ahead of it."""
         if not self.may_spend():
             return None
         tokens, lengths, log_q = self.sample()
@@ -69,16 +71,31 @@ class SyncBatches:
 
 
 class PrefetchBatches(SyncBatches):
-    def __init__(self, *args, **kwargs) -> None:
+    """The batch sent ahead is part of every checkpoint (`checkpoint_state`): a resumed run trains on exactly the
+    x that were paid for (answered from the response cache) and its RNG, saved after sampling them, goes on
+    as the uninterrupted run's would. Nothing is sent ahead of the last epoch."""
+
+    def __init__(self, *args, pending_state: dict | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
         self.pending: tuple[tuple, Future] | None = None
+        self.restored = pending_state
 
-    def _submit(self) -> None:
-        if not self.may_spend():
+    def checkpoint_state(self) -> dict | None:
+        if self.pending is None:
+            return None
+        tokens, lengths, log_q, _ = self.pending[0]
+        return {"prefetched": {"tokens": tokens.cpu(), "lengths": lengths.cpu(), "log_q": log_q.cpu()}}
+
+    def _submit(self, restored: dict | None = None) -> None:
+        if restored is not None:  # already paid for before the restart: no budget check, no sampling
+            device = self.policy.device
+            tokens, lengths, log_q = (restored[name].to(device) for name in ("tokens", "lengths", "log_q"))
+        elif not self.may_spend():
             self.pending = None
             return
-        tokens, lengths, log_q = self.sample()
+        else:
+            tokens, lengths, log_q = self.sample()
         texts = self.reward_model.decode(tokens, lengths)
         # Only the oracle's requests run in the background; the prior is scored on this thread, so model
         # state (a LoRA policy switching its adapters off for the prior) is never touched from two threads.
@@ -91,14 +108,18 @@ class PrefetchBatches(SyncBatches):
         results = oracle_future.result() if oracle_future is not None else None
         return ScoredBatch(tokens, lengths, log_q, self.reward_model.combine(tokens, lengths, texts, results))
 
-    def next(self) -> ScoredBatch | None:
+    def next(self, more: bool = True) -> ScoredBatch | None:
         if self.pending is None:
-            self._submit()
+            restored, self.restored = (self.restored or {}).get("prefetched"), None
+            self._submit(restored)
             if self.pending is None:
                 return None
         current = self.pending
         # Sample and submit batch k+1 while batch k's requests are in flight, then wait for batch k.
-        self._submit()
+        if more:
+            self._submit()
+        else:
+            self.pending = None
         return self._finish(current)
 
     def drain(self) -> list[ScoredBatch]:
@@ -159,7 +180,7 @@ class BatchAPIBatches(SyncBatches):
                 rewards.valid[part], rewards.oracle_results[part])))
         return True
 
-    def next(self) -> ScoredBatch | None:
+    def next(self, more: bool = True) -> ScoredBatch | None:
         if not self.queue and not self._round():
             return None
         return self.queue.pop(0)

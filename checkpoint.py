@@ -31,8 +31,10 @@ def load_checkpoint(path: str) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated zip, pickle of foreign objects, not a torch file at all
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"cannot read checkpoint {path}: corrupt or not a PyTorch file ({reason[:200]})") from None
+        # torch's own message suggests weights_only=False, i.e. running code from an untrusted file: never repeat it
+        reason = "it holds objects other than tensors and plain data" if "weights_only" in str(exc).lower() \
+            else (str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__)
+        raise UserError(f"cannot read checkpoint {path}: corrupt or not a checkpoint of this project ({reason})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise UserError(f"{path} is not a checkpoint of this project (expected format {FORMAT!r})")
     missing = [k for k in ("epoch", "args", "policy", "policy_config", "log_z", "optimizer", "rng") if k not in state]

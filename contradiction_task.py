@@ -80,7 +80,7 @@ class ContradictionBatches(SyncBatches):
         self.tokenizer, self.examples, self.reward = tokenizer, examples, reward
         self.step = start_step
 
-    def next(self) -> ScoredBatch | None:
+    def next(self, more: bool = True) -> ScoredBatch | None:
         if not self.may_spend():
             return None
         example = self.examples[self.step % len(self.examples)]

@@ -7,9 +7,7 @@ local folder or .gguf file to run fully offline.
 """
 import sys
 
-import torch
-
-from train import main
+import flags
 
 DEMO_DEFAULTS = dict(
     prior_model="gpt2", oracle="hf", oracle_model=None, task="raw", batch_size=16, epochs=60, max_len=12,
@@ -18,6 +16,8 @@ DEMO_DEFAULTS = dict(
 
 
 def show_samples(title: str, policy, reward_model, num: int = 6) -> None:
+    import torch  # here, not at the top: bad flags are reported before torch loads
+
     # fork_rng: looking at samples must not change the training run's random stream
     with torch.random.fork_rng(devices=[]):
         tokens, lengths, _ = policy.sample(num)
@@ -31,6 +31,9 @@ def show_samples(title: str, policy, reward_model, num: int = 6) -> None:
 
 
 if __name__ == "__main__":
+    flags.check_command_line(sys.argv[1:], __doc__, DEMO_DEFAULTS)
+    from train import main
+
     sys.exit(main(
         description=__doc__, defaults=DEMO_DEFAULTS,
         on_start=lambda policy, reward_model: show_samples("before training", policy, reward_model),

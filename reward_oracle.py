@@ -15,42 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from errors import UserError
+from tasks import TASKS, Task  # noqa: F401  (TASKS re-exported: the oracles' table)
 from hf_models import document_end_id, document_start_id, without_adapters
-
-# --------------------------------------------------------------------------------------------------- tasks
-
-
-@dataclass(frozen=True)
-class Task:
-    description: str
-    system_prompt: str | None
-    user_template: str  # "{x}" is replaced by the sampled input text
-    max_response_tokens: int
-
-    def messages(self, x: str) -> list[dict]:
-        """Chat messages for chat APIs and instruct models with a chat template."""
-        messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
-        return messages + [{"role": "user", "content": self.user_template.format(x=x)}]
-
-    def plain_prompt(self, x: str) -> str:
-        """One string for base models without a chat template and for completions endpoints."""
-        user = self.user_template.format(x=x)
-        return f"{self.system_prompt}\n\n{user}" if self.system_prompt else user
-
-
-# One row per task; add a row to add a task.
-TASKS: dict[str, Task] = {
-    "raw": Task("x sent as the whole user message with no system prompt; the LLM continues or answers it.",
-                None, "{x}", 32),
-    "assistant": Task("x as a user turn to a helpful assistant.",
-                      "You are a helpful assistant.", "{x}", 64),
-    "creative": Task("x as the opening of a piece of writing that the LLM continues.",
-                     "You are a creative writer. Continue the text you are given in the same style.",
-                     "Continue this text:\n\n{x}", 64),
-    "code": Task("x as the beginning of a source file that the LLM completes.",
-                 "You are an expert programmer. Complete the code you are given. Reply with code only.",
-                 "Complete this code:\n\n{x}", 64),
-}
 
 # ------------------------------------------------------------------------------------------------ results
 
@@ -67,10 +33,12 @@ class OracleResult:
     error: str | None = None  # why it is not valid: "logprob_sentinel", an API error, ...
     usage: dict = field(default_factory=dict)
     token_ids: list[int] | None = None  # y's token ids, when the oracle is a local model
+    unreachable: bool = False  # failed because the server could not be reached (refused, dropped, timed out)
 
     @classmethod
-    def failed(cls, reason: str, response: str = "") -> "OracleResult":
-        return cls(response=response, log_likelihood=float("nan"), num_tokens=0, valid=False, error=reason)
+    def failed(cls, reason: str, response: str = "", unreachable: bool = False) -> "OracleResult":
+        return cls(response=response, log_likelihood=float("nan"), num_tokens=0, valid=False, error=reason,
+                   unreachable=unreachable)
 
 
 # The OpenAI API reports a token it did not keep in its top logprobs as -9999.0: summing it would give
@@ -249,9 +217,10 @@ class HFResponseOracle:
         # Explicit neutral settings: generate() fills fields left as None from the model's own generation_config,
         # whose top_k / top_p / repetition penalty would make y come from something other than p(y|x) at the
         # requested temperature.
+        # Sampling-only settings are passed only when sampling: on a greedy run transformers warns about each.
+        sampling_settings = {"temperature": self.temperature, "top_k": 0, "top_p": 1.0} if sampling else {}
         config = GenerationConfig(
-            do_sample=sampling, temperature=self.temperature if sampling else None, top_k=0, top_p=1.0,
-            repetition_penalty=1.0, no_repeat_ngram_size=0, min_new_tokens=0, num_beams=1,
+            do_sample=sampling, **sampling_settings, repetition_penalty=1.0, no_repeat_ngram_size=0, min_new_tokens=0, num_beams=1,
             max_new_tokens=self.max_new_tokens, pad_token_id=pad, eos_token_id=sorted(self.eos_ids),
             output_logits=True, return_dict_in_generate=True,
         )
@@ -377,7 +346,7 @@ class RewardModel:
     def prefix_log_rewards(self, tokens: torch.Tensor, lengths: torch.Tensor, min_len: int = 1) -> torch.Tensor:
         """(B, max_len + 1): log R(x_1..x_t) for every prefix with min_len <= t <= length (others NaN), for the
         modified SubTB loss. The prior costs one pass; a fixed-target local oracle scores each prefix it has not
-        scored before as its own row (batched). Every prefix counts as a reward evaluation."""
+        scored before as its own row (batched). Every proper prefix counts as a reward evaluation, each time."""
         if not self.can_score_prefixes():
             raise ValueError("prefix rewards need --llm-weight 0 or a local oracle with --target-response")
         batch, max_len = tokens.shape
@@ -387,7 +356,8 @@ class RewardModel:
         log_reward = torch.full((batch, max_len + 1), float("nan"), dtype=torch.float64)
         log_reward[:, : prior.shape[1]] = self.prior_weight * prior
         rows, cols = usable.nonzero(as_tuple=True)
-        self.count(len(rows), 0)
+        # every proper prefix is a reward evaluation; the full x was counted when it was scored (combine)
+        self.count(int((usable & (steps < lengths.cpu().unsqueeze(1))).sum()), 0)
         if self.uses_oracle:
             prefixes = [tokens[r, :c].tolist() for r, c in zip(rows.tolist(), cols.tolist())]
             results = self._deterministic_results(prefixes, [])

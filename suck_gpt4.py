@@ -9,7 +9,10 @@ gpt-4o-mini, GPT-2 prior).
 """
 import sys
 
-from train import main
+import flags
 
 if __name__ == "__main__":
+    flags.check_command_line(sys.argv[1:], __doc__)  # bad flags answer before torch loads
+    from train import main
+
     sys.exit(main(description=__doc__))

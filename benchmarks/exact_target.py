@@ -77,11 +77,12 @@ def run_ours(prior: str, oracle: str, vocab_size: int, max_len: int, policy: str
     state = {"train_seconds": 0.0, "since": time.time()}
     table = {}
 
-    def evaluate(reward_calls_so_far: int, policy_model, log_z_value: float | None) -> None:
+    def evaluate(reward_calls_so_far: int, sampled: int, policy_model, log_z_value: float | None) -> None:
         state["train_seconds"] += time.time() - state["since"]
         with torch.no_grad():
             metrics = exact_distribution_metrics(policy_model.log_pf(tokens, lengths), table["log_reward"])
-        curve.append({"reward_calls": reward_calls_so_far, "seconds": round(state["train_seconds"], 2), **metrics,
+        curve.append({"reward_calls": reward_calls_so_far, "sampled_x": sampled,
+                      "seconds": round(state["train_seconds"], 2), **metrics,
                       "log_z": log_z_value,
                       "log_z_error": None if log_z_value is None else abs(log_z_value - metrics["true_log_Z"])})
         state["since"] = time.time()
@@ -89,13 +90,17 @@ def run_ours(prior: str, oracle: str, vocab_size: int, max_len: int, policy: str
     def on_start(policy_model, reward_model) -> None:
         with torch.no_grad():
             table["log_reward"] = reward_model(tokens, lengths).log_reward
-        evaluate(0, policy_model, None)  # log Z is only initialised from the first batch
+        # the enumeration is the benchmark's, not training's: it neither counts nor answers training's calls
+        reward_model.reward_calls = reward_model.oracle_calls = 0
+        reward_model.known_likelihoods.clear()
+        evaluate(0, 0, policy_model, None)  # log Z is only initialised from the first batch
 
     def on_epoch(metrics: dict, policy_model, log_z) -> None:
-        calls = metrics["train/oracle_calls"]
-        if calls % eval_every == 0 or calls >= reward_calls - batch_size + 1:
+        # Every reward evaluation counts, modified SubTB's prefixes included; the budget is in sampled x
+        sampled = metrics["epoch"] * batch_size
+        if sampled % eval_every == 0 or sampled >= reward_calls - batch_size + 1:
             value = log_z().item() if loss != "vargrad" else metrics["train/log_Z"]
-            evaluate(calls, policy_model, value)
+            evaluate(metrics["train/reward_calls"], sampled, policy_model, value)
 
     with tempfile.TemporaryDirectory() as out, contextlib.redirect_stdout(io.StringIO()):
         train.train(train.build_parser().parse_args(flags + ["--output-dir", out]), on_start=on_start, on_epoch=on_epoch)

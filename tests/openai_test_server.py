@@ -30,6 +30,17 @@ successfully gets the stored reply again without being billed (Stripe-style
 idempotency; the real OpenAI API may not honour the header, and the official
 client does not send one unless given via ``extra_headers``).
 
+Slots: by default every request is served at once after ``latency_s`` (a
+server with unlimited parallel slots). With ``slots=k``, at most k model answers
+(chat/completions) are computed at once, each holding its slot for
+``latency_s``; the others wait in FIFO order, as on a llama.cpp server started
+with k slots. A client that sends more requests than slots sees queueing
+latency, and with a short timeout it times out; the abandoned request still
+takes its turn (the server does not notice the client leave).
+``server.peak_in_slots`` is the most answers ever computed at once. Fault
+replies and other endpoints do not take a slot. ``honour_idempotency=False``
+ignores ``Idempotency-Key`` (llama.cpp and vLLM do): a retry is new work.
+
 Rate limits: normal replies carry OpenAI's ``x-ratelimit-*`` headers computed
 from a sliding window; ``enforce_limits=True`` turns exceeding them into 429s.
 ``server.request_times`` holds the arrival time (``time.monotonic()``) of every
@@ -99,7 +110,7 @@ _WORDS: tuple[str, ...] = (
 NOT_IN_TOP_LOGPROB = -9999.0
 SENTINEL = "SENTINEL"
 DEFAULT_MAX_TOKENS = 16
-MODEL_IDS: tuple[str, ...] = ("test-chat-model", "test-completion-model", "no-logprobs-model")
+MODEL_IDS: tuple[str, ...] = ("test-chat-model", "test-completion-model", "no-logprobs-model", "gpt-4o-mini")
 
 # Splits a prompt into "tokens" that keep their leading whitespace; the
 # concatenation of the pieces is exactly the prompt.
@@ -532,6 +543,38 @@ _FILE_PATH_RE = re.compile(r"^/v1/files/([^/]+)(/content)?$")
 _BATCH_PATH_RE = re.compile(r"^/v1/batches/([^/]+)(/cancel)?$")
 
 
+class _FifoSlots:
+    """k slots handed out strictly first come, first served: a release passes its slot to the oldest waiter."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self.busy = 0
+        self.peak = 0
+        self._waiting: deque[threading.Event] = deque()
+        self._lock = threading.Lock()
+
+    def acquire(self) -> None:
+        with self._lock:
+            if self.busy < self.count and not self._waiting:
+                self.busy += 1
+                self.peak = max(self.peak, self.busy)
+                return
+            turn = threading.Event()
+            self._waiting.append(turn)
+        turn.wait()  # the slot is handed over with busy unchanged
+
+    def release(self) -> None:
+        with self._lock:
+            if self._waiting:
+                self._waiting.popleft().set()
+            else:
+                self.busy -= 1
+
+    def reset_peak(self) -> None:
+        with self._lock:
+            self.peak = self.busy
+
+
 class OpenAITestServer:
     """Local OpenAI-compatible server on 127.0.0.1:<ephemeral port>.
 
@@ -548,11 +591,22 @@ class OpenAITestServer:
     def __init__(self, api_key: str = "test-key", latency_s: float = 0.0, supports_echo: bool = True,
                  logprobs_forbidden_models: tuple[str, ...] = ("no-logprobs-model",), *,
                  rpm_limit: int = 10000, tpm_limit: int = 10_000_000, enforce_limits: bool = False,
-                 rate_window_s: float = 60.0, batch_polls_to_complete: int = 2, batch_shuffle: bool = True) -> None:
+                 rate_window_s: float = 60.0, batch_polls_to_complete: int = 2, batch_shuffle: bool = True,
+                 slots: int | None = None, honour_idempotency: bool = True) -> None:
+        if slots is not None and slots < 1:
+            raise ValueError(f"slots must be None or >= 1, got {slots}")
         self.api_key = api_key
         self.latency_s = latency_s
+        self.slots = slots
+        self._slots = _FifoSlots(slots) if slots is not None else None
+        self.honour_idempotency = honour_idempotency
         self.supports_echo = supports_echo
         self.logprobs_forbidden_models = tuple(logprobs_forbidden_models)
+        # Like llama-cpp-python's server: /v1/models may be missing, and echoed prompt logprobs may be shifted
+        # by one token (each token reported with the logprob the model gives the *next* position).
+        self.list_models = True
+        self.billed_tokens = 0  # total_tokens of every billed answer
+        self.echo_misaligned = False
         self.requests: list[dict] = []
         self.request_times: list[float] = []  # time.monotonic() at arrival, parallel to requests
         self.peak_in_flight = 0
@@ -646,6 +700,8 @@ class OpenAITestServer:
             self.requests.clear()
             self.request_times.clear()
             self.peak_in_flight = self.in_flight
+            if self._slots is not None:
+                self._slots.reset_peak()
             self.errors.clear()
             self.billed.clear()
 
@@ -664,6 +720,11 @@ class OpenAITestServer:
     def billed_total(self) -> int:
         with self._lock:
             return sum(self.billed.values())
+
+    @property
+    def peak_in_slots(self) -> int:
+        """The most model answers computed at once (0 without ``slots``)."""
+        return self._slots.peak if self._slots is not None else 0
 
     def _enter(self) -> None:
         with self._lock:
@@ -773,6 +834,7 @@ class OpenAITestServer:
         tokens = int(usage.get("total_tokens") or 0)
         with self._lock:
             self.billed[key] += 1
+            self.billed_tokens += tokens
             if count_tokens:
                 self._window_tokens.append((time.monotonic(), tokens))
                 self._window_token_sum += tokens
@@ -787,7 +849,9 @@ class OpenAITestServer:
         return None
 
     def _dispatch(self, req: IncomingRequest) -> Reply:
-        if self.latency_s > 0:
+        # With slots, a model answer spends its latency inside a slot (_answer); everything else waits here.
+        slotted = self._slots is not None and req.method == "POST" and req.path in _MODEL_PATHS
+        if self.latency_s > 0 and not slotted:
             time.sleep(self.latency_s)
         with self._lock:
             fault = self._take_fault(req)
@@ -808,7 +872,7 @@ class OpenAITestServer:
         gets the stored reply again (not billed); one still running gets 409; one
         reused with different parameters gets 400. Failures are not stored, so a
         retry after a failure runs again."""
-        key = req.headers.get("Idempotency-Key") if req.method == "POST" else None
+        key = req.headers.get("Idempotency-Key") if req.method == "POST" and self.honour_idempotency else None
         if not key:
             return self._route(req, None)
         fingerprint = req.body if req.body is not None else req.raw_body
@@ -838,7 +902,7 @@ class OpenAITestServer:
 
     def _route(self, req: IncomingRequest, idempotency_key: str | None) -> Reply:
         if req.method == "GET" and req.path == "/v1/models":
-            return self._models()
+            return self._models() if self.list_models else Reply(404, error_body(f"Invalid URL (GET {req.path})"))
         if req.method == "POST" and req.path in _MODEL_PATHS:
             if req.body is None:
                 return _bad_request(
@@ -847,7 +911,7 @@ class OpenAITestServer:
             limited = self._admit(req.body)
             if limited is not None:
                 return limited
-            reply = self._model_reply(req.path, req.body)
+            reply = self._answer(req.path, req.body)
             if reply.status == 200:
                 self._bill(billing_key(req.raw_body, idempotency_key), reply.body, count_tokens=True)
             return reply
@@ -867,6 +931,17 @@ class OpenAITestServer:
             if req.method == "POST" and match.group(2):
                 return self._cancel_batch(match.group(1))
         return Reply(404, error_body(f"Invalid URL ({req.method} {req.path})"))
+
+    def _answer(self, path: str, body: dict[str, Any]) -> Reply:
+        if self._slots is None:
+            return self._model_reply(path, body)
+        self._slots.acquire()  # FIFO: waits for every request that arrived before it
+        try:
+            if self.latency_s > 0:
+                time.sleep(self.latency_s)
+            return self._model_reply(path, body)
+        finally:
+            self._slots.release()
 
     def _model_reply(self, path: str, body: dict[str, Any]) -> Reply:
         return self._chat(body) if path == "/v1/chat/completions" else self._completions(body)
@@ -912,7 +987,8 @@ class OpenAITestServer:
 
         tokens, logprobs, finish_reason = chat_response_tokens(model, messages, max_tokens)
         choice_logprobs = None
-        if want_logprobs:
+        # As llama.cpp's server does: logprobs=true without top_logprobs returns "logprobs": null.
+        if want_logprobs and top_k is not None:
             seed = json.dumps(messages, sort_keys=True)
             content = []
             for tok, lp in zip(tokens, logprobs):
@@ -965,8 +1041,20 @@ class OpenAITestServer:
             return _bad_request("echo with logprobs is not supported for this model", param="echo")
 
         prompt_tokens, prompt_logprobs, offsets = prompt_token_logprobs(model, prompt)
+        if echo and self.echo_misaligned:  # token i reported with token i+1's logprob
+            shifted = prompt_token_logprobs(model, prompt + " next")[1]
+            prompt_logprobs = [None] + shifted[2:len(prompt_tokens) + 1]
         choice: dict[str, Any]
-        if echo and k is not None:
+        if not echo and k is not None:
+            # Generation with logprobs: each generated token's logprob is what echo scoring of prompt + text gives it.
+            tokens, _, finish_reason = chat_response_tokens(model, [{"role": "user", "content": prompt}], max_tokens)
+            scored = prompt_token_logprobs(model, prompt + "".join(tokens))[1][len(prompt_tokens):]
+            offsets_out = [len(prompt) + sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+            choice = {"index": 0, "text": "".join(tokens), "finish_reason": finish_reason,
+                      "logprobs": {"tokens": tokens, "token_logprobs": scored, "text_offset": offsets_out,
+                                   "top_logprobs": [dict(_alternatives(t, lp, k, prompt)) for t, lp in zip(tokens, scored)]}}
+            completion_tokens = len(tokens)
+        elif echo and k is not None:
             # Scoring mode (as vLLM): per-token logprobs of the prompt itself, then of any generated tokens.
             gen_tokens, gen_logprobs, finish_reason = (
                 chat_response_tokens(model, [{"role": "user", "content": prompt}], max_tokens) if max_tokens else ([], [], "length"))

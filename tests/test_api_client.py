@@ -216,3 +216,34 @@ def test_batch_api_round_matches_out_of_order_results_and_reports_the_failed_lin
         assert stats["dollars"] == pytest.approx(0.5 * sync.snapshot()["dollars"]) and stats["dollars"] > 0
         # a second round with the same inputs is answered from the cache: nothing is submitted
         assert submit_batch(oracle, texts[:7]) is None and srv.batches_created == 1
+
+
+def test_adaptive_concurrency_keeps_a_one_slot_server_from_queueing_and_fixed_does_not(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "test-key")
+    with OpenAITestServer(api_key="test-key", latency_s=0.05, slots=1, honour_idempotency=False) as srv:
+        adaptive = make_oracle(srv, max_workers=8)
+        for batch in range(3):
+            assert all(r.valid for r in adaptive.score([f"adaptive {batch} {i}" for i in range(8)]))
+        stats, limiter = adaptive.stats(), adaptive.concurrency.stats()
+        # slow start stops at 2 (the first reply of each batch is not queued, the rest wait one service time)
+        assert stats["concurrency_limit"] <= 2 and limiter["peak_in_flight"] <= 3 and stats["retries"] == 0
+        assert limiter["replies"] == 24 and limiter["in_flight"] == 0 and not limiter["fixed"]
+        adaptive.close()
+        srv.reset_stats()
+        fixed = make_oracle(srv, max_workers=8, adaptive_concurrency=False)
+        assert all(r.valid for r in fixed.score([f"fixed {i}" for i in range(8)]))
+        assert fixed.stats()["concurrency_limit"] == 8 and srv.peak_in_flight == 8 and srv.peak_in_slots == 1
+        fixed.close()
+
+
+def test_timeouts_429_and_503_are_overload_the_rest_leave_the_limit_alone(server):
+    server.add_fault(rate_limited(retry_after_ms=10), match="t-429")
+    server.add_fault(server_error(503), match="t-503")
+    server.add_fault(server_error(500), match="t-500")
+    server.add_fault(slow(1.0), match="t-slow")
+    oracle = make_oracle(server, max_workers=4, timeout_s=0.3)
+    for text in ("t-429", "t-503", "t-500", "t-slow"):  # one at a time: each attempt is its own round
+        result, = oracle.score([text])
+        assert result.valid
+    stats = oracle.concurrency.stats()
+    assert stats["overloads"] == 3 and stats["errors"] == 1 and stats["replies"] == 4 and stats["in_flight"] == 0

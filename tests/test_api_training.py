@@ -117,7 +117,7 @@ def test_batch_api_training_and_resume_mid_batch(tiny_lm_dir, tmp_path, monkeypa
         finally:
             proc.send_signal(signal.SIGKILL)
             proc.wait()
-        pending = load_checkpoint(str(tmp_path / "checkpoint_gfn_raw_epoch0.pt"))["batch_round"]
+        pending = load_checkpoint(str(tmp_path / "checkpoint_gfn_raw_epoch0.pt"))["source_state"]
         assert pending["batch_id"] and len(pending["texts"]) == 8
         server.batch_polls_to_complete = 2
         code, err = run_main(argv + ["--resume"])

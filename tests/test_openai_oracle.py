@@ -67,7 +67,8 @@ def test_unreachable_server_is_a_recorded_failure_not_a_crash(monkeypatch):
         url = srv.base_url
     oracle = OpenAIChatOracle("gpt-4o-mini", TASKS["raw"], base_url=url, retry=RetryPolicy(max_attempts=2, base_delay_s=0.01), timeout_s=2)
     result, = oracle.score(["hi"])
-    assert not result.valid and result.error == "failed after 2 attempts: APIConnectionError"
+    assert not result.valid and result.error == "unreachable: failed after 2 attempts: APIConnectionError"
+    assert result.unreachable
 
 
 def test_fixed_target_uses_echoed_prompt_logprobs(server):

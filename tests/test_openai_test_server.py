@@ -46,7 +46,7 @@ def client(server: OpenAITestServer) -> Iterator[openai.OpenAI]:
 def test_chat_logprobs_match_pure_function(server: OpenAITestServer, client: openai.OpenAI) -> None:
     messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Say something."}]
     server.reset_stats()
-    resp = client.chat.completions.create(model=MODEL, messages=messages, logprobs=True, max_tokens=50,
+    resp = client.chat.completions.create(model=MODEL, messages=messages, logprobs=True, top_logprobs=0, max_tokens=50,
                                           temperature=1.0, seed=0)
     tokens, logprobs, finish = chat_response_tokens(MODEL, messages, 50)
     choice = resp.choices[0]
@@ -80,7 +80,7 @@ def test_chat_without_logprobs_and_top_logprobs(client: openai.OpenAI) -> None:
 def test_chat_truncation_gives_length(client: openai.OpenAI) -> None:
     # Every full answer has at least 3 tokens, so max 2 always truncates.
     messages = [{"role": "user", "content": "tell me a long story"}]
-    resp = client.chat.completions.create(model=MODEL, messages=messages, logprobs=True, max_completion_tokens=2)
+    resp = client.chat.completions.create(model=MODEL, messages=messages, logprobs=True, top_logprobs=0, max_completion_tokens=2)
     tokens, logprobs, finish = chat_response_tokens(MODEL, messages, 2)
     assert finish == "length" and len(tokens) == 2
     assert resp.choices[0].finish_reason == "length"
@@ -90,7 +90,7 @@ def test_chat_truncation_gives_length(client: openai.OpenAI) -> None:
 
 def test_chat_sentinel_logprob(client: openai.OpenAI) -> None:
     messages = [{"role": "user", "content": "please emit a SENTINEL"}]
-    resp = client.chat.completions.create(model=MODEL, messages=messages, logprobs=True, max_tokens=30)
+    resp = client.chat.completions.create(model=MODEL, messages=messages, logprobs=True, top_logprobs=0, max_tokens=30)
     content = resp.choices[0].logprobs.content  # type: ignore[union-attr]
     assert content is not None
     assert content[1].logprob == -9999.0
@@ -173,6 +173,56 @@ def test_peak_in_flight_under_concurrency() -> None:
         assert errors == []
         assert len(srv.requests) == 8
         assert srv.peak_in_flight >= 4
+
+
+def test_slots_queue_model_answers_fifo_and_time_out_a_short_client() -> None:
+    with OpenAITestServer(latency_s=0.1, slots=1) as srv, make_client(srv) as c:
+        done: list[tuple[int, float]] = []
+        errors: list[BaseException] = []
+
+        def call(i: int) -> None:
+            try:
+                started = time.monotonic()
+                c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": f"q{i}"}])
+                done.append((i, time.monotonic() - started))
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(4)]
+        for t in threads:  # 20 ms apart, so the arrival order is known
+            t.start()
+            time.sleep(0.02)
+        for t in threads:
+            t.join(timeout=10)
+        assert errors == [] and srv.peak_in_slots == 1 and srv.peak_in_flight == 4
+        assert [i for i, _ in done] == [0, 1, 2, 3]  # first come, first served
+        # the i-th waits for the i before it: latency ≈ 0.1 (i + 1) - 0.02 i
+        for i, latency in done:
+            assert latency >= 0.1 * (i + 1) - 0.02 * i - 0.01
+        assert done[-1][1] >= 0.3
+        # A client whose timeout is shorter than the queue gives up; the server still computes its answer.
+        srv.reset_stats()
+        first = threading.Thread(target=call, args=(10,))
+        first.start()
+        time.sleep(0.02)
+        with pytest.raises(openai.APITimeoutError):
+            c.chat.completions.create(model=MODEL, messages=HI, timeout=0.05)
+        first.join(timeout=10)
+        deadline = time.monotonic() + 5
+        while srv.billed_total() < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert srv.billed_total() == 2 and srv.peak_in_slots == 1
+    # More slots, more at once; without slots nothing is counted and latency applies as before.
+    with OpenAITestServer(latency_s=0.1, slots=2) as srv, make_client(srv) as c:
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(4)]
+        started = time.monotonic()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=10)
+        assert errors == [] and srv.peak_in_slots == 2 and 0.2 <= time.monotonic() - started < 0.35
+    with pytest.raises(ValueError):
+        OpenAITestServer(slots=0)
 
 
 # ---------------------------------------------------------------------------
@@ -438,7 +488,7 @@ def test_enforce_limits_429_until_the_window_frees() -> None:
 
 def _batch_line(custom_id: str, content: str) -> dict:
     return {"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions",
-            "body": {"model": MODEL, "messages": [{"role": "user", "content": content}], "logprobs": True,
+            "body": {"model": MODEL, "messages": [{"role": "user", "content": content}], "logprobs": True, "top_logprobs": 0,
                      "max_tokens": 30}}
 
 

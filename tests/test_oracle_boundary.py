@@ -83,7 +83,7 @@ def test_deterministic_oracle_scores_each_x_and_prefix_once_and_counts_them(tiny
     # new prefixes only: (5,), (5, 6); (5, 6, 7) and (5, 8) were scored above
     assert sorted(map(tuple, sent)) == [(5,), (5, 6), (5, 6, 7), (5, 8)]
     assert reward_model.oracle_calls == 4
-    assert reward_model.reward_calls == 3 + 8  # every prefix of every row is a reward evaluation
+    assert reward_model.reward_calls == 3 + 5  # every proper prefix of every row is a reward evaluation
     reward_model.prefix_log_rewards(tokens, lengths, min_len=1)  # replayed: nothing new reaches the oracle
     assert reward_model.oracle_calls == 4 and len(sent) == 4
     full = reward_model(tokens, lengths).log_reward
@@ -110,3 +110,24 @@ def test_sampled_y_is_stored_exactly_with_its_special_tokens(tiny_chat_lm_dir):
     assert result.token_ids[0] == endoftext
     assert result.response == tokenizer.decode(result.token_ids)
     assert result.response.startswith("<|endoftext|>")
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_sampling_y_logs_no_generation_flag_warnings(tiny_lm_dir, temperature):
+    import logging
+
+    import transformers
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    library_logger = transformers.utils.logging.get_logger("transformers")
+    transformers.utils.logging.warning_once.cache_clear()  # else printed once per process only
+    library_logger.addHandler(handler)
+    try:
+        model, tokenizer = load_causal_lm(tiny_lm_dir)
+        oracle = HFResponseOracle(model, tokenizer, TASKS["raw"], temperature=temperature, max_new_tokens=3)
+        oracle.score(["Hello there", "The quick"])
+    finally:
+        library_logger.removeHandler(handler)
+    assert not [r.getMessage() for r in records if r.levelno >= logging.WARNING]
