@@ -99,6 +99,10 @@ class ReplayBuffer(Protocol):
 
     def clear(self) -> None: ...
 
+    def state_dict(self) -> dict: ...  # what a checkpoint holds to restore the buffer
+
+    def load_state_dict(self, state: dict) -> None: ...
+
 
 class ReplayBufferConnectionError(UserError, ConnectionError):
     """The Redis server cannot be reached (a UserError, so the command line prints one line)."""
@@ -342,6 +346,25 @@ class MemoryReplayBuffer(_Settings):
             self.next_seq.clear()
             self.gram_index.clear()
 
+    def state_dict(self) -> dict:
+        """The whole contents (plain lists and dicts, so a weights_only checkpoint can hold them)."""
+        with self.lock:
+            return {"backend": "memory", "next_seq": dict(self.next_seq),
+                    "entries": {condition: [[item_id, e.seq, e.item.token_ids, e.item.text, e.item.log_prior,
+                                             e.item.log_likelihood, json.dumps(e.item.extra)]
+                                            for item_id, e in entries.items()]
+                                for condition, entries in self.entries.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        with self.lock:
+            self.entries = {condition: {item_id: _Entry(ReplayItem(list(token_ids), text, log_prior, log_likelihood,
+                                                                   json.loads(extra)), seq)
+                                        for item_id, seq, token_ids, text, log_prior, log_likelihood, extra in rows}
+                            for condition, rows in state["entries"].items()}
+            self.next_seq = dict(state["next_seq"])
+            self.gram_index = ({condition: _gram_index(entries) for condition, entries in self.entries.items()}
+                               if self.near_duplicate_threshold <= 1 else {})
+
 
 # ------------------------------------------------------------------------------------- redis backend
 
@@ -452,6 +475,14 @@ class RedisReplayBuffer(_Settings):
     def conditions(self) -> list[str]:
         with self._reachable():
             return sorted(self.client.smembers(self.conditions_key))
+
+    def state_dict(self) -> dict:
+        """The contents live in Redis under the namespace: a checkpoint holds the key prefix."""
+        return {"backend": "redis", "namespace": self.namespace}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("namespace") != self.namespace:
+            raise ValueError(f"checkpoint's replay buffer is under namespace {state.get('namespace')!r}, not {self.namespace!r}")
 
     def clear(self) -> None:
         # Escape glob characters so the pattern matches exactly the keys "namespace:...".

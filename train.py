@@ -20,7 +20,9 @@ import dataclasses
 import json
 import math
 import os
+import random
 import time
+import uuid
 from dataclasses import asdict
 
 import torch
@@ -184,7 +186,7 @@ def init_wandb(args: argparse.Namespace):
 # ------------------------------------------------------------------------------------------------- train
 
 
-def build_replay_buffer(args: argparse.Namespace):
+def build_replay_buffer(args: argparse.Namespace, run_id: str):
     if args.replay_fraction <= 0:
         return None
     from replay_buffer import make_replay_buffer
@@ -192,17 +194,19 @@ def build_replay_buffer(args: argparse.Namespace):
     try:
         return make_replay_buffer(args.replay_backend, args.replay_capacity, priority=args.replay_priority,
                                   near_duplicate_threshold=args.replay_near_duplicate, redis_url=args.redis_url,
-                                  namespace=f"gfn-replay-{args.task}")
+                                  namespace=f"gfn-replay-{args.task}-{run_id[:16]}")  # one run's keys
     except ValueError as exc:
         raise UserError(f"replay buffer: {exc}") from None
 
 
-def replay_batch(buffer, args: argparse.Namespace, num_fresh: int, device: torch.device, condition: str = ""):
+def replay_batch(buffer, args: argparse.Namespace, num_fresh: int, device: torch.device, condition: str = "",
+                 generator: random.Random | None = None):
     """Replayed (tokens, lengths, log_prior, log_likelihood) making up --replay-fraction of the training batch."""
     if buffer is None or buffer.size(condition) == 0:
         return None
     num = round(args.replay_fraction / (1 - args.replay_fraction) * num_fresh)
-    items = buffer.sample(num, condition=condition, prior_weight=args.prior_weight, llm_weight=args.llm_weight) if num else []
+    items = buffer.sample(num, condition=condition, prior_weight=args.prior_weight, llm_weight=args.llm_weight,
+                          generator=generator) if num else []
     if not items:
         return None
     tokens = torch.zeros(len(items), args.max_len, dtype=torch.long, device=device)
@@ -347,9 +351,13 @@ def train(args: argparse.Namespace, on_start=None, on_epoch=None) -> dict:
         start_epoch = resume_state["epoch"]
         if api is not None and resume_state.get("api_totals"):
             api.cost.restore(resume_state["api_totals"])  # the budget spans restarts...
-            if resume_state.get("run_id"):  # ...and what was paid after the checkpoint is in the ledger
-                api.resume_spending(resume_state["run_id"])
         print(f"resumed from epoch {start_epoch}", file=sys.stderr)
+    # One id for the whole run, kept across resumes: it tags the spend ledger's rows and the Redis replay keys
+    run_id = (resume_state or {}).get("run_id") or distributed.broadcast(uuid.uuid4().hex, dist_info)
+    if api is not None and (resume_state or {}).get("run_id"):
+        api.resume_spending(run_id)  # ...and what was paid after the checkpoint is in the ledger
+    elif api is not None:
+        api.run_id = run_id
     if dist_info.enabled and not args.reward_rank0 and (resume_state is None or "rng_per_rank" not in resume_state):
         torch.manual_seed(args.seed + 7919 * dist_info.rank)  # symmetric mode: each rank explores its own x
 
@@ -376,7 +384,7 @@ def train(args: argparse.Namespace, on_start=None, on_epoch=None) -> dict:
     def save(epoch: int) -> str:
         """Collective under torchrun (every rank's RNG state is gathered); rank 0 writes."""
         path = checkpoint_path(args.output_dir, args.task, epoch)
-        rng_per_rank = distributed.gather_to_main(rng_state(), dist_info)
+        rng_per_rank = distributed.gather_to_main({**rng_state(), "replay": replay_rng.getstate()}, dist_info)
         if not dist_info.is_main:
             return path
         save_checkpoint(path, {
@@ -387,7 +395,8 @@ def train(args: argparse.Namespace, on_start=None, on_epoch=None) -> dict:
             "optimizer": optimizer.state_dict(), "rng": rng_state(),
             "oracle_calls": reward_model.oracle_calls, "reward_calls": reward_model.reward_calls,
             "api_totals": api.cost.snapshot() if api is not None else None,
-            "run_id": api.run_id if api is not None else None,
+            "run_id": run_id,
+            "replay": replay.state_dict() if replay is not None else None,
             "source_state": source.checkpoint_state() if source is not None else None,
         })
         return path
@@ -416,7 +425,14 @@ def train(args: argparse.Namespace, on_start=None, on_epoch=None) -> dict:
                                       tempered_fraction=args.tempered_fraction, temperature_range=tuple(args.temperature_range))
     else:
         source = make_batch_source(source_args, policy, reward_model, may_spend, lambda: save(completed_epoch), resume_state)
-    replay = build_replay_buffer(args)
+    replay = build_replay_buffer(args, run_id)
+    # replay draws come from their own seeded generator, saved per rank with the other RNG states
+    replay_rng = random.Random(args.seed + 7919 * dist_info.rank)
+    if resume_state is not None and replay is not None and resume_state.get("replay") is not None:
+        replay.load_state_dict(resume_state["replay"])
+        own_rng = (resume_state.get("rng_per_rank") or [{}])[dist_info.rank if len(resume_state.get("rng_per_rank") or []) == dist_info.world_size else 0]
+        if "replay" in own_rng:
+            replay_rng.setstate(own_rng["replay"])
     if on_start is not None:
         on_start(policy, reward_model)
     metrics: dict = {}
@@ -485,7 +501,7 @@ def train(args: argparse.Namespace, on_start=None, on_epoch=None) -> dict:
             num_fresh = len(tokens)
             temperature = reward_temperature(args, epoch)
             log_reward = rewards.log_reward.to(device)[valid].float() / temperature
-            replayed = replay_batch(replay, args, num_fresh, device, batch.condition)
+            replayed = replay_batch(replay, args, num_fresh, device, batch.condition, replay_rng)
             if replay is not None:
                 replay.add(replay_items(batch.tokens, batch.lengths, rewards), condition=batch.condition,
                            prior_weight=args.prior_weight, llm_weight=args.llm_weight)

@@ -138,12 +138,40 @@ def test_training_mixes_replayed_samples(tiny_lm_dir, tmp_path, backend, request
     assert all(m["train/num_replayed"] == 4 for m in metrics[1:])  # half of each training batch of 8
     samples = [json.loads(line) for line in open(tmp_path / "samples_raw.jsonl")]
     assert len(samples) == 16  # replayed samples cost no oracle call and are not written again
-    if backend == "redis":
+    if backend == "redis":  # the run's items live under a namespace made from its run id
         from replay_buffer import make_replay_buffer
 
-        buffer = make_replay_buffer("redis", 1000, redis_url=request.getfixturevalue("redis_url"), namespace="gfn-replay-raw")
+        state = load_checkpoint(str(tmp_path / "checkpoint_gfn_raw_epoch4.pt"))
+        namespace = state["replay"]["namespace"]
+        assert namespace == f"gfn-replay-raw-{state['run_id'][:16]}"
+        buffer = make_replay_buffer("redis", 1000, redis_url=request.getfixturevalue("redis_url"), namespace=namespace)
         assert 1 <= len(buffer) <= 16
         buffer.clear()
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+def test_interrupted_run_with_replay_resumes_with_the_same_losses(tiny_lm_dir, tmp_path, backend, request):
+    extra = ["--replay-fraction", "0.5", "--replay-backend", backend, "--replay-priority", "rank"]
+    if backend == "redis":
+        extra += ["--redis-url", request.getfixturevalue("redis_url")]
+
+    def run(output_dir, *more):
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            assert train.main(["--prior-model", tiny_lm_dir, "--oracle", "hf", "--max-len", "6", "--batch-size", "4",
+                               "--d-model", "32", "--num-layers", "1", "--max-response-tokens", "4",
+                               "--output-dir", str(output_dir), "--no-progress", "--device", "cpu", "--seed", "11",
+                               "--save-every", "3", *extra, *more]) == 0
+        with open(os.path.join(output_dir, "metrics_raw.jsonl")) as f:
+            return {m["epoch"]: (m["train/loss"], m["train/num_replayed"]) for m in map(json.loads, f)}
+
+    straight = run(tmp_path / "a", "--epochs", "7")
+    run(tmp_path / "b", "--epochs", "3")
+    resumed = run(tmp_path / "b", "--epochs", "7", "--resume")
+    assert all(replayed == 4 for epoch, (_, replayed) in straight.items() if epoch > 1)  # replay is really used
+    # the resumed directory's metrics: epochs 1-3 from the first part, 4-7 from the resumed one
+    assert {e: n for e, (_, n) in resumed.items()} == {e: n for e, (_, n) in straight.items()}
+    assert {e: loss for e, (loss, _) in resumed.items()} == \
+        pytest.approx({e: loss for e, (loss, _) in straight.items()}, rel=1e-5, abs=1e-6)
 
 
 def test_reward_temperature_anneals_linearly():
