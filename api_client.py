@@ -517,6 +517,9 @@ class OpenAIChatOracle:
     """log p(y|x) from chat completions with logprobs=True, or, with `target_response`, log p(y*|x) from a
     completions endpoint that echoes prompt logprobs (vLLM does; api.openai.com does not)."""
 
+    has_spending = True  # it pays for answers: stats(), cost, run_id and the spend ledger (reward_oracle.Oracle)
+    deterministic = False  # answers are sampled (or cached); never asked for prefix rewards
+
     def __init__(self, model: str, task: Task, temperature: float = 1.0, max_tokens: int | None = None,
                  max_workers: int = 8, base_url: str | None = None, target_response: str | None = None,
                  timeout_s: float = DEFAULT_TIMEOUT_S, retry: RetryPolicy | None = None,
@@ -741,3 +744,28 @@ def preflight(model: str, base_url: str | None, timeout_s: float, target_respons
     finally:
         client.close()
     return notes
+
+
+# ------------------------------------------------------------------------------------------------- budget
+
+
+class Budget:
+    """--max-cost as the batch sources ask it, once before each paid batch: is there room for one more batch at
+    the average cost of the batches so far? A run without a remote oracle or without --max-cost always has."""
+
+    def __init__(self, oracle: "OpenAIChatOracle | None", max_cost: float | None) -> None:
+        self.oracle, self.max_cost = oracle, max_cost
+        self.batches = 0
+
+    def allows_another_batch(self) -> bool:
+        if self.oracle is None or self.max_cost is None:
+            return True
+        dollars = self.oracle.cost.snapshot()["dollars"]
+        per_batch = dollars / self.batches if self.batches else 0.0
+        self.batches += 1
+        return dollars + per_batch <= self.max_cost
+
+    def stop_reason(self) -> str:
+        if self.oracle is None:
+            return "budget reached on rank 0"
+        return f"budget: ${self.oracle.cost.snapshot()['dollars']:.4f} spent of --max-cost ${self.max_cost}"

@@ -13,11 +13,14 @@ Every source calls `may_spend()` before it causes a new paid request, so a cost 
 """
 from __future__ import annotations
 
+import dataclasses
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
+from batch_api import collect_results, submit_batch, wait_for_batch
 from reward_oracle import RewardBatch
 
 
@@ -29,6 +32,28 @@ class ScoredBatch:
     rewards: RewardBatch
     condition: str = ""  # which log Z (and replay heap) the batch belongs to; "" when unconditional
     context: torch.Tensor | None = None  # prompt ids the policy was conditioned on
+
+    def to(self, device: torch.device | str) -> "ScoredBatch":
+        return dataclasses.replace(self, tokens=self.tokens.to(device), lengths=self.lengths.to(device),
+                                   log_q=self.log_q.to(device),
+                                   context=None if self.context is None else self.context.to(device))
+
+    def __getitem__(self, part: slice) -> "ScoredBatch":
+        return dataclasses.replace(self, tokens=self.tokens[part], lengths=self.lengths[part], log_q=self.log_q[part],
+                                   rewards=self.rewards[part])
+
+
+class BatchSource(Protocol):
+    """Where the training loop's scored batches come from."""
+
+    def next(self, more: bool = True) -> ScoredBatch | None:
+        """The next scored batch; None when the budget stops it. more=False: the last batch of the run."""
+
+    def drain(self) -> list[ScoredBatch]:
+        """Batches paid for but not handed over, when training stops (their samples must still be written)."""
+
+    def checkpoint_state(self) -> dict | None:
+        """What a checkpoint holds so that a resumed run gets the same batches (None: nothing)."""
 
 
 class SyncBatches:
@@ -155,8 +180,6 @@ class BatchAPIBatches(SyncBatches):
         return drained
 
     def _round(self) -> bool:
-        from batch_api import collect_results, submit_batch, wait_for_batch
-
         oracle = self.reward_model.oracle
         if not self.resumed:
             if not self.may_spend():
@@ -173,11 +196,9 @@ class BatchAPIBatches(SyncBatches):
         results = collect_results(oracle, batch, current["texts"])
         tokens, lengths = current["tokens"].to(device), current["lengths"].to(device)
         rewards = self.reward_model.combine(tokens, lengths, current["texts"], results)
+        pool = ScoredBatch(tokens, lengths, current["log_q"].to(device), rewards)
         for start in range(0, len(current["texts"]), self.batch_size):
-            part = slice(start, start + self.batch_size)
-            self.queue.append(ScoredBatch(tokens[part], lengths[part], current["log_q"][part].to(device), RewardBatch(
-                rewards.texts[part], rewards.log_prior[part], rewards.log_likelihood[part], rewards.log_reward[part],
-                rewards.valid[part], rewards.oracle_results[part])))
+            self.queue.append(pool[start:start + self.batch_size])
         return True
 
     def next(self, more: bool = True) -> ScoredBatch | None:

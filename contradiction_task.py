@@ -12,12 +12,18 @@ import argparse
 import json
 import os
 import statistics
+import sys
 
 import torch
 
 from batch_pipeline import ScoredBatch, SyncBatches
+from contradiction_reward import Answerer, ContradictionReward, ContradictionRewardConfig, NLIScorer
+from convert_data import load_examples
+from durable_files import atomic_write
 from errors import UserError
-from reward_oracle import OracleResult, RewardBatch
+from evaluation import distinct_n, unique_fraction
+from hf_models import load_causal_lm
+from reward_oracle import OracleResult, PriorScorer, RewardBatch, RewardModel
 
 CONTEXT_TEMPLATE = "Here is a question about {subject}:\n"
 DEFAULT_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "contradiction_example.jsonl")
@@ -29,20 +35,15 @@ def context_ids(tokenizer, subject: str, device: torch.device) -> torch.Tensor:
 
 
 def load_dataset(path: str) -> list[dict]:
-    from convert_data import load_examples
-
     examples = load_examples(path)
     if not examples:
         raise UserError(f"{path}: no examples")
     return examples
 
 
-def build_reward(args: argparse.Namespace, prior_model, tokenizer, device: torch.device):
+def build_task_reward(args: argparse.Namespace, prior_model, tokenizer, device: torch.device):
     """The frozen base model answers (the sampler's own weights with adapters off when --base-model is unset or
     names the same model) and the NLI model judges."""
-    from contradiction_reward import Answerer, ContradictionReward, ContradictionRewardConfig, NLIScorer
-    from hf_models import load_causal_lm
-
     if args.base_model in (None, args.prior_model):
         base_model, base_tokenizer = prior_model, tokenizer
     else:
@@ -72,6 +73,32 @@ def score_questions(reward, example: dict, questions: list[str], step: int) -> R
                        torch.isfinite(log_reward), results, extras)
 
 
+# ----------------------------------------------------------------------------------- the task's plug-in
+# build.py calls these four (and reads `uses_oracle_flags`); train.py never names this task.
+
+uses_oracle_flags = False  # the answerer and the NLI judge are local: --oracle / --model do not apply
+
+
+def conditions(args: argparse.Namespace) -> list[str]:
+    """One log Z per example (a conditional log Z)."""
+    return [example["id"] for example in load_dataset(args.data)]
+
+
+def build_reward(args: argparse.Namespace, prior_model, tokenizer, device: torch.device, builds_reward: bool) -> RewardModel:
+    """The generic reward is only used to decode and count here: the task's own reward lives in its source."""
+    return RewardModel(tokenizer, PriorScorer(prior_model, tokenizer), None)
+
+
+def make_source(args: argparse.Namespace, run, may_spend, save_now, source_state: dict | None,
+                start_epoch: int) -> "ContradictionBatches":
+    reward = build_task_reward(args, run.prior_model, run.tokenizer, run.device)
+    start_step = source_state["step"] if source_state else start_epoch  # format-1 checkpoints: one step an epoch
+    return ContradictionBatches(run.policy, run.tokenizer, load_dataset(args.data), reward, start_step,
+                                batch_size=args.batch_size, temperature=args.temperature, epsilon=args.epsilon,
+                                may_spend=may_spend, tempered_fraction=args.tempered_fraction,
+                                temperature_range=tuple(args.temperature_range))
+
+
 class ContradictionBatches(SyncBatches):
     """Batches of questions, one example per epoch in dataset order (so every subject is visited equally)."""
 
@@ -91,6 +118,9 @@ class ContradictionBatches(SyncBatches):
         self.step += 1
         return ScoredBatch(tokens, lengths, log_q, rewards, condition=example["id"], context=context)
 
+    def checkpoint_state(self) -> dict:
+        return {"step": self.step}  # which example comes next and the hybrid reward's phase
+
 
 # ----------------------------------------------------------------------------------------------- evaluation
 
@@ -98,9 +128,6 @@ class ContradictionBatches(SyncBatches):
 def evaluate(state: dict, policy, tokenizer, reward, samples_per_subject: int, output: str) -> dict:
     """K questions per example, answered and judged; contradiction rate = share with P(contradiction) > 0.5.
     Scored in the composite phase (the hybrid schedule only shapes training)."""
-    from durable_files import atomic_write
-    from evaluation import distinct_n, unique_fraction
-
     run_args = argparse.Namespace(**state["args"])
     examples = load_dataset(run_args.data)
     rows, records = [], []
@@ -143,3 +170,13 @@ def format_table(summary: dict) -> str:
     lines.append(f"{'overall':<18} {o['contradiction_rate']:>13.2f} {o['log_question_mean']:>8.1f} {o['log_answer_mean']:>8.1f} "
                  f"{o['unique_fraction']:>6.2f} {o['distinct_2']:>6.2f}")
     return "\n".join(lines)
+
+
+def evaluate_checkpoint(args: argparse.Namespace, state: dict, run_args: argparse.Namespace, prior_model, tokenizer,
+                        policy, device: torch.device) -> dict:
+    """sample.py's entry for this task: K questions per example, judged, with the table printed to stderr."""
+    reward = build_task_reward(run_args, prior_model, tokenizer, device)
+    output = args.output or os.path.splitext(args.checkpoint)[0] + "_questions.jsonl"
+    summary = evaluate(state, policy, tokenizer, reward, args.samples_per_subject, output)
+    print(format_table(summary), file=sys.stderr)
+    return summary

@@ -92,3 +92,21 @@ def any_rank(flag: bool, info: DistInfo) -> bool:
     value = torch.tensor([1.0 if flag else 0.0])
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item())
+
+
+def share_batch(batch, info: DistInfo, device: torch.device, reward_rank0: bool, to_records) -> tuple:
+    """(this rank's part of the scored batch, the sample records rank 0 writes) for each distributed mode:
+    one process: the batch as it is; asymmetric (--reward-rank0): rank 0's whole batch is broadcast, each rank
+    trains on its contiguous shard; symmetric: every rank keeps its own batch and its records are gathered.
+    The batch is None on every rank when any rank's source stopped (the budget)."""
+    if not info.enabled:
+        return batch, (to_records(batch) if batch is not None else [])
+    if reward_rank0:
+        batch = broadcast(batch.to("cpu") if info.is_main and batch is not None else None, info)
+        if batch is None:
+            return None, []
+        size = len(batch.rewards.texts) // info.world_size
+        return batch[info.rank * size:(info.rank + 1) * size].to(device), (to_records(batch) if info.is_main else [])
+    gathered = gather_to_main(to_records(batch) if batch is not None else None, info)
+    records = [record for rank_records in gathered or [] for record in (rank_records or [])]
+    return (None if any_rank(batch is None, info) else batch), records

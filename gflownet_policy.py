@@ -17,6 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from hf_models import register_adapters
+
 
 @dataclass
 class PolicyConfig:
@@ -397,8 +399,6 @@ def make_lora_policy(base_model, config: PolicyConfig, start_id: int, stop_token
     targets = list(target_modules) if target_modules else default_lora_targets(base_model)
     lora_config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none",
                              task_type="CAUSAL_LM")
-    from hf_models import register_adapters
-
     peft_model = get_peft_model(base_model, lora_config)
     peft_model.eval()
     register_adapters(base_model, peft_model)

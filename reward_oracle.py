@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import threading
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -111,6 +112,16 @@ class PriorScorer:
 # ------------------------------------------------------------------------------------ local HF oracle
 
 
+class Oracle(Protocol):
+    """The response oracle's seam: anything that scores x. Local models live here, the OpenAI / OpenAI-compatible
+    client in api_client.py. What an oracle can do is declared by its attributes, not inferred from its class."""
+
+    deterministic: bool  # the same x always gets the same log p(y|x) (a fixed target, scored locally)
+    has_spending: bool  # it pays for answers: has stats(), cost, run_id and a spend ledger
+
+    def score(self, texts: list[str]) -> list[OracleResult]: ...  # optional: token_ids=... (same vocabulary)
+
+
 ORACLE_FORMATS = ("auto", "chat", "plain")
 
 
@@ -126,6 +137,8 @@ class HFResponseOracle:
     by the task's plain prompt (for --task raw: x itself), what a base or memorising model saw in training;
     "auto" is chat when the tokenizer has a template, else plain. x enters the prompt as token ids: the policy's
     own ids when the caller passes them (same vocabulary), never a decode-and-re-encode of them."""
+
+    has_spending = False
 
     def __init__(self, model, tokenizer, task: Task, temperature: float = 1.0, max_new_tokens: int | None = None,
                  target_response: str | None = None, batch_size: int = 16, prompt_format: str = "auto") -> None:
@@ -145,6 +158,7 @@ class HFResponseOracle:
             self.target_ids = tokenizer(target_response, add_special_tokens=False)["input_ids"]
             if not self.target_ids:
                 raise ValueError("--target-response tokenizes to nothing")
+        self.deterministic = self.target_ids is not None  # teacher forcing a fixed y*: log p(y*|x) is a function of x
         eos = model.generation_config.eos_token_id
         eos = tokenizer.eos_token_id if eos is None else eos
         self.eos_ids = set(eos if isinstance(eos, list) else [eos])
@@ -257,6 +271,12 @@ class RewardBatch:
     retokenises: list[bool] | None = None  # does encode(decode(x's ids)) give x's ids back?
     oracle_saw_text: bool = False  # True when x reached the oracle as text (an API), not as the policy's ids
 
+    def __getitem__(self, part: slice) -> "RewardBatch":
+        """The rows in `part` (a slice), every per-row field cut the same way."""
+        return RewardBatch(self.texts[part], self.log_prior[part], self.log_likelihood[part], self.log_reward[part],
+                           self.valid[part], self.oracle_results[part], self.extras[part] if self.extras else None,
+                           self.retokenises[part] if self.retokenises is not None else None, self.oracle_saw_text)
+
 
 def token_id_lists(tokens: torch.Tensor, lengths: torch.Tensor) -> list[list[int]]:
     return [row[:n].tolist() for row, n in zip(tokens.cpu(), lengths.cpu().tolist())]
@@ -307,7 +327,7 @@ class RewardModel:
 
     @property
     def deterministic_oracle(self) -> bool:
-        return isinstance(self.oracle, HFResponseOracle) and self.oracle.target_ids is not None
+        return self.uses_oracle and getattr(self.oracle, "deterministic", False)
 
     def count(self, num_rewards: int, num_oracle: int) -> None:
         with self.counter_lock:

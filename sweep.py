@@ -65,7 +65,7 @@ def format_table(rows: list[tuple[str, dict]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import train
+    import train  # here, not at the top: a bad sweep flag is reported before torch loads
 
     argv = sys.argv[1:] if argv is None else argv
     ours, train_argv = (argv[: argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])

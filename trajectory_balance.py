@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 
+from dataclasses import dataclass
+
 import torch
 
 
@@ -229,6 +231,23 @@ def vargrad_log_z(log_pf: torch.Tensor, log_reward: torch.Tensor) -> float:
 
 
 LOSSES = ("tb", "subtb", "modified-subtb", "vargrad")
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What the training loop needs to know about a loss, asked rather than inferred from its name."""
+
+    name: str
+    needs_prefix_rewards: bool  # log R of every prefix of x (modified SubTB), scored by the reward
+    learned_log_z: bool  # True: log the learned log Z; False: the batch's implied one (VarGrad has none)
+
+
+OBJECTIVES = {
+    "tb": Objective("tb", needs_prefix_rewards=False, learned_log_z=True),
+    "subtb": Objective("subtb", needs_prefix_rewards=False, learned_log_z=True),
+    "modified-subtb": Objective("modified-subtb", needs_prefix_rewards=True, learned_log_z=True),
+    "vargrad": Objective("vargrad", needs_prefix_rewards=False, learned_log_z=False),
+}
 
 
 def gflownet_loss(name: str, outputs, log_z: torch.Tensor, log_reward: torch.Tensor, lengths: torch.Tensor,

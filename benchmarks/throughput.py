@@ -81,12 +81,11 @@ def prior_numbers(max_len: int, batch_size: int, n_embd: int, n_layer: int, repe
 
     from reward_oracle import PriorScorer
 
-    class Tokenizer:  # what PriorScorer needs: where texts start and end
-        eos_token_id = 50256
-        unk_token_id = None
+    class Tokenizer:  # what PriorScorer needs: where texts start and end (GPT-2's <|endoftext|>)
+        eos_token_id = bos_token_id = 50256
 
-        def convert_tokens_to_ids(self, token):
-            return 50256
+        def get_vocab(self):
+            return {"<|endoftext|>": 50256}
 
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(n_embd=n_embd, n_layer=n_layer, n_head=4, n_positions=max_len + 1)).to(device).eval()

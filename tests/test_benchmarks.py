@@ -23,6 +23,11 @@ def test_api_pool_quick():
     assert faulty["ok"] == faulty["requests"]
     run, = result["epoch"]["runs"]
     assert run["prefetch_on_epoch_s"] > 0 and run["prefetch_off_epoch_s"] > 0
+    adaptive, fixed = result["adaptive"]["runs"]  # one slot, 8 workers: only the timings vary from run to run
+    assert (adaptive["mode"], fixed["mode"]) == ("adaptive", "fixed") and adaptive["slots"] == fixed["slots"] == 1
+    assert adaptive["server_peak_in_slots"] == fixed["server_peak_in_slots"] == 1
+    assert 1 <= adaptive["final_limit"] <= 8 and fixed["final_limit"] == fixed["client_peak_in_flight"] == 8
+    assert adaptive["ok"] + adaptive["failed"] == fixed["ok"] + fixed["failed"] == adaptive["requests"]
 
 
 def test_policy_comparison_quick(tiny_chat_lm_dir):
@@ -52,7 +57,10 @@ def test_exact_target_quick():
         (policy, loss) for policy in ("transformer", "lora") for loss in ("tb", "subtb", "modified-subtb", "vargrad")}
     for run in target["runs"]:
         calls = [row["reward_calls"] for row in run["curve"]]
-        assert calls[0] == 0 and calls[-1] == result["reward_calls"] and calls == sorted(calls)
+        sampled = [row["sampled_x"] for row in run["curve"]]
+        assert sampled[0] == 0 and sampled[-1] == result["reward_calls"] and calls == sorted(calls)
+        # every reward evaluation counts: modified SubTB's prefixes on top of the sampled x
+        assert calls[-1] > sampled[-1] if run["loss"] == "modified-subtb" else calls == sampled
         for row in run["curve"]:
             assert 0 <= row["tv"] <= 1 and abs(row["tv_sum"] - 2 * row["tv"]) < 1e-9
             assert row["kl_policy_target"] >= -1e-9 and row["kl_target_policy"] >= -1e-9

@@ -62,7 +62,7 @@ def simulate(ac: AdaptiveConcurrency, clock: FakeClock, slots: int | None, servi
 
 def run(slots, fixed=False, initial=None, ceiling=8, **kwargs):
     clock = FakeClock()
-    ac = AdaptiveConcurrency(ceiling, fixed=fixed, initial=initial, clock=clock)
+    ac = AdaptiveConcurrency(ceiling, fixed=fixed, initial=initial, clock=clock, head_start_s=0)
     return ac, simulate(ac, clock, slots, **kwargs)
 
 
@@ -116,6 +116,32 @@ def test_fixed_mode_fills_the_ceiling_and_never_exceeds_it():
     assert ac.limit == 3 and ac.stats()["overloads"] == 12 and ac.stats()["decreases"] == 0
 
 
+def test_a_request_sent_alone_gets_a_head_start():
+    # The others wait head_start_s after it, so it reaches the server first and measures an unqueued latency;
+    # once it is answered they go at once.
+    def follower_wait(ac: AdaptiveConcurrency, answer_after_s: float | None) -> float:
+        ac.acquire()  # alone
+        waited = []
+
+        def follower() -> None:
+            started = time.monotonic()
+            ac.acquire()
+            waited.append(time.monotonic() - started)
+            ac.release("error", 0.0)
+
+        t = threading.Thread(target=follower)
+        t.start()
+        if answer_after_s is not None:
+            time.sleep(answer_after_s)
+            ac.release("error", 0.0)
+        t.join(timeout=5)
+        return waited[0]
+
+    assert follower_wait(AdaptiveConcurrency(4, initial=4, head_start_s=0.3), None) >= 0.25
+    assert follower_wait(AdaptiveConcurrency(4, initial=4, head_start_s=5.0), 0.05) < 1.0
+    assert follower_wait(AdaptiveConcurrency(4, fixed=True, head_start_s=5.0), None) < 1.0  # fixed: as before
+
+
 def test_release_must_match_an_acquire():
     ac = AdaptiveConcurrency(2)
     with pytest.raises(RuntimeError):
@@ -138,7 +164,7 @@ def test_release_must_match_an_acquire():
 
 def test_overload_halves_at_most_once_per_round():
     clock = FakeClock()
-    ac = AdaptiveConcurrency(8, initial=8, clock=clock)
+    ac = AdaptiveConcurrency(8, initial=8, clock=clock, head_start_s=0)
     tickets = [acquire_now(ac) for _ in range(8)]
     ac.release("overload", 1.0, ticket=tickets[0])
     assert ac.limit == 4
@@ -156,7 +182,7 @@ def test_overload_halves_at_most_once_per_round():
 
 
 def test_replies_to_requests_sent_before_a_change_do_not_count_in_the_next_round():
-    ac = AdaptiveConcurrency(8, initial=8, clock=FakeClock())
+    ac = AdaptiveConcurrency(8, initial=8, clock=FakeClock(), head_start_s=0)
     tickets = [acquire_now(ac) for _ in range(8)]
     ac.release("ok", 1.0, ticket=tickets[0])  # sent alone: the reference, 1 s
     ac.release("overload", 1.0, ticket=tickets[1])
@@ -206,7 +232,7 @@ def test_queueing_that_grows_with_in_flight_count_shrinks_the_limit():
     # Six sent at once to one slot of 0.2 s: the i-th waits for the i - 1 before it. The first, sent alone,
     # gives the reference.
     clock = FakeClock()
-    ac = AdaptiveConcurrency(8, initial=6, clock=clock)
+    ac = AdaptiveConcurrency(8, initial=6, clock=clock, head_start_s=0)
     tickets = [acquire_now(ac) for _ in range(6)]
     for i, t in enumerate(tickets):
         ac.release("ok", 0.2 * (i + 1), ticket=t)  # median 0.7 s: q = 3.5
@@ -216,7 +242,7 @@ def test_queueing_that_grows_with_in_flight_count_shrinks_the_limit():
 
 def test_latency_is_compared_per_unit_of_work():
     # A server that takes 1 s per unit of work. Replies sent alone, of work 1 and 3, give ref(1) = 1, ref(3) = 3.
-    ac = AdaptiveConcurrency(8, clock=FakeClock())
+    ac = AdaptiveConcurrency(8, clock=FakeClock(), head_start_s=0)
     for i in range(10):
         work = 1 + 2 * (i % 2)
         acquire_now(ac)
@@ -251,7 +277,7 @@ def test_no_growth_without_use():
     ac, sim = run(slots=None, batch_size=1)
     assert set(sim["limits"][1:]) == {2} and ac.limit == 2
     # The same after slow start (ended here by an overload): additive increase needs the limit reached too.
-    ac = AdaptiveConcurrency(8, initial=4, clock=FakeClock())
+    ac = AdaptiveConcurrency(8, initial=4, clock=FakeClock(), head_start_s=0)
     acquire_now(ac)
     ac.release("overload", 1.0)
     assert ac.limit == 2 and not ac.stats()["slow_start"]

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-import evaluation
+import sample
 import train
 from checkpoint import load_checkpoint
 from test_contradiction_reward import save_tiny_nli
@@ -56,7 +56,7 @@ def test_contradiction_training_writes_every_term_and_keeps_a_log_z_per_example(
     summary_out = tmp_path / "eval.jsonl"
     err = io.StringIO()
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
-        code = evaluation.main(["--checkpoint", str(tmp_path / "run" / "checkpoint_gfn_contradiction_epoch4.pt"),
+        code = sample.main(["--checkpoint", str(tmp_path / "run" / "checkpoint_gfn_contradiction_epoch4.pt"),
                                 "--task", "contradiction", "--samples-per-subject", "3", "--output", str(summary_out),
                                 "--device", "cpu"])
     assert code == 0, err.getvalue()[-2000:]

@@ -9,6 +9,7 @@ import os
 import pytest
 import torch
 
+from build import build_policy, load_prior
 import train
 from checkpoint import load_checkpoint
 from gflownet_policy import LoRAPolicy
@@ -24,8 +25,8 @@ def lora_args(model_dir: str, tmp_path, *extra: str) -> argparse.Namespace:
 
 
 def build(args):
-    prior_model, tokenizer = train.load_prior(args, torch.device("cpu"))
-    policy = train.build_policy(args, prior_model, tokenizer, torch.device("cpu"))
+    prior_model, tokenizer = load_prior(args, torch.device("cpu"))
+    policy = build_policy(args, prior_model, tokenizer, torch.device("cpu"))
     return prior_model, tokenizer, policy
 
 
@@ -115,8 +116,8 @@ def test_lora_run_resumes_with_the_same_losses(tiny_lm_dir, tmp_path):
     resumed = run(tmp_path / "b", "--epochs", "4", "--resume")
     assert resumed == pytest.approx(straight, rel=1e-5, abs=1e-6)
     state = load_checkpoint(str(tmp_path / "a" / "checkpoint_gfn_raw_epoch4.pt"))
-    assert state["lora_settings"]["r"] == 4 and set(state["policy"]) == {"lora", "flow_head", "stop"}
-    assert state["lora_settings"]["stop"] == "head"
+    assert state["policy_record"]["lora"]["r"] == 4 and set(state["policy"]) == {"lora", "flow_head", "stop"}
+    assert state["policy_record"]["lora"]["stop"] == "head"
     # only adapter weights are saved, not the base model
     assert sum(t.numel() for t in state["policy"]["lora"].values()) < 20_000
 

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-import evaluation
+import sample
 import train
 from checkpoint import load_checkpoint
 from errors import UserError
@@ -41,7 +41,7 @@ def read_jsonl(path: str) -> list[dict]:
 
 
 def losses(output_dir) -> dict[int, float]:
-    return {m["epoch"]: m["train/tb_loss"] for m in read_jsonl(os.path.join(output_dir, "metrics_raw.jsonl"))}
+    return {m["epoch"]: m["train/loss"] for m in read_jsonl(os.path.join(output_dir, "metrics_raw.jsonl"))}
 
 
 def test_stopped_and_resumed_run_logs_the_same_losses(tiny_lm_dir, tmp_path):
@@ -162,14 +162,14 @@ def test_evaluation_samples_a_checkpoint_and_writes_a_summary(tiny_lm_dir, tmp_p
     checkpoint = str(tmp_path / "checkpoint_gfn_raw_epoch2.pt")
     output = str(tmp_path / "eval.jsonl")
     code, err = run_main(["--checkpoint", checkpoint, "--num-samples", "10", "--batch-size", "4", "--score",
-                          "--output", output, "--device", "cpu"], entry=evaluation.main)
+                          "--output", output, "--device", "cpu"], entry=sample.main)
     assert code == 0, err
     records = read_jsonl(output)
     assert len(records) == 10 and all(len(r["token_ids"]) <= 6 and "log_reward" in r for r in records)
     with open(str(tmp_path / "eval_summary.json")) as f:
         summary = json.load(f)
     assert summary["num_samples"] == 10 and 0 < summary["unique_fraction"] <= 1 and "kl_reverse" in summary
-    code, err = run_main(["--checkpoint", str(tmp_path / "nope.pt")], entry=evaluation.main)
+    code, err = run_main(["--checkpoint", str(tmp_path / "nope.pt")], entry=sample.main)
     assert code == 2 and "checkpoint not found" in err
 
 
@@ -197,3 +197,19 @@ def test_the_command_line_lists_every_loss_the_losses_module_implements():
     import trajectory_balance
 
     assert flags.LOSS_NAMES == trajectory_balance.LOSSES
+
+
+def test_format_1_checkpoints_are_migrated_and_resume(tiny_lm_dir, tmp_path):
+    # a checkpoint as the code before format 2 wrote it: the policy's record spread over args/policy_config
+    assert run_main(tiny_flags(tiny_lm_dir, tmp_path, "--epochs", "2", "--save-every", "2"))[0] == 0
+    path = tmp_path / "checkpoint_gfn_raw_epoch2.pt"
+    state = torch.load(path, weights_only=True)
+    record = state.pop("policy_record")
+    old = {**state, "format": "dataset-sucker-gfn/1", "policy_config": record["config"], "lora_settings": None,
+           "batch_round": state.pop("source_state")}
+    old.pop("run_id")
+    torch.save(old, path)
+    migrated = load_checkpoint(str(path))
+    assert migrated["policy_record"] == {**record, "prior_model": tiny_lm_dir}
+    code, err = run_main(tiny_flags(tiny_lm_dir, tmp_path, "--epochs", "3", "--resume"))
+    assert code == 0 and "resumed from epoch 2" in err, err
