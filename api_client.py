@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import math
 import os
 import random
 import re
@@ -98,8 +97,8 @@ class CostTracker:
         self.price = price_for(model, prices)
         self.discount = discount
         self.lock = threading.Lock()
-        self.totals = {"requests": 0, "cache_hits": 0, "failed": 0, "prompt_tokens": 0, "cached_tokens": 0,
-                       "completion_tokens": 0, "dollars": 0.0}
+        self.totals = {"requests": 0, "cache_hits": 0, "failed": 0, "retries": 0, "prompt_tokens": 0,
+                       "cached_tokens": 0, "completion_tokens": 0, "dollars": 0.0}
 
     def charge(self, usage: dict, discount: float | None = None) -> dict:
         """One paid request's row of the spend ledger: its tokens and dollars (not yet added to the totals)."""
@@ -348,7 +347,7 @@ def retry_after_seconds(headers) -> float | None:
     return None
 
 
-def classify(exc: Exception, model: str) -> tuple[str, float | None]:
+def classify(exc: Exception) -> tuple[str, float | None]:
     """('fatal' | 'retry', retry_after_seconds) for an exception raised by one attempt."""
     if isinstance(exc, openai.APIStatusError):
         status = exc.status_code
@@ -424,7 +423,7 @@ def call_with_retries(attempt_fn, policy: RetryPolicy, model: str, limiter: Rate
         except OracleError:
             raise
         except Exception as exc:  # classified below; anything unknown is fatal, never swallowed
-            kind, retry_after = classify(exc, model)
+            kind, retry_after = classify(exc)
             if kind == "fatal":
                 raise FatalAPIError(fatal_message(exc, model)) from None
             last_reason = (f"HTTP {exc.status_code}" if isinstance(exc, openai.APIStatusError) else type(exc).__name__)
@@ -551,7 +550,6 @@ class OpenAIChatOracle:
         self.pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="oracle")
         # max_workers is the ceiling; adaptive, fewer are in flight while the server queues (one-slot llama.cpp)
         self.concurrency = AdaptiveConcurrency(max_workers, fixed=not adaptive_concurrency)
-        self.retries = 0
 
     def score(self, texts: list[str]) -> list[OracleResult]:
         # Identical requests in one batch are sent once: the second would pay for the same answer.
@@ -639,16 +637,15 @@ class OpenAIChatOracle:
         if self.cache is not None:
             self.cost.restore(self.cache.spent(run_id))
 
-    def _count_retry(self, reason: str) -> None:
-        with self.cost.lock:
-            self.retries += 1
+    def _count_retry(self, reason: str) -> None:  # call_with_retries passes the reason; the count is enough here
+        self.cost.count("retries")
 
     def no_echo_message(self) -> str:
         return (f"{self.base_url} cannot score --target-response: it needs a completions endpoint that "
                 "returns prompt logprobs with echo=True (vLLM does, api.openai.com does not); use --oracle hf")
 
     def stats(self) -> dict:
-        return {**self.cost.snapshot(), "retries": self.retries, "concurrency_limit": self.concurrency.limit}
+        return {**self.cost.snapshot(), "concurrency_limit": self.concurrency.limit}
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)

@@ -16,17 +16,19 @@ The rule is a delay-based AIMD in the spirit of TCP Vegas and Netflix's concurre
   time grows in proportion to work. No model of how time grows with work is fitted. The same rule serves
   servers whose time is per token, servers whose time is per request (the test server), and anything in
   between. A median also shrugs off the odd "alone" request that another of ours overtook on its way to the
-  server. Before anything has been sent alone (fixed mode), ref(w) is the fastest latency per unit of work
-  seen, times w.
+  server. To keep that rare, the requests that follow one sent alone wait 10 ms (`head_start_s`), so that it
+  reaches the server first. Slow start has few of those replies yet, so there ref(w) takes the fastest
+  instead of the median: an overtaken request is only ever slower, never faster. Before anything has been
+  sent alone (fixed mode), ref(w) is the fastest latency per unit of work seen, times w.
 - Rounds. A round ends once `limit` replies have come back to requests sent since the round began, which is
   about one round trip. Replies to older requests were measured under another limit and are not counted. The
   round's queueing ratio is q = median over its replies of latency / ref(work). With L of our requests in
   flight on a server that has c free slots, q is about L / c: q ≈ 1 means no queueing, and q ≈ 2 means each
   request waited about as long as it was served.
 - Slow start (as in TCP). The limit starts at `initial` (1 by default) and doubles after each round with
-  q < 1.25. Slow start ends at the ceiling, at the first round with q ≥ 1.25, or at the first overload.
+  q < 1.15. Slow start ends at the ceiling, at the first round with q ≥ 1.15, or at the first overload.
 - After slow start, once per round: if q > 2.2, a multiplicative decrease to limit × max(0.5, 1.5 / q), which
-  aims for q ≈ 1.5; if q < 1.3, add 1; otherwise hold. The limit grows only if the round actually reached it.
+  aims for q ≈ 1.5; if q < 1.2, add 1; otherwise hold. The limit grows only if the round actually reached it.
   A caller that sends fewer requests than the limit shows nothing about whether more would queue.
 - "overload" (a timeout, HTTP 429 or 503, a connection reset while queued) halves the limit at once. This
   happens at most once per round: an overload of a request that was sent before the last decrease is counted
@@ -56,10 +58,11 @@ from dataclasses import dataclass
 
 OUTCOMES = ("ok", "overload", "error")
 
-SLOW_START_BELOW = 1.25  # q under this in slow start: no queueing at all, double
-INCREASE_BELOW = 1.3  # q under this afterwards: add one (one slot at limit 2 gives about 1.5, so it holds)
+SLOW_START_BELOW = 1.15  # q under this in slow start: no queueing at all, double
+INCREASE_BELOW = 1.2  # q under this afterwards: add one (one slot at limit 2 gives 1.25-1.5, so it holds)
 DECREASE_ABOVE = 2.2  # q over this: requests wait well over their own service time (4 slots at 8 give 2 at most)
 DECREASE_TOWARDS = 1.5  # the multiplicative decrease aims at this q
+HEAD_START_S = 0.01  # others wait this long after a request sent alone (measured: 2 ms let them overtake it, 5 ms not)
 ALONE_WINDOW = 32  # replies to requests sent alone that make up the reference
 NEIGHBOURS = 5  # ref(w) is the median latency of this many of them, the nearest in work
 
@@ -77,12 +80,14 @@ class AdaptiveConcurrency:
     ceiling."""
 
     def __init__(self, ceiling: int, fixed: bool = False, initial: int | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, head_start_s: float | None = None) -> None:
         if int(ceiling) < 1:
             raise ValueError(f"ceiling must be >= 1, got {ceiling}")
         self.ceiling = int(ceiling)
         self.fixed = fixed
         self.clock = clock
+        self.head_start_s = 0.0 if fixed else (HEAD_START_S if head_start_s is None else head_start_s)
+        self._head_start: tuple[int, float] | None = None  # (ticket, until, in time.monotonic) of an alone request
         start = self.ceiling if fixed else min(self.ceiling, max(1, 1 if initial is None else int(initial)))
         self._limit = float(start)  # a float so that 1.5 / q decreases do not collapse to whole steps
         self._slow_start = not fixed and start < self.ceiling
@@ -115,11 +120,24 @@ class AdaptiveConcurrency:
         """Block until fewer than `limit` requests are in flight, then count one more. Returns a ticket that
         release() needs only when called from another thread or out of this thread's order."""
         with self._cond:
-            while self._in_flight >= self._current_limit():
-                self._cond.wait()
+            while True:
+                if self._in_flight >= self._current_limit():
+                    self._cond.wait()
+                    continue
+                # Real time (not self.clock): it paces real threads.
+                head_start = self._head_start[1] - time.monotonic() if self._head_start else 0.0
+                if head_start <= 0:
+                    break
+                self._cond.wait(head_start)
             self._in_flight += 1
             self._seq += 1
-            self._permits[self._seq] = _Permit(self._seq, self._in_flight == 1, self.clock())
+            alone = self._in_flight == 1
+            self._permits[self._seq] = _Permit(self._seq, alone, self.clock())
+            # The others wait a moment, so that the request sent alone reaches the server first.
+            if alone and self.head_start_s > 0:
+                self._head_start = (self._seq, time.monotonic() + self.head_start_s)
+            elif alone:
+                self._head_start = None
             self._tickets().append(self._seq)
             self._counts["acquired"] += 1
             self._counts["peak_in_flight"] = max(self._counts["peak_in_flight"], self._in_flight)
@@ -143,14 +161,18 @@ class AdaptiveConcurrency:
         with self._cond:
             permit = self._take_permit(ticket)
             self._in_flight -= 1
-            latency = self.clock() - permit.sent_at if latency_s is None else float(latency_s)
-            if outcome == "ok":
-                self._on_reply(permit, max(latency, 0.0), float(work))
-            elif outcome == "overload":
-                self._on_overload(permit)
-            else:
-                self._counts["errors"] += 1
-            self._cond.notify_all()  # the limit may have grown by more than one
+            if self._head_start and self._head_start[0] == permit.seq:
+                self._head_start = None  # answered already: nothing left to overtake
+            try:
+                latency = self.clock() - permit.sent_at if latency_s is None else float(latency_s)
+                if outcome == "ok":
+                    self._on_reply(permit, max(latency, 0.0), float(work))
+                elif outcome == "overload":
+                    self._on_overload(permit)
+                else:
+                    self._counts["errors"] += 1
+            finally:
+                self._cond.notify_all()  # the limit may have grown by more than one; never leave waiters stuck
 
     def stats(self) -> dict:
         with self._cond:
@@ -195,14 +217,18 @@ class AdaptiveConcurrency:
         """ref(work): the latency expected of a reply of this work sent alone (see the module docstring)."""
         if not self._alone:
             return 0.0 if math.isinf(self._min_per_work) else self._min_per_work * work
+        # A request sent alone can be slowed by one of ours that overtook it on the way to the server, never sped
+        # up. Slow start, with few such replies yet, takes the fastest so that it never doubles on a reference
+        # inflated that way; afterwards the median, which latency noise does not bias.
+        pick = min if self._slow_start else statistics.median
         # Nearest in work first (on a log scale); among equals, the most recent, since the server's speed drifts.
         newest_first = sorted(reversed(self._alone), key=lambda sample: abs(math.log(sample[0] / work)))
         near = [latency for w, latency in newest_first[:NEIGHBOURS] if abs(math.log(w / work)) <= math.log(2)]
         if near:
-            return statistics.median(near)
+            return pick(near)
         # None within a factor of 2: assume at worst that time grows in proportion to work, so that a reply
         # longer than any sent alone is not taken for a queued one.
-        return statistics.median(latency * max(1.0, work / w) for w, latency in newest_first[:NEIGHBOURS])
+        return pick([latency * max(1.0, work / w) for w, latency in newest_first[:NEIGHBOURS]])
 
     def _on_reply(self, permit: _Permit, latency: float, work: float) -> None:
         self._counts["replies"] += 1

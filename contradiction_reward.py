@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import torch
 
 from errors import UserError
-from hf_models import document_start_id, without_adapters
+from hf_models import document_start_id, end_token_ids, generate_with_logprobs
 from reward_oracle import PriorScorer
 
 NLI_ORDERS = ("fact-answer", "answer-fact")
@@ -117,11 +117,7 @@ class Answerer:
         self.use_chat_template = bool(getattr(tokenizer, "chat_template", None))
         self.stop = None if self.use_chat_template else plain_stop
         self.start_id = document_start_id(tokenizer)
-        # The model's own end tokens and the tokenizer's: a chat model's EOS (end of turn) may be missing from
-        # an old generation config, and stopping at either is right.
-        eos = model.generation_config.eos_token_id
-        eos = [] if eos is None else (list(eos) if isinstance(eos, (list, tuple)) else [eos])
-        self.eos_ids = set(eos) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
+        self.eos_ids = end_token_ids(model, tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_ids)
         self.prior = PriorScorer(model, tokenizer, include_eos=False, batch_size=batch_size)
 
@@ -146,30 +142,11 @@ class Answerer:
             results.extend(self._answer_batch([self.prompt_ids(q) for q in questions[start:start + self.batch_size]]))
         return results
 
-    @torch.no_grad()
     def _answer_batch(self, prompts: list[list[int]]) -> list[dict]:
-        from transformers import GenerationConfig
-
-        width = max(map(len, prompts))
-        # Left padding: every row's answer starts at the same position.
-        input_ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in prompts], device=self.device)
-        attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
-        # generate() fills every field left at None from the model's own generation config, so the processors
-        # that would move greedy decoding off the raw argmax are switched off explicitly (min_new_tokens=0 also
-        # overrides a shipped min_length; top_k / top_p / temperature only act when sampling).
-        config = GenerationConfig(
-            do_sample=False, num_beams=1, repetition_penalty=1.0, no_repeat_ngram_size=0, min_new_tokens=0,
-            max_new_tokens=self.answer_max_tokens, pad_token_id=self.pad_id,
-            eos_token_id=sorted(self.eos_ids), output_logits=True, return_dict_in_generate=True,
-        )
-        with without_adapters(self.model):
-            out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
-        generated = out.sequences[:, width:]
-        log_probs = torch.log_softmax(torch.stack(out.logits, dim=1).float(), dim=-1)  # raw, untempered logits
-        token_lp = log_probs.gather(2, generated.unsqueeze(2)).squeeze(2).double()
+        generated, token_lp = generate_with_logprobs(self.model, prompts, self.answer_max_tokens, self.eos_ids,
+                                                     self.pad_id)  # greedy
         results = []
-        for i in range(len(prompts)):
-            ids = generated[i].tolist()
+        for i, ids in enumerate(generated):
             end = self._end_position(ids)
             num = len(ids) if end is None else end + 1  # the end token belongs to the answer
             text = self.tokenizer.decode(ids[:num], skip_special_tokens=True)
@@ -242,7 +219,7 @@ class ContradictionReward:
     def __call__(self, questions: list[str], edit_facts: list[str], step: int) -> dict:
         """Returns (B,) float64 tensors "log_reward", "log_contradiction", "log_question", "log_answer",
         "answer_penalty" (0 or answer_failure_penalty), bool tensors "passes_threshold" (log C >= threshold)
-        and "valid" (log R finite), lists "answers" (text) and "answer_results" (Answerer.answer's dicts),
+        and "valid" (log R finite), the list "answers" (text),
         and "phase": "penalized" or "composite"."""
         if len(questions) != len(edit_facts):
             raise ValueError(f"{len(questions)} questions but {len(edit_facts)} edit facts")
@@ -270,5 +247,5 @@ class ContradictionReward:
             log_reward = torch.where(passes_threshold, cfg.likelihood_weight * log_question, failure) + answer_term
         return {"log_reward": log_reward, "log_contradiction": log_contradiction, "log_question": log_question,
                 "log_answer": log_answer, "answer_penalty": answer_penalty, "passes_threshold": passes_threshold,
-                "valid": torch.isfinite(log_reward), "answers": answers, "answer_results": answer_results,
+                "valid": torch.isfinite(log_reward), "answers": answers,
                 "phase": phase}

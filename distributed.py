@@ -59,14 +59,6 @@ def average_gradients(parameters, info: DistInfo) -> None:
         p.grad /= info.world_size
 
 
-@torch.no_grad()
-def average_(tensor: torch.Tensor, info: DistInfo) -> None:
-    """In-place mean over ranks (log Z after each rank initialised it from its own shard)."""
-    if info.enabled:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-        tensor /= info.world_size
-
-
 def broadcast(obj, info: DistInfo, src: int = 0):
     """Rank src's object on every rank (pickled; tensors should be on the CPU)."""
     if not info.enabled:

@@ -16,3 +16,16 @@ class OneLineErrorParser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"error: {message} (see --help)\n")
+
+
+def run_cli(main_fn) -> int:
+    """Run a command's body, turning a UserError into `error: ...` on stderr and exit code 2: the one epilogue of
+    every command line in the project. Returns the body's exit code (0 when it returns None)."""
+    import sys
+
+    try:
+        code = main_fn()
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0 if code is None else code

@@ -20,7 +20,6 @@ import sys
 import torch
 
 
-
 def log_mean_exp(values: torch.Tensor) -> float:
     values = values.double()
     return float(torch.logsumexp(values, dim=0) - math.log(values.numel()))

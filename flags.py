@@ -8,7 +8,7 @@ import argparse
 import os
 import sys
 
-from errors import OneLineErrorParser, UserError
+from errors import OneLineErrorParser, UserError, run_cli
 from tasks import TASKS
 
 # The objectives trajectory_balance.py implements (tests check that the two lists agree).
@@ -209,8 +209,6 @@ def check_command_line(argv: list[str], description: str | None = None, defaults
     """Parse and validate argv exactly as main() will, exiting with `error: ...` and code 2 on a mistake (and
     printing --help), before the caller imports anything heavy."""
     args = build_parser(description or "", defaults).parse_args(argv)
-    try:
-        validate_args(args)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    code = run_cli(lambda: validate_args(args))
+    if code:
+        sys.exit(code)

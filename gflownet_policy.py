@@ -302,7 +302,7 @@ class LoRAPolicy(AutoregressivePolicy):
       SmolLM2 had exactly --max-len tokens.)
     - "eos": STOP is the LM's end-of-text logit, so the untrained policy is exactly the LM's p(x) p(EOS | x).
 
-    The same weights serve the prior with the adapters switched off (`adapters_disabled`), so one copy is
+    The same weights serve the prior with the adapters switched off (`hf_models.without_adapters`), so one copy is
     loaded. Sampling uses the model's own KV cache."""
 
     def __init__(self, peft_model, config: PolicyConfig, start_id: int, stop_token_id: int, lora_settings: dict) -> None:
@@ -345,10 +345,6 @@ class LoRAPolicy(AutoregressivePolicy):
         token_log_probs = torch.log_softmax(logits[..., :-1].masked_fill(self.banned[:-1], float("-inf")), dim=-1)
         stop = self.stop_bias[steps] + self.stop_head(hidden.to(self.stop_head.weight.dtype)).squeeze(-1).float()
         return torch.cat([token_log_probs, stop.unsqueeze(-1)], dim=-1)
-
-    def adapters_disabled(self):
-        """Context manager: the base LM without adapters (the prior p(x), or a local oracle on the same weights)."""
-        return self.model.disable_adapter()
 
     def set_training_dropout(self, active: bool) -> None:
         # Only LoRA's own dropout follows the training step; the base model stays in eval mode so that

@@ -120,3 +120,44 @@ def describe_special_tokens(tokenizer) -> str:
     start, end = document_start_id(tokenizer), document_end_id(tokenizer)
     return (f"document start {tokenizer.convert_ids_to_tokens(start)!r} (id {start}), "
             f"document end {tokenizer.convert_ids_to_tokens(end)!r} (id {end})")
+
+
+# ------------------------------------------------------------------------------------------------ generation
+
+
+def end_token_ids(model, tokenizer) -> set[int]:
+    """The model's own end tokens and the tokenizer's EOS: a chat model's end of turn may be missing from an old
+    generation config, and stopping at either is right."""
+    eos = model.generation_config.eos_token_id
+    eos = [] if eos is None else (list(eos) if isinstance(eos, (list, tuple)) else [eos])
+    return set(eos) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
+
+
+@torch.no_grad()
+def generate_with_logprobs(model, prompts: list[list[int]], max_new_tokens: int, end_ids: set[int], pad_id: int,
+                           temperature: float = 0.0) -> tuple[list[list[int]], torch.Tensor]:
+    """Continue each prompt (sampled at `temperature`, greedy at 0) and return every row's generated ids (rows
+    that ended early are padded after their end token) with the (B, T) float64 log-probability of each generated
+    token under the model's raw, untempered logits. Runs the pretrained model, adapters off. The local oracle and
+    the contradiction task's answerer both generate through here."""
+    from transformers import GenerationConfig  # lazily: transformers is slow to import
+
+    device = next(model.parameters()).device
+    width = max(map(len, prompts))
+    # Left padding: every row's continuation starts at the same position.
+    input_ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
+    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    sampling = temperature > 0
+    # generate() fills every field left at None from the model's own generation config, whose top-k / top-p /
+    # repetition penalty would move y off p(y|x) at this temperature, so they are switched off explicitly; the
+    # sampling-only ones are passed only when sampling (transformers warns about each on a greedy run).
+    sampling_settings = {"temperature": temperature, "top_k": 0, "top_p": 1.0} if sampling else {}
+    config = GenerationConfig(do_sample=sampling, **sampling_settings, repetition_penalty=1.0, no_repeat_ngram_size=0,
+                              min_new_tokens=0, num_beams=1, max_new_tokens=max_new_tokens, pad_token_id=pad_id,
+                              eos_token_id=sorted(end_ids), output_logits=True, return_dict_in_generate=True)
+    with without_adapters(model):
+        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+    generated = out.sequences[:, width:]
+    log_probs = torch.log_softmax(torch.stack(out.logits, dim=1).float(), dim=-1)
+    token_log_probs = log_probs.gather(2, generated.unsqueeze(2)).squeeze(2).double()
+    return generated.tolist(), token_log_probs

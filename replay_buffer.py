@@ -53,8 +53,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
-import heapq
 import hashlib
+import heapq
 import json
 import math
 import random

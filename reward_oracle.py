@@ -13,11 +13,10 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 
 from errors import UserError
+from hf_models import document_end_id, document_start_id, end_token_ids, generate_with_logprobs, without_adapters
 from tasks import TASKS, Task  # noqa: F401  (TASKS re-exported: the oracles' table)
-from hf_models import document_end_id, document_start_id, without_adapters
 
 # ------------------------------------------------------------------------------------------------ results
 
@@ -159,9 +158,7 @@ class HFResponseOracle:
             if not self.target_ids:
                 raise ValueError("--target-response tokenizes to nothing")
         self.deterministic = self.target_ids is not None  # teacher forcing a fixed y*: log p(y*|x) is a function of x
-        eos = model.generation_config.eos_token_id
-        eos = tokenizer.eos_token_id if eos is None else eos
-        self.eos_ids = set(eos if isinstance(eos, list) else [eos])
+        self.eos_ids = end_token_ids(model, tokenizer)
 
     @property
     def device(self) -> torch.device:
@@ -218,34 +215,11 @@ class HFResponseOracle:
                                         num_tokens=len(target), token_ids=list(self.target_ids)))
         return results
 
-    @torch.no_grad()
     def _sample_and_score(self, prompts: list[list[int]]) -> list[OracleResult]:
-        from transformers import GenerationConfig
-
-        width = max(map(len, prompts))
-        pad = self.tokenizer.pad_token_id
-        # Left padding so that every row's generation starts at the same position.
-        input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=self.device)
-        attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
-        sampling = self.temperature > 0
-        # Explicit neutral settings: generate() fills fields left as None from the model's own generation_config,
-        # whose top_k / top_p / repetition penalty would make y come from something other than p(y|x) at the
-        # requested temperature.
-        # Sampling-only settings are passed only when sampling: on a greedy run transformers warns about each.
-        sampling_settings = {"temperature": self.temperature, "top_k": 0, "top_p": 1.0} if sampling else {}
-        config = GenerationConfig(
-            do_sample=sampling, **sampling_settings, repetition_penalty=1.0, no_repeat_ngram_size=0, min_new_tokens=0, num_beams=1,
-            max_new_tokens=self.max_new_tokens, pad_token_id=pad, eos_token_id=sorted(self.eos_ids),
-            output_logits=True, return_dict_in_generate=True,
-        )
-        with without_adapters(self.model):
-            out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
-        generated = out.sequences[:, width:]
-        log_probs = torch.log_softmax(torch.stack(out.logits, dim=1).float(), dim=-1)  # raw, untempered logits
-        token_lp = log_probs.gather(2, generated.unsqueeze(2)).squeeze(2)
+        generated, token_lp = generate_with_logprobs(self.model, prompts, self.max_new_tokens, self.eos_ids,
+                                                     self.tokenizer.pad_token_id, self.temperature)
         results = []
-        for i in range(len(prompts)):
-            ids = generated[i].tolist()
+        for i, ids in enumerate(generated):
             end = next((j for j, t in enumerate(ids) if t in self.eos_ids), None)
             num = len(ids) if end is None else end + 1  # the end-of-turn token belongs to y
             results.append(OracleResult(

@@ -16,7 +16,7 @@ import torch
 from build import GenericTask, build_policy_for_checkpoint, build_reward_model, load_prior, task_plugin
 from checkpoint import load_checkpoint
 from durable_files import atomic_write
-from errors import OneLineErrorParser, UserError
+from errors import OneLineErrorParser, UserError, run_cli
 from evaluation import batch_metrics, sample_metrics
 from hf_models import resolve_device
 
@@ -93,13 +93,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        summary = evaluate_checkpoint(args)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(json.dumps(summary, indent=2))
-    return 0
+    return run_cli(lambda: print(json.dumps(evaluate_checkpoint(args), indent=2)))
 
 
 if __name__ == "__main__":

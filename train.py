@@ -27,13 +27,12 @@ import build
 import distributed
 from api_client import Budget
 from checkpoint import latest_checkpoint, load_checkpoint, restore_run, save_run
-from errors import UserError
+from errors import UserError, run_cli
 from evaluation import batch_metrics, sample_metrics
 from flags import build_parser, validate_args  # noqa: F401  (build_parser re-exported: scripts and tests use it)
 from gflownet_policy import LogZ
 from replay_buffer import ReplayItem
 from trajectory_balance import OBJECTIVES, gflownet_loss, vargrad_log_z
-
 
 # ------------------------------------------------------------------------------------------------ the loop
 
@@ -338,17 +337,17 @@ def main(argv: list[str] | None = None, description: str = __doc__, defaults: di
     """Parse flags, train, and turn user mistakes into one line on stderr and exit code 2.
     on_start(policy, reward_model) and on_end(result) let other entry points look in without copying the loop."""
     args = build_parser(description, defaults).parse_args(argv)
-    try:
+
+    def body() -> None:
         result = train(args, on_start=on_start)
         if on_end is not None:
             on_end(result)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        print(f"done: {result['checkpoint']}", file=sys.stderr)
+
+    try:
+        return run_cli(body)
     except KeyboardInterrupt:
         return 130
-    print(f"done: {result['checkpoint']}", file=sys.stderr)
-    return 0
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ For autoregressive generation each x has one trajectory, so log P_B = 0 and the 
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass
 
 import torch

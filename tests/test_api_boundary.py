@@ -7,7 +7,6 @@ import glob
 import io
 import json
 import math
-import os
 import shutil
 import signal
 import socket
@@ -15,6 +14,7 @@ import sqlite3
 import time
 
 import pytest
+from test_api_training import api_flags, chat_requests, start_training, wait_until
 
 import train
 from api_client import OpenAIChatOracle, preflight
@@ -22,7 +22,6 @@ from checkpoint import load_checkpoint
 from errors import OracleError, UserError
 from openai_test_server import OpenAITestServer, drop_connection, prompt_token_logprobs
 from reward_oracle import TASKS
-from test_api_training import api_flags, chat_requests, start_training, wait_until
 
 
 @pytest.fixture()

@@ -5,12 +5,30 @@ import time
 
 import pytest
 
-from api_client import (CostTracker, OpenAIChatOracle, RateLimiter, ResponseCache, RetryPolicy, TokenBucket,
-                        load_prices, parse_reset, price_for)
+from api_client import (
+    CostTracker,
+    OpenAIChatOracle,
+    RateLimiter,
+    ResponseCache,
+    RetryPolicy,
+    TokenBucket,
+    load_prices,
+    parse_reset,
+    price_for,
+)
 from batch_api import collect_results, submit_batch, wait_for_batch
 from errors import OracleError, UserError
-from openai_test_server import (OpenAITestServer, by_body_hash, chat_response_tokens, drop_connection,
-                                insufficient_quota, malformed_json, rate_limited, server_error, slow)
+from openai_test_server import (
+    OpenAITestServer,
+    by_body_hash,
+    chat_response_tokens,
+    drop_connection,
+    insufficient_quota,
+    malformed_json,
+    rate_limited,
+    server_error,
+    slow,
+)
 from reward_oracle import TASKS
 
 FAST_RETRY = dict(max_attempts=5, base_delay_s=0.01, max_delay_s=0.05)

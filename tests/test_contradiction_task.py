@@ -4,11 +4,11 @@ import io
 import json
 
 import pytest
+from test_contradiction_reward import save_tiny_nli
 
 import sample
 import train
 from checkpoint import load_checkpoint
-from test_contradiction_reward import save_tiny_nli
 
 EXAMPLES = [
     {"id": "fox-1", "subject": "the quick brown fox", "edit_fact": "The fox is slow and green."},

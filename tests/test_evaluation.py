@@ -1,10 +1,16 @@
-import math
 
 import pytest
 import torch
 
-from evaluation import (batch_metrics, distinct_n, effective_sample_size, exact_distribution_metrics,
-                        importance_log_z, kl_reverse_estimate, unique_fraction)
+from evaluation import (
+    batch_metrics,
+    distinct_n,
+    effective_sample_size,
+    exact_distribution_metrics,
+    importance_log_z,
+    kl_reverse_estimate,
+    unique_fraction,
+)
 
 
 def test_distinct_and_unique_by_hand():

@@ -9,8 +9,8 @@ import os
 import pytest
 import torch
 
-from build import build_policy, load_prior
 import train
+from build import build_policy, load_prior
 from checkpoint import load_checkpoint
 from gflownet_policy import LoRAPolicy
 from hf_models import load_causal_lm

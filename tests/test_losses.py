@@ -48,7 +48,6 @@ def test_tb_loss_rejects_mismatched_shapes():
 
 # --- SubTB(lambda), modified SubTB and VarGrad --------------------------------------------------
 
-import math
 
 import pytest
 

@@ -1,7 +1,5 @@
 """The OpenAI oracle against a real local HTTP server speaking the OpenAI protocol (no client mocking)."""
 import math
-import os
-import threading
 
 import pytest
 

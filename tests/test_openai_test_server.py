@@ -14,13 +14,37 @@ import openai
 import pytest
 
 try:  # default "prepend" import mode puts tests/ on sys.path
-    from openai_test_server import (IncomingRequest, OpenAITestServer, Reply, billing_key, by_body_hash,
-                                    chat_response_tokens, drop_connection, insufficient_quota, malformed_json,
-                                    prompt_token_logprobs, rate_limited, server_error, slow)
+    from openai_test_server import (
+        IncomingRequest,
+        OpenAITestServer,
+        Reply,
+        billing_key,
+        by_body_hash,
+        chat_response_tokens,
+        drop_connection,
+        insufficient_quota,
+        malformed_json,
+        prompt_token_logprobs,
+        rate_limited,
+        server_error,
+        slow,
+    )
 except ImportError:  # --import-mode=importlib, run from the repo root
-    from tests.openai_test_server import (IncomingRequest, OpenAITestServer, Reply, billing_key, by_body_hash,
-                                          chat_response_tokens, drop_connection, insufficient_quota,
-                                          malformed_json, prompt_token_logprobs, rate_limited, server_error, slow)
+    from tests.openai_test_server import (
+        IncomingRequest,
+        OpenAITestServer,
+        Reply,
+        billing_key,
+        by_body_hash,
+        chat_response_tokens,
+        drop_connection,
+        insufficient_quota,
+        malformed_json,
+        prompt_token_logprobs,
+        rate_limited,
+        server_error,
+        slow,
+    )
 
 MODEL = "test-chat-model"
 

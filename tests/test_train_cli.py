@@ -13,7 +13,6 @@ import torch
 import sample
 import train
 from checkpoint import load_checkpoint
-from errors import UserError
 from openai_test_server import OpenAITestServer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
