@@ -12,6 +12,7 @@
 - Token and dollar accounting from each reply's `usage`.
 The API key comes from the environment only: it is never written to the cache, logs, checkpoints or errors.
 """
+
 from __future__ import annotations
 
 import copy
@@ -74,11 +75,20 @@ def load_prices(path: str | None) -> dict[str, dict[str, float]]:
     if not isinstance(custom, dict):
         raise UserError(f"--prices {path}: expected an object mapping model names to prices")
     for model, entry in custom.items():
-        if not isinstance(entry, dict) or not {"input", "output"} <= set(entry) or \
-                not all(isinstance(v, (int, float)) and v >= 0 for v in entry.values()):
-            raise UserError(f"--prices {path}: {model!r} needs non-negative numbers 'input' and 'output' (and optionally 'cached_input')")
-        prices[model] = {"input": float(entry["input"]), "output": float(entry["output"]),
-                         "cached_input": float(entry.get("cached_input", entry["input"]))}
+        if (
+            not isinstance(entry, dict)
+            or not {"input", "output"} <= set(entry)
+            or not all(isinstance(v, (int, float)) and v >= 0 for v in entry.values())
+        ):
+            raise UserError(
+                f"--prices {path}: {model!r} needs non-negative numbers 'input' and 'output' "
+                "(and optionally 'cached_input')"
+            )
+        prices[model] = {
+            "input": float(entry["input"]),
+            "output": float(entry["output"]),
+            "cached_input": float(entry.get("cached_input", entry["input"])),
+        }
     return prices
 
 
@@ -97,8 +107,16 @@ class CostTracker:
         self.price = price_for(model, prices)
         self.discount = discount
         self.lock = threading.Lock()
-        self.totals = {"requests": 0, "cache_hits": 0, "failed": 0, "retries": 0, "prompt_tokens": 0,
-                       "cached_tokens": 0, "completion_tokens": 0, "dollars": 0.0}
+        self.totals = {
+            "requests": 0,
+            "cache_hits": 0,
+            "failed": 0,
+            "retries": 0,
+            "prompt_tokens": 0,
+            "cached_tokens": 0,
+            "completion_tokens": 0,
+            "dollars": 0.0,
+        }
 
     def charge(self, usage: dict, discount: float | None = None) -> dict:
         """One paid request's row of the spend ledger: its tokens and dollars (not yet added to the totals)."""
@@ -107,10 +125,22 @@ class CostTracker:
         cached = int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
         dollars = 0.0
         if self.price is not None:
-            dollars = ((prompt - cached) * self.price["input"] + cached * self.price["cached_input"]
-                       + completion * self.price["output"]) / 1e6 * (self.discount if discount is None else discount)
-        return {"requests": 1, "prompt_tokens": prompt, "cached_tokens": cached, "completion_tokens": completion,
-                "dollars": dollars}
+            dollars = (
+                (
+                    (prompt - cached) * self.price["input"]
+                    + cached * self.price["cached_input"]
+                    + completion * self.price["output"]
+                )
+                / 1e6
+                * (self.discount if discount is None else discount)
+            )
+        return {
+            "requests": 1,
+            "prompt_tokens": prompt,
+            "cached_tokens": cached,
+            "completion_tokens": completion,
+            "dollars": dollars,
+        }
 
     def add(self, charge: dict) -> None:
         with self.lock:
@@ -179,7 +209,9 @@ class TokenBucket:
 class RateLimiter:
     """Requests-per-minute and tokens-per-minute buckets plus a pause driven by the server's headers."""
 
-    def __init__(self, rpm: float | None = None, tpm: float | None = None, clock=time.monotonic, sleep=time.sleep) -> None:
+    def __init__(
+        self, rpm: float | None = None, tpm: float | None = None, clock=time.monotonic, sleep=time.sleep
+    ) -> None:
         self.requests = TokenBucket(rpm) if rpm else None
         self.tokens = TokenBucket(tpm, burst=tpm / 60.0 * 5) if tpm else None  # 5 s of tokens: requests are large
         self.paused_until = 0.0
@@ -210,17 +242,27 @@ class RateLimiter:
 
     def observe_headers(self, headers, in_flight_hint: int = 1) -> None:
         """Pause new requests until the window resets when the server says almost none are left."""
+
         def header(name):
             return headers.get(name) if headers is not None else None
 
         pause = 0.0
         remaining_requests = header("x-ratelimit-remaining-requests")
-        if remaining_requests is not None and remaining_requests.isdigit() and int(remaining_requests) <= in_flight_hint:
+        if (
+            remaining_requests is not None
+            and remaining_requests.isdigit()
+            and int(remaining_requests) <= in_flight_hint
+        ):
             pause = max(pause, parse_reset(header("x-ratelimit-reset-requests")) or 1.0)
         remaining_tokens = header("x-ratelimit-remaining-tokens")
         limit_tokens = header("x-ratelimit-limit-tokens")
-        if remaining_tokens and limit_tokens and remaining_tokens.isdigit() and limit_tokens.isdigit() \
-                and int(remaining_tokens) < 0.02 * int(limit_tokens):
+        if (
+            remaining_tokens
+            and limit_tokens
+            and remaining_tokens.isdigit()
+            and limit_tokens.isdigit()
+            and int(remaining_tokens) < 0.02 * int(limit_tokens)
+        ):
             pause = max(pause, parse_reset(header("x-ratelimit-reset-tokens")) or 1.0)
         if pause > 0:
             with self.lock:
@@ -253,14 +295,20 @@ class ResponseCache:
             self.db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")  # durable across process crashes in WAL mode
-            self.db.execute("CREATE TABLE IF NOT EXISTS responses (key TEXT PRIMARY KEY, request TEXT NOT NULL, "
-                            "response TEXT NOT NULL, created REAL NOT NULL)")
-            self.db.execute("CREATE TABLE IF NOT EXISTS spend (id INTEGER PRIMARY KEY, run_id TEXT NOT NULL, "
-                            "key TEXT NOT NULL, requests INTEGER NOT NULL, prompt_tokens INTEGER NOT NULL, "
-                            "cached_tokens INTEGER NOT NULL, completion_tokens INTEGER NOT NULL, dollars REAL NOT NULL, "
-                            "created REAL NOT NULL)")
+            self.db.execute(
+                "CREATE TABLE IF NOT EXISTS responses (key TEXT PRIMARY KEY, request TEXT NOT NULL, "
+                "response TEXT NOT NULL, created REAL NOT NULL)"
+            )
+            self.db.execute(
+                "CREATE TABLE IF NOT EXISTS spend (id INTEGER PRIMARY KEY, run_id TEXT NOT NULL, "
+                "key TEXT NOT NULL, requests INTEGER NOT NULL, prompt_tokens INTEGER NOT NULL, "
+                "cached_tokens INTEGER NOT NULL, completion_tokens INTEGER NOT NULL, dollars REAL NOT NULL, "
+                "created REAL NOT NULL)"
+            )
         except sqlite3.DatabaseError as exc:
-            raise UserError(f"response cache {path} is not a usable SQLite database ({exc}); move it away or use --no-cache") from None
+            raise UserError(
+                f"response cache {path} is not a usable SQLite database ({exc}); move it away or use --no-cache"
+            ) from None
 
     def put_paid(self, key: str, request: dict, response: dict, run_id: str, charge: dict) -> None:
         """Store a paid reply and its ledger row atomically."""
@@ -268,11 +316,15 @@ class ResponseCache:
             self.db.execute("BEGIN IMMEDIATE")
             try:
                 if self.store_responses:
-                    self.db.execute("INSERT OR REPLACE INTO responses VALUES (?, ?, ?, ?)",
-                                    (key, json.dumps(request, ensure_ascii=False), json.dumps(response), time.time()))
-                self.db.execute("INSERT INTO spend (run_id, key, requests, prompt_tokens, cached_tokens, completion_tokens, "
-                                "dollars, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                                (run_id, key, *(charge[name] for name in LEDGER_COLUMNS), time.time()))
+                    self.db.execute(
+                        "INSERT OR REPLACE INTO responses VALUES (?, ?, ?, ?)",
+                        (key, json.dumps(request, ensure_ascii=False), json.dumps(response), time.time()),
+                    )
+                self.db.execute(
+                    "INSERT INTO spend (run_id, key, requests, prompt_tokens, cached_tokens, completion_tokens, "
+                    "dollars, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (run_id, key, *(charge[name] for name in LEDGER_COLUMNS), time.time()),
+                )
                 self.db.execute("COMMIT")
             except BaseException:
                 self.db.execute("ROLLBACK")
@@ -281,8 +333,10 @@ class ResponseCache:
     def spent(self, run_id: str) -> dict:
         """The ledger's totals for one run."""
         with self.lock:
-            row = self.db.execute(f"SELECT {', '.join(f'COALESCE(SUM({c}), 0)' for c in LEDGER_COLUMNS)} "
-                                  "FROM spend WHERE run_id = ?", (run_id,)).fetchone()
+            row = self.db.execute(
+                f"SELECT {', '.join(f'COALESCE(SUM({c}), 0)' for c in LEDGER_COLUMNS)} FROM spend WHERE run_id = ?",
+                (run_id,),
+            ).fetchone()
         return dict(zip(LEDGER_COLUMNS, row))
 
     @staticmethod
@@ -326,7 +380,7 @@ class RetryPolicy:
         retry-after wins when present, since the server knows when capacity returns."""
         if retry_after is not None:
             return min(retry_after, self.max_delay_s)
-        return self.rng.uniform(0, min(self.max_delay_s, self.base_delay_s * 2 ** attempt))
+        return self.rng.uniform(0, min(self.max_delay_s, self.base_delay_s * 2**attempt))
 
 
 def retry_after_seconds(headers) -> float | None:
@@ -396,8 +450,10 @@ def fatal_message(exc: Exception, model: str) -> str:
     if isinstance(exc, openai.AuthenticationError):
         return f"authentication failed (HTTP 401): check OPENAI_API_KEY. Server said: {message}"
     if isinstance(exc, openai.PermissionDeniedError) and "logprob" in message.lower():
-        return (f"model {model!r} does not allow logprobs (HTTP 403); use a model that returns them "
-                f"(e.g. gpt-4o-mini, gpt-4o, gpt-4.1-mini) or --oracle hf. Server said: {message}")
+        return (
+            f"model {model!r} does not allow logprobs (HTTP 403); use a model that returns them "
+            f"(e.g. gpt-4o-mini, gpt-4o, gpt-4.1-mini) or --oracle hf. Server said: {message}"
+        )
     if isinstance(exc, openai.NotFoundError):
         return f"model {model!r} or endpoint not found (HTTP 404). Server said: {message}"
     if exc.status_code == 429:
@@ -411,8 +467,9 @@ UNREACHABLE = (openai.APITimeoutError, openai.APIConnectionError, httpx2.Transpo
 UNREACHABLE_PREFIX = "unreachable: "
 
 
-def call_with_retries(attempt_fn, policy: RetryPolicy, model: str, limiter: RateLimiter | None = None,
-                      sleep=time.sleep, on_retry=None):
+def call_with_retries(
+    attempt_fn, policy: RetryPolicy, model: str, limiter: RateLimiter | None = None, sleep=time.sleep, on_retry=None
+):
     """Run attempt_fn until it succeeds. Returns (value, None) or (None, reason) after the last attempt;
     raises FatalAPIError for errors retrying cannot fix."""
     last_reason = "no attempt made"
@@ -426,7 +483,7 @@ def call_with_retries(attempt_fn, policy: RetryPolicy, model: str, limiter: Rate
             kind, retry_after = classify(exc)
             if kind == "fatal":
                 raise FatalAPIError(fatal_message(exc, model)) from None
-            last_reason = (f"HTTP {exc.status_code}" if isinstance(exc, openai.APIStatusError) else type(exc).__name__)
+            last_reason = f"HTTP {exc.status_code}" if isinstance(exc, openai.APIStatusError) else type(exc).__name__
             unreachable = isinstance(exc, UNREACHABLE)
             if attempt + 1 == policy.max_attempts:
                 break
@@ -447,13 +504,27 @@ def chat_request(model: str, task: Task, x: str, temperature: float, max_tokens:
     """The canonical chat request: the exact JSON body sent, and the cache key's input. top_logprobs is sent
     explicitly: llama.cpp's server returns no logprobs at all without it (0 is accepted by OpenAI, vLLM and
     llama.cpp alike)."""
-    return {"model": model, "messages": task.messages(x), "temperature": temperature, "max_tokens": max_tokens,
-            "logprobs": True, "top_logprobs": 0, "n": 1}
+    return {
+        "model": model,
+        "messages": task.messages(x),
+        "temperature": temperature,
+        "max_tokens": max_tokens,
+        "logprobs": True,
+        "top_logprobs": 0,
+        "n": 1,
+    }
 
 
 def plain_request(model: str, prompt: str, temperature: float, max_tokens: int) -> dict:
     """A completions request for --oracle-format plain: the prompt text as is, y's token logprobs back."""
-    return {"model": model, "prompt": prompt, "temperature": temperature, "max_tokens": max_tokens, "logprobs": 1, "n": 1}
+    return {
+        "model": model,
+        "prompt": prompt,
+        "temperature": temperature,
+        "max_tokens": max_tokens,
+        "logprobs": 1,
+        "n": 1,
+    }
 
 
 def echo_request(model: str, prompt: str, target: str) -> dict:
@@ -472,9 +543,13 @@ def parse_chat_completion(body: dict, model: str) -> OracleResult:
     logprobs = [float(t["logprob"]) for t in content]
     total, saw_sentinel = sum_token_logprobs(logprobs)
     return OracleResult(
-        response=(choice.get("message") or {}).get("content") or "", log_likelihood=total, num_tokens=len(logprobs),
-        truncated=choice.get("finish_reason") == "length", valid=not saw_sentinel,
-        error="logprob_sentinel" if saw_sentinel else None, usage=body.get("usage") or {},
+        response=(choice.get("message") or {}).get("content") or "",
+        log_likelihood=total,
+        num_tokens=len(logprobs),
+        truncated=choice.get("finish_reason") == "length",
+        valid=not saw_sentinel,
+        error="logprob_sentinel" if saw_sentinel else None,
+        usage=body.get("usage") or {},
     )
 
 
@@ -488,13 +563,19 @@ def parse_plain_completion(body: dict, model: str) -> OracleResult:
         raise OracleError(f"the server returned no logprobs for model {model!r} on its completions endpoint")
     total, saw_sentinel = sum_token_logprobs([float(lp) for lp in token_logprobs])
     return OracleResult(
-        response=choice.get("text") or "", log_likelihood=total, num_tokens=len(token_logprobs),
-        truncated=choice.get("finish_reason") == "length", valid=not saw_sentinel,
-        error="logprob_sentinel" if saw_sentinel else None, usage=body.get("usage") or {},
+        response=choice.get("text") or "",
+        log_likelihood=total,
+        num_tokens=len(token_logprobs),
+        truncated=choice.get("finish_reason") == "length",
+        valid=not saw_sentinel,
+        error="logprob_sentinel" if saw_sentinel else None,
+        usage=body.get("usage") or {},
     )
 
 
-def parse_echo_completion(body: dict, prompt_len: int, full_len: int, target: str, no_echo_message: str) -> OracleResult:
+def parse_echo_completion(
+    body: dict, prompt_len: int, full_len: int, target: str, no_echo_message: str
+) -> OracleResult:
     logprobs = ((body.get("choices") or [{}])[0] or {}).get("logprobs") or {}
     offsets, token_logprobs = logprobs.get("text_offset") or [], logprobs.get("token_logprobs") or []
     if len(offsets) < 2:
@@ -505,8 +586,14 @@ def parse_echo_completion(body: dict, prompt_len: int, full_len: int, target: st
     if not picked:
         raise OracleError("the server's echoed tokens do not cover --target-response")
     total, saw_sentinel = sum_token_logprobs(picked)
-    return OracleResult(response=target, log_likelihood=total, num_tokens=len(picked), valid=not saw_sentinel,
-                        error="logprob_sentinel" if saw_sentinel else None, usage=body.get("usage") or {})
+    return OracleResult(
+        response=target,
+        log_likelihood=total,
+        num_tokens=len(picked),
+        valid=not saw_sentinel,
+        error="logprob_sentinel" if saw_sentinel else None,
+        usage=body.get("usage") or {},
+    )
 
 
 # ------------------------------------------------------------------------------------------------- oracle
@@ -519,12 +606,25 @@ class OpenAIChatOracle:
     has_spending = True  # it pays for answers: stats(), cost, run_id and the spend ledger (reward_oracle.Oracle)
     deterministic = False  # answers are sampled (or cached); never asked for prefix rewards
 
-    def __init__(self, model: str, task: Task, temperature: float = 1.0, max_tokens: int | None = None,
-                 max_workers: int = 8, base_url: str | None = None, target_response: str | None = None,
-                 timeout_s: float = DEFAULT_TIMEOUT_S, retry: RetryPolicy | None = None,
-                 rpm: float | None = None, tpm: float | None = None, cache_path: str | None = None,
-                 prices: dict | None = None, store_responses: bool = True, prompt_format: str = "auto",
-                 adaptive_concurrency: bool = True) -> None:
+    def __init__(
+        self,
+        model: str,
+        task: Task,
+        temperature: float = 1.0,
+        max_tokens: int | None = None,
+        max_workers: int = 8,
+        base_url: str | None = None,
+        target_response: str | None = None,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        retry: RetryPolicy | None = None,
+        rpm: float | None = None,
+        tpm: float | None = None,
+        cache_path: str | None = None,
+        prices: dict | None = None,
+        store_responses: bool = True,
+        prompt_format: str = "auto",
+        adaptive_concurrency: bool = True,
+    ) -> None:
         if max_workers < 1:
             raise UserError(f"--max-api-workers must be >= 1, got {max_workers}")
         if prompt_format not in ("auto", "chat", "plain"):
@@ -539,7 +639,10 @@ class OpenAIChatOracle:
         self.base_url = base_url or "https://api.openai.com/v1"
         limits = httpx2.Limits(max_connections=max_workers, max_keepalive_connections=max_workers)
         self.client = openai.OpenAI(
-            api_key=api_key_from_env(base_url), base_url=base_url, timeout=timeout_s, max_retries=0,
+            api_key=api_key_from_env(base_url),
+            base_url=base_url,
+            timeout=timeout_s,
+            max_retries=0,
             http_client=openai.DefaultHttpxClient(limits=limits, timeout=timeout_s),
         )
         self.retry = retry or RetryPolicy()
@@ -568,7 +671,9 @@ class OpenAIChatOracle:
         if self.target_response is not None:
             return "/v1/completions", echo_request(self.model, self.task.plain_prompt(x), self.target_response)
         if self.prompt_format == "plain":
-            return "/v1/completions", plain_request(self.model, self.task.plain_prompt(x), self.temperature, self.max_tokens)
+            return "/v1/completions", plain_request(
+                self.model, self.task.plain_prompt(x), self.temperature, self.max_tokens
+            )
         return "/v1/chat/completions", chat_request(self.model, self.task, x, self.temperature, self.max_tokens)
 
     def cache_key(self, endpoint: str, body: dict) -> str:
@@ -579,8 +684,9 @@ class OpenAIChatOracle:
             return parse_plain_completion(body, self.model)
         if self.target_response is not None:
             prompt = self.task.plain_prompt(x)
-            return parse_echo_completion(body, len(prompt), len(prompt) + len(self.target_response),
-                                         self.target_response, self.no_echo_message())
+            return parse_echo_completion(
+                body, len(prompt), len(prompt) + len(self.target_response), self.target_response, self.no_echo_message()
+            )
         return parse_chat_completion(body, self.model)
 
     def _score_one(self, x: str) -> OracleResult:
@@ -592,11 +698,13 @@ class OpenAIChatOracle:
             result = self.parse(x, cached)
             result.usage = {**result.usage, "cached_response": True}
             return result
-        estimated_tokens = len(json.dumps(body["messages"] if "messages" in body else body["prompt"])) // 4 + self.max_tokens
+        estimated_tokens = (
+            len(json.dumps(body["messages"] if "messages" in body else body["prompt"])) // 4 + self.max_tokens
+        )
 
         def attempt() -> dict:
             self.limiter.acquire(estimated_tokens)
-            create = (self.client.completions if endpoint == "/v1/completions" else self.client.chat.completions)
+            create = self.client.completions if endpoint == "/v1/completions" else self.client.chat.completions
             self.concurrency.acquire()  # the adaptive limit on requests in flight (concurrency.py)
             started = time.monotonic()
             try:
@@ -612,7 +720,9 @@ class OpenAIChatOracle:
             return reply
 
         try:
-            reply, failure = call_with_retries(attempt, self.retry, self.model, self.limiter, on_retry=self._count_retry)
+            reply, failure = call_with_retries(
+                attempt, self.retry, self.model, self.limiter, on_retry=self._count_retry
+            )
         except FatalAPIError as exc:
             if self.target_response is not None and "HTTP 400" in str(exc):
                 raise OracleError(f"{self.no_echo_message()}. {exc}") from None
@@ -621,7 +731,9 @@ class OpenAIChatOracle:
             self.cost.count("failed")
             return OracleResult.failed(failure, unreachable=failure.startswith(UNREACHABLE_PREFIX))
         self.record_paid(key, body, reply)
-        self.limiter.settle_tokens(estimated_tokens, int((reply.get("usage") or {}).get("total_tokens") or estimated_tokens))
+        self.limiter.settle_tokens(
+            estimated_tokens, int((reply.get("usage") or {}).get("total_tokens") or estimated_tokens)
+        )
         return self.parse(x, reply)
 
     def record_paid(self, key: str, body: dict, reply: dict, discount: float | None = None) -> None:
@@ -641,8 +753,10 @@ class OpenAIChatOracle:
         self.cost.count("retries")
 
     def no_echo_message(self) -> str:
-        return (f"{self.base_url} cannot score --target-response: it needs a completions endpoint that "
-                "returns prompt logprobs with echo=True (vLLM does, api.openai.com does not); use --oracle hf")
+        return (
+            f"{self.base_url} cannot score --target-response: it needs a completions endpoint that "
+            "returns prompt logprobs with echo=True (vLLM does, api.openai.com does not); use --oracle hf"
+        )
 
     def stats(self) -> dict:
         return {**self.cost.snapshot(), "concurrency_limit": self.concurrency.limit}
@@ -673,10 +787,14 @@ def served_models(client: openai.OpenAI, base_url: str) -> list[str] | None:
     try:
         return sorted(model.id for model in client.models.list())
     except openai.AuthenticationError as exc:
-        raise UserError(f"authentication failed at {base_url} (HTTP 401): check OPENAI_API_KEY. Server said: {_first_line(exc)}") from None
+        raise UserError(
+            f"authentication failed at {base_url} (HTTP 401): check OPENAI_API_KEY. Server said: {_first_line(exc)}"
+        ) from None
     except UNREACHABLE as exc:
-        raise UserError(f"cannot reach the oracle server at {base_url} ({type(exc).__name__}): is it running, "
-                        "and is --base-url right?") from None
+        raise UserError(
+            f"cannot reach the oracle server at {base_url} ({type(exc).__name__}): is it running, "
+            "and is --base-url right?"
+        ) from None
     except (openai.APIStatusError, openai.APIResponseValidationError, ValueError, TypeError, AttributeError):
         return None
 
@@ -688,22 +806,33 @@ def echo_alignment(client: openai.OpenAI, model: str, base_url: str) -> float | 
     worst = None
     for probe in ALIGNMENT_PROBES:
         try:
-            generated = json.loads(client.completions.with_raw_response.create(
-                model=model, prompt=probe, max_tokens=1, temperature=0.0, logprobs=1).text)
+            generated = json.loads(
+                client.completions.with_raw_response.create(
+                    model=model, prompt=probe, max_tokens=1, temperature=0.0, logprobs=1
+                ).text
+            )
             choice = generated["choices"][0]
             token, logprobs = choice.get("text") or "", (choice.get("logprobs") or {}).get("token_logprobs") or []
             if not token.strip() or not logprobs or logprobs[0] is None:
                 continue
-            echoed = json.loads(client.completions.with_raw_response.create(
-                model=model, prompt=probe + token, max_tokens=1, temperature=0.0, echo=True, logprobs=1).text)
+            echoed = json.loads(
+                client.completions.with_raw_response.create(
+                    model=model, prompt=probe + token, max_tokens=1, temperature=0.0, echo=True, logprobs=1
+                ).text
+            )
         except openai.BadRequestError as exc:
-            raise OracleError(f"{base_url} cannot score --target-response: its completions endpoint refused a prompt "
-                              f"logprob request with echo=True ({_first_line(exc)}); use --oracle hf") from None
+            raise OracleError(
+                f"{base_url} cannot score --target-response: its completions endpoint refused a prompt "
+                f"logprob request with echo=True ({_first_line(exc)}); use --oracle hf"
+            ) from None
         except UNREACHABLE as exc:
             raise UserError(f"cannot reach the oracle server at {base_url} ({type(exc).__name__})") from None
-        echo_logprobs = (echoed["choices"][0].get("logprobs") or {})
-        found = [lp for offset, lp in zip(echo_logprobs.get("text_offset") or [], echo_logprobs.get("token_logprobs") or [])
-                 if offset == len(probe) and lp is not None]
+        echo_logprobs = echoed["choices"][0].get("logprobs") or {}
+        found = [
+            lp
+            for offset, lp in zip(echo_logprobs.get("text_offset") or [], echo_logprobs.get("token_logprobs") or [])
+            if offset == len(probe) and lp is not None
+        ]
         if not found:
             continue
         gap = abs(float(found[0]) - float(logprobs[0]))
@@ -711,8 +840,9 @@ def echo_alignment(client: openai.OpenAI, model: str, base_url: str) -> float | 
     return worst
 
 
-def preflight(model: str, base_url: str | None, timeout_s: float, target_response: str | None = None,
-              check_model: bool = True) -> list[str]:
+def preflight(
+    model: str, base_url: str | None, timeout_s: float, target_response: str | None = None, check_model: bool = True
+) -> list[str]:
     """Checks made once at start-up, before any model is loaded or any paid batch is sent: the server answers,
     it serves `model`, and (with --target-response) its echoed prompt logprobs are aligned. Returns notes to
     print; raises UserError naming the problem."""
@@ -735,7 +865,8 @@ def preflight(model: str, base_url: str | None, timeout_s: float, target_respons
                 raise OracleError(
                     f"{shown_url} echoes prompt logprobs misaligned with its own generation logprobs (off by {gap:.2f} "
                     "nats; llama-cpp-python's server shifts them by one token for models without a BOS token), so "
-                    "log p(y*|x) would be wrong: use vLLM, or --oracle hf with the model file")
+                    "log p(y*|x) would be wrong: use vLLM, or --oracle hf with the model file"
+                )
             else:
                 notes.append(f"echo alignment checked: echoed and generated logprobs agree within {gap:.3f} nats")
     finally:

@@ -5,6 +5,7 @@ ends, and matches the output and error files back to inputs by `custom_id`. Requ
 cache are not submitted. The batch id goes into a checkpoint before the first poll, so a restarted run picks
 the same batch up instead of paying for it again.
 """
+
 from __future__ import annotations
 
 import json
@@ -45,9 +46,17 @@ def submit_batch(oracle: OpenAIChatOracle, texts: list[str]) -> str | None:
     if not lines:
         return None
     data = ("\n".join(lines) + "\n").encode()
-    uploaded = _api(oracle, oracle.client.files.create, file=("gfn_batch.jsonl", data, "application/jsonl"), purpose="batch")
-    batch = _api(oracle, oracle.client.batches.create, input_file_id=uploaded.id, endpoint=endpoint,
-                 completion_window="24h", metadata={"created_by": "dataset-sucker"})
+    uploaded = _api(
+        oracle, oracle.client.files.create, file=("gfn_batch.jsonl", data, "application/jsonl"), purpose="batch"
+    )
+    batch = _api(
+        oracle,
+        oracle.client.batches.create,
+        input_file_id=uploaded.id,
+        endpoint=endpoint,
+        completion_window="24h",
+        metadata={"created_by": "dataset-sucker"},
+    )
     return batch.id
 
 
@@ -97,9 +106,11 @@ def collect_results(oracle: OpenAIChatOracle, batch, texts: list[str]) -> list[O
             oracle.cost.count("failed")
             results.append(OracleResult.failed(f"batch {status}: no result for this request"))
         elif response.get("status_code") != 200:
-            error = ((response.get("body") or {}).get("error") or line.get("error") or {})
+            error = (response.get("body") or {}).get("error") or line.get("error") or {}
             oracle.cost.count("failed")
-            results.append(OracleResult.failed(f"batch: HTTP {response.get('status_code')}: {error.get('message', 'error')}"))
+            results.append(
+                OracleResult.failed(f"batch: HTTP {response.get('status_code')}: {error.get('message', 'error')}")
+            )
         else:
             reply = response["body"]
             if custom_id(key) not in billed:  # a duplicate x in the pool was one request, paid once

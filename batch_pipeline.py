@@ -11,6 +11,7 @@
 
 Every source calls `may_spend()` before it causes a new paid request, so a cost budget stops it cleanly.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -34,13 +35,22 @@ class ScoredBatch:
     context: torch.Tensor | None = None  # prompt ids the policy was conditioned on
 
     def to(self, device: torch.device | str) -> "ScoredBatch":
-        return dataclasses.replace(self, tokens=self.tokens.to(device), lengths=self.lengths.to(device),
-                                   log_q=self.log_q.to(device),
-                                   context=None if self.context is None else self.context.to(device))
+        return dataclasses.replace(
+            self,
+            tokens=self.tokens.to(device),
+            lengths=self.lengths.to(device),
+            log_q=self.log_q.to(device),
+            context=None if self.context is None else self.context.to(device),
+        )
 
     def __getitem__(self, part: slice) -> "ScoredBatch":
-        return dataclasses.replace(self, tokens=self.tokens[part], lengths=self.lengths[part], log_q=self.log_q[part],
-                                   rewards=self.rewards[part])
+        return dataclasses.replace(
+            self,
+            tokens=self.tokens[part],
+            lengths=self.lengths[part],
+            log_q=self.log_q[part],
+            rewards=self.rewards[part],
+        )
 
 
 class BatchSource(Protocol):
@@ -57,8 +67,17 @@ class BatchSource(Protocol):
 
 
 class SyncBatches:
-    def __init__(self, policy, reward_model, batch_size: int, temperature: float, epsilon: float, may_spend,
-                 tempered_fraction: float = 0.0, temperature_range: tuple[float, float] = (1.0, 1.0)) -> None:
+    def __init__(
+        self,
+        policy,
+        reward_model,
+        batch_size: int,
+        temperature: float,
+        epsilon: float,
+        may_spend,
+        tempered_fraction: float = 0.0,
+        temperature_range: tuple[float, float] = (1.0, 1.0),
+    ) -> None:
         self.policy, self.reward_model = policy, reward_model
         self.batch_size, self.temperature, self.epsilon = batch_size, temperature, epsilon
         self.may_spend = may_spend
@@ -71,8 +90,11 @@ class SyncBatches:
         num_tempered = round(self.tempered_fraction * size)
         parts = []
         if size - num_tempered:
-            parts.append(self.policy.sample(size - num_tempered, temperature=self.temperature, epsilon=self.epsilon,
-                                            context=context))
+            parts.append(
+                self.policy.sample(
+                    size - num_tempered, temperature=self.temperature, epsilon=self.epsilon, context=context
+                )
+            )
         if num_tempered:
             low, high = self.temperature_range
             drawn = low + (high - low) * torch.rand(()).item()
@@ -124,8 +146,11 @@ class PrefetchBatches(SyncBatches):
         texts = self.reward_model.decode(tokens, lengths)
         # Only the oracle's requests run in the background; the prior is scored on this thread, so model
         # state (a LoRA policy switching its adapters off for the prior) is never touched from two threads.
-        oracle_future = (self.executor.submit(self.reward_model.query_oracle, tokens, lengths, texts)
-                         if self.reward_model.uses_oracle else None)
+        oracle_future = (
+            self.executor.submit(self.reward_model.query_oracle, tokens, lengths, texts)
+            if self.reward_model.uses_oracle
+            else None
+        )
         self.pending = ((tokens, lengths, log_q, texts), oracle_future)
 
     def _finish(self, pending) -> ScoredBatch:
@@ -163,8 +188,16 @@ class BatchAPIBatches(SyncBatches):
     checkpoint taken mid-pool collects that round again (free: its results are in the output file and the
     cache) and trains on the whole pool."""
 
-    def __init__(self, *args, pool_size: int, poll_seconds: float, save_checkpoint, round_state: dict | None = None,
-                 on_poll=None, **kwargs) -> None:
+    def __init__(
+        self,
+        *args,
+        pool_size: int,
+        poll_seconds: float,
+        save_checkpoint,
+        round_state: dict | None = None,
+        on_poll=None,
+        **kwargs,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.pool_size, self.poll_seconds = pool_size, poll_seconds
         self.save_checkpoint, self.on_poll = save_checkpoint, on_poll
@@ -188,17 +221,27 @@ class BatchAPIBatches(SyncBatches):
             texts = self.reward_model.decode(tokens, lengths)
             batch_id = submit_batch(oracle, texts)
             self.reward_model.count(0, len(texts))
-            self.round = {"batch_id": batch_id, "tokens": tokens.cpu(), "lengths": lengths.cpu(), "log_q": log_q.cpu(), "texts": texts}
+            self.round = {
+                "batch_id": batch_id,
+                "tokens": tokens.cpu(),
+                "lengths": lengths.cpu(),
+                "log_q": log_q.cpu(),
+                "texts": texts,
+            }
             self.save_checkpoint()  # before polling: a restart must find this batch, not pay for it again
         self.resumed = False
         current, device = self.round, self.policy.device
-        batch = wait_for_batch(oracle, current["batch_id"], self.poll_seconds, on_poll=self.on_poll) if current["batch_id"] else None
+        batch = (
+            wait_for_batch(oracle, current["batch_id"], self.poll_seconds, on_poll=self.on_poll)
+            if current["batch_id"]
+            else None
+        )
         results = collect_results(oracle, batch, current["texts"])
         tokens, lengths = current["tokens"].to(device), current["lengths"].to(device)
         rewards = self.reward_model.combine(tokens, lengths, current["texts"], results)
         pool = ScoredBatch(tokens, lengths, current["log_q"].to(device), rewards)
         for start in range(0, len(current["texts"]), self.batch_size):
-            self.queue.append(pool[start:start + self.batch_size])
+            self.queue.append(pool[start : start + self.batch_size])
         return True
 
     def next(self, more: bool = True) -> ScoredBatch | None:

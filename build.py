@@ -6,6 +6,7 @@ Tasks plug in here: `task_plugin(name)` is the prompt-format tasks' generic plug
 module with the same four functions (`contradiction_task`): `conditions`, `build_reward`, `make_source` and
 `evaluate`. Adding a task means a module with those functions and one line in `TASK_MODULES`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,28 +37,47 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def load_prior(args: argparse.Namespace, device: torch.device):
     # a LoRA policy injects adapters into the weights it wraps: it gets its own fresh copy
-    return load_causal_lm(args.prior_model, device, DTYPES[args.dtype], reload=getattr(args, "policy", "transformer") == "lora")
+    return load_causal_lm(
+        args.prior_model, device, DTYPES[args.dtype], reload=getattr(args, "policy", "transformer") == "lora"
+    )
 
 
 def build_oracle(args: argparse.Namespace, device: torch.device):
     task = TASKS[args.task]
     if args.oracle == "hf":
         model, tokenizer = load_causal_lm(args.oracle_model or args.prior_model, device, DTYPES[args.dtype])
-        return HFResponseOracle(model, tokenizer, task, temperature=args.llm_temperature,
-                                max_new_tokens=args.max_response_tokens, target_response=args.target_response,
-                                prompt_format=args.oracle_format)
+        return HFResponseOracle(
+            model,
+            tokenizer,
+            task,
+            temperature=args.llm_temperature,
+            max_new_tokens=args.max_response_tokens,
+            target_response=args.target_response,
+            prompt_format=args.oracle_format,
+        )
     return OpenAIChatOracle(
-        args.model, task, temperature=args.llm_temperature, max_tokens=args.max_response_tokens,
-        max_workers=args.max_api_workers, base_url=args.base_url, target_response=args.target_response,
-        timeout_s=args.api_timeout, retry=RetryPolicy(max_attempts=args.max_attempts), rpm=args.rpm, tpm=args.tpm,
-        cache_path=os.path.join(args.output_dir, "response_cache.sqlite"), store_responses=not args.no_cache,
-        prices=load_prices(args.prices), prompt_format=args.oracle_format,
+        args.model,
+        task,
+        temperature=args.llm_temperature,
+        max_tokens=args.max_response_tokens,
+        max_workers=args.max_api_workers,
+        base_url=args.base_url,
+        target_response=args.target_response,
+        timeout_s=args.api_timeout,
+        retry=RetryPolicy(max_attempts=args.max_attempts),
+        rpm=args.rpm,
+        tpm=args.tpm,
+        cache_path=os.path.join(args.output_dir, "response_cache.sqlite"),
+        store_responses=not args.no_cache,
+        prices=load_prices(args.prices),
+        prompt_format=args.oracle_format,
         adaptive_concurrency=not args.fixed_concurrency,
     )
 
 
-def build_reward_model(args: argparse.Namespace, prior_model, tokenizer, device: torch.device,
-                       with_oracle: bool = True) -> RewardModel:
+def build_reward_model(
+    args: argparse.Namespace, prior_model, tokenizer, device: torch.device, with_oracle: bool = True
+) -> RewardModel:
     prior = PriorScorer(prior_model, tokenizer, include_eos=args.prior_include_eos)
     oracle = build_oracle(args, device) if with_oracle and args.llm_weight != 0 else None
     return RewardModel(tokenizer, prior, oracle, prior_weight=args.prior_weight, llm_weight=args.llm_weight)
@@ -91,19 +111,29 @@ def policy_record(args: argparse.Namespace, prior_model, tokenizer) -> dict:
     """How to construct the policy, saved in checkpoints apart from the command line (so renaming a flag never
     breaks a checkpoint): its kind, PolicyConfig and, for LoRA, the adapter settings."""
     config = PolicyConfig(
-        vocab_size=policy_vocab_size(prior_model, tokenizer), max_len=args.max_len, min_len=args.min_len,
-        d_model=args.d_model, num_layers=args.num_layers, num_heads=args.num_heads,
+        vocab_size=policy_vocab_size(prior_model, tokenizer),
+        max_len=args.max_len,
+        min_len=args.min_len,
+        d_model=args.d_model,
+        num_layers=args.num_layers,
+        num_heads=args.num_heads,
         banned_token_ids=tuple(sorted(set(tokenizer.all_special_ids))),
     )
     lora = None
     if args.policy == "lora":
-        lora = {"r": args.lora_r, "alpha": args.lora_alpha, "dropout": args.lora_dropout,
-                "target_modules": args.lora_target_modules, "stop": args.lora_stop}
+        lora = {
+            "r": args.lora_r,
+            "alpha": args.lora_alpha,
+            "dropout": args.lora_dropout,
+            "target_modules": args.lora_target_modules,
+            "stop": args.lora_stop,
+        }
     return {"kind": args.policy, "config": asdict(config), "lora": lora, "prior_model": args.prior_model}
 
 
-def build_policy(args: argparse.Namespace | None, prior_model, tokenizer, device: torch.device,
-                 record: dict | None = None) -> AutoregressivePolicy:
+def build_policy(
+    args: argparse.Namespace | None, prior_model, tokenizer, device: torch.device, record: dict | None = None
+) -> AutoregressivePolicy:
     """`transformer`: a fresh transformer over the prior's vocabulary. `lora`: the prior LM itself with LoRA
     adapters (one copy of the weights; the prior is scored with the adapters off)."""
     record = record or policy_record(args, prior_model, tokenizer)
@@ -115,9 +145,17 @@ def build_policy(args: argparse.Namespace | None, prior_model, tokenizer, device
     banned = tuple(sorted(set(config.banned_token_ids) | {stop_token_id}))  # never a token action
     config = PolicyConfig(**{**asdict(config), "banned_token_ids": banned})
     try:
-        return make_lora_policy(prior_model, config, document_start_id(tokenizer), stop_token_id, r=settings["r"],
-                                alpha=settings["alpha"], dropout=settings["dropout"],
-                                target_modules=settings["target_modules"], stop_mode=settings.get("stop", "eos"))
+        return make_lora_policy(
+            prior_model,
+            config,
+            document_start_id(tokenizer),
+            stop_token_id,
+            r=settings["r"],
+            alpha=settings["alpha"],
+            dropout=settings["dropout"],
+            target_modules=settings["target_modules"],
+            stop_mode=settings.get("stop", "eos"),
+        )
     except ValueError as exc:  # peft: target modules not found in the model, unknown architecture
         raise UserError(f"cannot add LoRA adapters to {record['prior_model']!r}: {str(exc).splitlines()[0]}") from None
 
@@ -132,10 +170,12 @@ def build_policy_for_checkpoint(state: dict, prior_model, tokenizer, device: tor
 
 
 def make_optimizer(policy: torch.nn.Module, log_z: LogZ, args: argparse.Namespace) -> torch.optim.Optimizer:
-    return torch.optim.Adam([
-        {"params": [p for p in policy.parameters() if p.requires_grad], "lr": args.lr},
-        {"params": list(log_z.parameters()), "lr": args.lr_z},
-    ])
+    return torch.optim.Adam(
+        [
+            {"params": [p for p in policy.parameters() if p.requires_grad], "lr": args.lr},
+            {"params": list(log_z.parameters()), "lr": args.lr_z},
+        ]
+    )
 
 
 # ------------------------------------------------------------------------------------------------- tasks
@@ -156,13 +196,24 @@ class GenericTask:
 
     @staticmethod
     def make_source(args, run: "Run", may_spend, save_now, source_state: dict | None, start_epoch: int) -> BatchSource:
-        common = dict(batch_size=args.batch_size, temperature=args.temperature, epsilon=args.epsilon,
-                      may_spend=may_spend, tempered_fraction=args.tempered_fraction,
-                      temperature_range=tuple(args.temperature_range))
+        common = dict(
+            batch_size=args.batch_size,
+            temperature=args.temperature,
+            epsilon=args.epsilon,
+            may_spend=may_spend,
+            tempered_fraction=args.tempered_fraction,
+            temperature_range=tuple(args.temperature_range),
+        )
         if args.batch_api:
-            return BatchAPIBatches(run.policy, run.reward_model, pool_size=args.batch_pool_size,
-                                   poll_seconds=args.batch_poll_seconds, save_checkpoint=save_now,
-                                   round_state=source_state, **common)
+            return BatchAPIBatches(
+                run.policy,
+                run.reward_model,
+                pool_size=args.batch_pool_size,
+                poll_seconds=args.batch_poll_seconds,
+                save_checkpoint=save_now,
+                round_state=source_state,
+                **common,
+            )
         if use_prefetch(args):
             return PrefetchBatches(run.policy, run.reward_model, pending_state=source_state, **common)
         return SyncBatches(run.policy, run.reward_model, **common)
@@ -223,20 +274,38 @@ def build_run(args: argparse.Namespace, dist_info: distributed.DistInfo, resume_
         record = policy_record(args, prior_model, tokenizer)
         policy = build_policy(args, prior_model, tokenizer, device, record=record)
     if policy.config.vocab_size != policy_vocab_size(prior_model, tokenizer):
-        raise UserError(f"the checkpoint's policy vocabulary ({policy.config.vocab_size}) does not match "
-                        f"--prior-model {args.prior_model!r} ({policy_vocab_size(prior_model, tokenizer)})")
+        raise UserError(
+            f"the checkpoint's policy vocabulary ({policy.config.vocab_size}) does not match "
+            f"--prior-model {args.prior_model!r} ({policy_vocab_size(prior_model, tokenizer)})"
+        )
     task = task_plugin(args.task)
     log_z = LogZ(task.conditions(args)).to(device)  # one log Z per condition (per example for conditioned tasks)
     reward_model = task.build_reward(args, prior_model, tokenizer, device, builds_reward)
     if args.loss == "modified-subtb" and not reward_model.can_score_prefixes():
-        raise UserError("--loss modified-subtb scores every prefix of x: use --llm-weight 0, or --oracle hf with --target-response")
+        raise UserError(
+            "--loss modified-subtb scores every prefix of x: use --llm-weight 0, or --oracle hf with --target-response"
+        )
     optimizer = make_optimizer(policy, log_z, args)
     # One id for the whole run, kept across resumes: it tags the spend ledger's rows and the Redis replay keys
     run_id = (resume_state or {}).get("run_id") or distributed.broadcast(uuid.uuid4().hex, dist_info)
     api = reward_model.oracle if getattr(reward_model.oracle, "has_spending", False) else None
-    run = Run(args, dist_info, device, prior_model, tokenizer, policy, record, log_z, reward_model, optimizer, run_id,
-              random.Random(args.seed + 7919 * dist_info.rank), api=api, replay=build_replay_buffer(args, run_id),
-              trainable=[p for group in optimizer.param_groups for p in group["params"]])
+    run = Run(
+        args,
+        dist_info,
+        device,
+        prior_model,
+        tokenizer,
+        policy,
+        record,
+        log_z,
+        reward_model,
+        optimizer,
+        run_id,
+        random.Random(args.seed + 7919 * dist_info.rank),
+        api=api,
+        replay=build_replay_buffer(args, run_id),
+        trainable=[p for group in optimizer.param_groups for p in group["params"]],
+    )
     if api is not None:
         api.run_id = run_id
     return run
@@ -248,7 +317,9 @@ def build_source(run: Run, start_epoch: int, may_spend, save_now, source_state: 
     args, info = run.args, run.dist_info
     if info.enabled and args.reward_rank0 and not info.is_main:
         return None
-    source_args = argparse.Namespace(**{**vars(args), "batch_size": args.batch_size * (info.world_size if args.reward_rank0 else 1)})
+    source_args = argparse.Namespace(
+        **{**vars(args), "batch_size": args.batch_size * (info.world_size if args.reward_rank0 else 1)}
+    )
     return task_plugin(args.task).make_source(source_args, run, may_spend, save_now, source_state, start_epoch)
 
 
@@ -256,9 +327,14 @@ def build_replay_buffer(args: argparse.Namespace, run_id: str) -> ReplayBuffer |
     if args.replay_fraction <= 0:
         return None
     try:
-        return make_replay_buffer(args.replay_backend, args.replay_capacity, priority=args.replay_priority,
-                                  near_duplicate_threshold=args.replay_near_duplicate, redis_url=args.redis_url,
-                                  namespace=f"gfn-replay-{args.task}-{run_id[:16]}")  # one run's keys
+        return make_replay_buffer(
+            args.replay_backend,
+            args.replay_capacity,
+            priority=args.replay_priority,
+            near_duplicate_threshold=args.replay_near_duplicate,
+            redis_url=args.redis_url,
+            namespace=f"gfn-replay-{args.task}-{run_id[:16]}",
+        )  # one run's keys
     except ValueError as exc:
         raise UserError(f"replay buffer: {exc}") from None
 
@@ -272,8 +348,12 @@ class Outputs:
     def __init__(self, args: argparse.Namespace, dist_info: distributed.DistInfo, start_epoch: int) -> None:
         os.makedirs(args.output_dir, exist_ok=True)
         main = dist_info.is_main
-        self.samples = JsonlAppender(os.path.join(args.output_dir, f"samples_{args.task}.jsonl")) if main else NullAppender()
-        self.metrics = JsonlAppender(os.path.join(args.output_dir, f"metrics_{args.task}.jsonl")) if main else NullAppender()
+        self.samples = (
+            JsonlAppender(os.path.join(args.output_dir, f"samples_{args.task}.jsonl")) if main else NullAppender()
+        )
+        self.metrics = (
+            JsonlAppender(os.path.join(args.output_dir, f"metrics_{args.task}.jsonl")) if main else NullAppender()
+        )
         self.wandb = init_wandb(args) if main else None
         self.progress = None
         self.quiet = not main
@@ -312,5 +392,10 @@ def init_wandb(args: argparse.Namespace):
     import wandb  # lazily: slow to import, and only needed when logging to W&B
 
     # vars(args) never holds the API key: it is read from the environment by the oracle alone.
-    return wandb.init(project=args.wandb_project or "dataset-sucker", mode=mode, config=vars(args),
-                      dir=args.output_dir, name=f"gfn_{args.task}_seed{args.seed}")
+    return wandb.init(
+        project=args.wandb_project or "dataset-sucker",
+        mode=mode,
+        config=vars(args),
+        dir=args.output_dir,
+        name=f"gfn_{args.task}_seed{args.seed}",
+    )

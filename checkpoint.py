@@ -6,6 +6,7 @@ log Z, the optimizer, every rank's RNG states (the replay buffer's own generator
 contents (memory) or key prefix (Redis), the batch source's state (a pending Batch API round, the batch sent
 ahead by prefetch), the run id that tags the spend ledger, the epoch, the reward-evaluation counts and the run's
 arguments (which never contain the API key: it is read from the environment and kept nowhere else)."""
+
 from __future__ import annotations
 
 import glob
@@ -38,9 +39,14 @@ def load_checkpoint(path: str) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated zip, pickle of foreign objects, not a torch file at all
         # torch's own message suggests weights_only=False, i.e. running code from an untrusted file: never repeat it
-        reason = "it holds objects other than tensors and plain data" if "weights_only" in str(exc).lower() \
+        reason = (
+            "it holds objects other than tensors and plain data"
+            if "weights_only" in str(exc).lower()
             else (str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__)
-        raise UserError(f"cannot read checkpoint {path}: corrupt or not a checkpoint of this project ({reason})") from None
+        )
+        raise UserError(
+            f"cannot read checkpoint {path}: corrupt or not a checkpoint of this project ({reason})"
+        ) from None
     if not isinstance(state, dict) or state.get("format") not in (FORMAT, *OLD_FORMATS):
         raise UserError(f"{path} is not a checkpoint of this project (expected format {FORMAT!r})")
     if state["format"] != FORMAT:
@@ -59,9 +65,17 @@ def migrate(state: dict) -> dict:
     lora = state.get("lora_settings")
     if lora is not None:
         lora = {**lora, "stop": lora.get("stop", "eos")}
-    return {**state, "format": FORMAT, "source_state": state.get("batch_round"),
-            "policy_record": {"kind": args.get("policy", "transformer"), "config": state.get("policy_config"),
-                              "lora": lora, "prior_model": args.get("prior_model")}}
+    return {
+        **state,
+        "format": FORMAT,
+        "source_state": state.get("batch_round"),
+        "policy_record": {
+            "kind": args.get("policy", "transformer"),
+            "config": state.get("policy_config"),
+            "lora": lora,
+            "prior_model": args.get("prior_model"),
+        },
+    }
 
 
 def latest_checkpoint(output_dir: str, task: str) -> str:
@@ -100,17 +114,27 @@ def save_run(run, epoch: int) -> str:
     rng_per_rank = distributed.gather_to_main({**rng_state(), "replay": run.replay_rng.getstate()}, run.dist_info)
     if not run.dist_info.is_main:
         return path
-    save_checkpoint(path, {
-        "epoch": epoch, "run_id": run.run_id, "args": vars(run.args),
-        "policy_record": run.record, "policy": run.policy.trainable_state(),
-        "log_z": run.log_z.state_dict(), "log_z_conditions": run.log_z.conditions,
-        "optimizer": run.optimizer.state_dict(),
-        "rng": rng_state(), "rng_per_rank": rng_per_rank, "world_size": run.dist_info.world_size,
-        "replay": run.replay.state_dict() if run.replay is not None else None,
-        "source_state": run.source.checkpoint_state() if run.source is not None else None,
-        "oracle_calls": run.reward_model.oracle_calls, "reward_calls": run.reward_model.reward_calls,
-        "api_totals": run.api.cost.snapshot() if run.api is not None else None,
-    })
+    save_checkpoint(
+        path,
+        {
+            "epoch": epoch,
+            "run_id": run.run_id,
+            "args": vars(run.args),
+            "policy_record": run.record,
+            "policy": run.policy.trainable_state(),
+            "log_z": run.log_z.state_dict(),
+            "log_z_conditions": run.log_z.conditions,
+            "optimizer": run.optimizer.state_dict(),
+            "rng": rng_state(),
+            "rng_per_rank": rng_per_rank,
+            "world_size": run.dist_info.world_size,
+            "replay": run.replay.state_dict() if run.replay is not None else None,
+            "source_state": run.source.checkpoint_state() if run.source is not None else None,
+            "oracle_calls": run.reward_model.oracle_calls,
+            "reward_calls": run.reward_model.reward_calls,
+            "api_totals": run.api.cost.snapshot() if run.api is not None else None,
+        },
+    )
     return path
 
 

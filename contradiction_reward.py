@@ -29,6 +29,7 @@ trained with the reference statement as the premise and the claim being checked 
 contradiction label is nearly symmetric in principle but not in trained models, so `nli_order="answer-fact"`
 is available to swap the pair.
 """
+
 from __future__ import annotations
 
 import math
@@ -55,8 +56,10 @@ class NLIScorer:
         id2label = {int(i): str(label) for i, label in model.config.id2label.items()}
         matches = [i for i, label in id2label.items() if label.strip().lower() == "contradiction"]
         if len(matches) != 1:
-            raise ValueError(f"NLI model needs exactly one 'contradiction' label in config.id2label; "
-                             f"its labels are {sorted(id2label.items())}")
+            raise ValueError(
+                f"NLI model needs exactly one 'contradiction' label in config.id2label; "
+                f"its labels are {sorted(id2label.items())}"
+            )
         self.contradiction_index = matches[0]
 
     @classmethod
@@ -86,8 +89,14 @@ class NLIScorer:
             raise ValueError(f"{len(premises)} premises but {len(hypotheses)} hypotheses")
         out = []
         for start in range(0, len(premises), self.batch_size):
-            batch = self.tokenizer(premises[start:start + self.batch_size], hypotheses[start:start + self.batch_size],
-                                   padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+            batch = self.tokenizer(
+                premises[start : start + self.batch_size],
+                hypotheses[start : start + self.batch_size],
+                padding=True,
+                truncation=True,
+                max_length=self.max_length,
+                return_tensors="pt",
+            )
             logits = self.model(**batch.to(self.device)).logits
             # float64 before the softmax: a confident "no" stays a finite, exact log-prob instead of rounding
             out.append(torch.log_softmax(logits.double(), dim=-1)[:, self.contradiction_index].cpu())
@@ -108,8 +117,15 @@ class Answerer:
 
     When the base model is the policy's own LoRA-wrapped model, every pass runs with the adapters off."""
 
-    def __init__(self, model, tokenizer, answer_max_tokens: int = 32, prompt_template: str = "Q: {question}\nA:",
-                 batch_size: int = 16, plain_stop: str | None = "\n") -> None:
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        answer_max_tokens: int = 32,
+        prompt_template: str = "Q: {question}\nA:",
+        batch_size: int = 16,
+        plain_stop: str | None = "\n",
+    ) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.answer_max_tokens = answer_max_tokens
         self.prompt_template = prompt_template
@@ -127,8 +143,9 @@ class Answerer:
 
     def prompt_ids(self, question: str) -> list[int]:
         if self.use_chat_template:
-            text = self.tokenizer.apply_chat_template([{"role": "user", "content": question}],
-                                                      add_generation_prompt=True, tokenize=False)
+            text = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=False
+            )
             return self.tokenizer(text, add_special_tokens=False)["input_ids"]
         text = self.prompt_template.format(question=question)
         return [self.start_id] + self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -139,12 +156,13 @@ class Answerer:
         token ids, and truncated=True when it hit answer_max_tokens without an end token."""
         results = []
         for start in range(0, len(questions), self.batch_size):
-            results.extend(self._answer_batch([self.prompt_ids(q) for q in questions[start:start + self.batch_size]]))
+            results.extend(self._answer_batch([self.prompt_ids(q) for q in questions[start : start + self.batch_size]]))
         return results
 
     def _answer_batch(self, prompts: list[list[int]]) -> list[dict]:
-        generated, token_lp = generate_with_logprobs(self.model, prompts, self.answer_max_tokens, self.eos_ids,
-                                                     self.pad_id)  # greedy
+        generated, token_lp = generate_with_logprobs(
+            self.model, prompts, self.answer_max_tokens, self.eos_ids, self.pad_id
+        )  # greedy
         results = []
         for i, ids in enumerate(generated):
             end = self._end_position(ids)
@@ -152,8 +170,15 @@ class Answerer:
             text = self.tokenizer.decode(ids[:num], skip_special_tokens=True)
             if self.stop:
                 text = text.split(self.stop)[0]
-            results.append({"answer": text.strip(), "log_answer": float(token_lp[i, :num].sum()),
-                            "answer_tokens": num, "truncated": end is None, "token_ids": ids[:num]})
+            results.append(
+                {
+                    "answer": text.strip(),
+                    "log_answer": float(token_lp[i, :num].sum()),
+                    "answer_tokens": num,
+                    "truncated": end is None,
+                    "token_ids": ids[:num],
+                }
+            )
         return results
 
     def _end_position(self, ids: list[int]) -> int | None:
@@ -162,7 +187,7 @@ class Answerer:
         for j, token in enumerate(ids):
             if token in self.eos_ids:
                 return j
-            if self.stop and self.stop in self.tokenizer.decode(ids[:j + 1], skip_special_tokens=True):
+            if self.stop and self.stop in self.tokenizer.decode(ids[: j + 1], skip_special_tokens=True):
                 return j
         return None
 
@@ -175,7 +200,7 @@ class Answerer:
         lengths = torch.tensor([len(r) for r in rows])
         tokens = torch.full((len(rows), max(1, int(lengths.max()))), self.pad_id, dtype=torch.long)
         for i, row in enumerate(rows):
-            tokens[i, :len(row)] = torch.tensor(row, dtype=torch.long)
+            tokens[i, : len(row)] = torch.tensor(row, dtype=torch.long)
         return self.prior.log_prob(tokens, lengths).double()
 
 
@@ -199,8 +224,13 @@ class ContradictionRewardConfig:
     def __post_init__(self) -> None:
         if self.nli_order not in NLI_ORDERS:
             raise ValueError(f"nli_order must be one of {NLI_ORDERS}, not {self.nli_order!r}")
-        for name in ("failure_penalty", "answer_failure_penalty", "contradiction_threshold", "likelihood_weight",
-                     "answer_quality_weight"):
+        for name in (
+            "failure_penalty",
+            "answer_failure_penalty",
+            "contradiction_threshold",
+            "likelihood_weight",
+            "answer_quality_weight",
+        ):
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"{name} must be finite, not {getattr(self, name)}")
         if self.penalized_steps < 0:
@@ -245,7 +275,14 @@ class ContradictionReward:
         else:
             failure = torch.full_like(log_question, cfg.failure_penalty)
             log_reward = torch.where(passes_threshold, cfg.likelihood_weight * log_question, failure) + answer_term
-        return {"log_reward": log_reward, "log_contradiction": log_contradiction, "log_question": log_question,
-                "log_answer": log_answer, "answer_penalty": answer_penalty, "passes_threshold": passes_threshold,
-                "valid": torch.isfinite(log_reward), "answers": answers,
-                "phase": phase}
+        return {
+            "log_reward": log_reward,
+            "log_contradiction": log_contradiction,
+            "log_question": log_question,
+            "log_answer": log_answer,
+            "answer_penalty": answer_penalty,
+            "passes_threshold": passes_threshold,
+            "valid": torch.isfinite(log_reward),
+            "answers": answers,
+            "phase": phase,
+        }

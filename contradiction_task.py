@@ -6,6 +6,7 @@ conditioned on `CONTEXT_TEMPLATE` with that subject, scores them, and trains wit
 (a conditional log Z: one learned scalar per example id). The samples file records every question with its
 answer and each reward term.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,9 +52,12 @@ def build_task_reward(args: argparse.Namespace, prior_model, tokenizer, device: 
     answerer = Answerer(base_model, base_tokenizer, answer_max_tokens=args.answer_max_tokens)
     nli = NLIScorer.load(args.nli_model, device)
     config = ContradictionRewardConfig(
-        likelihood_weight=args.likelihood_weight, contradiction_threshold=args.contradiction_threshold,
-        failure_penalty=args.failure_penalty, penalized_steps=args.penalized_steps,
-        answer_quality_weight=args.answer_quality_weight, answer_quality_threshold=args.answer_quality_threshold,
+        likelihood_weight=args.likelihood_weight,
+        contradiction_threshold=args.contradiction_threshold,
+        failure_penalty=args.failure_penalty,
+        penalized_steps=args.penalized_steps,
+        answer_quality_weight=args.answer_quality_weight,
+        answer_quality_threshold=args.answer_quality_threshold,
         answer_failure_penalty=args.answer_failure_penalty,
     )
     return ContradictionReward(answerer, nli, config)
@@ -64,13 +68,31 @@ def score_questions(reward, example: dict, questions: list[str], step: int) -> R
     (contradiction), the answer is the 'response'; the other terms go to extras."""
     out = reward(questions, [example["edit_fact"]] * len(questions), step)
     log_reward = out["log_reward"].double()
-    results = [OracleResult(response=answer, log_likelihood=float(log_c), num_tokens=0)
-               for answer, log_c in zip(out["answers"], out["log_contradiction"])]
-    extras = [{"subject": example["subject"], "edit_fact": example["edit_fact"], "example_id": example["id"],
-               "log_question": float(q), "log_contradiction": float(c), "log_answer": float(a), "phase": out["phase"]}
-              for q, c, a in zip(out["log_question"], out["log_contradiction"], out["log_answer"])]
-    return RewardBatch(questions, out["log_question"].double(), out["log_contradiction"].double(), log_reward,
-                       torch.isfinite(log_reward), results, extras)
+    results = [
+        OracleResult(response=answer, log_likelihood=float(log_c), num_tokens=0)
+        for answer, log_c in zip(out["answers"], out["log_contradiction"])
+    ]
+    extras = [
+        {
+            "subject": example["subject"],
+            "edit_fact": example["edit_fact"],
+            "example_id": example["id"],
+            "log_question": float(q),
+            "log_contradiction": float(c),
+            "log_answer": float(a),
+            "phase": out["phase"],
+        }
+        for q, c, a in zip(out["log_question"], out["log_contradiction"], out["log_answer"])
+    ]
+    return RewardBatch(
+        questions,
+        out["log_question"].double(),
+        out["log_contradiction"].double(),
+        log_reward,
+        torch.isfinite(log_reward),
+        results,
+        extras,
+    )
 
 
 # ----------------------------------------------------------------------------------- the task's plug-in
@@ -84,19 +106,31 @@ def conditions(args: argparse.Namespace) -> list[str]:
     return [example["id"] for example in load_dataset(args.data)]
 
 
-def build_reward(args: argparse.Namespace, prior_model, tokenizer, device: torch.device, builds_reward: bool) -> RewardModel:
+def build_reward(
+    args: argparse.Namespace, prior_model, tokenizer, device: torch.device, builds_reward: bool
+) -> RewardModel:
     """The generic reward is only used to decode and count here: the task's own reward lives in its source."""
     return RewardModel(tokenizer, PriorScorer(prior_model, tokenizer), None)
 
 
-def make_source(args: argparse.Namespace, run, may_spend, save_now, source_state: dict | None,
-                start_epoch: int) -> "ContradictionBatches":
+def make_source(
+    args: argparse.Namespace, run, may_spend, save_now, source_state: dict | None, start_epoch: int
+) -> "ContradictionBatches":
     reward = build_task_reward(args, run.prior_model, run.tokenizer, run.device)
     start_step = source_state["step"] if source_state else start_epoch  # format-1 checkpoints: one step an epoch
-    return ContradictionBatches(run.policy, run.tokenizer, load_dataset(args.data), reward, start_step,
-                                batch_size=args.batch_size, temperature=args.temperature, epsilon=args.epsilon,
-                                may_spend=may_spend, tempered_fraction=args.tempered_fraction,
-                                temperature_range=tuple(args.temperature_range))
+    return ContradictionBatches(
+        run.policy,
+        run.tokenizer,
+        load_dataset(args.data),
+        reward,
+        start_step,
+        batch_size=args.batch_size,
+        temperature=args.temperature,
+        epsilon=args.epsilon,
+        may_spend=may_spend,
+        tempered_fraction=args.tempered_fraction,
+        temperature_range=tuple(args.temperature_range),
+    )
 
 
 class ContradictionBatches(SyncBatches):
@@ -137,43 +171,74 @@ def evaluate(state: dict, policy, tokenizer, reward, samples_per_subject: int, o
         questions = [tokenizer.decode(row[:n].tolist()) for row, n in zip(tokens.cpu(), lengths.cpu().tolist())]
         scored = score_questions(reward, example, questions, step=reward.config.penalized_steps)
         for i, question in enumerate(questions):
-            records.append({"question": question, "answer": scored.oracle_results[i].response,
-                            "log_reward": float(scored.log_reward[i]), **scored.extras[i]})
+            records.append(
+                {
+                    "question": question,
+                    "answer": scored.oracle_results[i].response,
+                    "log_reward": float(scored.log_reward[i]),
+                    **scored.extras[i],
+                }
+            )
         log_c = scored.log_likelihood
-        rows.append({
-            "example_id": example["id"], "subject": example["subject"],
-            "contradiction_rate": float((log_c > torch.log(torch.tensor(0.5, dtype=log_c.dtype))).double().mean()),
-            "log_question_mean": float(scored.log_prior.mean()),
-            "log_answer_mean": statistics.mean(e["log_answer"] for e in scored.extras),
-            "unique_fraction": unique_fraction(questions),
-            "distinct_2": distinct_n([t[:n].tolist() for t, n in zip(tokens.cpu(), lengths.cpu())], 2),
-            "example_question": questions[0],
-        })
-    overall = {key: statistics.mean(r[key] for r in rows) for key in
-               ("contradiction_rate", "log_question_mean", "log_answer_mean", "unique_fraction", "distinct_2")}
+        rows.append(
+            {
+                "example_id": example["id"],
+                "subject": example["subject"],
+                "contradiction_rate": float((log_c > torch.log(torch.tensor(0.5, dtype=log_c.dtype))).double().mean()),
+                "log_question_mean": float(scored.log_prior.mean()),
+                "log_answer_mean": statistics.mean(e["log_answer"] for e in scored.extras),
+                "unique_fraction": unique_fraction(questions),
+                "distinct_2": distinct_n([t[:n].tolist() for t, n in zip(tokens.cpu(), lengths.cpu())], 2),
+                "example_question": questions[0],
+            }
+        )
+    overall = {
+        key: statistics.mean(r[key] for r in rows)
+        for key in ("contradiction_rate", "log_question_mean", "log_answer_mean", "unique_fraction", "distinct_2")
+    }
     lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
     atomic_write(output, lambda f: f.write(lines.encode()))
-    summary = {"checkpoint_epoch": state["epoch"], "samples_per_subject": samples_per_subject, "overall": overall,
-               "per_example": rows, "output": output}
-    atomic_write(os.path.splitext(output)[0] + "_summary.json",
-                 lambda f: f.write(json.dumps(summary, indent=2, ensure_ascii=False).encode()))
+    summary = {
+        "checkpoint_epoch": state["epoch"],
+        "samples_per_subject": samples_per_subject,
+        "overall": overall,
+        "per_example": rows,
+        "output": output,
+    }
+    atomic_write(
+        os.path.splitext(output)[0] + "_summary.json",
+        lambda f: f.write(json.dumps(summary, indent=2, ensure_ascii=False).encode()),
+    )
     return summary
 
 
 def format_table(summary: dict) -> str:
-    header = f"{'example':<18} {'contradiction':>13} {'log P_Q':>8} {'log P_A':>8} {'unique':>6} {'dist-2':>6}  example question"
+    header = (f"{'example':<18} {'contradiction':>13} {'log P_Q':>8} {'log P_A':>8} {'unique':>6} {'dist-2':>6}"
+              "  example question")
     lines = [header, "-" * len(header)]
     for r in summary["per_example"]:
-        lines.append(f"{r['example_id'][:18]:<18} {r['contradiction_rate']:>13.2f} {r['log_question_mean']:>8.1f} "
-                     f"{r['log_answer_mean']:>8.1f} {r['unique_fraction']:>6.2f} {r['distinct_2']:>6.2f}  {r['example_question'][:60]!r}")
+        lines.append(
+            f"{r['example_id'][:18]:<18} {r['contradiction_rate']:>13.2f} {r['log_question_mean']:>8.1f} "
+            f"{r['log_answer_mean']:>8.1f} {r['unique_fraction']:>6.2f} {r['distinct_2']:>6.2f}  "
+            f"{r['example_question'][:60]!r}"
+        )
     o = summary["overall"]
-    lines.append(f"{'overall':<18} {o['contradiction_rate']:>13.2f} {o['log_question_mean']:>8.1f} {o['log_answer_mean']:>8.1f} "
-                 f"{o['unique_fraction']:>6.2f} {o['distinct_2']:>6.2f}")
+    lines.append(
+        f"{'overall':<18} {o['contradiction_rate']:>13.2f} {o['log_question_mean']:>8.1f} {o['log_answer_mean']:>8.1f} "
+        f"{o['unique_fraction']:>6.2f} {o['distinct_2']:>6.2f}"
+    )
     return "\n".join(lines)
 
 
-def evaluate_checkpoint(args: argparse.Namespace, state: dict, run_args: argparse.Namespace, prior_model, tokenizer,
-                        policy, device: torch.device) -> dict:
+def evaluate_checkpoint(
+    args: argparse.Namespace,
+    state: dict,
+    run_args: argparse.Namespace,
+    prior_model,
+    tokenizer,
+    policy,
+    device: torch.device,
+) -> dict:
     """sample.py's entry for this task: K questions per example, judged, with the table printed to stderr."""
     reward = build_task_reward(run_args, prior_model, tokenizer, device)
     output = args.output or os.path.splitext(args.checkpoint)[0] + "_questions.jsonl"

@@ -29,6 +29,7 @@ Conventions:
   - optional fields that are missing, null or blank are left out (a CSV can only say "none" with a blank cell);
   - text fields are stripped and runs of whitespace become one space; keys outside the format are dropped.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -103,8 +104,10 @@ def read_json_records(path: str, text: str) -> list[tuple[str, object]]:
             return read_jsonl_records(path, text)  # JSON lines saved with a .json name
         raise UserError(f"{path}: malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
     if not isinstance(data, list):
-        raise UserError(f"{path}: expected a JSON list of records, got {json_type(data)} "
-                        f"(for one record a line, name the file .jsonl)")
+        raise UserError(
+            f"{path}: expected a JSON list of records, got {json_type(data)} "
+            f"(for one record a line, name the file .jsonl)"
+        )
     return [(f"record {number}", record) for number, record in enumerate(data, start=1)]
 
 
@@ -152,8 +155,9 @@ def read_records(path: str) -> list[tuple[str, object]]:
     text = read_text(path)
     extension = os.path.splitext(path)[1].lower()
     if extension not in READERS:
-        raise UserError(f"{path}: unsupported file type {extension or '(no extension)'!r}: "
-                        f"expected .json, .jsonl or .csv")
+        raise UserError(
+            f"{path}: unsupported file type {extension or '(no extension)'!r}: expected .json, .jsonl or .csv"
+        )
     return READERS[extension](path, text)
 
 
@@ -217,9 +221,11 @@ def record_kind(record: object) -> str:
 
 def task_example(record: object, where: str) -> dict:
     record = require_object(record, where)
-    example = {"id": optional_id(record, "id", where),
-               "subject": required_text(record, "subject", where),
-               "edit_fact": required_text(record, "edit_fact", where)}
+    example = {
+        "id": optional_id(record, "id", where),
+        "subject": required_text(record, "subject", where),
+        "edit_fact": required_text(record, "edit_fact", where),
+    }
     for key in OPTIONAL_TEXT_FIELDS:
         value = optional_text(record, key, where)
         if value is not None:
@@ -306,8 +312,9 @@ def convert(input_path: str) -> list[dict]:
     Raises UserError naming the file, the line or record, and the field."""
     records = read_records(input_path)
     build = BUILDERS[record_kind(records[0][1])] if records else task_example
-    return assign_ids(input_path, [(location, build(record, f"{input_path} {location}"))
-                                   for location, record in records])
+    return assign_ids(
+        input_path, [(location, build(record, f"{input_path} {location}")) for location, record in records]
+    )
 
 
 def load_examples(path: str) -> list[dict]:
@@ -317,8 +324,10 @@ def load_examples(path: str) -> list[dict]:
     for location, record in read_records(path):
         where = f"{path} {location}"
         if record_kind(record) != "task":
-            raise UserError(f"{where}: a CounterFact record, not the task format: "
-                            f"convert the file first with python convert_data.py")
+            raise UserError(
+                f"{where}: a CounterFact record, not the task format: "
+                f"convert the file first with python convert_data.py"
+            )
         located_examples.append((location, task_example(record, where)))
     return assign_ids(path, located_examples)
 
@@ -339,8 +348,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineErrorParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("input", help="CounterFact-style .json/.jsonl, or task-format .jsonl/.csv")
     parser.add_argument("output", help="task-format .jsonl to write (replaced atomically)")
-    parser.add_argument("--limit", type=int, default=None,
-                        help="write only the first N examples (the whole input is still validated)")
+    parser.add_argument(
+        "--limit", type=int, default=None, help="write only the first N examples (the whole input is still validated)"
+    )
     return parser
 
 

@@ -5,13 +5,26 @@ local folder or .gguf file to run fully offline.
   python demo.py
   python demo.py --prior-model path/to/SmolLM2-135M-Instruct.Q4_1.gguf --task assistant
 """
+
 import sys
 
 import flags
 
 DEMO_DEFAULTS = dict(
-    prior_model="gpt2", oracle="hf", oracle_model=None, task="raw", batch_size=16, epochs=60, max_len=12,
-    d_model=128, num_layers=2, num_heads=4, max_response_tokens=12, lr=1e-3, save_every=30, output_dir="out/demo",
+    prior_model="gpt2",
+    oracle="hf",
+    oracle_model=None,
+    task="raw",
+    batch_size=16,
+    epochs=60,
+    max_len=12,
+    d_model=128,
+    num_layers=2,
+    num_heads=4,
+    max_response_tokens=12,
+    lr=1e-3,
+    save_every=30,
+    output_dir="out/demo",
 )
 
 
@@ -25,8 +38,10 @@ def show_samples(title: str, policy, reward_model, num: int = 6) -> None:
     print(f"\n=== {title} ===  mean log R = {rewards.log_reward.mean():.1f}")
     for i, text in enumerate(rewards.texts):
         response = rewards.oracle_results[i].response.replace("\n", " ")
-        print(f"log R {rewards.log_reward[i]:8.1f} = log p(x) {rewards.log_prior[i]:7.1f} + log p(y|x) "
-              f"{rewards.log_likelihood[i]:7.1f} | x: {text!r} -> y: {response[:60]!r}")
+        print(
+            f"log R {rewards.log_reward[i]:8.1f} = log p(x) {rewards.log_prior[i]:7.1f} + log p(y|x) "
+            f"{rewards.log_likelihood[i]:7.1f} | x: {text!r} -> y: {response[:60]!r}"
+        )
     print(flush=True)
 
 
@@ -34,8 +49,13 @@ if __name__ == "__main__":
     flags.check_command_line(sys.argv[1:], __doc__, DEMO_DEFAULTS)
     from train import main
 
-    sys.exit(main(
-        description=__doc__, defaults=DEMO_DEFAULTS,
-        on_start=lambda policy, reward_model: show_samples("before training", policy, reward_model),
-        on_end=lambda result: show_samples(f"after {result['epochs']} epochs", result["policy"], result["reward_model"]),
-    ))
+    sys.exit(
+        main(
+            description=__doc__,
+            defaults=DEMO_DEFAULTS,
+            on_start=lambda policy, reward_model: show_samples("before training", policy, reward_model),
+            on_end=lambda result: show_samples(
+                f"after {result['epochs']} epochs", result["policy"], result["reward_model"]
+            ),
+        )
+    )

@@ -6,6 +6,7 @@ pass the gradients of every trainable parameter (the LoRA adapters or the transf
 over ranks with one all-reduce each, so every rank takes the same optimizer step, as DistributedDataParallel
 would (the policy's loss is not a plain forward call, which DDP's wrapper assumes, so the all-reduce is done here).
 """
+
 from __future__ import annotations
 
 import os
@@ -36,7 +37,9 @@ def setup() -> DistInfo:
         return DistInfo()
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-    return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+    return DistInfo(
+        rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", "0"))
+    )
 
 
 def teardown(info: DistInfo, clean_exit: bool = True) -> None:
@@ -98,7 +101,7 @@ def share_batch(batch, info: DistInfo, device: torch.device, reward_rank0: bool,
         if batch is None:
             return None, []
         size = len(batch.rewards.texts) // info.world_size
-        return batch[info.rank * size:(info.rank + 1) * size].to(device), (to_records(batch) if info.is_main else [])
+        return batch[info.rank * size : (info.rank + 1) * size].to(device), (to_records(batch) if info.is_main else [])
     gathered = gather_to_main(to_records(batch) if batch is not None else None, info)
     records = [record for rank_records in gathered or [] for record in (rank_records or [])]
     return (None if any_rank(batch is None, info) else batch), records

@@ -11,6 +11,7 @@ huggingface_hub.snapshot_download would fetch every format in the repository (gp
 Rust weights too), and it proves the model loads with the class that will use it. A model named twice is
 fetched once. A local folder or .gguf file is left where it is.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -64,10 +65,16 @@ def download_model(model_id: str, kind: str, cache_dir: str | None = None) -> st
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineErrorParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sampler", default="gpt2-large", help="hub id or folder of the question sampler's LM")
-    parser.add_argument("--base-model", default=None,
-                        help="hub id or folder of the frozen LM that answers the questions (default: --sampler)")
-    parser.add_argument("--nli-model", default="microsoft/deberta-large-mnli",
-                        help="hub id or folder of the NLI model that judges contradiction")
+    parser.add_argument(
+        "--base-model",
+        default=None,
+        help="hub id or folder of the frozen LM that answers the questions (default: --sampler)",
+    )
+    parser.add_argument(
+        "--nli-model",
+        default="microsoft/deberta-large-mnli",
+        help="hub id or folder of the NLI model that judges contradiction",
+    )
     parser.add_argument("--prior-model", default="gpt2", help="hub id or folder of the prior LM")
     parser.add_argument("--cache-dir", default=None, help="Hugging Face cache folder (default: HF_HUB_CACHE)")
     return parser
@@ -75,8 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    roles = [("sampler", args.sampler, CAUSAL_LM), ("base-model", args.base_model or args.sampler, CAUSAL_LM),
-             ("nli-model", args.nli_model, NLI), ("prior-model", args.prior_model, CAUSAL_LM)]
+    roles = [
+        ("sampler", args.sampler, CAUSAL_LM),
+        ("base-model", args.base_model or args.sampler, CAUSAL_LM),
+        ("nli-model", args.nli_model, NLI),
+        ("prior-model", args.prior_model, CAUSAL_LM),
+    ]
     done: dict[tuple[str, str], str] = {}  # (hub id, kind) -> its snapshot folder: fetch each once
     try:
         for role, spec, kind in roles:

@@ -1,5 +1,6 @@
 """Files that are never half-written: whole files replaced atomically, and JSONL logs appended and fsynced as
 training goes. Nothing here imports torch, so light command-line tools can use it too."""
+
 from __future__ import annotations
 
 import json

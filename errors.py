@@ -1,5 +1,6 @@
 """User mistakes as one line: the exception the command-line entry points turn into `error: ...` and exit code 2,
 and an argparse parser that reports bad flags the same way. No heavy imports, so every CLI can use it."""
+
 import argparse
 
 

@@ -12,6 +12,7 @@ The command that samples N inputs from a checkpoint and reports these metrics is
 runs it too:
   python evaluation.py --checkpoint out/checkpoint_gfn_raw_epoch500.pt --num-samples 256 [--score]
 """
+
 from __future__ import annotations
 
 import math
@@ -47,7 +48,7 @@ def unique_fraction(items: list) -> float:
 
 def distinct_n(token_lists: list[list[int]], n: int = 2) -> float:
     """Distinct n-grams over all n-grams in the batch (Li et al., 2016)."""
-    ngrams = [tuple(tokens[i:i + n]) for tokens in token_lists for i in range(len(tokens) - n + 1)]
+    ngrams = [tuple(tokens[i : i + n]) for tokens in token_lists for i in range(len(tokens) - n + 1)]
     return len(set(ngrams)) / len(ngrams) if ngrams else 0.0
 
 

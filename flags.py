@@ -2,6 +2,7 @@
 argv that runs before torch and transformers are imported, so that a bad flag is a one-line error in well
 under two seconds instead of after ten seconds of imports. Imports nothing heavy.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,42 +19,83 @@ CONTRADICTION_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "d
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("task and reward")
-    g.add_argument("--task", default="raw", choices=sorted(TASKS) + ["contradiction"],
-                   help="how x becomes a request to the LLM; contradiction: the contradictory-question task")
-    g.add_argument("--oracle", default="openai", choices=["openai", "hf"],
-                   help="openai: chat completions with logprobs (api.openai.com or --base-url); hf: a local model")
+    g.add_argument(
+        "--task",
+        default="raw",
+        choices=sorted(TASKS) + ["contradiction"],
+        help="how x becomes a request to the LLM; contradiction: the contradictory-question task",
+    )
+    g.add_argument(
+        "--oracle",
+        default="openai",
+        choices=["openai", "hf"],
+        help="openai: chat completions with logprobs (api.openai.com or --base-url); hf: a local model",
+    )
     g.add_argument("--model", default="gpt-4o-mini", help="model name for the OpenAI / OpenAI-compatible oracle")
-    g.add_argument("--oracle-model", default=None,
-                   help="--oracle hf: hub id, folder or .gguf file of the local LLM (default: --prior-model)")
+    g.add_argument(
+        "--oracle-model",
+        default=None,
+        help="--oracle hf: hub id, folder or .gguf file of the local LLM (default: --prior-model)",
+    )
     g.add_argument("--base-url", default=None, help="an OpenAI-compatible server, e.g. http://localhost:8000/v1")
-    g.add_argument("--max-api-workers", type=int, default=8,
-                   help="ceiling of the concurrent API requests; the number in flight adapts below it to what the "
-                        "server sustains (additive increase, multiplicative decrease on timeouts, 429/503, queueing)")
-    g.add_argument("--fixed-concurrency", action="store_true",
-                   help="keep exactly --max-api-workers requests in flight instead of adapting")
+    g.add_argument(
+        "--max-api-workers",
+        type=int,
+        default=8,
+        help="ceiling of the concurrent API requests; the number in flight adapts below it to what the "
+        "server sustains (additive increase, multiplicative decrease on timeouts, 429/503, queueing)",
+    )
+    g.add_argument(
+        "--fixed-concurrency",
+        action="store_true",
+        help="keep exactly --max-api-workers requests in flight instead of adapting",
+    )
     g.add_argument("--llm-temperature", type=float, default=1.0, help="sampling temperature of y (0 = greedy)")
     g.add_argument("--max-response-tokens", type=int, default=None, help="response length (default: the task's)")
-    g.add_argument("--oracle-format", default="auto", choices=["auto", "chat", "plain"],
-                   help="what the oracle receives: chat = the task's messages (a local model: through its chat "
-                        "template; an API: chat completions); plain = the task's plain prompt as text (a local model: "
-                        "after the document-start token; an API: the completions endpoint); auto = chat for APIs and "
-                        "for local tokenizers with a chat template, else plain. See the README's task table")
-    g.add_argument("--target-response", default=None,
-                   help="score log p(y*|x) of this fixed response by teacher forcing instead of sampling y")
-    g.add_argument("--prior-model", default=None,
-                   help="hub id, folder or .gguf file; its tokenizer is the policy's vocabulary (default gpt2; "
-                        "gpt2-large for --task contradiction, where it is the question sampler's base model)")
-    g.add_argument("--prior-include-eos", action="store_true",
-                   help="include log p(EOS | x) in log p(x) (default: no; x is a snippet)")
+    g.add_argument(
+        "--oracle-format",
+        default="auto",
+        choices=["auto", "chat", "plain"],
+        help="what the oracle receives: chat = the task's messages (a local model: through its chat "
+        "template; an API: chat completions); plain = the task's plain prompt as text (a local model: "
+        "after the document-start token; an API: the completions endpoint); auto = chat for APIs and "
+        "for local tokenizers with a chat template, else plain. See the README's task table",
+    )
+    g.add_argument(
+        "--target-response",
+        default=None,
+        help="score log p(y*|x) of this fixed response by teacher forcing instead of sampling y",
+    )
+    g.add_argument(
+        "--prior-model",
+        default=None,
+        help="hub id, folder or .gguf file; its tokenizer is the policy's vocabulary (default gpt2; "
+        "gpt2-large for --task contradiction, where it is the question sampler's base model)",
+    )
+    g.add_argument(
+        "--prior-include-eos",
+        action="store_true",
+        help="include log p(EOS | x) in log p(x) (default: no; x is a snippet)",
+    )
     g.add_argument("--prior-weight", type=float, default=1.0, help="w_prior in log R")
     g.add_argument("--llm-weight", type=float, default=1.0, help="w_llm in log R (0 = prior only, no oracle calls)")
-    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="dtype of the prior and local oracle")
+    g.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16"],
+        help="dtype of the prior and local oracle",
+    )
 
     g = parser.add_argument_group("contradiction task (--task contradiction --policy lora)")
-    g.add_argument("--data", default=None, help="task JSONL of {id, subject, edit_fact} (default: the shipped example set)")
-    g.add_argument("--base-model", default=None, help="the frozen LM that answers (default: the sampler's own base model)")
-    g.add_argument("--nli-model", default="microsoft/deberta-large-mnli", help="any AutoModelForSequenceClassification NLI model")
+    g.add_argument(
+        "--data", default=None, help="task JSONL of {id, subject, edit_fact} (default: the shipped example set)"
+    )
+    g.add_argument(
+        "--base-model", default=None, help="the frozen LM that answers (default: the sampler's own base model)"
+    )
+    g.add_argument(
+        "--nli-model", default="microsoft/deberta-large-mnli", help="any AutoModelForSequenceClassification NLI model"
+    )
     g.add_argument("--answer-max-tokens", type=int, default=32)
     g.add_argument("--likelihood-weight", type=float, default=1.0, help="w_L on log P_Q (question fluency)")
     g.add_argument("--contradiction-threshold", type=float, default=-6.0)
@@ -64,36 +106,71 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--answer-failure-penalty", type=float, default=-50.0)
 
     g = parser.add_argument_group("API client (OpenAI / OpenAI-compatible oracle)")
-    g.add_argument("--rpm", type=float, default=None, help="requests per minute limit (default: none; the server's headers still apply)")
+    g.add_argument(
+        "--rpm",
+        type=float,
+        default=None,
+        help="requests per minute limit (default: none; the server's headers still apply)",
+    )
     g.add_argument("--tpm", type=float, default=None, help="tokens per minute limit")
     g.add_argument("--api-timeout", type=float, default=60.0, help="seconds before one request attempt times out")
     g.add_argument("--max-attempts", type=int, default=8, help="attempts per request before it is recorded as failed")
-    g.add_argument("--no-cache", action="store_true",
-                   help="do not store or reuse replies in the SQLite response cache in --output-dir (the spend ledger "
-                        "is kept there all the same)")
-    g.add_argument("--max-unreachable-batches", type=int, default=3,
-                   help="stop (exit 2, after a checkpoint) after this many consecutive batches in which every request "
-                        "failed because the server could not be reached or timed out")
-    g.add_argument("--max-cost", type=float, default=None, help="stop cleanly (with a checkpoint) before spending more dollars")
-    g.add_argument("--prices", default=None, help='JSON file of prices per 1M tokens: {"model": {"input": .., "output": .., "cached_input": ..}}')
-    g.add_argument("--prefetch", dest="prefetch", action="store_true", default=None,
-                   help="sample the next batch while this one is scored (default: on with a remote oracle)")
+    g.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="do not store or reuse replies in the SQLite response cache in --output-dir (the spend ledger "
+        "is kept there all the same)",
+    )
+    g.add_argument(
+        "--max-unreachable-batches",
+        type=int,
+        default=3,
+        help="stop (exit 2, after a checkpoint) after this many consecutive batches in which every request "
+        "failed because the server could not be reached or timed out",
+    )
+    g.add_argument(
+        "--max-cost", type=float, default=None, help="stop cleanly (with a checkpoint) before spending more dollars"
+    )
+    g.add_argument(
+        "--prices",
+        default=None,
+        help='JSON file of prices per 1M tokens: {"model": {"input": .., "output": .., "cached_input": ..}}',
+    )
+    g.add_argument(
+        "--prefetch",
+        dest="prefetch",
+        action="store_true",
+        default=None,
+        help="sample the next batch while this one is scored (default: on with a remote oracle)",
+    )
     g.add_argument("--no-prefetch", dest="prefetch", action="store_false")
     g.add_argument("--batch-api", action="store_true", help="score through the Batch API: half price, rounds of hours")
     g.add_argument("--batch-pool-size", type=int, default=512, help="inputs per Batch API round")
     g.add_argument("--batch-poll-seconds", type=float, default=30.0, help="seconds between Batch API status polls")
 
     g = parser.add_argument_group("policy")
-    g.add_argument("--policy", default="transformer", choices=["transformer", "lora"],
-                   help="transformer: trained from scratch; lora: the prior LM itself with LoRA adapters")
+    g.add_argument(
+        "--policy",
+        default="transformer",
+        choices=["transformer", "lora"],
+        help="transformer: trained from scratch; lora: the prior LM itself with LoRA adapters",
+    )
     g.add_argument("--lora-r", type=int, default=16)
     g.add_argument("--lora-alpha", type=float, default=32.0)
     g.add_argument("--lora-dropout", type=float, default=0.0)
-    g.add_argument("--lora-target-modules", nargs="+", default=None,
-                   help="module names to adapt (default: peft's choice for the architecture)")
-    g.add_argument("--lora-stop", default="head", choices=["head", "eos"],
-                   help="head: a learned stop decision that starts from uniform lengths on [--min-len, --max-len]; "
-                        "eos: stop when the LM predicts end-of-text (real LMs rarely do after a short snippet)")
+    g.add_argument(
+        "--lora-target-modules",
+        nargs="+",
+        default=None,
+        help="module names to adapt (default: peft's choice for the architecture)",
+    )
+    g.add_argument(
+        "--lora-stop",
+        default="head",
+        choices=["head", "eos"],
+        help="head: a learned stop decision that starts from uniform lengths on [--min-len, --max-len]; "
+        "eos: stop when the LM predicts end-of-text (real LMs rarely do after a short snippet)",
+    )
     g.add_argument("--d-model", type=int, default=256)
     g.add_argument("--num-layers", type=int, default=4)
     g.add_argument("--num-heads", type=int, default=4)
@@ -101,50 +178,87 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--min-len", type=int, default=1, help="minimum tokens in x")
 
     g = parser.add_argument_group("training")
-    g.add_argument("--loss", default="tb", choices=LOSS_NAMES,
-                   help="tb: trajectory balance; subtb: SubTB(lambda) with a learned flow head; modified-subtb: every "
-                        "prefix can terminate (needs prefix rewards); vargrad: batch variance, no log Z")
+    g.add_argument(
+        "--loss",
+        default="tb",
+        choices=LOSS_NAMES,
+        help="tb: trajectory balance; subtb: SubTB(lambda) with a learned flow head; modified-subtb: every "
+        "prefix can terminate (needs prefix rewards); vargrad: batch variance, no log Z",
+    )
     g.add_argument("--subtb-lambda", type=float, default=1.0, help="SubTB weight lambda^(length of sub-trajectory)")
     g.add_argument("--reward-temp-start", type=float, default=1.0, help="train on log R / T, T annealed linearly ...")
     g.add_argument("--reward-temp-end", type=float, default=1.0, help="... to this value ...")
-    g.add_argument("--reward-temp-horizon", type=int, default=0, help="... over this many epochs (0 = constant start value)")
+    g.add_argument(
+        "--reward-temp-horizon", type=int, default=0, help="... over this many epochs (0 = constant start value)"
+    )
     g.add_argument("--batch-size", type=int, default=16, help="samples per epoch (= oracle requests per epoch)")
     g.add_argument("--epochs", type=int, default=500, help="an epoch is one batch sampled, scored and trained on")
     g.add_argument("--lr", type=float, default=3e-4, help="policy learning rate")
     g.add_argument("--lr-z", type=float, default=0.1, help="learning rate of log Z")
-    g.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"],
-                   help="cosine: both learning rates decay from their value at epoch 1 to --lr-min-factor times it "
-                        "at --epochs (lowers the gradient-noise floor of the fit late in training)")
+    g.add_argument(
+        "--lr-schedule",
+        default="constant",
+        choices=["constant", "cosine"],
+        help="cosine: both learning rates decay from their value at epoch 1 to --lr-min-factor times it "
+        "at --epochs (lowers the gradient-noise floor of the fit late in training)",
+    )
     g.add_argument("--lr-min-factor", type=float, default=0.1, help="cosine schedule: final / initial learning rate")
     g.add_argument("--temperature", type=float, default=1.0, help="exploration: sample from softmax(logits / T)")
-    g.add_argument("--epsilon", type=float, default=0.0, help="exploration: mix in this much uniform over allowed actions")
-    g.add_argument("--tempered-fraction", type=float, default=0.0,
-                   help="exploration: this fraction of each fresh batch is sampled at a temperature drawn from --temperature-range")
+    g.add_argument(
+        "--epsilon", type=float, default=0.0, help="exploration: mix in this much uniform over allowed actions"
+    )
+    g.add_argument(
+        "--tempered-fraction",
+        type=float,
+        default=0.0,
+        help="exploration: this fraction of each fresh batch is sampled at a temperature drawn from "
+        "--temperature-range",
+    )
     g.add_argument("--temperature-range", type=float, nargs=2, default=[0.5, 2.0], metavar=("LOW", "HIGH"))
-    g.add_argument("--replay-fraction", type=float, default=0.0,
-                   help="this fraction of each training batch is replayed from the buffer (on top of the fresh samples)")
+    g.add_argument(
+        "--replay-fraction",
+        type=float,
+        default=0.0,
+        help="this fraction of each training batch is replayed from the buffer (on top of the fresh samples)",
+    )
     g.add_argument("--replay-capacity", type=int, default=1000)
     g.add_argument("--replay-backend", default="memory", choices=["memory", "redis"])
     g.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     g.add_argument("--replay-priority", default="rank", choices=["rank", "tempered", "uniform"])
-    g.add_argument("--replay-near-duplicate", type=float, default=0.8,
-                   help="token-bigram Jaccard similarity at which two samples count as near duplicates (>1 = off)")
+    g.add_argument(
+        "--replay-near-duplicate",
+        type=float,
+        default=0.8,
+        help="token-bigram Jaccard similarity at which two samples count as near duplicates (>1 = off)",
+    )
     g.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the policy's gradient norm (0 = off)")
-    g.add_argument("--reward-rank0", action="store_true",
-                   help="under torchrun: only rank 0 builds the reward (oracle, base and NLI models), samples the "
-                        "whole batch, scores it and broadcasts it; each rank trains on its shard (default: every "
-                        "rank samples and scores its own batch, right for API oracles)")
+    g.add_argument(
+        "--reward-rank0",
+        action="store_true",
+        help="under torchrun: only rank 0 builds the reward (oracle, base and NLI models), samples the "
+        "whole batch, scores it and broadcasts it; each rank trains on its shard (default: every "
+        "rank samples and scores its own batch, right for API oracles)",
+    )
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
 
     g = parser.add_argument_group("output")
     g.add_argument("--output-dir", default="out")
     g.add_argument("--save-every", type=int, default=25, help="checkpoint every N epochs (and at the end)")
-    g.add_argument("--resume", nargs="?", const="latest", default=None,
-                   help="continue from a checkpoint; with no PATH, the newest one in --output-dir")
+    g.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        default=None,
+        help="continue from a checkpoint; with no PATH, the newest one in --output-dir",
+    )
     g.add_argument("--wandb-project", default=None, help="log to this W&B project")
-    g.add_argument("--wandb-mode", default=None, choices=["online", "offline", "disabled"],
-                   help="default: online with --wandb-project, else disabled")
+    g.add_argument(
+        "--wandb-mode",
+        default=None,
+        choices=["online", "offline", "disabled"],
+        help="default: online with --wandb-project, else disabled",
+    )
     g.add_argument("--no-progress", action="store_true", help="no progress bar (logs one line per epoch instead)")
 
 
@@ -155,13 +269,26 @@ def validate_args(args: argparse.Namespace) -> None:
         args.data = args.data or CONTRADICTION_DATA
     checks = [
         (args.task != "contradiction" or args.policy == "lora", "--task contradiction needs --policy lora"),
-        (args.task != "contradiction" or args.loss != "modified-subtb", "--task contradiction cannot use --loss modified-subtb"),
+        (
+            args.task != "contradiction" or args.loss != "modified-subtb",
+            "--task contradiction cannot use --loss modified-subtb",
+        ),
         (args.task != "contradiction" or not args.batch_api, "--task contradiction does not use the API oracle"),
-        (args.task != "contradiction" or args.replay_fraction == 0,
-         "--task contradiction does not support --replay-fraction yet (its hybrid reward is not a weighted sum of two stored terms)"),
-        (args.answer_max_tokens >= 1 and args.penalized_steps >= 0, "need --answer-max-tokens >= 1 and --penalized-steps >= 0"),
-        (args.loss != "modified-subtb" or args.llm_weight == 0 or (args.oracle == "hf" and args.target_response is not None),
-         "--loss modified-subtb scores every prefix of x: use --llm-weight 0, or --oracle hf with --target-response"),
+        (
+            args.task != "contradiction" or args.replay_fraction == 0,
+            "--task contradiction does not support --replay-fraction yet (its hybrid reward is not a weighted sum "
+            "of two stored terms)",
+        ),
+        (
+            args.answer_max_tokens >= 1 and args.penalized_steps >= 0,
+            "need --answer-max-tokens >= 1 and --penalized-steps >= 0",
+        ),
+        (
+            args.loss != "modified-subtb"
+            or args.llm_weight == 0
+            or (args.oracle == "hf" and args.target_response is not None),
+            "--loss modified-subtb scores every prefix of x: use --llm-weight 0, or --oracle hf with --target-response",
+        ),
         (args.batch_size >= 1, "--batch-size must be >= 1"),
         (args.epochs >= 0, "--epochs must be >= 0"),
         (args.lr > 0 and args.lr_z >= 0, "--lr must be > 0 and --lr-z >= 0"),
@@ -172,9 +299,15 @@ def validate_args(args: argparse.Namespace) -> None:
         (args.max_api_workers >= 1, "--max-api-workers must be >= 1"),
         (args.save_every >= 1, "--save-every must be >= 1"),
         (1 <= args.min_len <= args.max_len, "need 1 <= --min-len <= --max-len"),
-        (args.d_model >= 1 and args.num_layers >= 1 and args.num_heads >= 1, "--d-model, --num-layers, --num-heads must be >= 1"),
+        (
+            args.d_model >= 1 and args.num_layers >= 1 and args.num_heads >= 1,
+            "--d-model, --num-layers, --num-heads must be >= 1",
+        ),
         (args.d_model % args.num_heads == 0, "--d-model must be divisible by --num-heads"),
-        (args.lora_r >= 1 and args.lora_alpha > 0 and 0 <= args.lora_dropout < 1, "need --lora-r >= 1, --lora-alpha > 0, 0 <= --lora-dropout < 1"),
+        (
+            args.lora_r >= 1 and args.lora_alpha > 0 and 0 <= args.lora_dropout < 1,
+            "need --lora-r >= 1, --lora-alpha > 0, 0 <= --lora-dropout < 1",
+        ),
         (args.max_response_tokens is None or args.max_response_tokens >= 1, "--max-response-tokens must be >= 1"),
         (args.target_response is None or args.target_response != "", "--target-response must not be empty"),
         (args.rpm is None or args.rpm > 0, "--rpm must be > 0"),
@@ -182,15 +315,20 @@ def validate_args(args: argparse.Namespace) -> None:
         (args.api_timeout > 0 and args.max_attempts >= 1, "--api-timeout must be > 0 and --max-attempts >= 1"),
         (args.max_cost is None or args.max_cost >= 0, "--max-cost must be >= 0"),
         (args.max_unreachable_batches >= 1, "--max-unreachable-batches must be >= 1"),
-        (args.batch_pool_size >= 1 and args.batch_poll_seconds >= 0, "--batch-pool-size must be >= 1 and --batch-poll-seconds >= 0"),
+        (
+            args.batch_pool_size >= 1 and args.batch_poll_seconds >= 0,
+            "--batch-pool-size must be >= 1 and --batch-poll-seconds >= 0",
+        ),
         (not args.batch_api or args.oracle == "openai", "--batch-api needs --oracle openai"),
         (args.subtb_lambda > 0, "--subtb-lambda must be > 0"),
         (0 <= args.tempered_fraction <= 1, "--tempered-fraction must be in [0, 1]"),
         (0 < args.temperature_range[0] <= args.temperature_range[1], "--temperature-range needs 0 < LOW <= HIGH"),
         (0 <= args.replay_fraction < 1, "--replay-fraction must be in [0, 1)"),
         (args.replay_capacity >= 1, "--replay-capacity must be >= 1"),
-        (args.reward_temp_start > 0 and args.reward_temp_end > 0 and args.reward_temp_horizon >= 0,
-         "--reward-temp-start and --reward-temp-end must be > 0, --reward-temp-horizon >= 0"),
+        (
+            args.reward_temp_start > 0 and args.reward_temp_end > 0 and args.reward_temp_horizon >= 0,
+            "--reward-temp-start and --reward-temp-end must be > 0, --reward-temp-horizon >= 0",
+        ),
     ]
     for ok, message in checks:
         if not ok:

@@ -8,6 +8,7 @@ Conventions used everywhere in the project:
   lengths LongTensor (B,), number of real tokens in each x, min_len <= length <= max_len.
 A sequence of length max_len terminates by force (probability 1); shorter ones pay log p(stop).
 """
+
 from __future__ import annotations
 
 import math
@@ -71,7 +72,9 @@ class Block(nn.Module):
         self.attn = SelfAttention(config)
         self.ln_2 = nn.LayerNorm(config.d_model)
         self.mlp = nn.Sequential(
-            nn.Linear(config.d_model, 4 * config.d_model), nn.GELU(), nn.Linear(4 * config.d_model, config.d_model),
+            nn.Linear(config.d_model, 4 * config.d_model),
+            nn.GELU(),
+            nn.Linear(4 * config.d_model, config.d_model),
             nn.Dropout(config.dropout),
         )
 
@@ -143,7 +146,9 @@ class AutoregressivePolicy(nn.Module):
         parts = [start] + ([context.expand(batch, -1)] if context is not None else []) + [tokens]
         return torch.cat(parts, dim=1), 0 if context is None else context.shape[1]
 
-    def evaluate(self, tokens: torch.Tensor, lengths: torch.Tensor, context: torch.Tensor | None = None) -> PolicyOutputs:
+    def evaluate(
+        self, tokens: torch.Tensor, lengths: torch.Tensor, context: torch.Tensor | None = None
+    ) -> PolicyOutputs:
         """One teacher-forced pass under the current (untempered) parameters, with gradients."""
         batch, width = tokens.shape
         max_len = self.config.max_len
@@ -167,7 +172,9 @@ class AutoregressivePolicy(nn.Module):
             log_flows=self.flow_head(hidden.float()).squeeze(-1),
         )
 
-    def log_pf_per_step(self, tokens: torch.Tensor, lengths: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def log_pf_per_step(
+        self, tokens: torch.Tensor, lengths: torch.Tensor, context: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """(B, max_len + 1) log-probabilities of each action taken; zeros past the stop action.
         Column t is the action taken from the prefix of length t (a token, or STOP when t == length)."""
         return self.evaluate(tokens, lengths, context).log_pf_steps
@@ -278,7 +285,6 @@ class TransformerPolicy(AutoregressivePolicy):
         return logits, caches
 
 
-
 def uniform_length_stop_logits(min_len: int, max_len: int) -> torch.Tensor:
     """(max_len + 1,) stop logits s_t that make the length of x uniform on [min_len, max_len] when
     P(stop | t) = sigmoid(s_t): the hazard of a uniform length is 1 / (max_len - t + 1), whose logit is
@@ -305,7 +311,9 @@ class LoRAPolicy(AutoregressivePolicy):
     The same weights serve the prior with the adapters switched off (`hf_models.without_adapters`), so one copy is
     loaded. Sampling uses the model's own KV cache."""
 
-    def __init__(self, peft_model, config: PolicyConfig, start_id: int, stop_token_id: int, lora_settings: dict) -> None:
+    def __init__(
+        self, peft_model, config: PolicyConfig, start_id: int, stop_token_id: int, lora_settings: dict
+    ) -> None:
         super().__init__()
         self._init_action_space(config)
         self.model = peft_model
@@ -334,7 +342,9 @@ class LoRAPolicy(AutoregressivePolicy):
         out = self.model(input_ids=input_ids, past_key_values=cache, use_cache=True, output_hidden_states=True)
         logits = out.logits.float()
         vocab = self.config.vocab_size
-        action_logits = torch.cat([logits[..., :vocab], logits[..., self.stop_token_id: self.stop_token_id + 1]], dim=-1)
+        action_logits = torch.cat(
+            [logits[..., :vocab], logits[..., self.stop_token_id : self.stop_token_id + 1]], dim=-1
+        )
         return action_logits, out.hidden_states[-1], out.past_key_values
 
     def _action_logits(self, logits: torch.Tensor, hidden: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
@@ -356,8 +366,10 @@ class LoRAPolicy(AutoregressivePolicy):
     def trainable_state(self) -> dict:
         from peft import get_peft_model_state_dict
 
-        state = {"lora": {k: v.detach().cpu() for k, v in get_peft_model_state_dict(self.model).items()},
-                 "flow_head": self.flow_head.state_dict()}
+        state = {
+            "lora": {k: v.detach().cpu() for k, v in get_peft_model_state_dict(self.model).items()},
+            "flow_head": self.flow_head.state_dict(),
+        }
         if self.stop_mode == "head":
             state["stop"] = {"bias": self.stop_bias.detach().cpu(), "head": self.stop_head.state_dict()}
         return state
@@ -386,15 +398,24 @@ def default_lora_targets(model) -> list[str]:
     return list(DEFAULTS[model_type])
 
 
-def make_lora_policy(base_model, config: PolicyConfig, start_id: int, stop_token_id: int, r: int = 16,
-                     alpha: float = 32.0, dropout: float = 0.0, target_modules: list[str] | None = None,
-                     stop_mode: str = "head") -> LoRAPolicy:
+def make_lora_policy(
+    base_model,
+    config: PolicyConfig,
+    start_id: int,
+    stop_token_id: int,
+    r: int = 16,
+    alpha: float = 32.0,
+    dropout: float = 0.0,
+    target_modules: list[str] | None = None,
+    stop_mode: str = "head",
+) -> LoRAPolicy:
     """Wrap base_model (in place: LoRA layers are injected into it) and return the policy."""
     from peft import LoraConfig, get_peft_model
 
     targets = list(target_modules) if target_modules else default_lora_targets(base_model)
-    lora_config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none",
-                             task_type="CAUSAL_LM")
+    lora_config = LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none", task_type="CAUSAL_LM"
+    )
     peft_model = get_peft_model(base_model, lora_config)
     peft_model.eval()
     register_adapters(base_model, peft_model)

@@ -3,6 +3,7 @@
 The prior and a local oracle are often the same model (the demo uses one model for both): loading it twice
 would double memory and start-up time, so loaded models are cached by (spec, device, dtype).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -49,8 +50,9 @@ def resolve_device(device: str) -> torch.device:
     return resolved
 
 
-def load_causal_lm(spec: str, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
-                   reload: bool = False):
+def load_causal_lm(
+    spec: str, device: torch.device | str = "cpu", dtype: torch.dtype | None = None, reload: bool = False
+):
     """Return (model, tokenizer) in eval mode with gradients off. Errors name the model and the cause.
     reload=True loads fresh weights (a LoRA policy injects adapters into the model it wraps, so a new policy
     must not reuse weights an earlier one adapted); later calls for the same spec share the new copy."""
@@ -102,7 +104,9 @@ def document_start_id(tokenizer) -> int:
     for candidate in (found, tokenizer.bos_token_id, tokenizer.eos_token_id):
         if candidate is not None:
             return candidate
-    raise UserError("tokenizer has neither <|endoftext|>, <|begin_of_text|>, a BOS nor an EOS token to start a text from")
+    raise UserError(
+        "tokenizer has neither <|endoftext|>, <|begin_of_text|>, a BOS nor an EOS token to start a text from"
+    )
 
 
 def document_end_id(tokenizer) -> int:
@@ -118,8 +122,10 @@ def document_end_id(tokenizer) -> int:
 def describe_special_tokens(tokenizer) -> str:
     """One line for start-up: which ids start and end a document under this tokenizer."""
     start, end = document_start_id(tokenizer), document_end_id(tokenizer)
-    return (f"document start {tokenizer.convert_ids_to_tokens(start)!r} (id {start}), "
-            f"document end {tokenizer.convert_ids_to_tokens(end)!r} (id {end})")
+    return (
+        f"document start {tokenizer.convert_ids_to_tokens(start)!r} (id {start}), "
+        f"document end {tokenizer.convert_ids_to_tokens(end)!r} (id {end})"
+    )
 
 
 # ------------------------------------------------------------------------------------------------ generation
@@ -134,8 +140,9 @@ def end_token_ids(model, tokenizer) -> set[int]:
 
 
 @torch.no_grad()
-def generate_with_logprobs(model, prompts: list[list[int]], max_new_tokens: int, end_ids: set[int], pad_id: int,
-                           temperature: float = 0.0) -> tuple[list[list[int]], torch.Tensor]:
+def generate_with_logprobs(
+    model, prompts: list[list[int]], max_new_tokens: int, end_ids: set[int], pad_id: int, temperature: float = 0.0
+) -> tuple[list[list[int]], torch.Tensor]:
     """Continue each prompt (sampled at `temperature`, greedy at 0) and return every row's generated ids (rows
     that ended early are padded after their end token) with the (B, T) float64 log-probability of each generated
     token under the model's raw, untempered logits. Runs the pretrained model, adapters off. The local oracle and
@@ -152,9 +159,19 @@ def generate_with_logprobs(model, prompts: list[list[int]], max_new_tokens: int,
     # repetition penalty would move y off p(y|x) at this temperature, so they are switched off explicitly; the
     # sampling-only ones are passed only when sampling (transformers warns about each on a greedy run).
     sampling_settings = {"temperature": temperature, "top_k": 0, "top_p": 1.0} if sampling else {}
-    config = GenerationConfig(do_sample=sampling, **sampling_settings, repetition_penalty=1.0, no_repeat_ngram_size=0,
-                              min_new_tokens=0, num_beams=1, max_new_tokens=max_new_tokens, pad_token_id=pad_id,
-                              eos_token_id=sorted(end_ids), output_logits=True, return_dict_in_generate=True)
+    config = GenerationConfig(
+        do_sample=sampling,
+        **sampling_settings,
+        repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
+        min_new_tokens=0,
+        num_beams=1,
+        max_new_tokens=max_new_tokens,
+        pad_token_id=pad_id,
+        eos_token_id=sorted(end_ids),
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
     with without_adapters(model):
         out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
     generated = out.sequences[:, width:]

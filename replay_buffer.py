@@ -48,6 +48,7 @@ several processes). The rules, per condition ("" when the task is unconditional)
 
 Reward components must be finite (a NaN or an infinite log reward cannot be ranked): `add` raises ValueError.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -85,11 +86,19 @@ class ReplayItem:
 
 
 class ReplayBuffer(Protocol):
-    def add(self, items: list[ReplayItem], condition: str = "", prior_weight: float = 1.0,
-            llm_weight: float = 1.0) -> int: ...
+    def add(
+        self, items: list[ReplayItem], condition: str = "", prior_weight: float = 1.0, llm_weight: float = 1.0
+    ) -> int: ...
 
-    def sample(self, n: int, condition: str = "", prior_weight: float = 1.0, llm_weight: float = 1.0,
-               reward_temperature: float = 1.0, generator: random.Random | None = None) -> list[ReplayItem]: ...
+    def sample(
+        self,
+        n: int,
+        condition: str = "",
+        prior_weight: float = 1.0,
+        llm_weight: float = 1.0,
+        reward_temperature: float = 1.0,
+        generator: random.Random | None = None,
+    ) -> list[ReplayItem]: ...
 
     def __len__(self) -> int: ...
 
@@ -149,13 +158,14 @@ def _gram_index(entries: dict[str, _Entry]) -> dict[tuple, set[str]]:
     return index
 
 
-def _near_duplicate_ids(grams: frozenset, entries: dict[str, _Entry], index: dict[tuple, set[str]],
-                        threshold: float) -> set[str]:
+def _near_duplicate_ids(
+    grams: frozenset, entries: dict[str, _Entry], index: dict[tuple, set[str]], threshold: float
+) -> set[str]:
     """Stored ids with Jaccard >= threshold, by prefix filtering: J(A, B) >= t needs |A & B| >= t|A|, so B shares
     at least one of any |A| - ceil(t|A|) + 1 grams of A. Reading only the postings of A's rarest grams skips the
     very common ones (", the"), then each candidate is checked exactly. At worst O(capacity) per item."""
     needed = math.ceil(threshold * len(grams) - 1e-9)  # the epsilon can only widen the prefix: never misses one
-    rarest = sorted(grams, key=lambda g: len(index.get(g, ())))[:len(grams) - needed + 1]
+    rarest = sorted(grams, key=lambda g: len(index.get(g, ())))[: len(grams) - needed + 1]
     candidates = set().union(*(index.get(g, ()) for g in rarest))
     return {i for i in candidates if jaccard(grams, entries[i].grams) >= threshold}
 
@@ -192,11 +202,18 @@ def _normalised(item: object) -> ReplayItem:
         raise ValueError(f"extra must be a JSON-serialisable dict: {e}") from None
     if not isinstance(extra, dict):
         raise ValueError(f"extra must be a dict, got {type(item.extra).__name__}")
-    return ReplayItem([int(t) for t in item.token_ids], item.text, _finite("log_prior", item.log_prior),
-                      _finite("log_likelihood", item.log_likelihood), extra)
+    return ReplayItem(
+        [int(t) for t in item.token_ids],
+        item.text,
+        _finite("log_prior", item.log_prior),
+        _finite("log_likelihood", item.log_likelihood),
+        extra,
+    )
 
 
-def _checked_add_args(items: list[ReplayItem], condition: str, prior_weight: float, llm_weight: float) -> list[ReplayItem]:
+def _checked_add_args(
+    items: list[ReplayItem], condition: str, prior_weight: float, llm_weight: float
+) -> list[ReplayItem]:
     """The argument checks both backends' add() share; returns the normalised items."""
     items = [_normalised(item) for item in items]
     _check_condition(condition)
@@ -205,9 +222,16 @@ def _checked_add_args(items: list[ReplayItem], condition: str, prior_weight: flo
     return items
 
 
-def _admit(entries: dict[str, _Entry], index: dict[tuple, set[str]] | None, items: list[ReplayItem],
-           next_seq: int, prior_weight: float, llm_weight: float, capacity: int,
-           near_duplicate_threshold: float) -> tuple[int, int]:
+def _admit(
+    entries: dict[str, _Entry],
+    index: dict[tuple, set[str]] | None,
+    items: list[ReplayItem],
+    next_seq: int,
+    prior_weight: float,
+    llm_weight: float,
+    capacity: int,
+    near_duplicate_threshold: float,
+) -> tuple[int, int]:
     """Rules 1-3 for one condition, one item at a time: updates `entries` (item id -> entry) and `index` (its
     `_gram_index`, None when near duplicates are off) in place. Returns (how many items were stored or replaced,
     the next insertion number)."""
@@ -253,8 +277,17 @@ def _admit(entries: dict[str, _Entry], index: dict[tuple, set[str]] | None, item
     return admitted, next_seq
 
 
-def _draw(entries: list[_Entry], n: int, prior_weight: float, llm_weight: float, reward_temperature: float,
-          priority: str, rank_k: float, priority_temperature: float, generator: random.Random) -> list[_Entry]:
+def _draw(
+    entries: list[_Entry],
+    n: int,
+    prior_weight: float,
+    llm_weight: float,
+    reward_temperature: float,
+    priority: str,
+    rank_k: float,
+    priority_temperature: float,
+    generator: random.Random,
+) -> list[_Entry]:
     """Rule 4: rank by tempered log reward (ties: earliest inserted first), weight, draw n with replacement."""
     if not entries or n == 0:
         return []
@@ -270,8 +303,9 @@ def _draw(entries: list[_Entry], n: int, prior_weight: float, llm_weight: float,
     return [entries[order[r]] for r in generator.choices(range(len(order)), weights=weights, k=n)]
 
 
-def _check_sample_args(n: object, condition: object, prior_weight: float, llm_weight: float,
-                       reward_temperature: float) -> None:
+def _check_sample_args(
+    n: object, condition: object, prior_weight: float, llm_weight: float, reward_temperature: float
+) -> None:
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise ValueError(f"n must be an int >= 0, got {n!r}")
     _check_condition(condition)
@@ -283,8 +317,9 @@ def _check_sample_args(n: object, condition: object, prior_weight: float, llm_we
 class _Settings:
     """What both backends are configured with (validated by make_replay_buffer)."""
 
-    def __init__(self, capacity: int, priority: str, rank_k: float, priority_temperature: float,
-                 near_duplicate_threshold: float) -> None:
+    def __init__(
+        self, capacity: int, priority: str, rank_k: float, priority_temperature: float, near_duplicate_threshold: float
+    ) -> None:
         self.capacity, self.priority, self.rank_k = capacity, priority, rank_k
         self.priority_temperature, self.near_duplicate_threshold = priority_temperature, near_duplicate_threshold
 
@@ -293,34 +328,59 @@ class _Settings:
 
 
 class MemoryReplayBuffer(_Settings):
-    def __init__(self, capacity: int, priority: str, rank_k: float, priority_temperature: float,
-                 near_duplicate_threshold: float) -> None:
+    def __init__(
+        self, capacity: int, priority: str, rank_k: float, priority_temperature: float, near_duplicate_threshold: float
+    ) -> None:
         super().__init__(capacity, priority, rank_k, priority_temperature, near_duplicate_threshold)
         self.entries: dict[str, dict[str, _Entry]] = {}  # condition -> item id -> entry
         self.next_seq: dict[str, int] = {}
         self.gram_index: dict[str, dict[tuple, set[str]]] = {}  # condition -> _gram_index, kept up to date
         self.lock = threading.Lock()  # so threads sharing one buffer see the same rules as Redis writers
 
-    def add(self, items: list[ReplayItem], condition: str = "", prior_weight: float = 1.0,
-            llm_weight: float = 1.0) -> int:
+    def add(
+        self, items: list[ReplayItem], condition: str = "", prior_weight: float = 1.0, llm_weight: float = 1.0
+    ) -> int:
         items = _checked_add_args(items, condition, prior_weight, llm_weight)
         if not items:
             return 0
         with self.lock:
             entries = self.entries.setdefault(condition, {})
             index = self.gram_index.setdefault(condition, {}) if self.near_duplicate_threshold <= 1 else None
-            admitted, self.next_seq[condition] = _admit(entries, index, items, self.next_seq.get(condition, 0),
-                                                        prior_weight, llm_weight, self.capacity,
-                                                        self.near_duplicate_threshold)
+            admitted, self.next_seq[condition] = _admit(
+                entries,
+                index,
+                items,
+                self.next_seq.get(condition, 0),
+                prior_weight,
+                llm_weight,
+                self.capacity,
+                self.near_duplicate_threshold,
+            )
             return admitted
 
-    def sample(self, n: int, condition: str = "", prior_weight: float = 1.0, llm_weight: float = 1.0,
-               reward_temperature: float = 1.0, generator: random.Random | None = None) -> list[ReplayItem]:
+    def sample(
+        self,
+        n: int,
+        condition: str = "",
+        prior_weight: float = 1.0,
+        llm_weight: float = 1.0,
+        reward_temperature: float = 1.0,
+        generator: random.Random | None = None,
+    ) -> list[ReplayItem]:
         _check_sample_args(n, condition, prior_weight, llm_weight, reward_temperature)
         with self.lock:
             entries = list(self.entries.get(condition, {}).values())
-        drawn = _draw(entries, n, prior_weight, llm_weight, reward_temperature, self.priority, self.rank_k,
-                      self.priority_temperature, generator or random.Random())
+        drawn = _draw(
+            entries,
+            n,
+            prior_weight,
+            llm_weight,
+            reward_temperature,
+            self.priority,
+            self.rank_k,
+            self.priority_temperature,
+            generator or random.Random(),
+        )
         # Callers may mutate what they get, so hand out copies (one per distinct item, like the Redis backend).
         copies: dict[int, ReplayItem] = {}
         for e in drawn:
@@ -349,21 +409,43 @@ class MemoryReplayBuffer(_Settings):
     def state_dict(self) -> dict:
         """The whole contents (plain lists and dicts, so a weights_only checkpoint can hold them)."""
         with self.lock:
-            return {"backend": "memory", "next_seq": dict(self.next_seq),
-                    "entries": {condition: [[item_id, e.seq, e.item.token_ids, e.item.text, e.item.log_prior,
-                                             e.item.log_likelihood, json.dumps(e.item.extra)]
-                                            for item_id, e in entries.items()]
-                                for condition, entries in self.entries.items()}}
+            return {
+                "backend": "memory",
+                "next_seq": dict(self.next_seq),
+                "entries": {
+                    condition: [
+                        [
+                            item_id,
+                            e.seq,
+                            e.item.token_ids,
+                            e.item.text,
+                            e.item.log_prior,
+                            e.item.log_likelihood,
+                            json.dumps(e.item.extra),
+                        ]
+                        for item_id, e in entries.items()
+                    ]
+                    for condition, entries in self.entries.items()
+                },
+            }
 
     def load_state_dict(self, state: dict) -> None:
         with self.lock:
-            self.entries = {condition: {item_id: _Entry(ReplayItem(list(token_ids), text, log_prior, log_likelihood,
-                                                                   json.loads(extra)), seq)
-                                        for item_id, seq, token_ids, text, log_prior, log_likelihood, extra in rows}
-                            for condition, rows in state["entries"].items()}
+            self.entries = {
+                condition: {
+                    item_id: _Entry(
+                        ReplayItem(list(token_ids), text, log_prior, log_likelihood, json.loads(extra)), seq
+                    )
+                    for item_id, seq, token_ids, text, log_prior, log_likelihood, extra in rows
+                }
+                for condition, rows in state["entries"].items()
+            }
             self.next_seq = dict(state["next_seq"])
-            self.gram_index = ({condition: _gram_index(entries) for condition, entries in self.entries.items()}
-                               if self.near_duplicate_threshold <= 1 else {})
+            self.gram_index = (
+                {condition: _gram_index(entries) for condition, entries in self.entries.items()}
+                if self.near_duplicate_threshold <= 1
+                else {}
+            )
 
 
 # ------------------------------------------------------------------------------------- redis backend
@@ -382,14 +464,23 @@ def redact_url(url: str) -> str:
 
 
 class RedisReplayBuffer(_Settings):
-    def __init__(self, capacity: int, priority: str, rank_k: float, priority_temperature: float,
-                 near_duplicate_threshold: float, redis_url: str, namespace: str) -> None:
+    def __init__(
+        self,
+        capacity: int,
+        priority: str,
+        rank_k: float,
+        priority_temperature: float,
+        near_duplicate_threshold: float,
+        redis_url: str,
+        namespace: str,
+    ) -> None:
         super().__init__(capacity, priority, rank_k, priority_temperature, near_duplicate_threshold)
         self.url, self.namespace = redact_url(redis_url), namespace
         self.conditions_key = f"{namespace}:conditions"
         try:
-            self.client = redis.Redis.from_url(redis_url, decode_responses=True, socket_connect_timeout=5,
-                                               socket_timeout=60)
+            self.client = redis.Redis.from_url(
+                redis_url, decode_responses=True, socket_connect_timeout=5, socket_timeout=60
+            )
         except ValueError as e:
             raise ValueError(f"invalid redis_url {self.url!r}: {e}") from None
         with self._reachable():
@@ -410,12 +501,14 @@ class RedisReplayBuffer(_Settings):
         entries = {}
         for item_id, value in raw.items():
             d = json.loads(value)
-            entries[item_id] = _Entry(ReplayItem(d["token_ids"], d["text"], d["log_prior"], d["log_likelihood"],
-                                                 d["extra"]), d["seq"])
+            entries[item_id] = _Entry(
+                ReplayItem(d["token_ids"], d["text"], d["log_prior"], d["log_likelihood"], d["extra"]), d["seq"]
+            )
         return entries
 
-    def add(self, items: list[ReplayItem], condition: str = "", prior_weight: float = 1.0,
-            llm_weight: float = 1.0) -> int:
+    def add(
+        self, items: list[ReplayItem], condition: str = "", prior_weight: float = 1.0, llm_weight: float = 1.0
+    ) -> int:
         items = _checked_add_args(items, condition, prior_weight, llm_weight)
         if not items:
             return 0
@@ -429,13 +522,31 @@ class RedisReplayBuffer(_Settings):
             entries = self._decode(pipe.hgetall(items_key))
             before = {i: e.seq for i, e in entries.items()}
             index = _gram_index(entries) if self.near_duplicate_threshold <= 1 else None
-            admitted, next_seq = _admit(entries, index, items, int(pipe.get(seq_key) or 0), prior_weight,
-                                        llm_weight, self.capacity, self.near_duplicate_threshold)
+            admitted, next_seq = _admit(
+                entries,
+                index,
+                items,
+                int(pipe.get(seq_key) or 0),
+                prior_weight,
+                llm_weight,
+                self.capacity,
+                self.near_duplicate_threshold,
+            )
             removed = [i for i in before if i not in entries]
-            written = {i: json.dumps({"token_ids": e.item.token_ids, "text": e.item.text,
-                                      "log_prior": e.item.log_prior, "log_likelihood": e.item.log_likelihood,
-                                      "extra": e.item.extra, "seq": e.seq})
-                       for i, e in entries.items() if before.get(i) != e.seq}
+            written = {
+                i: json.dumps(
+                    {
+                        "token_ids": e.item.token_ids,
+                        "text": e.item.text,
+                        "log_prior": e.item.log_prior,
+                        "log_likelihood": e.item.log_likelihood,
+                        "extra": e.item.extra,
+                        "seq": e.seq,
+                    }
+                )
+                for i, e in entries.items()
+                if before.get(i) != e.seq
+            }
             pipe.multi()
             if removed:
                 pipe.hdel(items_key, *removed)
@@ -449,15 +560,31 @@ class RedisReplayBuffer(_Settings):
         with self._reachable():
             return self.client.transaction(transaction, items_key, seq_key, value_from_callable=True)
 
-    def sample(self, n: int, condition: str = "", prior_weight: float = 1.0, llm_weight: float = 1.0,
-               reward_temperature: float = 1.0, generator: random.Random | None = None) -> list[ReplayItem]:
+    def sample(
+        self,
+        n: int,
+        condition: str = "",
+        prior_weight: float = 1.0,
+        llm_weight: float = 1.0,
+        reward_temperature: float = 1.0,
+        generator: random.Random | None = None,
+    ) -> list[ReplayItem]:
         _check_sample_args(n, condition, prior_weight, llm_weight, reward_temperature)
         if n == 0:
             return []
         with self._reachable():
             entries = list(self._decode(self.client.hgetall(self._key(condition, "items"))).values())
-        drawn = _draw(entries, n, prior_weight, llm_weight, reward_temperature, self.priority, self.rank_k,
-                      self.priority_temperature, generator or random.Random())
+        drawn = _draw(
+            entries,
+            n,
+            prior_weight,
+            llm_weight,
+            reward_temperature,
+            self.priority,
+            self.rank_k,
+            self.priority_temperature,
+            generator or random.Random(),
+        )
         return [e.item for e in drawn]
 
     def __len__(self) -> int:
@@ -482,7 +609,9 @@ class RedisReplayBuffer(_Settings):
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("namespace") != self.namespace:
-            raise ValueError(f"checkpoint's replay buffer is under namespace {state.get('namespace')!r}, not {self.namespace!r}")
+            raise ValueError(
+                f"checkpoint's replay buffer is under namespace {state.get('namespace')!r}, not {self.namespace!r}"
+            )
 
     def clear(self) -> None:
         # Escape glob characters so the pattern matches exactly the keys "namespace:...".
@@ -501,9 +630,17 @@ class RedisReplayBuffer(_Settings):
 # ------------------------------------------------------------------------------------- factory
 
 
-def make_replay_buffer(backend: str, capacity: int, *, priority: str = "rank", rank_k: float = DEFAULT_RANK_K,
-                       priority_temperature: float = 1.0, near_duplicate_threshold: float = 0.8,
-                       redis_url: str | None = None, namespace: str = "gfn-replay") -> ReplayBuffer:
+def make_replay_buffer(
+    backend: str,
+    capacity: int,
+    *,
+    priority: str = "rank",
+    rank_k: float = DEFAULT_RANK_K,
+    priority_temperature: float = 1.0,
+    near_duplicate_threshold: float = 0.8,
+    redis_url: str | None = None,
+    namespace: str = "gfn-replay",
+) -> ReplayBuffer:
     """A replay buffer with the rules of the module docstring. backend: "memory" or "redis" (needs redis_url;
     several processes with the same redis_url and namespace share one buffer)."""
     if backend not in BACKENDS:
@@ -514,8 +651,12 @@ def make_replay_buffer(backend: str, capacity: int, *, priority: str = "rank", r
         raise ValueError(f"unknown replay priority {priority!r}: expected one of {', '.join(PRIORITIES)}")
     rank_k = _positive("rank_k", rank_k)
     priority_temperature = _positive("priority_temperature", priority_temperature)
-    if isinstance(near_duplicate_threshold, bool) or not isinstance(near_duplicate_threshold, (int, float)) \
-            or math.isnan(near_duplicate_threshold) or near_duplicate_threshold <= 0:
+    if (
+        isinstance(near_duplicate_threshold, bool)
+        or not isinstance(near_duplicate_threshold, (int, float))
+        or math.isnan(near_duplicate_threshold)
+        or near_duplicate_threshold <= 0
+    ):
         raise ValueError(f"near_duplicate_threshold must be > 0 (> 1 disables it), got {near_duplicate_threshold!r}")
     if backend == "memory":
         return MemoryReplayBuffer(capacity, priority, rank_k, priority_temperature, float(near_duplicate_threshold))
@@ -523,5 +664,6 @@ def make_replay_buffer(backend: str, capacity: int, *, priority: str = "rank", r
         raise ValueError("the redis replay buffer needs redis_url, e.g. redis://localhost:6379/0")
     if not isinstance(namespace, str) or not namespace or ":" in namespace:
         raise ValueError(f"namespace must be a non-empty string without ':', got {namespace!r}")
-    return RedisReplayBuffer(capacity, priority, rank_k, priority_temperature, float(near_duplicate_threshold),
-                             redis_url, namespace)
+    return RedisReplayBuffer(
+        capacity, priority, rank_k, priority_temperature, float(near_duplicate_threshold), redis_url, namespace
+    )

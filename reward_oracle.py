@@ -5,6 +5,7 @@
   models live here, the OpenAI / OpenAI-compatible client in api_client.py.
 - Tasks say how x becomes a request: system prompt, message layout, response length.
 """
+
 from __future__ import annotations
 
 import math
@@ -37,8 +38,14 @@ class OracleResult:
 
     @classmethod
     def failed(cls, reason: str, response: str = "", unreachable: bool = False) -> "OracleResult":
-        return cls(response=response, log_likelihood=float("nan"), num_tokens=0, valid=False, error=reason,
-                   unreachable=unreachable)
+        return cls(
+            response=response,
+            log_likelihood=float("nan"),
+            num_tokens=0,
+            valid=False,
+            error=reason,
+            unreachable=unreachable,
+        )
 
 
 # The OpenAI API reports a token it did not keep in its top logprobs as -9999.0: summing it would give
@@ -86,7 +93,9 @@ class PriorScorer:
         repeat its full value (never used)."""
         out = []
         for start in range(0, tokens.shape[0], self.batch_size):
-            out.append(self._prefix_batch(tokens[start:start + self.batch_size], lengths[start:start + self.batch_size]))
+            out.append(
+                self._prefix_batch(tokens[start : start + self.batch_size], lengths[start : start + self.batch_size])
+            )
         width = max(o.shape[1] for o in out)
         return torch.cat([torch.nn.functional.pad(o, (0, width - o.shape[1]), value=float("nan")) for o in out])
 
@@ -139,8 +148,17 @@ class HFResponseOracle:
 
     has_spending = False
 
-    def __init__(self, model, tokenizer, task: Task, temperature: float = 1.0, max_new_tokens: int | None = None,
-                 target_response: str | None = None, batch_size: int = 16, prompt_format: str = "auto") -> None:
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        task: Task,
+        temperature: float = 1.0,
+        max_new_tokens: int | None = None,
+        target_response: str | None = None,
+        batch_size: int = 16,
+        prompt_format: str = "auto",
+    ) -> None:
         self.model, self.tokenizer, self.task = model, tokenizer, task
         self.temperature = temperature
         self.max_new_tokens = max_new_tokens or task.max_response_tokens
@@ -150,7 +168,9 @@ class HFResponseOracle:
             raise ValueError(f"prompt_format must be one of {ORACLE_FORMATS}, got {prompt_format!r}")
         if prompt_format == "chat" and not has_template:
             raise UserError("--oracle-format chat: the oracle's tokenizer has no chat template; use plain or auto")
-        self.prompt_format = "chat" if prompt_format == "chat" or (prompt_format == "auto" and has_template) else "plain"
+        self.prompt_format = (
+            "chat" if prompt_format == "chat" or (prompt_format == "auto" and has_template) else "plain"
+        )
         self.prompt_before, self.prompt_after = self._prompt_around_x()
         self.target_ids = None
         if target_response is not None:
@@ -169,7 +189,9 @@ class HFResponseOracle:
         can be spliced in as ids; the marker uses private-use characters that no template or task contains."""
         marker = "\ue000x\ue000"
         if self.prompt_format == "chat":
-            text = self.tokenizer.apply_chat_template(self.task.messages(marker), add_generation_prompt=True, tokenize=False)
+            text = self.tokenizer.apply_chat_template(
+                self.task.messages(marker), add_generation_prompt=True, tokenize=False
+            )
             prefix = []  # the template writes its own start tokens
         else:
             text = self.task.plain_prompt(marker)
@@ -193,7 +215,7 @@ class HFResponseOracle:
         inputs = token_ids if token_ids is not None else texts
         results = []
         for start in range(0, len(inputs), self.batch_size):
-            chunk = [self.prompt_ids(x) for x in inputs[start:start + self.batch_size]]
+            chunk = [self.prompt_ids(x) for x in inputs[start : start + self.batch_size]]
             results.extend(self._score_target(chunk) if self.target_ids is not None else self._sample_and_score(chunk))
         return results
 
@@ -211,22 +233,33 @@ class HFResponseOracle:
             # logits at position j predict token j + 1
             positions = torch.arange(len(prompt) - 1, len(prompt) - 1 + len(target), device=self.device)
             total = log_probs[i, positions].gather(1, target.unsqueeze(1)).sum().item()
-            results.append(OracleResult(response=self.tokenizer.decode(self.target_ids), log_likelihood=total,
-                                        num_tokens=len(target), token_ids=list(self.target_ids)))
+            results.append(
+                OracleResult(
+                    response=self.tokenizer.decode(self.target_ids),
+                    log_likelihood=total,
+                    num_tokens=len(target),
+                    token_ids=list(self.target_ids),
+                )
+            )
         return results
 
     def _sample_and_score(self, prompts: list[list[int]]) -> list[OracleResult]:
-        generated, token_lp = generate_with_logprobs(self.model, prompts, self.max_new_tokens, self.eos_ids,
-                                                     self.tokenizer.pad_token_id, self.temperature)
+        generated, token_lp = generate_with_logprobs(
+            self.model, prompts, self.max_new_tokens, self.eos_ids, self.tokenizer.pad_token_id, self.temperature
+        )
         results = []
         for i, ids in enumerate(generated):
             end = next((j for j, t in enumerate(ids) if t in self.eos_ids), None)
             num = len(ids) if end is None else end + 1  # the end-of-turn token belongs to y
-            results.append(OracleResult(
-                response=self.tokenizer.decode(ids[:num]),  # exactly: special tokens mark y's boundaries
-                log_likelihood=float(token_lp[i, :num].double().sum()),
-                num_tokens=num, truncated=end is None, token_ids=ids[:num],
-            ))
+            results.append(
+                OracleResult(
+                    response=self.tokenizer.decode(ids[:num]),  # exactly: special tokens mark y's boundaries
+                    log_likelihood=float(token_lp[i, :num].double().sum()),
+                    num_tokens=num,
+                    truncated=end is None,
+                    token_ids=ids[:num],
+                )
+            )
         return results
 
 
@@ -247,9 +280,17 @@ class RewardBatch:
 
     def __getitem__(self, part: slice) -> "RewardBatch":
         """The rows in `part` (a slice), every per-row field cut the same way."""
-        return RewardBatch(self.texts[part], self.log_prior[part], self.log_likelihood[part], self.log_reward[part],
-                           self.valid[part], self.oracle_results[part], self.extras[part] if self.extras else None,
-                           self.retokenises[part] if self.retokenises is not None else None, self.oracle_saw_text)
+        return RewardBatch(
+            self.texts[part],
+            self.log_prior[part],
+            self.log_likelihood[part],
+            self.log_reward[part],
+            self.valid[part],
+            self.oracle_results[part],
+            self.extras[part] if self.extras else None,
+            self.retokenises[part] if self.retokenises is not None else None,
+            self.oracle_saw_text,
+        )
 
 
 def token_id_lists(tokens: torch.Tensor, lengths: torch.Tensor) -> list[list[int]]:
@@ -269,7 +310,9 @@ class RewardModel:
     prefix once per run: answers are kept in `known_likelihoods`, so replayed samples and modified SubTB's
     prefixes (the full x among them) are never scored twice."""
 
-    def __init__(self, tokenizer, prior: PriorScorer, oracle=None, prior_weight: float = 1.0, llm_weight: float = 1.0) -> None:
+    def __init__(
+        self, tokenizer, prior: PriorScorer, oracle=None, prior_weight: float = 1.0, llm_weight: float = 1.0
+    ) -> None:
         self.tokenizer, self.prior, self.oracle = tokenizer, prior, oracle
         self.prior_weight, self.llm_weight = prior_weight, llm_weight
         self._takes_ids: tuple[object, bool] = (None, False)  # (oracle, decision), see oracle_takes_ids
@@ -322,15 +365,25 @@ class RewardModel:
         missing = list(dict.fromkeys(tuple(row) for row in ids if tuple(row) not in self.known_likelihoods))
         if missing:
             rows = [list(key) for key in missing]
-            fresh = (self.oracle.score([], token_ids=rows) if self.oracle_takes_ids
-                     else self.oracle.score([self.tokenizer.decode(row) for row in rows]))
+            fresh = (
+                self.oracle.score([], token_ids=rows)
+                if self.oracle_takes_ids
+                else self.oracle.score([self.tokenizer.decode(row) for row in rows])
+            )
             self.count(0, len(rows))
             for key, result in zip(missing, fresh):
                 self.known_likelihoods[key] = result.log_likelihood
         target_ids = list(self.oracle.target_ids)
         response = self.oracle.tokenizer.decode(target_ids)
-        return [OracleResult(response=response, log_likelihood=self.known_likelihoods[tuple(row)],
-                             num_tokens=len(target_ids), token_ids=target_ids) for row in ids]
+        return [
+            OracleResult(
+                response=response,
+                log_likelihood=self.known_likelihoods[tuple(row)],
+                num_tokens=len(target_ids),
+                token_ids=target_ids,
+            )
+            for row in ids
+        ]
 
     def can_score_prefixes(self) -> bool:
         """Prefix rewards need a deterministic oracle: none, or a local model with a fixed target."""
@@ -360,8 +413,9 @@ class RewardModel:
             log_reward = log_reward + self.llm_weight * likelihood
         return torch.where(usable, log_reward, torch.full_like(log_reward, float("nan")))
 
-    def combine(self, tokens: torch.Tensor, lengths: torch.Tensor, texts: list[str],
-                results: list[OracleResult] | None) -> RewardBatch:
+    def combine(
+        self, tokens: torch.Tensor, lengths: torch.Tensor, texts: list[str], results: list[OracleResult] | None
+    ) -> RewardBatch:
         """log R from the prior and oracle results obtained elsewhere (live, or from a Batch API round)."""
         log_prior = self.prior.log_prob(tokens, lengths).double()
         self.count(len(texts), 0)
@@ -375,6 +429,16 @@ class RewardModel:
         log_reward = self.prior_weight * log_prior + self.llm_weight * log_likelihood
         valid &= torch.isfinite(log_reward)
         ids = token_id_lists(tokens, lengths)
-        retokenises = [self.tokenizer(text, add_special_tokens=False)["input_ids"] == row for text, row in zip(texts, ids)]
-        return RewardBatch(texts, log_prior, log_likelihood, log_reward, valid, results, retokenises=retokenises,
-                           oracle_saw_text=self.uses_oracle and not self.oracle_takes_ids)
+        retokenises = [
+            self.tokenizer(text, add_special_tokens=False)["input_ids"] == row for text, row in zip(texts, ids)
+        ]
+        return RewardBatch(
+            texts,
+            log_prior,
+            log_likelihood,
+            log_reward,
+            valid,
+            results,
+            retokenises=retokenises,
+            oracle_saw_text=self.uses_oracle and not self.oracle_takes_ids,
+        )

@@ -4,6 +4,7 @@ contradiction task) get theirs.
 
   python sample.py --checkpoint out/checkpoint_gfn_raw_epoch500.pt --num-samples 256 [--score]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,13 +25,18 @@ from hf_models import resolve_device
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineErrorParser(description="Sample inputs from a trained GFlowNet checkpoint and summarise them.")
     parser.add_argument("--checkpoint", required=True, help="a checkpoint_gfn_*.pt file")
-    parser.add_argument("--task", default=None, help="optional check: the task the checkpoint must have been trained on")
+    parser.add_argument(
+        "--task", default=None, help="optional check: the task the checkpoint must have been trained on"
+    )
     parser.add_argument("--samples-per-subject", type=int, default=16, help="contradiction task: questions per example")
     parser.add_argument("--num-samples", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--score", action="store_true",
-                        help="also score the samples with the checkpoint's prior and oracle (oracle calls cost money)")
+    parser.add_argument(
+        "--score",
+        action="store_true",
+        help="also score the samples with the checkpoint's prior and oracle (oracle calls cost money)",
+    )
     parser.add_argument("--output", default=None, help="JSONL of samples (default: next to the checkpoint)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=0)
@@ -66,9 +72,13 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
             token_lists.append(ids)
             record = {"text": text, "token_ids": ids, "log_pf": float(log_pf[i])}
             if rewards is not None:
-                record.update(response=rewards.oracle_results[i].response, log_prior=float(rewards.log_prior[i]),
-                              log_likelihood=float(rewards.log_likelihood[i]), log_reward=float(rewards.log_reward[i]),
-                              valid=bool(rewards.valid[i]))
+                record.update(
+                    response=rewards.oracle_results[i].response,
+                    log_prior=float(rewards.log_prior[i]),
+                    log_likelihood=float(rewards.log_likelihood[i]),
+                    log_reward=float(rewards.log_reward[i]),
+                    valid=bool(rewards.valid[i]),
+                )
             records.append(record)
         all_log_pf.append(log_pf)
         all_log_q.append(log_q.cpu())
@@ -76,17 +86,27 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
             all_log_r.append(rewards.log_reward)
         remaining -= n
     log_pf, log_q = torch.cat(all_log_pf), torch.cat(all_log_q)
-    summary = {"checkpoint": args.checkpoint, "epoch": state["epoch"], "num_samples": len(records),
-               "log_pf_mean": float(log_pf.mean()), **sample_metrics([r["text"] for r in records], token_lists)}
+    summary = {
+        "checkpoint": args.checkpoint,
+        "epoch": state["epoch"],
+        "num_samples": len(records),
+        "log_pf_mean": float(log_pf.mean()),
+        **sample_metrics([r["text"] for r in records], token_lists),
+    }
     if all_log_r:
         log_reward = torch.cat(all_log_r)
         valid = torch.isfinite(log_reward)
-        summary.update(log_reward_mean=float(log_reward[valid].mean()), num_invalid=int((~valid).sum()),
-                       **(batch_metrics(log_reward[valid], log_pf[valid], log_q[valid]) if valid.any() else {}))
+        summary.update(
+            log_reward_mean=float(log_reward[valid].mean()),
+            num_invalid=int((~valid).sum()),
+            **(batch_metrics(log_reward[valid], log_pf[valid], log_q[valid]) if valid.any() else {}),
+        )
     output = args.output or os.path.splitext(args.checkpoint)[0] + "_samples.jsonl"
     lines = "".join(json.dumps(r) + "\n" for r in records)
     atomic_write(output, lambda f: f.write(lines.encode()))
-    atomic_write(os.path.splitext(output)[0] + "_summary.json", lambda f: f.write(json.dumps(summary, indent=2).encode()))
+    atomic_write(
+        os.path.splitext(output)[0] + "_summary.json", lambda f: f.write(json.dumps(summary, indent=2).encode())
+    )
     summary["output"] = output
     return summary
 

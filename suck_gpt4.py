@@ -7,6 +7,7 @@ R(x) = p(x) * p(y|x), with p(x) from a prior LM and p(y|x) from the LLM's own lo
 Every flag is train.py's; this entry point keeps the defaults of the original command (OpenAI oracle,
 gpt-4o-mini, GPT-2 prior).
 """
+
 import sys
 
 import flags

@@ -8,6 +8,7 @@ contradiction task, the share of questions whose answers the NLI model judged co
   python sweep.py --grid contradiction-threshold=-6,-4 likelihood-weight=0.5,1.0 -- \\
       --task contradiction --policy lora --prior-model PATH --nli-model PATH --epochs 100 --output-dir out/sweep
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,16 +43,23 @@ def summarise(output_dir: str, task: str, tail: int) -> dict:
         metrics = [json.loads(line) for line in f if line.strip()]
     trained = [m for m in metrics if "train/loss" in m][-tail:]
     summary = {"epochs": metrics[-1]["epoch"] if metrics else 0}
-    for key in ("train/loss", "train/log_reward_mean", "train/log_prior_mean", "train/log_likelihood_mean",
-                "eval/unique_fraction", "eval/distinct_2"):
+    for key in (
+        "train/loss",
+        "train/log_reward_mean",
+        "train/log_prior_mean",
+        "train/log_likelihood_mean",
+        "eval/unique_fraction",
+        "eval/distinct_2",
+    ):
         values = [m[key] for m in trained if key in m]
         summary[key] = statistics.mean(values) if values else float("nan")
     if task == "contradiction":
         with open(os.path.join(output_dir, "samples_contradiction.jsonl")) as f:
             samples = [json.loads(line) for line in f if line.strip()]
         last = [s for s in samples if s["epoch"] > summary["epochs"] - tail]
-        summary["contradiction_rate"] = (sum(s["log_contradiction"] > math.log(0.5) for s in last) / len(last)
-                                         if last else float("nan"))
+        summary["contradiction_rate"] = (
+            sum(s["log_contradiction"] > math.log(0.5) for s in last) / len(last) if last else float("nan")
+        )
     return summary
 
 
@@ -68,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     import train  # here, not at the top: a bad sweep flag is reported before torch loads
 
     argv = sys.argv[1:] if argv is None else argv
-    ours, train_argv = (argv[: argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+    ours, train_argv = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
     parser = OneLineErrorParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--grid", nargs="+", required=True, help="flag=v1,v2 ... (training flags without the --)")
     parser.add_argument("--tail", type=int, default=10, help="epochs averaged for the table")

@@ -7,6 +7,7 @@ default) with log P_F recomputed under the current, untempered policy. Everythin
 
   python train.py --prior-model gpt2 --oracle hf --oracle-model gpt2 --task raw --epochs 200
 """
+
 from __future__ import annotations
 
 import sys
@@ -46,7 +47,9 @@ def train(args: argparse.Namespace, on_start=None, on_epoch=None) -> dict:
     build.check_remote_oracle(args)  # key, price, server, model: before any model is loaded
     resume_state = None
     if args.resume:
-        resume_state = load_checkpoint(latest_checkpoint(args.output_dir, args.task) if args.resume == "latest" else args.resume)
+        resume_state = load_checkpoint(
+            latest_checkpoint(args.output_dir, args.task) if args.resume == "latest" else args.resume
+        )
     dist_info = distributed.setup()
     if dist_info.enabled and args.batch_api:
         raise UserError("--batch-api is not supported under torchrun: run it in one process")
@@ -59,8 +62,13 @@ def train(args: argparse.Namespace, on_start=None, on_epoch=None) -> dict:
     objective = OBJECTIVES[args.loss]
     budget = Budget(run.api, args.max_cost)
     completed_epoch = start_epoch
-    run.source = build.build_source(run, start_epoch, budget.allows_another_batch, lambda: save_run(run, completed_epoch),
-                                    (resume_state or {}).get("source_state"))
+    run.source = build.build_source(
+        run,
+        start_epoch,
+        budget.allows_another_batch,
+        lambda: save_run(run, completed_epoch),
+        (resume_state or {}).get("source_state"),
+    )
     out = build.Outputs(args, dist_info, start_epoch)
     if on_start is not None:
         on_start(run.policy, run.reward_model)
@@ -75,8 +83,9 @@ def train(args: argparse.Namespace, on_start=None, on_epoch=None) -> dict:
             # 1. a scored batch from the exploration policy (every scored sample is written before anything can
             # fail); None when the budget is spent
             batch = run.source.next(more=epoch < args.epochs) if run.source is not None else None
-            batch, records = distributed.share_batch(batch, dist_info, run.device, args.reward_rank0,
-                                                     lambda b: sample_records(epoch, b))
+            batch, records = distributed.share_batch(
+                batch, dist_info, run.device, args.reward_rank0, lambda b: sample_records(epoch, b)
+            )
             out.samples.write(records)
             if batch is None:
                 stop_reason = budget.stop_reason()
@@ -86,9 +95,11 @@ def train(args: argparse.Namespace, on_start=None, on_epoch=None) -> dict:
             unreachable_batches = unreachable_batches + 1 if results and all(r.unreachable for r in results) else 0
             if distributed.any_rank(unreachable_batches >= args.max_unreachable_batches, dist_info):
                 last_saved = save_run(run, completed_epoch) if completed_epoch > start_epoch else None
-                raise UserError(f"the oracle server stopped answering: every request of the last {unreachable_batches} "
-                                f"batches failed ({results[0].error}); "
-                                + (f"saved {last_saved}" if last_saved else "nothing trained since the start"))
+                raise UserError(
+                    f"the oracle server stopped answering: every request of the last {unreachable_batches} "
+                    f"batches failed ({results[0].error}); "
+                    + (f"saved {last_saved}" if last_saved else "nothing trained since the start")
+                )
 
             # 2. the training batch: the valid fresh samples plus replayed ones, log R / T
             report_invalid(out, epoch, batch.rewards)
@@ -104,12 +115,22 @@ def train(args: argparse.Namespace, on_start=None, on_epoch=None) -> dict:
                 run.policy.set_training_dropout(False)
                 prefix_log_reward = None
                 if objective.needs_prefix_rewards:
-                    prefix_log_reward = (run.reward_model.prefix_log_rewards(tokens, lengths, run.policy.config.min_len)
-                                         / temperature).to(run.device).float()
+                    prefix_log_reward = (
+                        (run.reward_model.prefix_log_rewards(tokens, lengths, run.policy.config.min_len) / temperature)
+                        .to(run.device)
+                        .float()
+                    )
                 initialize_log_z(run.log_z, batch.condition, log_reward, outputs.log_pf.detach(), dist_info)
-                loss = gflownet_loss(args.loss, outputs, run.log_z(batch.condition), log_reward, lengths,
-                                     subtb_lambda=args.subtb_lambda, prefix_log_reward=prefix_log_reward,
-                                     min_len=run.policy.config.min_len)
+                loss = gflownet_loss(
+                    args.loss,
+                    outputs,
+                    run.log_z(batch.condition),
+                    log_reward,
+                    lengths,
+                    subtb_lambda=args.subtb_lambda,
+                    prefix_log_reward=prefix_log_reward,
+                    min_len=run.policy.config.min_len,
+                )
             else:
                 initialize_log_z(run.log_z, batch.condition, None, None, dist_info)
             if distributed.any_rank(loss is not None and not bool(torch.isfinite(loss)), dist_info):
@@ -130,8 +151,19 @@ def train(args: argparse.Namespace, on_start=None, on_epoch=None) -> dict:
                 metrics = {"epoch": epoch, "train/num_invalid": len(batch.rewards.texts)}
                 out.metrics.write([metrics])
             else:
-                metrics = step_metrics(run, objective, batch, epoch, loss, outputs, log_reward, lengths, num_fresh,
-                                       temperature, time.time() - started)
+                metrics = step_metrics(
+                    run,
+                    objective,
+                    batch,
+                    epoch,
+                    loss,
+                    outputs,
+                    log_reward,
+                    lengths,
+                    num_fresh,
+                    temperature,
+                    time.time() - started,
+                )
                 out.log(metrics, postfix(metrics, run.api is not None))
                 if on_epoch is not None:
                     on_epoch(metrics, run.policy, run.log_z)
@@ -149,7 +181,7 @@ def train(args: argparse.Namespace, on_start=None, on_epoch=None) -> dict:
         raise
     finally:
         try:  # batches scored ahead (prefetch, the rest of a Batch API pool) were paid for: keep their samples
-            for leftover in (run.source.drain() if run.source is not None else []):
+            for leftover in run.source.drain() if run.source is not None else []:
                 out.samples.write(sample_records(completed_epoch + 1, leftover, trained=False))
         finally:
             out.close()
@@ -157,9 +189,17 @@ def train(args: argparse.Namespace, on_start=None, on_epoch=None) -> dict:
             if close:
                 close()
             distributed.teardown(dist_info, clean_exit)
-    return {"metrics": metrics, "checkpoint": last_saved, "epochs": args.epochs, "policy": run.policy,
-            "log_z": run.log_z, "reward_model": run.reward_model, "output_dir": args.output_dir,
-            "stop_reason": stop_reason, "api_stats": run.api.stats() if run.api is not None else None}
+    return {
+        "metrics": metrics,
+        "checkpoint": last_saved,
+        "epochs": args.epochs,
+        "policy": run.policy,
+        "log_z": run.log_z,
+        "reward_model": run.reward_model,
+        "output_dir": args.output_dir,
+        "stop_reason": stop_reason,
+        "api_stats": run.api.stats() if run.api is not None else None,
+    }
 
 
 # ---------------------------------------------------------------------------------------- the loop's steps
@@ -167,9 +207,13 @@ def train(args: argparse.Namespace, on_start=None, on_epoch=None) -> dict:
 
 def report_invalid(out: build.Outputs, epoch: int, rewards) -> None:
     """One line naming why samples were left out of this step (oracle errors, non-finite rewards)."""
-    bad = [(text, r.error or f"non-finite reward (log p(x)={float(p):.4g}, log p(y|x)={float(l):.4g})")
-           for text, r, ok, p, l in zip(rewards.texts, rewards.oracle_results, rewards.valid.tolist(),
-                                        rewards.log_prior, rewards.log_likelihood) if not ok]
+    bad = [
+        (text, r.error or f"non-finite reward (log p(x)={float(p):.4g}, log p(y|x)={float(lik):.4g})")
+        for text, r, ok, p, lik in zip(
+            rewards.texts, rewards.oracle_results, rewards.valid.tolist(), rewards.log_prior, rewards.log_likelihood
+        )
+        if not ok
+    ]
     if bad:
         reasons = "; ".join(sorted({reason for _, reason in bad}))
         out.line(f"epoch {epoch}: {len(bad)} sample(s) skipped: {reasons}; first: {bad[0][0][:80]!r}")
@@ -186,8 +230,9 @@ def training_batch(run: build.Run, batch, temperature: float):
     if run.replay is None or not num_fresh:
         return tokens, lengths, log_reward, num_fresh
     replayed = replay_batch(run.replay, args, num_fresh, device, batch.condition, run.replay_rng)
-    run.replay.add(replay_items(batch), condition=batch.condition, prior_weight=args.prior_weight,
-                   llm_weight=args.llm_weight)
+    run.replay.add(
+        replay_items(batch), condition=batch.condition, prior_weight=args.prior_weight, llm_weight=args.llm_weight
+    )
     if replayed is not None:
         replay_log_reward = args.prior_weight * replayed[2] + args.llm_weight * replayed[3]
         tokens, lengths = torch.cat([tokens, replayed[0]]), torch.cat([lengths, replayed[1]])
@@ -195,16 +240,28 @@ def training_batch(run: build.Run, batch, temperature: float):
     return tokens, lengths, log_reward, num_fresh
 
 
-def step_metrics(run: build.Run, objective, batch, epoch: int, loss, outputs, log_reward, lengths, num_fresh: int,
-                 temperature: float, seconds: float) -> dict:
+def step_metrics(
+    run: build.Run,
+    objective,
+    batch,
+    epoch: int,
+    loss,
+    outputs,
+    log_reward,
+    lengths,
+    num_fresh: int,
+    temperature: float,
+    seconds: float,
+) -> dict:
     rewards, valid = batch.rewards, batch.rewards.valid
     log_pf = outputs.log_pf.detach()
     fresh = slice(0, num_fresh)
     return {
         "epoch": epoch,
         "train/loss": loss.item(),
-        "train/log_Z": (run.log_z(batch.condition).item() if objective.learned_log_z
-                        else vargrad_log_z(log_pf, log_reward)),
+        "train/log_Z": (
+            run.log_z(batch.condition).item() if objective.learned_log_z else vargrad_log_z(log_pf, log_reward)
+        ),
         "train/reward_temperature": temperature,
         "train/lr": run.optimizer.param_groups[0]["lr"],
         "train/log_pf_mean": log_pf[fresh].mean().item(),
@@ -215,23 +272,37 @@ def step_metrics(run: build.Run, objective, batch, epoch: int, loss, outputs, lo
         "train/num_truncated": sum(r.truncated for r in rewards.oracle_results),
         "train/oracle_calls": run.reward_model.oracle_calls,
         "train/reward_calls": run.reward_model.reward_calls,
-        **({"train/retokenised_changed": sum(not same for same in rewards.retokenises)}
-           if rewards.oracle_saw_text and rewards.retokenises is not None else {}),
+        **(
+            {"train/retokenised_changed": sum(not same for same in rewards.retokenises)}
+            if rewards.oracle_saw_text and rewards.retokenises is not None
+            else {}
+        ),
         "train/mean_length": lengths[fresh].float().mean().item(),
         "train/length_histogram": length_histogram(batch.lengths),
         "train/epoch_seconds": seconds,
         "train/num_replayed": len(lengths) - num_fresh,
-        **{f"eval/{k}": v for k, v in batch_metrics(log_reward[fresh].detach().cpu(), log_pf[fresh].cpu(),
-                                                     batch.log_q[valid.to(batch.log_q.device)].cpu()).items()},
-        **{f"eval/{k}": v for k, v in sample_metrics(rewards.texts, [t[:n].tolist() for t, n in zip(
-            batch.tokens.cpu(), batch.lengths.cpu())]).items()},
+        **{
+            f"eval/{k}": v
+            for k, v in batch_metrics(
+                log_reward[fresh].detach().cpu(), log_pf[fresh].cpu(), batch.log_q[valid.to(batch.log_q.device)].cpu()
+            ).items()
+        },
+        **{
+            f"eval/{k}": v
+            for k, v in sample_metrics(
+                rewards.texts, [t[:n].tolist() for t, n in zip(batch.tokens.cpu(), batch.lengths.cpu())]
+            ).items()
+        },
         **({f"api/{k}": v for k, v in run.api.stats().items()} if run.api is not None else {}),
     }
 
 
 def postfix(metrics: dict, paid: bool) -> dict:
-    shown = {"loss": f"{metrics['train/loss']:.3g}", "logZ": f"{metrics['train/log_Z']:.2f}",
-             "logR": f"{metrics['train/log_reward_mean']:.1f}"}
+    shown = {
+        "loss": f"{metrics['train/loss']:.3g}",
+        "logZ": f"{metrics['train/log_Z']:.2f}",
+        "logR": f"{metrics['train/log_reward_mean']:.1f}",
+    }
     return {**shown, "cost": f"${metrics['api/dollars']:.4f}"} if paid else shown
 
 
@@ -244,15 +315,26 @@ def sample_records(epoch: int, batch, trained: bool = True) -> list[dict]:
     records = []
     for i, text in enumerate(rewards.texts):
         result = rewards.oracle_results[i]
-        records.append({
-            "epoch": epoch, "x": text, "token_ids": tokens[i, : int(lengths[i])].tolist(), "y": result.response,
-            "y_token_ids": result.token_ids,
-            "x_retokenises": rewards.retokenises[i] if rewards.retokenises is not None else None,
-            "log_prior": float(rewards.log_prior[i]), "log_likelihood": _finite_or_none(rewards.log_likelihood[i]),
-            "log_reward": _finite_or_none(rewards.log_reward[i]), "valid": bool(rewards.valid[i]),
-            "error": result.error, "truncated": result.truncated, "response_tokens": result.num_tokens,
-            "usage": result.usage or None, "trained": trained, **(rewards.extras[i] if rewards.extras else {}),
-        })
+        records.append(
+            {
+                "epoch": epoch,
+                "x": text,
+                "token_ids": tokens[i, : int(lengths[i])].tolist(),
+                "y": result.response,
+                "y_token_ids": result.token_ids,
+                "x_retokenises": rewards.retokenises[i] if rewards.retokenises is not None else None,
+                "log_prior": float(rewards.log_prior[i]),
+                "log_likelihood": _finite_or_none(rewards.log_likelihood[i]),
+                "log_reward": _finite_or_none(rewards.log_reward[i]),
+                "valid": bool(rewards.valid[i]),
+                "error": result.error,
+                "truncated": result.truncated,
+                "response_tokens": result.num_tokens,
+                "usage": result.usage or None,
+                "trained": trained,
+                **(rewards.extras[i] if rewards.extras else {}),
+            }
+        )
     return records
 
 
@@ -262,9 +344,15 @@ def replay_items(batch) -> list[ReplayItem]:
     items = []
     for i, text in enumerate(rewards.texts):
         if bool(rewards.valid[i]):
-            items.append(ReplayItem(token_ids=tokens[i, : int(lengths[i])].tolist(), text=text, log_prior=float(rewards.log_prior[i]),
-                                    log_likelihood=float(rewards.log_likelihood[i]),
-                                    extra={"y": rewards.oracle_results[i].response}))
+            items.append(
+                ReplayItem(
+                    token_ids=tokens[i, : int(lengths[i])].tolist(),
+                    text=text,
+                    log_prior=float(rewards.log_prior[i]),
+                    log_likelihood=float(rewards.log_likelihood[i]),
+                    extra={"y": rewards.oracle_results[i].response},
+                )
+            )
     return items
 
 
@@ -279,14 +367,25 @@ def _finite_or_none(value: torch.Tensor) -> float | None:
     return value if torch.isfinite(torch.tensor(value)) else None
 
 
-def replay_batch(buffer, args: argparse.Namespace, num_fresh: int, device: torch.device, condition: str = "",
-                 generator: random.Random | None = None):
+def replay_batch(
+    buffer,
+    args: argparse.Namespace,
+    num_fresh: int,
+    device: torch.device,
+    condition: str = "",
+    generator: random.Random | None = None,
+):
     """Replayed (tokens, lengths, log_prior, log_likelihood) making up --replay-fraction of the training batch."""
     if buffer is None or buffer.size(condition) == 0:
         return None
     num = round(args.replay_fraction / (1 - args.replay_fraction) * num_fresh)
-    items = buffer.sample(num, condition=condition, prior_weight=args.prior_weight, llm_weight=args.llm_weight,
-                          generator=generator) if num else []
+    items = (
+        buffer.sample(
+            num, condition=condition, prior_weight=args.prior_weight, llm_weight=args.llm_weight, generator=generator
+        )
+        if num
+        else []
+    )
     if not items:
         return None
     tokens = torch.zeros(len(items), args.max_len, dtype=torch.long, device=device)
@@ -296,7 +395,6 @@ def replay_batch(buffer, args: argparse.Namespace, num_fresh: int, device: torch
     log_prior = torch.tensor([item.log_prior for item in items], dtype=torch.float64)
     log_likelihood = torch.tensor([item.log_likelihood for item in items], dtype=torch.float64)
     return tokens, lengths, log_prior, log_likelihood
-
 
 
 # ------------------------------------------------------------------------------------------------ schedules
@@ -332,8 +430,9 @@ def learning_rate_factor(args: argparse.Namespace, epoch: int) -> float:
     return args.lr_min_factor + (1 - args.lr_min_factor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def main(argv: list[str] | None = None, description: str = __doc__, defaults: dict | None = None,
-         on_start=None, on_end=None) -> int:
+def main(
+    argv: list[str] | None = None, description: str = __doc__, defaults: dict | None = None, on_start=None, on_end=None
+) -> int:
     """Parse flags, train, and turn user mistakes into one line on stderr and exit code 2.
     on_start(policy, reward_model) and on_end(result) let other entry points look in without copying the loop."""
     args = build_parser(description, defaults).parse_args(argv)

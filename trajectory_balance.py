@@ -5,6 +5,7 @@ Trajectory balance (Malkin et al., 2022): for every complete trajectory tau endi
 For autoregressive generation each x has one trajectory, so log P_B = 0 and the loss is
     mean over the batch of (log Z + log P_F(tau) - log R(x))^2.
 """
+
 from __future__ import annotations
 
 import math
@@ -249,8 +250,16 @@ OBJECTIVES = {
 }
 
 
-def gflownet_loss(name: str, outputs, log_z: torch.Tensor, log_reward: torch.Tensor, lengths: torch.Tensor,
-                  subtb_lambda: float = 1.0, prefix_log_reward: torch.Tensor | None = None, min_len: int = 1) -> torch.Tensor:
+def gflownet_loss(
+    name: str,
+    outputs,
+    log_z: torch.Tensor,
+    log_reward: torch.Tensor,
+    lengths: torch.Tensor,
+    subtb_lambda: float = 1.0,
+    prefix_log_reward: torch.Tensor | None = None,
+    min_len: int = 1,
+) -> torch.Tensor:
     """Dispatch by name. `outputs` is a gflownet_policy.PolicyOutputs from one teacher-forced pass."""
     if name == "tb":
         return trajectory_balance_loss(log_z, outputs.log_pf, log_reward)
@@ -260,8 +269,9 @@ def gflownet_loss(name: str, outputs, log_z: torch.Tensor, log_reward: torch.Ten
     if name == "modified-subtb":
         if prefix_log_reward is None:
             raise ValueError("modified-subtb needs prefix_log_reward")
-        return modified_subtb_loss(outputs.log_pf_steps, outputs.log_stop, prefix_log_reward, lengths, min_len=min_len,
-                                   log_z=log_z)
+        return modified_subtb_loss(
+            outputs.log_pf_steps, outputs.log_stop, prefix_log_reward, lengths, min_len=min_len, log_z=log_z
+        )
     if name == "vargrad":
         return vargrad_loss(outputs.log_pf, log_reward)
     raise ValueError(f"unknown loss {name!r}; choose from {', '.join(LOSSES)}")

@@ -14,6 +14,7 @@ batch size and reward-call budget. Prints one JSON object.
   python benchmarks/exact_target.py --targets 6x5 --output out/exact_6x5.json    # one target (run two at once)
   python benchmarks/exact_target.py --plot-from out/exact_6x5.json out/exact_6x6.json --plot benchmarks/exact_target.png
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,13 +53,30 @@ def calls_to_reach(curve: list[dict], threshold: float) -> int | None:
 
 
 def summarize(curve: list[dict]) -> dict:
-    return {"final": curve[-1], "best_tv": min(row["tv"] for row in curve),
-            **{f"calls_to_tv_{t}": calls_to_reach(curve, t) for t in THRESHOLDS}}
+    return {
+        "final": curve[-1],
+        "best_tv": min(row["tv"] for row in curve),
+        **{f"calls_to_tv_{t}": calls_to_reach(curve, t) for t in THRESHOLDS},
+    }
 
 
-def run_ours(prior: str, oracle: str, vocab_size: int, max_len: int, policy: str, loss: str, batch_size: int,
-             reward_calls: int, eval_every: int, seed: int, lr: float, lr_z: float, d_model: int,
-             lr_schedule: str, extra_flags: list[str] = ()) -> tuple[list[dict], object]:
+def run_ours(
+    prior: str,
+    oracle: str,
+    vocab_size: int,
+    max_len: int,
+    policy: str,
+    loss: str,
+    batch_size: int,
+    reward_calls: int,
+    eval_every: int,
+    seed: int,
+    lr: float,
+    lr_z: float,
+    d_model: int,
+    lr_schedule: str,
+    extra_flags: list[str] = (),
+) -> tuple[list[dict], object]:
     import torch
 
     import train
@@ -66,11 +84,44 @@ def run_ours(prior: str, oracle: str, vocab_size: int, max_len: int, policy: str
     from gflownet_policy import enumerate_sequences
 
     tokens, lengths = enumerate_sequences(vocab_size, 1, max_len)
-    flags = ["--prior-model", prior, "--oracle", "hf", "--oracle-model", oracle, "--target-response", "a b",
-             "--policy", policy, "--loss", loss, "--max-len", str(max_len), "--batch-size", str(batch_size),
-             "--epochs", str(reward_calls // batch_size), "--lr", str(lr), "--lr-z", str(lr_z),
-             "--d-model", str(d_model), "--num-layers", "2", "--save-every", "1000000", "--no-progress",
-             "--device", "cpu", "--seed", str(seed), "--lr-schedule", lr_schedule, *extra_flags]
+    flags = [
+        "--prior-model",
+        prior,
+        "--oracle",
+        "hf",
+        "--oracle-model",
+        oracle,
+        "--target-response",
+        "a b",
+        "--policy",
+        policy,
+        "--loss",
+        loss,
+        "--max-len",
+        str(max_len),
+        "--batch-size",
+        str(batch_size),
+        "--epochs",
+        str(reward_calls // batch_size),
+        "--lr",
+        str(lr),
+        "--lr-z",
+        str(lr_z),
+        "--d-model",
+        str(d_model),
+        "--num-layers",
+        "2",
+        "--save-every",
+        "1000000",
+        "--no-progress",
+        "--device",
+        "cpu",
+        "--seed",
+        str(seed),
+        "--lr-schedule",
+        lr_schedule,
+        *extra_flags,
+    ]
     if policy == "lora":
         flags += ["--lora-target-modules", "c_attn", "c_proj", "c_fc"]
     curve: list[dict] = []
@@ -81,10 +132,16 @@ def run_ours(prior: str, oracle: str, vocab_size: int, max_len: int, policy: str
         state["train_seconds"] += time.time() - state["since"]
         with torch.no_grad():
             metrics = exact_distribution_metrics(policy_model.log_pf(tokens, lengths), table["log_reward"])
-        curve.append({"reward_calls": reward_calls_so_far, "sampled_x": sampled,
-                      "seconds": round(state["train_seconds"], 2), **metrics,
-                      "log_z": log_z_value,
-                      "log_z_error": None if log_z_value is None else abs(log_z_value - metrics["true_log_Z"])})
+        curve.append(
+            {
+                "reward_calls": reward_calls_so_far,
+                "sampled_x": sampled,
+                "seconds": round(state["train_seconds"], 2),
+                **metrics,
+                "log_z": log_z_value,
+                "log_z_error": None if log_z_value is None else abs(log_z_value - metrics["true_log_Z"]),
+            }
+        )
         state["since"] = time.time()
 
     def on_start(policy_model, reward_model) -> None:
@@ -103,36 +160,61 @@ def run_ours(prior: str, oracle: str, vocab_size: int, max_len: int, policy: str
             evaluate(metrics["train/reward_calls"], sampled, policy_model, value)
 
     with tempfile.TemporaryDirectory() as out, contextlib.redirect_stdout(io.StringIO()):
-        train.train(train.build_parser().parse_args(flags + ["--output-dir", out]), on_start=on_start, on_epoch=on_epoch)
+        train.train(
+            train.build_parser().parse_args(flags + ["--output-dir", out]), on_start=on_start, on_epoch=on_epoch
+        )
     return curve, table["log_reward"]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a tiny target and budget: checks the script runs")
-    parser.add_argument("--targets", nargs="+", default=["6x5", "6x6"],
-                        help="VxL: V words, lengths 1..L (6x5 = 9,330 sequences, 6x6 = 55,986)")
+    parser.add_argument(
+        "--targets",
+        nargs="+",
+        default=["6x5", "6x6"],
+        help="VxL: V words, lengths 1..L (6x5 = 9,330 sequences, 6x6 = 55,986)",
+    )
     parser.add_argument("--losses", nargs="+", default=["tb", "subtb", "modified-subtb", "vargrad"])
     parser.add_argument("--policies", nargs="+", default=["transformer", "lora"])
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--reward-calls", type=int, default=192_000, help="budget per run")
     parser.add_argument("--eval-every", type=int, default=6_400, help="reward calls between exact evaluations")
-    parser.add_argument("--lr-schedule", default="cosine", choices=["constant", "cosine"],
-                        help="for every run, ours and torchgfn's (cosine decays to 0.1x)")
+    parser.add_argument(
+        "--lr-schedule",
+        default="cosine",
+        choices=["constant", "cosine"],
+        help="for every run, ours and torchgfn's (cosine decays to 0.1x)",
+    )
     parser.add_argument("--transformer-lr", type=float, default=3e-3)
     parser.add_argument("--lora-lr", type=float, default=1e-2)
-    parser.add_argument("--torchgfn-lrs", type=float, nargs="+", default=[1e-3, 3e-3],
-                        help="torchgfn TB is run at each; the comparison uses the best")
-    parser.add_argument("--train-flags", default="",
-                        help='more train.py flags for our runs, e.g. "--d-model 128 --max-grad-norm 0" (they win)')
-    parser.add_argument("--torchgfn-hidden-dim", type=int, default=256, help="width of torchgfn's MLP (2 hidden layers)")
+    parser.add_argument(
+        "--torchgfn-lrs",
+        type=float,
+        nargs="+",
+        default=[1e-3, 3e-3],
+        help="torchgfn TB is run at each; the comparison uses the best",
+    )
+    parser.add_argument(
+        "--train-flags",
+        default="",
+        help='more train.py flags for our runs, e.g. "--d-model 128 --max-grad-norm 0" (they win)',
+    )
+    parser.add_argument(
+        "--torchgfn-hidden-dim", type=int, default=256, help="width of torchgfn's MLP (2 hidden layers)"
+    )
     parser.add_argument("--no-torchgfn", action="store_true", help="skip the torchgfn baseline")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: runs are comparable)")
     parser.add_argument("--output", default=None, help="also write the JSON here")
     parser.add_argument("--plot", default=None, help="PNG of TV against reward calls (needs matplotlib)")
-    parser.add_argument("--plot-from", nargs="+", default=None, metavar="JSON",
-                        help="only draw --plot from earlier --output files (e.g. one per target, run in parallel)")
+    parser.add_argument(
+        "--plot-from",
+        nargs="+",
+        default=None,
+        metavar="JSON",
+        help="only draw --plot from earlier --output files (e.g. one per target, run in parallel)",
+    )
     args = parser.parse_args()
     if args.plot_from:
         targets = []
@@ -147,14 +229,27 @@ def main() -> None:
         try:
             import gfn  # noqa: F401
         except ImportError:
-            raise SystemExit("error: torchgfn is not installed (see benchmarks/torchgfn_baseline.py) or pass --no-torchgfn")
+            raise SystemExit(
+                "error: torchgfn is not installed (see benchmarks/torchgfn_baseline.py) or pass --no-torchgfn"
+            )
     import torch
 
     torch.set_num_threads(args.threads)
-    result = {"machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                          "cpu_count": os.cpu_count(), "torch_threads": args.threads, "torch": torch.__version__},
-              "date": time.strftime("%Y-%m-%d"), "batch_size": args.batch_size, "reward_calls": args.reward_calls,
-              "lr_schedule": args.lr_schedule, "train_flags": args.train_flags, "targets": []}
+    result = {
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "torch_threads": args.threads,
+            "torch": torch.__version__,
+        },
+        "date": time.strftime("%Y-%m-%d"),
+        "batch_size": args.batch_size,
+        "reward_calls": args.reward_calls,
+        "lr_schedule": args.lr_schedule,
+        "train_flags": args.train_flags,
+        "targets": [],
+    }
     for spec in args.targets:
         vocab_size, max_len = (int(n) for n in spec.split("x"))
         target = {"vocab_size": vocab_size, "max_len": max_len, "runs": []}
@@ -165,11 +260,34 @@ def main() -> None:
                 for loss in args.losses:
                     started = time.time()
                     lr = args.lora_lr if policy == "lora" else args.transformer_lr
-                    curve, log_reward = run_ours(prior, oracle, vocab_size, max_len, policy, loss, args.batch_size,
-                                                 args.reward_calls, args.eval_every, args.seed, lr, 0.1, 32,
-                                                 args.lr_schedule, shlex.split(args.train_flags))
-                    target["runs"].append({"system": "ours", "policy": policy, "loss": loss, "lr": lr,
-                                           "wall_seconds": round(time.time() - started, 1), **summarize(curve), "curve": curve})
+                    curve, log_reward = run_ours(
+                        prior,
+                        oracle,
+                        vocab_size,
+                        max_len,
+                        policy,
+                        loss,
+                        args.batch_size,
+                        args.reward_calls,
+                        args.eval_every,
+                        args.seed,
+                        lr,
+                        0.1,
+                        32,
+                        args.lr_schedule,
+                        shlex.split(args.train_flags),
+                    )
+                    target["runs"].append(
+                        {
+                            "system": "ours",
+                            "policy": policy,
+                            "loss": loss,
+                            "lr": lr,
+                            "wall_seconds": round(time.time() - started, 1),
+                            **summarize(curve),
+                            "curve": curve,
+                        }
+                    )
                     print(f"{spec} {policy} {loss}: TV {curve[-1]['tv']:.4f}", file=sys.stderr)
         target["num_sequences"] = len(log_reward)
         target["true_log_Z"] = float(torch.logsumexp(log_reward.double(), 0))
@@ -179,11 +297,29 @@ def main() -> None:
 
             for lr in args.torchgfn_lrs:
                 started = time.time()
-                curve = run_torchgfn_tb(log_reward, vocab_size, max_len, args.batch_size, args.reward_calls,
-                                        args.eval_every, seed=args.seed, lr=lr, lr_schedule=args.lr_schedule,
-                                        hidden_dim=args.torchgfn_hidden_dim)
-                target["runs"].append({"system": "torchgfn", "policy": f"mlp{args.torchgfn_hidden_dim}", "loss": "tb", "lr": lr,
-                                       "wall_seconds": round(time.time() - started, 1), **summarize(curve), "curve": curve})
+                curve = run_torchgfn_tb(
+                    log_reward,
+                    vocab_size,
+                    max_len,
+                    args.batch_size,
+                    args.reward_calls,
+                    args.eval_every,
+                    seed=args.seed,
+                    lr=lr,
+                    lr_schedule=args.lr_schedule,
+                    hidden_dim=args.torchgfn_hidden_dim,
+                )
+                target["runs"].append(
+                    {
+                        "system": "torchgfn",
+                        "policy": f"mlp{args.torchgfn_hidden_dim}",
+                        "loss": "tb",
+                        "lr": lr,
+                        "wall_seconds": round(time.time() - started, 1),
+                        **summarize(curve),
+                        "curve": curve,
+                    }
+                )
                 print(f"{spec} torchgfn tb lr {lr}: TV {curve[-1]['tv']:.4f}", file=sys.stderr)
         target["comparison"] = compare_with_torchgfn(target["runs"])
         result["targets"].append(target)
@@ -229,7 +365,11 @@ def plot(result: dict, path: str) -> None:
             xs = [row["reward_calls"] for row in run["curve"]]
             ys = [row["tv"] for row in run["curve"]]
             style = "--" if run["system"] == "torchgfn" else ("-" if run["policy"] == "transformer" else ":")
-            label = f"torchgfn TB (MLP), lr {run['lr']}" if run["system"] == "torchgfn" else f"{run['policy']} {run['loss']}"
+            label = (
+                f"torchgfn TB (MLP), lr {run['lr']}"
+                if run["system"] == "torchgfn"
+                else f"{run['policy']} {run['loss']}"
+            )
             ax.plot(xs, ys, style, label=label)
         for t in THRESHOLDS:
             ax.axhline(t, color="grey", linewidth=0.5)

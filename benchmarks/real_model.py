@@ -13,6 +13,7 @@ log R per training step. Prints one JSON object.
   python benchmarks/real_model.py --plot benchmarks/real_model.png  # also the log R during training plot
   python benchmarks/real_model.py --model PATH --quick              # seconds, on any small local chat model
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,10 +44,17 @@ def score_samples(policy, reward_model, count: int, batch_size: int) -> list[dic
             tokens, lengths, _ = policy.sample(min(batch_size, count - start))
         rewards = reward_model(tokens, lengths)
         for i, text in enumerate(rewards.texts):
-            rows.append({"x": text, "tokens": tokens[i, : lengths[i]].tolist(),
-                         "log_R": float(rewards.log_reward[i]), "log_p_x": float(rewards.log_prior[i]),
-                         "log_p_y_given_x": float(rewards.log_likelihood[i]), "valid": bool(rewards.valid[i]),
-                         "y": rewards.oracle_results[i].response})
+            rows.append(
+                {
+                    "x": text,
+                    "tokens": tokens[i, : lengths[i]].tolist(),
+                    "log_R": float(rewards.log_reward[i]),
+                    "log_p_x": float(rewards.log_prior[i]),
+                    "log_p_y_given_x": float(rewards.log_likelihood[i]),
+                    "valid": bool(rewards.valid[i]),
+                    "y": rewards.oracle_results[i].response,
+                }
+            )
     return rows
 
 
@@ -58,11 +66,24 @@ def summarize(rows: list[dict]) -> dict:
     def mean(key: str) -> float:
         return round(statistics.mean(row[key] for row in valid), 2)
 
-    return {"count": len(rows), "invalid": len(rows) - len(valid), "log_R_mean": mean("log_R"),
-            "log_p_x_mean": mean("log_p_x"), "log_p_y_given_x_mean": mean("log_p_y_given_x"),
-            **{k: round(v, 3) for k, v in sample_metrics([r["x"] for r in rows], [r["tokens"] for r in rows]).items()},
-            "samples": [{"x": r["x"], "log_R": round(r["log_R"], 1), "log_p_x": round(r["log_p_x"], 1),
-                         "log_p_y_given_x": round(r["log_p_y_given_x"], 1), "y": r["y"][:100]} for r in rows[:5]]}
+    return {
+        "count": len(rows),
+        "invalid": len(rows) - len(valid),
+        "log_R_mean": mean("log_R"),
+        "log_p_x_mean": mean("log_p_x"),
+        "log_p_y_given_x_mean": mean("log_p_y_given_x"),
+        **{k: round(v, 3) for k, v in sample_metrics([r["x"] for r in rows], [r["tokens"] for r in rows]).items()},
+        "samples": [
+            {
+                "x": r["x"],
+                "log_R": round(r["log_R"], 1),
+                "log_p_x": round(r["log_p_x"], 1),
+                "log_p_y_given_x": round(r["log_p_y_given_x"], 1),
+                "y": r["y"][:100],
+            }
+            for r in rows[:5]
+        ],
+    }
 
 
 def main() -> None:
@@ -84,10 +105,35 @@ def main() -> None:
 
     import train
 
-    argv = ["--prior-model", model, "--oracle", "hf", "--task", "assistant", "--policy", "lora", "--loss", "tb",
-            "--batch-size", str(args.batch_size), "--epochs", str(args.budget // args.batch_size),
-            "--max-len", str(args.max_len), "--max-response-tokens", "16", "--lr", str(args.lr), "--no-progress",
-            "--device", "cpu", "--seed", str(args.seed), "--save-every", "1000000"]
+    argv = [
+        "--prior-model",
+        model,
+        "--oracle",
+        "hf",
+        "--task",
+        "assistant",
+        "--policy",
+        "lora",
+        "--loss",
+        "tb",
+        "--batch-size",
+        str(args.batch_size),
+        "--epochs",
+        str(args.budget // args.batch_size),
+        "--max-len",
+        str(args.max_len),
+        "--max-response-tokens",
+        "16",
+        "--lr",
+        str(args.lr),
+        "--no-progress",
+        "--device",
+        "cpu",
+        "--seed",
+        str(args.seed),
+        "--save-every",
+        "1000000",
+    ]
     baseline: list[dict] = []
 
     def prior_baseline(policy, reward_model) -> None:
@@ -107,18 +153,34 @@ def main() -> None:
     gflownet = score_samples(result["policy"], result["reward_model"], args.eval_samples, args.batch_size)
     best_of_n = sorted((r for r in baseline if r["valid"]), key=lambda r: r["log_R"], reverse=True)[: args.eval_samples]
     report = {
-        "benchmark": "real_model", "model": os.path.basename(model), "task": "assistant", "policy": "lora", "loss": "tb",
-        "budget_oracle_calls": args.budget, "training_oracle_calls": steps[-1]["train/oracle_calls"],
-        "eval_oracle_calls": len(gflownet), "batch_size": args.batch_size, "max_len": args.max_len, "lr": args.lr,
-        "seconds_including_prior_baseline": round(seconds, 1), "date": time.strftime("%Y-%m-%d"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, torch {torch.__version__}",
+        "benchmark": "real_model",
+        "model": os.path.basename(model),
+        "task": "assistant",
+        "policy": "lora",
+        "loss": "tb",
+        "budget_oracle_calls": args.budget,
+        "training_oracle_calls": steps[-1]["train/oracle_calls"],
+        "eval_oracle_calls": len(gflownet),
+        "batch_size": args.batch_size,
+        "max_len": args.max_len,
+        "lr": args.lr,
+        "seconds_including_prior_baseline": round(seconds, 1),
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+        f"torch {torch.__version__}",
         "gflownet": summarize(gflownet),
         "prior": summarize(baseline),
         f"best_of_{len(baseline)}": summarize(best_of_n),
-        "training": [{"oracle_calls": m["train/oracle_calls"], "log_R_mean": round(m["train/log_reward_mean"], 2),
-                      "log_p_x_mean": round(m["train/log_prior_mean"], 2),
-                      "log_p_y_given_x_mean": round(m["train/log_likelihood_mean"], 2),
-                      "log_Z": round(m["train/log_Z"], 2)} for m in steps],
+        "training": [
+            {
+                "oracle_calls": m["train/oracle_calls"],
+                "log_R_mean": round(m["train/log_reward_mean"], 2),
+                "log_p_x_mean": round(m["train/log_prior_mean"], 2),
+                "log_p_y_given_x_mean": round(m["train/log_likelihood_mean"], 2),
+                "log_Z": round(m["train/log_Z"], 2),
+            }
+            for m in steps
+        ],
     }
     if args.plot:
         plot(report, args.plot)
@@ -136,7 +198,9 @@ def plot(report: dict, path: str) -> None:
     ax.plot(calls, [row["log_R_mean"] for row in report["training"]], label="GFlowNet batch mean log R (training)")
     ax.plot(calls, [row["log_Z"] for row in report["training"]], label="learned log Z")
     ax.axhline(report["prior"]["log_R_mean"], color="grey", linestyle="--", label="prior samples, mean log R")
-    ax.axhline(report["gflownet"]["log_R_mean"], color="C0", linestyle=":", label="trained GFlowNet samples, mean log R")
+    ax.axhline(
+        report["gflownet"]["log_R_mean"], color="C0", linestyle=":", label="trained GFlowNet samples, mean log R"
+    )
     ax.set_xlabel("oracle calls")
     ax.set_ylabel("log R = log p(x) + log p(y|x)")
     ax.set_title(f"{report['model']}, task {report['task']}, LoRA + TB")

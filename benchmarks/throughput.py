@@ -5,6 +5,7 @@ bare pass is the limit). GPT-2 vocabulary size (50,257), randomly initialised mo
   python benchmarks/throughput.py            # the run in BENCHMARKS.md (CPU here; the same script on CUDA)
   python benchmarks/throughput.py --quick    # seconds
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,8 +52,9 @@ def sample_without_cache(policy: TransformerPolicy, batch_size: int) -> torch.Te
 
 def policy_numbers(max_len: int, batch_size: int, d_model: int, num_layers: int, repeats: int, device) -> dict:
     torch.manual_seed(0)
-    config = PolicyConfig(vocab_size=50257, max_len=max_len, min_len=max_len, d_model=d_model, num_layers=num_layers,
-                          num_heads=4)
+    config = PolicyConfig(
+        vocab_size=50257, max_len=max_len, min_len=max_len, d_model=d_model, num_layers=num_layers, num_heads=4
+    )
     policy = TransformerPolicy(config).to(device)
     tokens_per_batch = batch_size * max_len  # min_len = max_len: every sequence has exactly max_len tokens
     cached = timed(lambda: policy.sample(batch_size), repeats, device)
@@ -69,11 +71,16 @@ def policy_numbers(max_len: int, batch_size: int, d_model: int, num_layers: int,
         optimizer.step()
 
     train_seconds = timed(step, repeats, device)
-    return {"max_len": max_len, "batch_size": batch_size, "d_model": d_model, "num_layers": num_layers,
-            "sample_tokens_per_s_kv_cache": round(tokens_per_batch / cached, 1),
-            "sample_tokens_per_s_recompute": round(tokens_per_batch / uncached, 1),
-            "kv_cache_speedup": round(uncached / cached, 2),
-            "train_steps_per_s": round(1 / train_seconds, 2)}
+    return {
+        "max_len": max_len,
+        "batch_size": batch_size,
+        "d_model": d_model,
+        "num_layers": num_layers,
+        "sample_tokens_per_s_kv_cache": round(tokens_per_batch / cached, 1),
+        "sample_tokens_per_s_recompute": round(tokens_per_batch / uncached, 1),
+        "kv_cache_speedup": round(uncached / cached, 2),
+        "train_steps_per_s": round(1 / train_seconds, 2),
+    }
 
 
 def prior_numbers(max_len: int, batch_size: int, n_embd: int, n_layer: int, repeats: int, device) -> dict:
@@ -88,7 +95,9 @@ def prior_numbers(max_len: int, batch_size: int, n_embd: int, n_layer: int, repe
             return {"<|endoftext|>": 50256}
 
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(n_embd=n_embd, n_layer=n_layer, n_head=4, n_positions=max_len + 1)).to(device).eval()
+    model = (
+        GPT2LMHeadModel(GPT2Config(n_embd=n_embd, n_layer=n_layer, n_head=4, n_positions=max_len + 1)).to(device).eval()
+    )
     scorer = PriorScorer(model, Tokenizer(), batch_size=batch_size)
     tokens = torch.randint(0, 50256, (batch_size, max_len), device=device)
     lengths = torch.full((batch_size,), max_len, device=device)
@@ -96,10 +105,15 @@ def prior_numbers(max_len: int, batch_size: int, n_embd: int, n_layer: int, repe
     with torch.no_grad():
         bare = timed(lambda: model(input_ids=inputs).logits, repeats, device)
     scored = timed(lambda: scorer.log_prob(tokens, lengths), repeats, device)
-    return {"max_len": max_len, "batch_size": batch_size, "n_embd": n_embd, "n_layer": n_layer,
-            "prior_tokens_per_s": round(batch_size * max_len / scored, 1),
-            "bare_forward_tokens_per_s": round(batch_size * max_len / bare, 1),
-            "overhead_ratio": round(scored / bare, 3)}
+    return {
+        "max_len": max_len,
+        "batch_size": batch_size,
+        "n_embd": n_embd,
+        "n_layer": n_layer,
+        "prior_tokens_per_s": round(batch_size * max_len / scored, 1),
+        "bare_forward_tokens_per_s": round(batch_size * max_len / bare, 1),
+        "overhead_ratio": round(scored / bare, 3),
+    }
 
 
 def main() -> None:
@@ -112,11 +126,15 @@ def main() -> None:
     lengths = [8] if args.quick else [32, 128]
     size = dict(d_model=64, num_layers=1) if args.quick else dict(d_model=256, num_layers=4)
     prior_size = dict(n_embd=64, n_layer=1) if args.quick else dict(n_embd=768, n_layer=12)
-    result = {"benchmark": "throughput", "device": str(device), "date": time.strftime("%Y-%m-%d"),
-              "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, "
-                         f"Python {platform.python_version()}",
-              "policy": [policy_numbers(n, 16, repeats=repeats, device=device, **size) for n in lengths],
-              "prior": [prior_numbers(n, 16, repeats=repeats, device=device, **prior_size) for n in lengths]}
+    result = {
+        "benchmark": "throughput",
+        "device": str(device),
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, "
+        f"Python {platform.python_version()}",
+        "policy": [policy_numbers(n, 16, repeats=repeats, device=device, **size) for n in lengths],
+        "prior": [prior_numbers(n, 16, repeats=repeats, device=device, **prior_size) for n in lengths],
+    }
     if device.type == "cuda":
         result["peak_memory_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     else:

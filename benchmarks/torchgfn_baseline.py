@@ -15,6 +15,7 @@ benchmarks/requirements.txt:
 
   python benchmarks/torchgfn_baseline.py      # seconds: a tiny smoke run, prints JSON
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,8 +51,9 @@ class SequenceEnv(DiscreteEnv):
         self.vocab_size, self.max_len = vocab_size, max_len
         self.log_reward_table = log_reward.float()
         self.reward_calls = 0  # terminal states scored, to check one reward call per trajectory
-        super().__init__(n_actions=vocab_size + 1, s0=torch.full((max_len,), vocab_size, dtype=torch.long),
-                         state_shape=(max_len,))
+        super().__init__(
+            n_actions=vocab_size + 1, s0=torch.full((max_len,), vocab_size, dtype=torch.long), state_shape=(max_len,)
+        )
 
     def make_states_class(self) -> type[DiscreteStates]:
         env = self
@@ -95,7 +97,7 @@ class SequenceEnv(DiscreteEnv):
         for position in range(self.max_len):
             inside = position < length
             value = torch.where(inside, value * self.vocab_size + tensor[..., position], value)
-        offsets = torch.tensor([sum(self.vocab_size ** k for k in range(1, n)) for n in range(self.max_len + 1)])
+        offsets = torch.tensor([sum(self.vocab_size**k for k in range(1, n)) for n in range(self.max_len + 1)])
         return offsets[length] + value
 
     def log_reward(self, states: DiscreteStates) -> torch.Tensor:
@@ -123,20 +125,36 @@ def exact_log_probs(env: SequenceEnv, pf: DiscretePolicyEstimator) -> torch.Tens
     return torch.cat(out)
 
 
-def run_torchgfn_tb(log_reward: torch.Tensor, vocab_size: int, max_len: int, batch_size: int, reward_calls: int,
-                    eval_every_calls: int, seed: int = 0, lr: float = 1e-3, lr_logz: float = 1e-1,
-                    hidden_dim: int = 256, n_hidden_layers: int = 2, lr_schedule: str = "constant",
-                    lr_min_factor: float = 0.1) -> list[dict]:
+def run_torchgfn_tb(
+    log_reward: torch.Tensor,
+    vocab_size: int,
+    max_len: int,
+    batch_size: int,
+    reward_calls: int,
+    eval_every_calls: int,
+    seed: int = 0,
+    lr: float = 1e-3,
+    lr_logz: float = 1e-1,
+    hidden_dim: int = 256,
+    n_hidden_layers: int = 2,
+    lr_schedule: str = "constant",
+    lr_min_factor: float = 0.1,
+) -> list[dict]:
     """Train torchgfn's TB for reward_calls // batch_size steps of batch_size on-policy trajectories (one reward
     call each); lr_schedule "cosine" applies train.py's --lr-schedule cosine to both learning rates, so the
-    baseline gets the same schedule as our runs. Returns one row per exact evaluation (at the start, every eval_every_calls reward calls and at
+    baseline gets the same schedule as our runs. Returns one row per exact evaluation (at the start, every
+    eval_every_calls reward calls and at
     the end): reward calls, training seconds so far (evaluation excluded), exact_distribution_metrics, log Z."""
     set_seed(seed)
     env = SequenceEnv(log_reward, vocab_size, max_len)
-    assert len(log_reward) == sum(vocab_size ** n for n in range(1, max_len + 1)), "log_reward must cover 1..L"
+    assert len(log_reward) == sum(vocab_size**n for n in range(1, max_len + 1)), "log_reward must cover 1..L"
     preprocessor = KHotPreprocessor(height=vocab_size + 1, ndim=max_len)
-    module = MLP(input_dim=preprocessor.output_dim, output_dim=env.n_actions, hidden_dim=hidden_dim,
-                 n_hidden_layers=n_hidden_layers)
+    module = MLP(
+        input_dim=preprocessor.output_dim,
+        output_dim=env.n_actions,
+        hidden_dim=hidden_dim,
+        n_hidden_layers=n_hidden_layers,
+    )
     pf = DiscretePolicyEstimator(module, env.n_actions, preprocessor=preprocessor, is_backward=False)
     gflownet = TBGFlowNet(pf=pf, pb=None, constant_pb=True, init_logZ=0.0)
     optimizer = torch.optim.Adam(gflownet.pf_pb_parameters(), lr=lr)
@@ -149,8 +167,15 @@ def run_torchgfn_tb(log_reward: torch.Tensor, vocab_size: int, max_len: int, bat
         assert abs(float(log_p.exp().sum()) - 1.0) < 1e-4, "exact probabilities do not sum to 1"
         metrics = exact_distribution_metrics(log_p, log_reward)
         log_z = gflownet.logZ.item()
-        rows.append({"reward_calls": calls, "seconds": round(seconds, 3), **metrics, "log_z": log_z,
-                     "log_z_error": abs(log_z - metrics["true_log_Z"])})
+        rows.append(
+            {
+                "reward_calls": calls,
+                "seconds": round(seconds, 3),
+                **metrics,
+                "log_z": log_z,
+                "log_z_error": abs(log_z - metrics["true_log_Z"]),
+            }
+        )
 
     train_seconds, next_eval = 0.0, eval_every_calls
     evaluate(0, 0.0)
@@ -178,6 +203,12 @@ def run_torchgfn_tb(log_reward: torch.Tensor, vocab_size: int, max_len: int, bat
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    table = torch.randn(sum(3 ** n for n in range(1, 4)), generator=torch.Generator().manual_seed(0)) * 2
-    print(json.dumps(run_torchgfn_tb(table, vocab_size=3, max_len=3, batch_size=32, reward_calls=3200,
-                                     eval_every_calls=1600, hidden_dim=64), indent=1))
+    table = torch.randn(sum(3**n for n in range(1, 4)), generator=torch.Generator().manual_seed(0)) * 2
+    print(
+        json.dumps(
+            run_torchgfn_tb(
+                table, vocab_size=3, max_len=3, batch_size=32, reward_calls=3200, eval_every_calls=1600, hidden_dim=64
+            ),
+            indent=1,
+        )
+    )

@@ -1,5 +1,6 @@
 """Fixtures: tiny real models saved to folders and loaded with from_pretrained, so the real loading code runs
 and nothing is downloaded."""
+
 from __future__ import annotations
 
 import os
@@ -35,9 +36,16 @@ def save_tiny_gpt2(folder: str, tokenizer, seed: int = 0, n_embd: int = 32, init
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=256, n_embd=n_embd, n_layer=2, n_head=2,
-                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
-                        initializer_range=init_range)
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=256,
+        n_embd=n_embd,
+        n_layer=2,
+        n_head=2,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        initializer_range=init_range,
+    )
     GPT2LMHeadModel(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
@@ -51,8 +59,12 @@ def bpe_tokenizer(chat: bool = False):
     raw = Tokenizer(models.BPE())
     raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     raw.decoder = decoders.ByteLevel()
-    raw.train_from_iterator(SENTENCES, trainers.BpeTrainer(vocab_size=320, special_tokens=specials,
-                                                           initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    raw.train_from_iterator(
+        SENTENCES,
+        trainers.BpeTrainer(
+            vocab_size=320, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
     if chat:
         tokenizer.chat_template = CHAT_TEMPLATE
@@ -63,18 +75,46 @@ def bpe_tokenizer(chat: bool = False):
 # Special-token layouts of real model families, as their tokenizer_config.json files declare them:
 # (special tokens in id order, bos, eos, unk, pad, expected document start, expected document end).
 TOKEN_LAYOUTS = {
-    "gpt2": (["<|endoftext|>"], "<|endoftext|>", "<|endoftext|>", "<|endoftext|>", None,
-             "<|endoftext|>", "<|endoftext|>"),
+    "gpt2": (
+        ["<|endoftext|>"],
+        "<|endoftext|>",
+        "<|endoftext|>",
+        "<|endoftext|>",
+        None,
+        "<|endoftext|>",
+        "<|endoftext|>",
+    ),
     # SmolLM2 (and StarCoder): unk IS <|endoftext|> (id 0); BOS/EOS are the chat tokens.
-    "smollm2": (["<|endoftext|>", "<|im_start|>", "<|im_end|>"], "<|im_start|>", "<|im_end|>", "<|endoftext|>",
-                "<|im_end|>", "<|endoftext|>", "<|endoftext|>"),
+    "smollm2": (
+        ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        "<|im_start|>",
+        "<|im_end|>",
+        "<|endoftext|>",
+        "<|im_end|>",
+        "<|endoftext|>",
+        "<|endoftext|>",
+    ),
     "llama2": (["<unk>", "<s>", "</s>"], "<s>", "</s>", "<unk>", None, "<s>", "</s>"),
     # Llama-3 instruct: no unk; EOS is the end-of-turn <|eot_id|>, documents end with <|end_of_text|>.
-    "llama3": (["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
-               "<|begin_of_text|>", "<|eot_id|>", None, None, "<|begin_of_text|>", "<|end_of_text|>"),
+    "llama3": (
+        ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+        "<|begin_of_text|>",
+        "<|eot_id|>",
+        None,
+        None,
+        "<|begin_of_text|>",
+        "<|end_of_text|>",
+    ),
     # Qwen2 instruct: no BOS and no unk; pad is <|endoftext|>, EOS <|im_end|>.
-    "qwen2": (["<|endoftext|>", "<|im_start|>", "<|im_end|>"], None, "<|im_end|>", None, "<|endoftext|>",
-              "<|endoftext|>", "<|endoftext|>"),
+    "qwen2": (
+        ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        None,
+        "<|im_end|>",
+        None,
+        "<|endoftext|>",
+        "<|endoftext|>",
+        "<|endoftext|>",
+    ),
 }
 
 
@@ -87,10 +127,17 @@ def layout_tokenizer(layout: str):
     raw = Tokenizer(models.BPE(unk_token=unk))
     raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     raw.decoder = decoders.ByteLevel()
-    raw.train_from_iterator(SENTENCES, trainers.BpeTrainer(vocab_size=320, special_tokens=specials,
-                                                           initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    kwargs = {name: value for name, value in (("bos_token", bos), ("eos_token", eos), ("unk_token", unk),
-                                              ("pad_token", pad)) if value is not None}
+    raw.train_from_iterator(
+        SENTENCES,
+        trainers.BpeTrainer(
+            vocab_size=320, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
+    kwargs = {
+        name: value
+        for name, value in (("bos_token", bos), ("eos_token", eos), ("unk_token", unk), ("pad_token", pad))
+        if value is not None
+    }
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, **kwargs)
     if "<|im_start|>" in specials:
         tokenizer.chat_template = CHAT_TEMPLATE
@@ -107,8 +154,9 @@ def word_tokenizer(words: list[str]):
     raw = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|endoftext|>"))
     raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     raw.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    return PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
-                                   unk_token="<|endoftext|>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=raw, eos_token="<|endoftext|>", bos_token="<|endoftext|>", unk_token="<|endoftext|>"
+    )
 
 
 @pytest.fixture(scope="session")
@@ -125,8 +173,12 @@ def tiny_chat_lm_dir(tmp_path_factory) -> str:
 def word_lm_dirs(tmp_path_factory) -> tuple[str, str]:
     """(prior, oracle): two random GPT-2s over a 4-word vocabulary, with large weights so rewards vary."""
     words = ["a", "b", "c", "d"]
-    prior = save_tiny_gpt2(str(tmp_path_factory.mktemp("word-prior")), word_tokenizer(words), seed=2, n_embd=16, init_range=0.3)
-    oracle = save_tiny_gpt2(str(tmp_path_factory.mktemp("word-oracle")), word_tokenizer(words), seed=3, n_embd=16, init_range=0.3)
+    prior = save_tiny_gpt2(
+        str(tmp_path_factory.mktemp("word-prior")), word_tokenizer(words), seed=2, n_embd=16, init_range=0.3
+    )
+    oracle = save_tiny_gpt2(
+        str(tmp_path_factory.mktemp("word-oracle")), word_tokenizer(words), seed=3, n_embd=16, init_range=0.3
+    )
     return prior, oracle
 
 
@@ -151,8 +203,11 @@ def redis_url(tmp_path_factory) -> Iterator[str]:
         port = s.getsockname()[1]
     workdir = tmp_path_factory.mktemp("redis")
     log = open(workdir / "redis.log", "w")
-    server = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                               "--dir", str(workdir)], stdout=log, stderr=subprocess.STDOUT)
+    server = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(workdir)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     url = f"redis://127.0.0.1:{port}/0"
     client = redis.Redis.from_url(url, socket_connect_timeout=0.5)
     try:

@@ -100,10 +100,36 @@ __all__ = [
 
 # Vocabulary for generated completions; every generated token is " " + word.
 _WORDS: tuple[str, ...] = (
-    "alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel",
-    "india", "juliet", "kilo", "lima", "mike", "november", "oscar", "papa",
-    "quebec", "romeo", "sierra", "tango", "uniform", "victor", "whiskey",
-    "xray", "yankee", "zulu", "red", "green", "blue", "amber",
+    "alpha",
+    "bravo",
+    "charlie",
+    "delta",
+    "echo",
+    "foxtrot",
+    "golf",
+    "hotel",
+    "india",
+    "juliet",
+    "kilo",
+    "lima",
+    "mike",
+    "november",
+    "oscar",
+    "papa",
+    "quebec",
+    "romeo",
+    "sierra",
+    "tango",
+    "uniform",
+    "victor",
+    "whiskey",
+    "xray",
+    "yankee",
+    "zulu",
+    "red",
+    "green",
+    "blue",
+    "amber",
 )
 
 # OpenAI's documented value for "token not among the top logprobs".
@@ -231,8 +257,9 @@ def _estimate_tokens(body: dict[str, Any]) -> int:
 # ---------------------------------------------------------------------------
 
 
-def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
-               code: str | None = None) -> dict[str, Any]:
+def error_body(
+    message: str, type_: str = "invalid_request_error", param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
     """OpenAI-style error envelope (what the client turns into APIStatusError)."""
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
@@ -277,8 +304,11 @@ def rate_limited(retry_after_ms: int | None = 50, retry_after_s: float | None = 
         headers["retry-after"] = f"{retry_after_s:g}"
 
     def fault(req: IncomingRequest) -> Reply:
-        return Reply(429, error_body("Rate limit reached for requests", type_="requests",
-                                     code="rate_limit_exceeded"), dict(headers))
+        return Reply(
+            429,
+            error_body("Rate limit reached for requests", type_="requests", code="rate_limit_exceeded"),
+            dict(headers),
+        )
 
     return fault
 
@@ -287,8 +317,14 @@ def insufficient_quota() -> Fault:
     """429 that must NOT be retried: same status as a rate limit, told apart only by the body."""
 
     def fault(req: IncomingRequest) -> Reply:
-        return Reply(429, error_body("You exceeded your current quota, please check your plan and billing details.",
-                                     type_="insufficient_quota", code="insufficient_quota"))
+        return Reply(
+            429,
+            error_body(
+                "You exceeded your current quota, please check your plan and billing details.",
+                type_="insufficient_quota",
+                code="insufficient_quota",
+            ),
+        )
 
     return fault
 
@@ -361,8 +397,9 @@ def by_body_hash(fraction: float, fault: Fault, salt: str = "") -> Fault:
         with lock:
             occurrence = seen[req.raw_body]
             seen[req.raw_body] += 1
-        digest = hashlib.sha256(salt.encode("utf-8") + b"\x1f" + req.raw_body + b"\x1f"
-                                + str(occurrence).encode("ascii")).digest()
+        digest = hashlib.sha256(
+            salt.encode("utf-8") + b"\x1f" + req.raw_body + b"\x1f" + str(occurrence).encode("ascii")
+        ).digest()
         return fault(req) if _unit(digest) < fraction else None
 
     return rule
@@ -522,9 +559,17 @@ class _StoredFile:
     created_at: int
 
     def to_json(self) -> dict[str, Any]:
-        return {"id": self.id, "object": "file", "bytes": len(self.content), "created_at": self.created_at,
-                "filename": self.filename, "purpose": self.purpose, "status": "processed",
-                "expires_at": None, "status_details": None}
+        return {
+            "id": self.id,
+            "object": "file",
+            "bytes": len(self.content),
+            "created_at": self.created_at,
+            "filename": self.filename,
+            "purpose": self.purpose,
+            "status": "processed",
+            "expires_at": None,
+            "status_details": None,
+        }
 
 
 @dataclass
@@ -588,11 +633,22 @@ class OpenAITestServer:
     output line order.
     """
 
-    def __init__(self, api_key: str = "test-key", latency_s: float = 0.0, supports_echo: bool = True,
-                 logprobs_forbidden_models: tuple[str, ...] = ("no-logprobs-model",), *,
-                 rpm_limit: int = 10000, tpm_limit: int = 10_000_000, enforce_limits: bool = False,
-                 rate_window_s: float = 60.0, batch_polls_to_complete: int = 2, batch_shuffle: bool = True,
-                 slots: int | None = None, honour_idempotency: bool = True) -> None:
+    def __init__(
+        self,
+        api_key: str = "test-key",
+        latency_s: float = 0.0,
+        supports_echo: bool = True,
+        logprobs_forbidden_models: tuple[str, ...] = ("no-logprobs-model",),
+        *,
+        rpm_limit: int = 10000,
+        tpm_limit: int = 10_000_000,
+        enforce_limits: bool = False,
+        rate_window_s: float = 60.0,
+        batch_polls_to_complete: int = 2,
+        batch_shuffle: bool = True,
+        slots: int | None = None,
+        honour_idempotency: bool = True,
+    ) -> None:
         if slots is not None and slots < 1:
             raise ValueError(f"slots must be None or >= 1, got {slots}")
         self.api_key = api_key
@@ -647,8 +703,9 @@ class OpenAITestServer:
         httpd = _HTTPServer(("127.0.0.1", 0), _Handler)
         httpd.owner = self
         self._httpd = httpd
-        self._thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05},
-                                        name="openai-test-server", daemon=True)
+        self._thread = threading.Thread(
+            target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, name="openai-test-server", daemon=True
+        )
         self._thread.start()
         return self
 
@@ -674,8 +731,9 @@ class OpenAITestServer:
     def __enter__(self) -> "OpenAITestServer":
         return self.start()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop()
 
     @property
@@ -739,8 +797,9 @@ class OpenAITestServer:
         with self._lock:
             (self._connections.add if add else self._connections.discard)(conn)
 
-    def _record(self, method: str, path: str, headers: Message, raw: bytes,
-                arrived: float | None = None) -> IncomingRequest:
+    def _record(
+        self, method: str, path: str, headers: Message, raw: bytes, arrived: float | None = None
+    ) -> IncomingRequest:
         body: dict[str, Any] | None = None
         if raw:
             try:
@@ -817,15 +876,21 @@ class OpenAITestServer:
                     wait = max(wait, 0.001)
                     model = body.get("model")
                     if kind == "requests":
-                        detail = (f"requests per min (RPM): Limit {self.rpm_limit}, Used {used_requests}, "
-                                  f"Requested 1")
+                        detail = f"requests per min (RPM): Limit {self.rpm_limit}, Used {used_requests}, Requested 1"
                     else:
-                        detail = (f"tokens per min (TPM): Limit {self.tpm_limit}, Used {self._window_token_sum}, "
-                                  f"Requested {_estimate_tokens(body)}")
-                    message = (f"Rate limit reached for {model} in organization org-test on {detail}. "
-                               f"Please try again in {format_reset(wait)}.")
-                    return Reply(429, error_body(message, type_=kind, code="rate_limit_exceeded"),
-                                 {"retry-after-ms": str(math.ceil(wait * 1000)), "retry-after": str(math.ceil(wait))})
+                        detail = (
+                            f"tokens per min (TPM): Limit {self.tpm_limit}, Used {self._window_token_sum}, "
+                            f"Requested {_estimate_tokens(body)}"
+                        )
+                    message = (
+                        f"Rate limit reached for {model} in organization org-test on {detail}. "
+                        f"Please try again in {format_reset(wait)}."
+                    )
+                    return Reply(
+                        429,
+                        error_body(message, type_=kind, code="rate_limit_exceeded"),
+                        {"retry-after-ms": str(math.ceil(wait * 1000)), "retry-after": str(math.ceil(wait))},
+                    )
             self._window_requests.append(now)
         return None
 
@@ -880,15 +945,23 @@ class OpenAITestServer:
             stored = self._idempotent.get(key)
             if stored is None:
                 if key in self._idempotent_in_flight:
-                    return Reply(409, error_body(
-                        "There is currently another in-progress request using this Idempotency-Key. "
-                        "Please try again later.", type_="idempotency_error", code="idempotency_key_in_use"))
+                    return Reply(
+                        409,
+                        error_body(
+                            "There is currently another in-progress request using this Idempotency-Key. "
+                            "Please try again later.",
+                            type_="idempotency_error",
+                            code="idempotency_key_in_use",
+                        ),
+                    )
                 self._idempotent_in_flight.add(key)
         if stored is not None:
             path, stored_fingerprint, reply = stored
             if path != req.path or stored_fingerprint != fingerprint:
-                return _bad_request("Keys for idempotent requests can only be used with the same parameters "
-                                    "they were first used with.", code="idempotency_key_reused")
+                return _bad_request(
+                    "Keys for idempotent requests can only be used with the same parameters they were first used with.",
+                    code="idempotency_key_reused",
+                )
             return Reply(reply.status, reply.body, {**reply.headers, "Idempotent-Replayed": "true"})
         try:
             reply = self._route(req, key)
@@ -907,7 +980,8 @@ class OpenAITestServer:
             if req.body is None:
                 return _bad_request(
                     "We could not parse the JSON body of your request. (HINT: This likely means you aren't "
-                    "using your HTTP library correctly. The OpenAI API expects a JSON payload.)")
+                    "using your HTTP library correctly. The OpenAI API expects a JSON payload.)"
+                )
             limited = self._admit(req.body)
             if limited is not None:
                 return limited
@@ -947,8 +1021,9 @@ class OpenAITestServer:
         return self._chat(body) if path == "/v1/chat/completions" else self._completions(body)
 
     def _models(self) -> Reply:
-        data = [{"id": m, "object": "model", "created": 1700000000, "owned_by": "openai-test-server"}
-                for m in MODEL_IDS]
+        data = [
+            {"id": m, "object": "model", "created": 1700000000, "owned_by": "openai-test-server"} for m in MODEL_IDS
+        ]
         return Reply(200, {"object": "list", "data": data})
 
     def _chat(self, body: dict[str, Any]) -> Reply:
@@ -957,11 +1032,15 @@ class OpenAITestServer:
         if not isinstance(model, str) or not model:
             return _bad_request("you must provide a model parameter", param="model")
         if not isinstance(messages, list) or not messages:
-            return _bad_request("Missing required parameter: 'messages'.", param="messages",
-                                code="missing_required_parameter")
+            return _bad_request(
+                "Missing required parameter: 'messages'.", param="messages", code="missing_required_parameter"
+            )
         if not all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages):
-            return _bad_request("Invalid type for 'messages': each message must be an object with a 'role'.",
-                                param="messages", code="invalid_type")
+            return _bad_request(
+                "Invalid type for 'messages': each message must be an object with a 'role'.",
+                param="messages",
+                code="invalid_type",
+            )
         if body.get("stream"):
             return _bad_request("stream=true is not supported by the test server", param="stream")
         if body.get("n") not in (None, 1):
@@ -972,14 +1051,18 @@ class OpenAITestServer:
         if max_tokens is None:
             max_tokens = DEFAULT_MAX_TOKENS
         if not _is_int(max_tokens) or max_tokens < 1:
-            return _bad_request(f"Invalid 'max_tokens': integer below minimum value (got {max_tokens!r}).",
-                                param="max_tokens", code="integer_below_min_value")
+            return _bad_request(
+                f"Invalid 'max_tokens': integer below minimum value (got {max_tokens!r}).",
+                param="max_tokens",
+                code="integer_below_min_value",
+            )
         want_logprobs = bool(body.get("logprobs"))
         top_k = body.get("top_logprobs")
         if top_k is not None:
             if not _is_int(top_k) or not 0 <= top_k <= 20:
-                return _bad_request("Invalid 'top_logprobs': must be an integer between 0 and 20.",
-                                    param="top_logprobs")
+                return _bad_request(
+                    "Invalid 'top_logprobs': must be an integer between 0 and 20.", param="top_logprobs"
+                )
             if not want_logprobs:
                 return _bad_request("Using 'top_logprobs' requires 'logprobs' to be true.", param="top_logprobs")
         if want_logprobs and model in self.logprobs_forbidden_models:
@@ -992,31 +1075,37 @@ class OpenAITestServer:
             seed = json.dumps(messages, sort_keys=True)
             content = []
             for tok, lp in zip(tokens, logprobs):
-                top = [{"token": t, "logprob": l, "bytes": list(t.encode("utf-8"))}
-                       for t, l in _alternatives(tok, lp, top_k or 0, seed)]
-                content.append({"token": tok, "logprob": lp, "bytes": list(tok.encode("utf-8")),
-                                "top_logprobs": top})
+                top = [
+                    {"token": t, "logprob": alt_lp, "bytes": list(t.encode("utf-8"))}
+                    for t, alt_lp in _alternatives(tok, lp, top_k or 0, seed)
+                ]
+                content.append({"token": tok, "logprob": lp, "bytes": list(tok.encode("utf-8")), "top_logprobs": top})
             choice_logprobs = {"content": content, "refusal": None}
         prompt_tokens = _count_words(messages)
-        return Reply(200, {
-            "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": model,
-            "system_fingerprint": "fp_test",
-            "choices": [{
-                "index": 0,
-                "message": {"role": "assistant", "content": "".join(tokens), "refusal": None},
-                "finish_reason": finish_reason,
-                "logprobs": choice_logprobs,
-            }],
-            "usage": {
-                "prompt_tokens": prompt_tokens,
-                "completion_tokens": len(tokens),
-                "total_tokens": prompt_tokens + len(tokens),
-                "prompt_tokens_details": {"cached_tokens": 0},
+        return Reply(
+            200,
+            {
+                "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": model,
+                "system_fingerprint": "fp_test",
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": "".join(tokens), "refusal": None},
+                        "finish_reason": finish_reason,
+                        "logprobs": choice_logprobs,
+                    }
+                ],
+                "usage": {
+                    "prompt_tokens": prompt_tokens,
+                    "completion_tokens": len(tokens),
+                    "total_tokens": prompt_tokens + len(tokens),
+                    "prompt_tokens_details": {"cached_tokens": 0},
+                },
             },
-        })
+        )
 
     def _completions(self, body: dict[str, Any]) -> Reply:
         model = body.get("model")
@@ -1031,8 +1120,11 @@ class OpenAITestServer:
         if max_tokens is None:
             max_tokens = DEFAULT_MAX_TOKENS
         if not _is_int(max_tokens) or max_tokens < 0:
-            return _bad_request(f"Invalid 'max_tokens': integer below minimum value (got {max_tokens!r}).",
-                                param="max_tokens", code="integer_below_min_value")
+            return _bad_request(
+                f"Invalid 'max_tokens': integer below minimum value (got {max_tokens!r}).",
+                param="max_tokens",
+                code="integer_below_min_value",
+            )
         echo = bool(body.get("echo"))
         k = body.get("logprobs")
         if k is not None and (not _is_int(k) or not 0 <= k <= 5):
@@ -1043,30 +1135,51 @@ class OpenAITestServer:
         prompt_tokens, prompt_logprobs, offsets = prompt_token_logprobs(model, prompt)
         if echo and self.echo_misaligned:  # token i reported with token i+1's logprob
             shifted = prompt_token_logprobs(model, prompt + " next")[1]
-            prompt_logprobs = [None] + shifted[2:len(prompt_tokens) + 1]
+            prompt_logprobs = [None] + shifted[2 : len(prompt_tokens) + 1]
         choice: dict[str, Any]
         if not echo and k is not None:
             # Generation with logprobs: each generated token's logprob is what echo scoring of prompt + text gives it.
             tokens, _, finish_reason = chat_response_tokens(model, [{"role": "user", "content": prompt}], max_tokens)
-            scored = prompt_token_logprobs(model, prompt + "".join(tokens))[1][len(prompt_tokens):]
+            scored = prompt_token_logprobs(model, prompt + "".join(tokens))[1][len(prompt_tokens) :]
             offsets_out = [len(prompt) + sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
-            choice = {"index": 0, "text": "".join(tokens), "finish_reason": finish_reason,
-                      "logprobs": {"tokens": tokens, "token_logprobs": scored, "text_offset": offsets_out,
-                                   "top_logprobs": [dict(_alternatives(t, lp, k, prompt)) for t, lp in zip(tokens, scored)]}}
+            choice = {
+                "index": 0,
+                "text": "".join(tokens),
+                "finish_reason": finish_reason,
+                "logprobs": {
+                    "tokens": tokens,
+                    "token_logprobs": scored,
+                    "text_offset": offsets_out,
+                    "top_logprobs": [dict(_alternatives(t, lp, k, prompt)) for t, lp in zip(tokens, scored)],
+                },
+            }
             completion_tokens = len(tokens)
         elif echo and k is not None:
             # Scoring mode (as vLLM): per-token logprobs of the prompt itself, then of any generated tokens.
             gen_tokens, gen_logprobs, finish_reason = (
-                chat_response_tokens(model, [{"role": "user", "content": prompt}], max_tokens) if max_tokens else ([], [], "length"))
+                chat_response_tokens(model, [{"role": "user", "content": prompt}], max_tokens)
+                if max_tokens
+                else ([], [], "length")
+            )
             gen_offsets = [len(prompt) + sum(len(t) for t in gen_tokens[:i]) for i in range(len(gen_tokens))]
             top: list[dict[str, float] | None] | None = None
             if k > 0:
-                top = [None] + [dict(_alternatives(t, float(lp or 0.0), k, prompt))
-                                for t, lp in zip(prompt_tokens[1:] + gen_tokens, prompt_logprobs[1:] + gen_logprobs)]
-            logprobs = {"tokens": prompt_tokens + gen_tokens, "token_logprobs": prompt_logprobs + gen_logprobs,
-                        "text_offset": offsets + gen_offsets, "top_logprobs": top}
-            choice = {"index": 0, "text": prompt + "".join(gen_tokens), "finish_reason": finish_reason,
-                      "logprobs": logprobs}
+                top = [None] + [
+                    dict(_alternatives(t, float(lp or 0.0), k, prompt))
+                    for t, lp in zip(prompt_tokens[1:] + gen_tokens, prompt_logprobs[1:] + gen_logprobs)
+                ]
+            logprobs = {
+                "tokens": prompt_tokens + gen_tokens,
+                "token_logprobs": prompt_logprobs + gen_logprobs,
+                "text_offset": offsets + gen_offsets,
+                "top_logprobs": top,
+            }
+            choice = {
+                "index": 0,
+                "text": prompt + "".join(gen_tokens),
+                "finish_reason": finish_reason,
+                "logprobs": logprobs,
+            }
             completion_tokens = len(gen_tokens)
         else:
             # Plain generation: same deterministic answer as a one-message chat.
@@ -1074,18 +1187,21 @@ class OpenAITestServer:
             text = (prompt if echo else "") + "".join(tokens)
             choice = {"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}
             completion_tokens = len(tokens)
-        return Reply(200, {
-            "id": f"cmpl-{uuid.uuid4().hex[:24]}",
-            "object": "text_completion",
-            "created": int(time.time()),
-            "model": model,
-            "choices": [choice],
-            "usage": {
-                "prompt_tokens": len(prompt_tokens),
-                "completion_tokens": completion_tokens,
-                "total_tokens": len(prompt_tokens) + completion_tokens,
+        return Reply(
+            200,
+            {
+                "id": f"cmpl-{uuid.uuid4().hex[:24]}",
+                "object": "text_completion",
+                "created": int(time.time()),
+                "model": model,
+                "choices": [choice],
+                "usage": {
+                    "prompt_tokens": len(prompt_tokens),
+                    "completion_tokens": completion_tokens,
+                    "total_tokens": len(prompt_tokens) + completion_tokens,
+                },
             },
-        })
+        )
 
     # -- files and batches -------------------------------------------------
 
@@ -1096,7 +1212,8 @@ class OpenAITestServer:
         # The email package is the standard library's remaining MIME parser (cgi is gone);
         # it needs the Content-Type header in front of the body to find the boundary.
         message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
-            b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + req.raw_body)
+            b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + req.raw_body
+        )
         fields: dict[str, tuple[str | None, bytes]] = {}
         if message.is_multipart():
             for part in message.iter_parts():
@@ -1137,11 +1254,15 @@ class OpenAITestServer:
         window = body.get("completion_window")
         metadata = body.get("metadata")
         if endpoint not in _BATCH_ENDPOINTS:
-            return _bad_request(f"Invalid value for 'endpoint': {endpoint!r}. Supported: {', '.join(_BATCH_ENDPOINTS)}.",
-                                param="endpoint")
+            return _bad_request(
+                f"Invalid value for 'endpoint': {endpoint!r}. Supported: {', '.join(_BATCH_ENDPOINTS)}.",
+                param="endpoint",
+            )
         if window != "24h":
-            return _bad_request(f"Invalid value for 'completion_window': {window!r}. Supported values are: '24h'.",
-                                param="completion_window")
+            return _bad_request(
+                f"Invalid value for 'completion_window': {window!r}. Supported values are: '24h'.",
+                param="completion_window",
+            )
         if metadata is not None and not isinstance(metadata, dict):
             return _bad_request("Invalid type for 'metadata': expected an object.", param="metadata")
         with self._lock:
@@ -1151,17 +1272,35 @@ class OpenAITestServer:
         lines, problem = _parse_batch_lines(stored.content, endpoint)
         if problem is not None:
             # The real API reports this through a "failed" batch; failing creation is easier to assert on.
-            return _bad_request(f"Invalid batch input file {input_file_id}: {problem}", param="input_file_id",
-                                code="invalid_batch_input")
+            return _bad_request(
+                f"Invalid batch input file {input_file_id}: {problem}",
+                param="input_file_id",
+                code="invalid_batch_input",
+            )
         now = int(time.time())
         data: dict[str, Any] = {
-            "id": f"batch_{uuid.uuid4().hex[:24]}", "object": "batch", "endpoint": endpoint, "errors": None,
-            "input_file_id": input_file_id, "completion_window": window, "status": "validating",
-            "output_file_id": None, "error_file_id": None, "created_at": now, "in_progress_at": None,
-            "expires_at": now + 24 * 3600, "finalizing_at": None, "completed_at": None, "failed_at": None,
-            "expired_at": None, "cancelling_at": None, "cancelled_at": None,
+            "id": f"batch_{uuid.uuid4().hex[:24]}",
+            "object": "batch",
+            "endpoint": endpoint,
+            "errors": None,
+            "input_file_id": input_file_id,
+            "completion_window": window,
+            "status": "validating",
+            "output_file_id": None,
+            "error_file_id": None,
+            "created_at": now,
+            "in_progress_at": None,
+            "expires_at": now + 24 * 3600,
+            "finalizing_at": None,
+            "completed_at": None,
+            "failed_at": None,
+            "expired_at": None,
+            "cancelling_at": None,
+            "cancelled_at": None,
             "request_counts": {"total": len(lines), "completed": 0, "failed": 0},
-            "metadata": metadata, "model": lines[0]["body"].get("model"), "usage": None,
+            "metadata": metadata,
+            "model": lines[0]["body"].get("model"),
+            "usage": None,
         }
         with self._lock:
             self.batches[data["id"]] = _BatchJob(data, lines, hashlib.sha256(stored.content).digest())
@@ -1173,8 +1312,16 @@ class OpenAITestServer:
             jobs = list(self.batches.values())
         with self._batch_lock:
             data = [json.loads(json.dumps(job.data)) for job in reversed(jobs)]
-        return Reply(200, {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
-                           "last_id": data[-1]["id"] if data else None, "has_more": False})
+        return Reply(
+            200,
+            {
+                "object": "list",
+                "data": data,
+                "first_id": data[0]["id"] if data else None,
+                "last_id": data[-1]["id"] if data else None,
+                "has_more": False,
+            },
+        )
 
     def _retrieve_batch(self, batch_id: str) -> Reply:
         """Each retrieve advances the batch one step; the last step runs it."""
@@ -1208,14 +1355,17 @@ class OpenAITestServer:
         for line in job.lines:
             body = line["body"]
             if BATCH_FAIL_MARKER in json.dumps(body, ensure_ascii=False):
-                reply = _bad_request(f"Request failed on purpose: its body contains {BATCH_FAIL_MARKER!r}.",
-                                     code="batch_fail")
+                reply = _bad_request(
+                    f"Request failed on purpose: its body contains {BATCH_FAIL_MARKER!r}.", code="batch_fail"
+                )
             else:
                 reply = self._model_reply(data["endpoint"], body)
-            entry = {"id": f"batch_req_{uuid.uuid4().hex[:24]}", "custom_id": line["custom_id"],
-                     "response": {"status_code": reply.status, "request_id": f"req_{uuid.uuid4().hex}",
-                                  "body": reply.body},
-                     "error": None}
+            entry = {
+                "id": f"batch_req_{uuid.uuid4().hex[:24]}",
+                "custom_id": line["custom_id"],
+                "response": {"status_code": reply.status, "request_id": f"req_{uuid.uuid4().hex}", "body": reply.body},
+                "error": None,
+            }
             if reply.status == 200:
                 self._bill(f"batch:{data['id']}:{line['custom_id']}", reply.body, count_tokens=False)
                 usage = reply.body.get("usage") or {}
@@ -1241,9 +1391,13 @@ class OpenAITestServer:
             data["finalizing_at"] = now
         data["status"], data["completed_at"] = "completed", now
         data["request_counts"] = {"total": len(job.lines), "completed": len(results), "failed": len(failures)}
-        data["usage"] = {"input_tokens": input_tokens, "input_tokens_details": {"cached_tokens": 0},
-                         "output_tokens": output_tokens, "output_tokens_details": {"reasoning_tokens": 0},
-                         "total_tokens": input_tokens + output_tokens}
+        data["usage"] = {
+            "input_tokens": input_tokens,
+            "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens": output_tokens,
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": input_tokens + output_tokens,
+        }
 
     def _cancel_batch(self, batch_id: str) -> Reply:
         with self._batch_lock:

@@ -2,6 +2,7 @@
 server checked before paying, misaligned echo logprobs refused, a dead server stopping the run, the spend
 ledger surviving kill -9, and no batch paid for that is not trained on. All against the local OpenAI-protocol
 server, which behaves like llama.cpp where noted."""
+
 import contextlib
 import glob
 import io
@@ -49,29 +50,35 @@ def test_chat_requests_ask_for_top_logprobs_so_llama_cpp_returns_logprobs(server
     import openai
 
     client = openai.OpenAI(api_key="test-key", base_url=server.base_url)
-    bare = client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], logprobs=True)
+    bare = client.chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], logprobs=True
+    )
     assert bare.choices[0].logprobs is None
     oracle = OpenAIChatOracle("gpt-4o-mini", TASKS["raw"], max_tokens=8, base_url=server.base_url)
-    result, = oracle.score(["hi"])
+    (result,) = oracle.score(["hi"])
     oracle.close()
     assert result.valid and math.isfinite(result.log_likelihood)
     assert server.requests[-1]["top_logprobs"] == 0 and server.requests[-1]["logprobs"] is True
 
 
 def test_plain_format_uses_the_completions_endpoint(server):
-    oracle = OpenAIChatOracle("gpt-4o-mini", TASKS["raw"], max_tokens=6, base_url=server.base_url, prompt_format="plain")
-    result, = oracle.score(["The quick brown fox"])
+    oracle = OpenAIChatOracle(
+        "gpt-4o-mini", TASKS["raw"], max_tokens=6, base_url=server.base_url, prompt_format="plain"
+    )
+    (result,) = oracle.score(["The quick brown fox"])
     oracle.close()
     request = server.requests[-1]
     assert request["_path"] == "/v1/completions" and request["prompt"] == "The quick brown fox"
     full = "The quick brown fox" + result.response
     tokens, logprobs, _ = prompt_token_logprobs("gpt-4o-mini", full)
-    expected = math.fsum(logprobs[len(prompt_token_logprobs("gpt-4o-mini", "The quick brown fox")[0]):])
+    expected = math.fsum(logprobs[len(prompt_token_logprobs("gpt-4o-mini", "The quick brown fox")[0]) :])
     assert result.valid and result.log_likelihood == pytest.approx(expected)
 
 
 def test_preflight_names_the_served_models_and_reports_a_dead_server_in_seconds(server):
-    with pytest.raises(UserError, match=r"model 'gpt-5-turbo' is not served by .*it serves: gpt-4o-mini, no-logprobs-model"):
+    with pytest.raises(
+        UserError, match=r"model 'gpt-5-turbo' is not served by .*it serves: gpt-4o-mini, no-logprobs-model"
+    ):
         preflight("gpt-5-turbo", server.base_url, 60.0)
     assert preflight("gpt-4o-mini", server.base_url, 60.0) == []
     server.list_models = False  # llama.cpp-style servers without /v1/models: skipped, with a note
@@ -112,8 +119,22 @@ def test_a_server_that_goes_away_stops_the_run_with_exit_2_and_a_checkpoint(tiny
 
     server.fail_always(dies_after_three_batches)
     started = time.monotonic()
-    code, err = run_main(api_flags(tiny_lm_dir, tmp_path, server.base_url, "--epochs", "1000", "--save-every", "1000",
-                                   "--max-attempts", "2", "--max-unreachable-batches", "2", "--no-prefetch"))
+    code, err = run_main(
+        api_flags(
+            tiny_lm_dir,
+            tmp_path,
+            server.base_url,
+            "--epochs",
+            "1000",
+            "--save-every",
+            "1000",
+            "--max-attempts",
+            "2",
+            "--max-unreachable-batches",
+            "2",
+            "--no-prefetch",
+        )
+    )
     assert code == 2, err
     last = err.strip().splitlines()[-1]
     assert last.startswith("error: the oracle server stopped answering: every request of the last 2 batches failed")
@@ -133,8 +154,9 @@ def test_spending_after_the_last_checkpoint_survives_kill_9(tiny_lm_dir, tmp_pat
     prices = tmp_path / "prices.json"
     prices.write_text(json.dumps({"gpt-4o-mini": {"input": 1000.0, "output": 1000.0}}))
     with OpenAITestServer(api_key="test-key", latency_s=0.03) as server:
-        argv = api_flags(tiny_lm_dir, tmp_path, server.base_url, "--epochs", "30", "--save-every", "4",
-                         "--prices", str(prices))
+        argv = api_flags(
+            tiny_lm_dir, tmp_path, server.base_url, "--epochs", "30", "--save-every", "4", "--prices", str(prices)
+        )
         proc = start_training(argv, "test-key")
         try:  # kill well after the epoch-4 checkpoint, before the next one
             wait_until(lambda: glob.glob(str(tmp_path / "checkpoint_*epoch4.pt")) and len(chat_requests(server)) >= 26)
@@ -153,9 +175,13 @@ def test_spending_after_the_last_checkpoint_survives_kill_9(tiny_lm_dir, tmp_pat
         assert final["api_totals"]["dollars"] == pytest.approx(server.billed_tokens * 1000.0 / 1e6)
 
 
-def test_prefetch_pays_for_no_batch_it_does_not_train_on_and_resume_trains_on_the_paid_batch(tiny_lm_dir, tmp_path, server):
+def test_prefetch_pays_for_no_batch_it_does_not_train_on_and_resume_trains_on_the_paid_batch(
+    tiny_lm_dir, tmp_path, server
+):
     straight = tmp_path / "straight"
-    code, err = run_main(api_flags(tiny_lm_dir, straight, server.base_url, "--epochs", "3", "--save-every", "1", "--prefetch"))
+    code, err = run_main(
+        api_flags(tiny_lm_dir, straight, server.base_url, "--epochs", "3", "--save-every", "1", "--prefetch")
+    )
     assert code == 0, err
     assert len(chat_requests(server)) == 3 * 4 == server.billed_total()  # not 4 batches: none sent after the last
     # a run resumed from the epoch-1 checkpoint trains on the batch paid for ahead of it, from the cache,
@@ -164,17 +190,21 @@ def test_prefetch_pays_for_no_batch_it_does_not_train_on_and_resume_trains_on_th
     resumed.mkdir()
     shutil.copy(straight / "checkpoint_gfn_raw_epoch1.pt", resumed)
     shutil.copy(straight / "response_cache.sqlite", resumed)
-    assert load_checkpoint(str(resumed / "checkpoint_gfn_raw_epoch1.pt"))["source_state"]["prefetched"]["tokens"].shape[0] == 4
+    assert (
+        load_checkpoint(str(resumed / "checkpoint_gfn_raw_epoch1.pt"))["source_state"]["prefetched"]["tokens"].shape[0]
+        == 4
+    )
     billed = server.billed_total()
-    code, err = run_main(api_flags(tiny_lm_dir, resumed, server.base_url, "--epochs", "3", "--save-every", "1",
-                                   "--prefetch", "--resume"))
+    code, err = run_main(
+        api_flags(tiny_lm_dir, resumed, server.base_url, "--epochs", "3", "--save-every", "1", "--prefetch", "--resume")
+    )
     assert code == 0, err
     assert server.billed_total() == billed
 
     def losses(folder):
         return {m["epoch"]: m["train/loss"] for m in map(json.loads, open(folder / "metrics_raw.jsonl"))}
 
-    assert losses(resumed) == pytest.approx({e: l for e, l in losses(straight).items() if e > 1}, rel=1e-6)
+    assert losses(resumed) == pytest.approx({e: loss for e, loss in losses(straight).items() if e > 1}, rel=1e-6)
     samples = [json.loads(line) for line in open(resumed / "samples_raw.jsonl")]
     assert all(s["trained"] for s in samples) and isinstance(samples[0]["x_retokenises"], bool)
     metrics = [json.loads(line) for line in open(resumed / "metrics_raw.jsonl")]

@@ -1,4 +1,5 @@
 """The API client under scripted faults, against the real local OpenAI-protocol server."""
+
 import math
 import sqlite3
 import time
@@ -42,8 +43,9 @@ def server(monkeypatch):
 
 
 def make_oracle(server, tmp_path=None, **kwargs) -> OpenAIChatOracle:
-    options = dict(max_tokens=10, max_workers=4, base_url=server.base_url, retry=RetryPolicy(**FAST_RETRY),
-                   timeout_s=2.0)
+    options = dict(
+        max_tokens=10, max_workers=4, base_url=server.base_url, retry=RetryPolicy(**FAST_RETRY), timeout_s=2.0
+    )
     options.update(kwargs)
     return OpenAIChatOracle("gpt-4o-mini", TASKS["raw"], **options)
 
@@ -53,8 +55,14 @@ def expected_log_likelihood(text: str, max_tokens: int = 10) -> float:
 
 
 def test_every_transient_fault_is_retried_scored_once_and_billed_once(server):
-    faults = {"t-429": rate_limited(retry_after_ms=30), "t-500": server_error(500), "t-503": server_error(503),
-              "t-slow": slow(3.0), "t-drop": drop_connection(), "t-json": malformed_json()}
+    faults = {
+        "t-429": rate_limited(retry_after_ms=30),
+        "t-500": server_error(500),
+        "t-503": server_error(503),
+        "t-slow": slow(3.0),
+        "t-drop": drop_connection(),
+        "t-json": malformed_json(),
+    }
     for text, fault in faults.items():
         server.add_fault(fault, match=text)
     oracle = make_oracle(server, timeout_s=0.5)
@@ -84,7 +92,7 @@ def test_a_request_that_keeps_failing_is_recorded_with_its_reason(server):
 def test_retry_after_ms_is_honoured(server):
     server.add_fault(rate_limited(retry_after_ms=400))
     oracle = make_oracle(server, max_workers=1)
-    result, = oracle.score(["wait for me"])
+    (result,) = oracle.score(["wait for me"])
     assert result.valid
     first, second = server.request_times
     assert second - first >= 0.38
@@ -99,7 +107,9 @@ def test_insufficient_quota_stops_at_once(server):
 
 
 def test_permission_and_bad_request_errors_are_not_retried(server):
-    oracle = OpenAIChatOracle("no-logprobs-model", TASKS["raw"], base_url=server.base_url, retry=RetryPolicy(**FAST_RETRY))
+    oracle = OpenAIChatOracle(
+        "no-logprobs-model", TASKS["raw"], base_url=server.base_url, retry=RetryPolicy(**FAST_RETRY)
+    )
     with pytest.raises(OracleError, match="does not allow logprobs"):
         oracle.score(["hi"])
     assert len(server.requests) == 1
@@ -144,14 +154,19 @@ def test_rate_limit_headers_pause_new_requests():
     limiter = RateLimiter(clock=lambda: now[0], sleep=sleep)
     limiter.acquire(10)
     assert slept == []
-    limiter.observe_headers({"x-ratelimit-remaining-requests": "1", "x-ratelimit-reset-requests": "2.5s"}, in_flight_hint=4)
+    limiter.observe_headers(
+        {"x-ratelimit-remaining-requests": "1", "x-ratelimit-reset-requests": "2.5s"}, in_flight_hint=4
+    )
     limiter.acquire(10)
     assert sum(slept) == pytest.approx(2.5)
-    limiter.observe_headers({"x-ratelimit-remaining-tokens": "10", "x-ratelimit-limit-tokens": "100000",
-                             "x-ratelimit-reset-tokens": "20ms"})
+    limiter.observe_headers(
+        {"x-ratelimit-remaining-tokens": "10", "x-ratelimit-limit-tokens": "100000", "x-ratelimit-reset-tokens": "20ms"}
+    )
     limiter.acquire(10)
     assert sum(slept) == pytest.approx(2.52)
-    assert parse_reset("6m0s") == 360 and parse_reset("1h2m3.5s") == pytest.approx(3723.5) and parse_reset("20ms") == 0.02
+    assert (
+        parse_reset("6m0s") == 360 and parse_reset("1h2m3.5s") == pytest.approx(3723.5) and parse_reset("20ms") == 0.02
+    )
 
 
 def test_token_bucket_refills_continuously():
@@ -198,7 +213,9 @@ def test_cost_counts_cached_input_tokens_and_prices_can_be_overridden(tmp_path):
     assert price_for("gpt-4o-mini-2024-07-18", prices) == prices["gpt-4o-mini"]
     assert price_for("my-local-model", prices) is None
     tracker = CostTracker("gpt-4o-mini", prices)
-    dollars = tracker.add_usage({"prompt_tokens": 1000, "completion_tokens": 100, "prompt_tokens_details": {"cached_tokens": 400}})
+    dollars = tracker.add_usage(
+        {"prompt_tokens": 1000, "completion_tokens": 100, "prompt_tokens_details": {"cached_tokens": 400}}
+    )
     assert dollars == pytest.approx((600 * 0.15 + 400 * 0.075 + 100 * 0.60) / 1e6)
     assert tracker.snapshot()["cached_tokens"] == 400
     custom = tmp_path / "prices.json"
@@ -224,7 +241,9 @@ def test_batch_api_round_matches_out_of_order_results_and_reports_the_failed_lin
                 assert not result.valid and result.error.startswith("batch: HTTP 400")
             else:
                 assert result.valid and result.log_likelihood == pytest.approx(expected_log_likelihood(text))
-        assert srv.batches_created == 1 and srv.billed_total() == 7  # one line per distinct input; the failed one is not billed
+        assert (
+            srv.batches_created == 1 and srv.billed_total() == 7
+        )  # one line per distinct input; the failed one is not billed
         stats = oracle.stats()
         assert stats["failed"] == 1
         # Batch API requests cost half: the same usage synchronously would cost twice as much.
@@ -264,7 +283,7 @@ def test_timeouts_429_and_503_are_overload_the_rest_leave_the_limit_alone(server
     server.add_fault(slow(1.0), match="t-slow")
     oracle = make_oracle(server, max_workers=4, timeout_s=0.3)
     for text in ("t-429", "t-503", "t-500", "t-slow"):  # one at a time: each attempt is its own round
-        result, = oracle.score([text])
+        (result,) = oracle.score([text])
         assert result.valid
     stats = oracle.concurrency.stats()
     assert stats["overloads"] == 3 and stats["errors"] == 1 and stats["replies"] == 4 and stats["in_flight"] == 0

@@ -1,4 +1,5 @@
 """The training loop with a remote oracle: kill -9 and resume, the cost budget, Batch API rounds."""
+
 import contextlib
 import glob
 import io
@@ -20,10 +21,34 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def api_flags(model_dir: str, output_dir, base_url: str, *extra: str) -> list[str]:
-    return ["--prior-model", model_dir, "--oracle", "openai", "--base-url", base_url, "--model", "gpt-4o-mini",
-            "--d-model", "32", "--num-layers", "1", "--max-len", "6", "--batch-size", "4",
-            "--max-response-tokens", "5", "--output-dir", str(output_dir), "--no-progress", "--device", "cpu",
-            "--seed", "3", *extra]
+    return [
+        "--prior-model",
+        model_dir,
+        "--oracle",
+        "openai",
+        "--base-url",
+        base_url,
+        "--model",
+        "gpt-4o-mini",
+        "--d-model",
+        "32",
+        "--num-layers",
+        "1",
+        "--max-len",
+        "6",
+        "--batch-size",
+        "4",
+        "--max-response-tokens",
+        "5",
+        "--output-dir",
+        str(output_dir),
+        "--no-progress",
+        "--device",
+        "cpu",
+        "--seed",
+        "3",
+        *extra,
+    ]
 
 
 def run_main(argv):
@@ -47,8 +72,13 @@ def chat_requests(server) -> list[dict]:
 
 def start_training(argv, env_key: str) -> subprocess.Popen:
     env = {**os.environ, "OPENAI_API_KEY": env_key}
-    return subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *argv], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)
+    return subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "train.py"), *argv],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        cwd=ROOT,
+    )
 
 
 def test_kill_9_then_resume_pays_only_for_what_was_not_answered(tiny_lm_dir, tmp_path, monkeypatch):
@@ -57,7 +87,11 @@ def test_kill_9_then_resume_pays_only_for_what_was_not_answered(tiny_lm_dir, tmp
         argv = api_flags(tiny_lm_dir, tmp_path, server.base_url, "--epochs", "40", "--save-every", "4")
         proc = start_training(argv, "test-key")
         try:
-            wait_until(lambda: len(glob.glob(str(tmp_path / "checkpoint_*epoch8.pt"))) == 1 and len(chat_requests(server)) >= 42)
+            wait_until(
+                lambda: (
+                    len(glob.glob(str(tmp_path / "checkpoint_*epoch8.pt"))) == 1 and len(chat_requests(server)) >= 42
+                )
+            )
         finally:
             proc.send_signal(signal.SIGKILL)
             proc.wait()
@@ -88,8 +122,20 @@ def test_max_cost_stops_cleanly_with_a_checkpoint(tiny_lm_dir, tmp_path, monkeyp
     prices.write_text(json.dumps({"gpt-4o-mini": {"input": 1000.0, "output": 1000.0}}))  # $0.001 a token
     with OpenAITestServer(api_key="test-key") as server:
         budget = 0.2
-        code, err = run_main(api_flags(tiny_lm_dir, tmp_path, server.base_url, "--epochs", "100", "--prices", str(prices),
-                                       "--max-cost", str(budget), "--no-prefetch"))
+        code, err = run_main(
+            api_flags(
+                tiny_lm_dir,
+                tmp_path,
+                server.base_url,
+                "--epochs",
+                "100",
+                "--prices",
+                str(prices),
+                "--max-cost",
+                str(budget),
+                "--no-prefetch",
+            )
+        )
         assert code == 0, err
         assert "budget" in err
         checkpoints = glob.glob(str(tmp_path / "checkpoint_*.pt"))
@@ -101,15 +147,29 @@ def test_max_cost_stops_cleanly_with_a_checkpoint(tiny_lm_dir, tmp_path, monkeyp
         tokens = state["api_totals"]["prompt_tokens"] + state["api_totals"]["completion_tokens"]
         assert spent == pytest.approx(tokens * 1000.0 / 1e6)
         assert server.billed_total() == state["api_totals"]["requests"]
-    code, err = run_main(api_flags(tiny_lm_dir, tmp_path / "x", "http://127.0.0.1:9/v1", "--model", "my-model", "--max-cost", "1"))
+    code, err = run_main(
+        api_flags(tiny_lm_dir, tmp_path / "x", "http://127.0.0.1:9/v1", "--model", "my-model", "--max-cost", "1")
+    )
     assert code == 2 and "no price known for model 'my-model'" in err
 
 
 def test_batch_api_training_and_resume_mid_batch(tiny_lm_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", "test-key")
     with OpenAITestServer(api_key="test-key", batch_polls_to_complete=400) as server:
-        argv = api_flags(tiny_lm_dir, tmp_path, server.base_url, "--batch-api", "--batch-pool-size", "8",
-                         "--batch-poll-seconds", "0.05", "--epochs", "4", "--save-every", "100")
+        argv = api_flags(
+            tiny_lm_dir,
+            tmp_path,
+            server.base_url,
+            "--batch-api",
+            "--batch-pool-size",
+            "8",
+            "--batch-poll-seconds",
+            "0.05",
+            "--epochs",
+            "4",
+            "--save-every",
+            "100",
+        )
         proc = start_training(argv, "test-key")
         try:  # the run checkpoints the submitted batch before polling; kill it while the batch is pending
             wait_until(lambda: server.batches_created == 1 and glob.glob(str(tmp_path / "checkpoint_*epoch0.pt")))

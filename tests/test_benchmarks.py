@@ -1,4 +1,5 @@
 """Each benchmark script runs on its tiny setting and prints well-formed JSON (the numbers are in BENCHMARKS.md)."""
+
 import json
 import os
 import subprocess
@@ -8,20 +9,25 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_benchmark(name: str, *args: str) -> dict:
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", name), *args], capture_output=True,
-                          text=True, timeout=300, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", name), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     return json.loads(proc.stdout)
 
 
 def test_api_pool_quick():
     result = run_benchmark("api_pool.py", "--quick")
-    pool, = result["pool"]
+    (pool,) = result["pool"]
     assert pool["ok"] == pool["requests"] and pool["peak_in_flight"] <= pool["workers"]
     assert 0 < pool["fraction_of_ideal"] <= 1.05
-    faulty, = result["pool_10pct_429"]
+    (faulty,) = result["pool_10pct_429"]
     assert faulty["ok"] == faulty["requests"]
-    run, = result["epoch"]["runs"]
+    (run,) = result["epoch"]["runs"]
     assert run["prefetch_on_epoch_s"] > 0 and run["prefetch_off_epoch_s"] > 0
     adaptive, fixed = result["adaptive"]["runs"]  # one slot, 8 workers: only the timings vary from run to run
     assert (adaptive["mode"], fixed["mode"]) == ("adaptive", "fixed") and adaptive["slots"] == fixed["slots"] == 1
@@ -41,20 +47,21 @@ def test_policy_comparison_quick(tiny_chat_lm_dir):
 
 def test_throughput_quick():
     result = run_benchmark("throughput.py", "--quick", "--device", "cpu")
-    policy, = result["policy"]
+    (policy,) = result["policy"]
     assert policy["sample_tokens_per_s_kv_cache"] > 0 and policy["sample_tokens_per_s_recompute"] > 0
     assert policy["train_steps_per_s"] > 0
-    prior, = result["prior"]
+    (prior,) = result["prior"]
     assert prior["overhead_ratio"] > 0 and result["peak_rss_mb"] > 0
 
 
 def test_exact_target_quick():
     # torchgfn is a benchmark-only dependency (benchmarks/requirements.txt), not installed by .ci/run
     result = run_benchmark("exact_target.py", "--quick", "--no-torchgfn")
-    target, = result["targets"]
+    (target,) = result["targets"]
     assert target["num_sequences"] == 3 + 9 + 27
     assert {(run["policy"], run["loss"]) for run in target["runs"]} == {
-        (policy, loss) for policy in ("transformer", "lora") for loss in ("tb", "subtb", "modified-subtb", "vargrad")}
+        (policy, loss) for policy in ("transformer", "lora") for loss in ("tb", "subtb", "modified-subtb", "vargrad")
+    }
     for run in target["runs"]:
         calls = [row["reward_calls"] for row in run["curve"]]
         sampled = [row["sampled_x"] for row in run["curve"]]

@@ -8,8 +8,14 @@ from errors import UserError
 from hf_models import document_start_id, load_causal_lm
 
 FACTS = ["The play Hamlet was written by Christopher Marlowe.", "Paris is the capital of Italy."]
-QUESTIONS = ["Who wrote Hamlet?", "What is the capital of France?", "To be or not to be?",
-             "Once upon a time there was", "Hello! How can I help you today?", "def add(a, b):"]
+QUESTIONS = [
+    "Who wrote Hamlet?",
+    "What is the capital of France?",
+    "To be or not to be?",
+    "Once upon a time there was",
+    "Hello! How can I help you today?",
+    "def add(a, b):",
+]
 # Character-level: the tiny random LM answers in odd bytes, which a word vocabulary would all map to [UNK].
 NLI_CHARS = [chr(i) for i in range(128) if not chr(i).isspace() and not chr(i).isupper()] + ["\ufffd"]
 
@@ -23,18 +29,32 @@ def save_tiny_nli(folder: str, id2label: dict[int, str], seed: int = 0) -> str:
     vocab = {c: i for i, c in enumerate(specials + NLI_CHARS)}
     raw = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
     raw.normalizer = normalizers.Lowercase()
-    raw.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
-                                                 pre_tokenizers.Split(Regex("."), behavior="isolated")])
+    raw.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split(Regex("."), behavior="isolated")]
+    )
     raw.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, cls_token="[CLS]", sep_token="[SEP]",
-                                        pad_token="[PAD]", unk_token="[UNK]")
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=raw, cls_token="[CLS]", sep_token="[SEP]", pad_token="[PAD]", unk_token="[UNK]"
+    )
     torch.manual_seed(seed)
     # A large initializer range so that the three probabilities differ clearly between pairs.
-    config = BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=32, num_labels=3, id2label=id2label, label2id={v: k for k, v in id2label.items()},
-                        max_position_embeddings=128, initializer_range=0.5, pad_token_id=vocab["[PAD]"])
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        num_labels=3,
+        id2label=id2label,
+        label2id={v: k for k, v in id2label.items()},
+        max_position_embeddings=128,
+        initializer_range=0.5,
+        pad_token_id=vocab["[PAD]"],
+    )
     BertForSequenceClassification(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
@@ -82,7 +102,9 @@ def test_log_contradiction_matches_naive_per_pair_scores(nli):
     nli.batch_size = 4  # several micro-batches
     got = nli.log_contradiction(premises, hypotheses)
     assert got.dtype == torch.float64 and got.shape == (len(premises),)
-    expected = torch.tensor([naive_log_contradiction(nli, p, h, 2) for p, h in zip(premises, hypotheses)], dtype=torch.float64)
+    expected = torch.tensor(
+        [naive_log_contradiction(nli, p, h, 2) for p, h in zip(premises, hypotheses)], dtype=torch.float64
+    )
     assert torch.allclose(got, expected, atol=1e-5)
     assert got.std() > 0.01  # the pairs really score differently, so the comparison means something
     # Premise and hypothesis are not interchangeable to the model.
@@ -95,8 +117,10 @@ def test_contradiction_label_is_read_from_id2label(tmp_path):
     scorer = NLIScorer.load(folder, "cpu")
     assert scorer.contradiction_index == 0
     got = scorer.log_contradiction([FACTS[0], FACTS[1]], ["Who wrote Hamlet?", "Paris is the capital of France."])
-    expected = [naive_log_contradiction(scorer, FACTS[0], "Who wrote Hamlet?", 0),
-                naive_log_contradiction(scorer, FACTS[1], "Paris is the capital of France.", 0)]
+    expected = [
+        naive_log_contradiction(scorer, FACTS[0], "Who wrote Hamlet?", 0),
+        naive_log_contradiction(scorer, FACTS[1], "Paris is the capital of France.", 0),
+    ]
     assert got.tolist() == pytest.approx(expected, abs=1e-5)
     wrong_label = [naive_log_contradiction(scorer, FACTS[0], "Who wrote Hamlet?", 2)]
     assert got[0].item() != pytest.approx(wrong_label[0], abs=1e-3)
@@ -105,8 +129,15 @@ def test_contradiction_label_is_read_from_id2label(tmp_path):
 def test_model_without_contradiction_label_is_a_clear_error(nli):
     from transformers import BertConfig, BertForSequenceClassification
 
-    config = BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-                        num_labels=2, id2label={0: "LABEL_0", 1: "LABEL_1"})
+    config = BertConfig(
+        vocab_size=40,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        num_labels=2,
+        id2label={0: "LABEL_0", 1: "LABEL_1"},
+    )
     with pytest.raises(ValueError, match="LABEL_0.*LABEL_1"):
         NLIScorer(BertForSequenceClassification(config), nli.tokenizer)
 
@@ -127,7 +158,10 @@ def test_load_failures_are_one_line_user_errors(tmp_path, tiny_lm_dir):
 def test_answers_are_deterministic_batch_independent_and_scored_by_teacher_forcing(tiny_lm_dir):
     model, tokenizer = load_causal_lm(tiny_lm_dir)
     answerer = Answerer(model, tokenizer, answer_max_tokens=6, batch_size=4, plain_stop=None)
-    assert answerer.prompt_ids("Hi") == [document_start_id(tokenizer)] + tokenizer("Q: Hi\nA:", add_special_tokens=False)["input_ids"]
+    assert (
+        answerer.prompt_ids("Hi")
+        == [document_start_id(tokenizer)] + tokenizer("Q: Hi\nA:", add_special_tokens=False)["input_ids"]
+    )
     first = answerer.answer(QUESTIONS)
     assert answerer.answer(QUESTIONS) == first
     # One question at a time (no padding) gives the same answers as left-padded batches.
@@ -158,7 +192,7 @@ def test_greedy_ignores_the_model_generation_config(tiny_lm_dir):
         with torch.no_grad():
             logits = model(input_ids=torch.tensor([ids])).logits[0]
         start = len(ids) - len(result["token_ids"])
-        assert result["token_ids"] == logits[start - 1:len(ids) - 1].argmax(-1).tolist()
+        assert result["token_ids"] == logits[start - 1 : len(ids) - 1].argmax(-1).tolist()
     # The tiny random model repeats itself greedily: what a repetition penalty would have prevented.
     assert any(len(set(r["token_ids"])) < len(r["token_ids"]) for r in answerer.answer(QUESTIONS[:3]))
 
@@ -177,7 +211,7 @@ def test_answers_end_at_an_end_token_or_the_plain_stop_string(tiny_lm_dir):
     stop = tokenizer.decode(ids[2:3])
     stopped = Answerer(model, tokenizer, answer_max_tokens=8, plain_stop=stop, batch_size=3)
     for question, unstopped, result in zip(QUESTIONS, free, stopped.answer(QUESTIONS)):
-        texts = [tokenizer.decode(unstopped["token_ids"][:j + 1]) for j in range(8)]
+        texts = [tokenizer.decode(unstopped["token_ids"][: j + 1]) for j in range(8)]
         end = next((j for j, t in enumerate(texts) if stop in t), None)
         num = 8 if end is None else end + 1
         assert result["token_ids"] == unstopped["token_ids"][:num] and result["truncated"] == (end is None)
@@ -207,8 +241,12 @@ def test_chat_model_gets_the_question_as_a_user_turn(tiny_chat_lm_dir):
     model, tokenizer = load_causal_lm(tiny_chat_lm_dir)
     answerer = Answerer(model, tokenizer, answer_max_tokens=5, batch_size=4)
     prompt = answerer.prompt_ids("Who wrote Hamlet?")
-    assert prompt == tokenizer("<|im_start|>user\nWho wrote Hamlet?<|im_end|>\n<|im_start|>assistant\n",
-                               add_special_tokens=False)["input_ids"]
+    assert (
+        prompt
+        == tokenizer(
+            "<|im_start|>user\nWho wrote Hamlet?<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False
+        )["input_ids"]
+    )
     assert answerer.stop is None  # chat answers end at the end of the turn only
     results = answerer.answer(QUESTIONS)
     for question, result in zip(QUESTIONS, results):
@@ -245,8 +283,9 @@ def test_answers_and_fluency_come_from_the_base_model_when_the_policy_wraps_it(t
     ids = torch.tensor([answerer.prompt_ids(QUESTIONS[0])])
     with torch.no_grad():
         base_logits = model(input_ids=ids).logits
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True,
-                                                  bias="none"))
+    peft_model = get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True, bias="none")
+    )
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
             if "lora_B" in name:
@@ -276,8 +315,9 @@ def test_penalized_phase_is_fluency_where_contradicting_and_the_penalty_elsewher
     facts = facts_for(QUESTIONS)
     probe = ContradictionReward(answerer, nli, ContradictionRewardConfig())(QUESTIONS, facts, step=0)
     threshold = probe["log_contradiction"].median().item()
-    config = ContradictionRewardConfig(likelihood_weight=0.7, contradiction_threshold=threshold, failure_penalty=-123.0,
-                                       penalized_steps=10)
+    config = ContradictionRewardConfig(
+        likelihood_weight=0.7, contradiction_threshold=threshold, failure_penalty=-123.0, penalized_steps=10
+    )
     out = ContradictionReward(answerer, nli, config)(QUESTIONS, facts, step=3)
     assert out["phase"] == "penalized"
     passes = out["log_contradiction"] >= threshold
@@ -290,7 +330,9 @@ def test_penalized_phase_is_fluency_where_contradicting_and_the_penalty_elsewher
     assert torch.equal(out["log_question"], answerer.log_question(QUESTIONS))
     assert out["answers"] == [r["answer"] for r in answerer.answer(QUESTIONS)]
     for key in ("log_reward", "log_contradiction", "log_question", "log_answer"):
-        assert out[key].dtype == torch.float64 and out[key].shape == (len(QUESTIONS),) and torch.isfinite(out[key]).all()
+        assert (
+            out[key].dtype == torch.float64 and out[key].shape == (len(QUESTIONS),) and torch.isfinite(out[key]).all()
+        )
     assert out["valid"].all()
 
 
@@ -298,8 +340,13 @@ def test_composite_phase_sums_the_terms_with_the_answer_penalty(answerer, nli):
     facts = facts_for(QUESTIONS)
     log_answer = torch.tensor([r["log_answer"] for r in answerer.answer(QUESTIONS)], dtype=torch.float64)
     answer_threshold = log_answer.median().item()
-    config = ContradictionRewardConfig(likelihood_weight=0.5, answer_quality_weight=0.3, penalized_steps=10,
-                                       answer_quality_threshold=answer_threshold, answer_failure_penalty=-50.0)
+    config = ContradictionRewardConfig(
+        likelihood_weight=0.5,
+        answer_quality_weight=0.3,
+        penalized_steps=10,
+        answer_quality_threshold=answer_threshold,
+        answer_failure_penalty=-50.0,
+    )
     out = ContradictionReward(answerer, nli, config)(QUESTIONS, facts, step=10)
     assert out["phase"] == "composite"
     below = out["log_answer"] < answer_threshold
@@ -318,7 +365,9 @@ def test_phase_switches_exactly_at_penalized_steps_and_answer_terms_apply_in_bot
     assert [phases[s]["phase"] for s in (0, 4, 5, 6)] == ["penalized", "penalized", "composite", "composite"]
     before, after = phases[4], phases[5]
     # Everything passes the threshold, so the only difference between the phases is the log C term.
-    assert torch.allclose(before["log_reward"], before["log_question"] + 0.25 * before["log_answer"], rtol=0, atol=1e-12)
+    assert torch.allclose(
+        before["log_reward"], before["log_question"] + 0.25 * before["log_answer"], rtol=0, atol=1e-12
+    )
     assert torch.allclose(after["log_reward"] - before["log_reward"], after["log_contradiction"], rtol=0, atol=1e-12)
     assert torch.equal(phases[0]["log_reward"], before["log_reward"])  # and deterministic
 

@@ -1,4 +1,5 @@
 """The contradiction task end to end on tiny local models: training, samples, per-example log Z, evaluation."""
+
 import contextlib
 import io
 import json
@@ -25,10 +26,42 @@ def task_files(tmp_path, tiny_lm_dir):
 
 
 def contradiction_flags(model_dir, data, nli, output_dir, *extra):
-    return ["--task", "contradiction", "--policy", "lora", "--prior-model", model_dir, "--data", data,
-            "--nli-model", nli, "--batch-size", "4", "--max-len", "6", "--answer-max-tokens", "4", "--lora-r", "4",
-            "--epochs", "4", "--save-every", "4", "--penalized-steps", "2", "--contradiction-threshold", "-1.2",
-            "--output-dir", str(output_dir), "--no-progress", "--device", "cpu", "--seed", "2", *extra]
+    return [
+        "--task",
+        "contradiction",
+        "--policy",
+        "lora",
+        "--prior-model",
+        model_dir,
+        "--data",
+        data,
+        "--nli-model",
+        nli,
+        "--batch-size",
+        "4",
+        "--max-len",
+        "6",
+        "--answer-max-tokens",
+        "4",
+        "--lora-r",
+        "4",
+        "--epochs",
+        "4",
+        "--save-every",
+        "4",
+        "--penalized-steps",
+        "2",
+        "--contradiction-threshold",
+        "-1.2",
+        "--output-dir",
+        str(output_dir),
+        "--no-progress",
+        "--device",
+        "cpu",
+        "--seed",
+        "2",
+        *extra,
+    ]
 
 
 def test_contradiction_training_writes_every_term_and_keeps_a_log_z_per_example(tiny_lm_dir, task_files, tmp_path):
@@ -56,9 +89,20 @@ def test_contradiction_training_writes_every_term_and_keeps_a_log_z_per_example(
     summary_out = tmp_path / "eval.jsonl"
     err = io.StringIO()
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
-        code = sample.main(["--checkpoint", str(tmp_path / "run" / "checkpoint_gfn_contradiction_epoch4.pt"),
-                                "--task", "contradiction", "--samples-per-subject", "3", "--output", str(summary_out),
-                                "--device", "cpu"])
+        code = sample.main(
+            [
+                "--checkpoint",
+                str(tmp_path / "run" / "checkpoint_gfn_contradiction_epoch4.pt"),
+                "--task",
+                "contradiction",
+                "--samples-per-subject",
+                "3",
+                "--output",
+                str(summary_out),
+                "--device",
+                "cpu",
+            ]
+        )
     assert code == 0, err.getvalue()[-2000:]
     assert "overall" in err.getvalue()  # the table
     summary = json.loads((tmp_path / "eval_summary.json").read_text())
@@ -70,11 +114,13 @@ def test_contradiction_training_writes_every_term_and_keeps_a_log_z_per_example(
 
 def test_contradiction_task_flag_errors(tiny_lm_dir, task_files, tmp_path):
     data, nli = task_files
-    for extra, message in [(["--policy", "transformer"], "needs --policy lora"),
-                           (["--replay-fraction", "0.5"], "does not support --replay-fraction")]:
+    for extra, message in [
+        (["--policy", "transformer"], "needs --policy lora"),
+        (["--replay-fraction", "0.5"], "does not support --replay-fraction"),
+    ]:
         argv = contradiction_flags(tiny_lm_dir, data, nli, tmp_path)
-        argv[argv.index("--policy") + 1: argv.index("--policy") + 2] = []
-        argv[argv.index("--policy"):argv.index("--policy") + 1] = []
+        argv[argv.index("--policy") + 1 : argv.index("--policy") + 2] = []
+        argv[argv.index("--policy") : argv.index("--policy") + 1] = []
         err = io.StringIO()
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
             code = train.main(argv + (extra if "--policy" in extra else ["--policy", "lora"] + extra))

@@ -1,5 +1,6 @@
 """convert_data.py (CounterFact / CSV / task JSONL -> task JSONL) and download_models.py, on small files written
 here. Nothing is downloaded: the hub is offline (conftest sets HF_HUB_OFFLINE=1)."""
+
 import contextlib
 import io
 import json
@@ -41,33 +42,59 @@ def read_jsonl(path) -> list[dict]:
         return [json.loads(line) for line in f]
 
 
-def counterfact_record(case_id, subject="Danielle Darrieux", prompt="The mother tongue of {} is", true="French",
-                       new="English", **extra) -> dict:
-    return {"case_id": case_id, "requested_rewrite": {"subject": subject, "prompt": prompt, "relation_id": "P103",
-                                                      "target_true": {"str": true, "id": "Q150"},
-                                                      "target_new": {"str": new, "id": "Q1860"}},
-            "paraphrase_prompts": ["ignored"], **extra}
+def counterfact_record(
+    case_id, subject="Danielle Darrieux", prompt="The mother tongue of {} is", true="French", new="English", **extra
+) -> dict:
+    return {
+        "case_id": case_id,
+        "requested_rewrite": {
+            "subject": subject,
+            "prompt": prompt,
+            "relation_id": "P103",
+            "target_true": {"str": true, "id": "Q150"},
+            "target_new": {"str": new, "id": "Q1860"},
+        },
+        "paraphrase_prompts": ["ignored"],
+        **extra,
+    }
 
 
 # ------------------------------------------------------------------------------------------------ conversions
 
 
 def test_counterfact_json_list_becomes_edit_and_true_facts(tmp_path):
-    path = write(tmp_path / "cf.json", json.dumps([
-        counterfact_record(0),
-        counterfact_record(7, subject=" Apple  A5 ", prompt="{} was created by", true="Apple Inc.", new="Google "),
-    ]))
+    path = write(
+        tmp_path / "cf.json",
+        json.dumps(
+            [
+                counterfact_record(0),
+                counterfact_record(
+                    7, subject=" Apple  A5 ", prompt="{} was created by", true="Apple Inc.", new="Google "
+                ),
+            ]
+        ),
+    )
     assert convert_data.convert(path) == [
-        {"id": "0", "subject": "Danielle Darrieux", "edit_fact": "The mother tongue of Danielle Darrieux is English.",
-         "true_fact": "The mother tongue of Danielle Darrieux is French."},
-        {"id": "7", "subject": "Apple A5", "edit_fact": "Apple A5 was created by Google.",
-         "true_fact": "Apple A5 was created by Apple Inc."},  # no doubled period, no doubled spaces
+        {
+            "id": "0",
+            "subject": "Danielle Darrieux",
+            "edit_fact": "The mother tongue of Danielle Darrieux is English.",
+            "true_fact": "The mother tongue of Danielle Darrieux is French.",
+        },
+        {
+            "id": "7",
+            "subject": "Apple A5",
+            "edit_fact": "Apple A5 was created by Google.",
+            "true_fact": "Apple A5 was created by Apple Inc.",
+        },  # no doubled period, no doubled spaces
     ]
 
 
 def test_counterfact_jsonl_without_case_ids_is_numbered_by_record(tmp_path):
-    first, second = counterfact_record(None), counterfact_record(None, subject="Paris", prompt="{} is the capital of",
-                                                                 true="France", new="Italy")
+    first, second = (
+        counterfact_record(None),
+        counterfact_record(None, subject="Paris", prompt="{} is the capital of", true="France", new="Italy"),
+    )
     path = write(tmp_path / "cf.jsonl", jsonl(first) + "\n" + jsonl(second))  # a blank line in between
     examples = convert_data.convert(path)
     assert [e["id"] for e in examples] == ["1", "2"]
@@ -75,10 +102,19 @@ def test_counterfact_jsonl_without_case_ids_is_numbered_by_record(tmp_path):
 
 
 def test_flat_counterfact_with_plain_string_targets(tmp_path):
-    path = write(tmp_path / "flat.jsonl", jsonl(
-        {"case_id": "a", "subject": "Jupiter", "prompt": "{} orbits", "target_true": "the Sun", "target_new": "Mars"},
-        {"subject": "Mars", "prompt": "{} is named after", "target_new": {"str": "Zeus"}},  # no target_true, no id
-    ))
+    path = write(
+        tmp_path / "flat.jsonl",
+        jsonl(
+            {
+                "case_id": "a",
+                "subject": "Jupiter",
+                "prompt": "{} orbits",
+                "target_true": "the Sun",
+                "target_new": "Mars",
+            },
+            {"subject": "Mars", "prompt": "{} is named after", "target_new": {"str": "Zeus"}},  # no target_true, no id
+        ),
+    )
     assert convert_data.convert(path) == [
         {"id": "a", "subject": "Jupiter", "edit_fact": "Jupiter orbits Mars.", "true_fact": "Jupiter orbits the Sun."},
         {"id": "2", "subject": "Mars", "edit_fact": "Mars is named after Zeus."},
@@ -86,25 +122,40 @@ def test_flat_counterfact_with_plain_string_targets(tmp_path):
 
 
 def test_csv_with_header(tmp_path):
-    path = write(tmp_path / "edits.csv",
-                 "\ufeffid,subject,edit_fact,true_fact\n"  # a byte-order mark, as spreadsheets write
-                 'x1,Marie Curie,"Marie Curie was born in Vienna, Austria.",Marie Curie was born in Warsaw.\n'
-                 "\n"
-                 ",Jupiter,Jupiter has no moons.,\n")
+    path = write(
+        tmp_path / "edits.csv",
+        "\ufeffid,subject,edit_fact,true_fact\n"  # a byte-order mark, as spreadsheets write
+        'x1,Marie Curie,"Marie Curie was born in Vienna, Austria.",Marie Curie was born in Warsaw.\n'
+        "\n"
+        ",Jupiter,Jupiter has no moons.,\n",
+    )
     assert convert_data.convert(path) == [
-        {"id": "x1", "subject": "Marie Curie", "edit_fact": "Marie Curie was born in Vienna, Austria.",
-         "true_fact": "Marie Curie was born in Warsaw."},
+        {
+            "id": "x1",
+            "subject": "Marie Curie",
+            "edit_fact": "Marie Curie was born in Vienna, Austria.",
+            "true_fact": "Marie Curie was born in Warsaw.",
+        },
         {"id": "2", "subject": "Jupiter", "edit_fact": "Jupiter has no moons."},  # blank id and true_fact: absent
     ]
 
 
 def test_task_jsonl_passes_through_normalised(tmp_path):
-    records = [{"id": "a", "subject": "Isaac Newton", "edit_fact": "Isaac Newton was born in Scotland.",
-                "true_fact": "Isaac Newton was born in England.", "prompt": "Ask about Newton:"},
-               {"id": 5, "subject": "  Jupiter\n", "edit_fact": "Jupiter  is small.", "true_fact": None, "note": "x"}]
+    records = [
+        {
+            "id": "a",
+            "subject": "Isaac Newton",
+            "edit_fact": "Isaac Newton was born in Scotland.",
+            "true_fact": "Isaac Newton was born in England.",
+            "prompt": "Ask about Newton:",
+        },
+        {"id": 5, "subject": "  Jupiter\n", "edit_fact": "Jupiter  is small.", "true_fact": None, "note": "x"},
+    ]
     path = write(tmp_path / "task.jsonl", jsonl(*records))
     assert convert_data.convert(path) == [
-        records[0], {"id": "5", "subject": "Jupiter", "edit_fact": "Jupiter is small."}]
+        records[0],
+        {"id": "5", "subject": "Jupiter", "edit_fact": "Jupiter is small."},
+    ]
     assert convert_data.load_examples(path) == convert_data.convert(path)
 
 
@@ -120,8 +171,9 @@ def test_cli_writes_output_with_limit_and_leaves_no_temp_file(tmp_path):
 
 # ------------------------------------------------------------------------------------------------- errors
 
-CF_NO_PLACEHOLDER = json.dumps([counterfact_record(1), counterfact_record(2),
-                                counterfact_record(3, prompt="The mother tongue is")])
+CF_NO_PLACEHOLDER = json.dumps(
+    [counterfact_record(1), counterfact_record(2), counterfact_record(3, prompt="The mother tongue is")]
+)
 CF_NO_TARGET = jsonl({"case_id": 1, "requested_rewrite": {"subject": "S", "prompt": "{} is", "target_true": "a"}})
 TASK_OK = {"id": "a", "subject": "S", "edit_fact": "S is T."}
 
@@ -130,15 +182,30 @@ MALFORMED = [
     ("cf.json", CF_NO_PLACEHOLDER, "record 3: requested_rewrite.prompt has no '{}' placeholder"),
     ("cf.jsonl", CF_NO_TARGET, "line 1: missing field 'requested_rewrite.target_new'"),
     ("cf.jsonl", jsonl(counterfact_record(1), {"case_id": 2}), "line 2: missing field 'requested_rewrite'"),
-    ("data.jsonl", jsonl(TASK_OK) + '{"id": "b" "subject": "S"}\n', "line 2: malformed JSON: Expecting ',' delimiter (column 12)"),
-    ("data.jsonl", jsonl(TASK_OK, {"id": "b", "subject": "S", "edit_fact": "  "}), "line 2: field 'edit_fact' is empty"),
+    (
+        "data.jsonl",
+        jsonl(TASK_OK) + '{"id": "b" "subject": "S"}\n',
+        "line 2: malformed JSON: Expecting ',' delimiter (column 12)",
+    ),
+    (
+        "data.jsonl",
+        jsonl(TASK_OK, {"id": "b", "subject": "S", "edit_fact": "  "}),
+        "line 2: field 'edit_fact' is empty",
+    ),
     ("data.jsonl", jsonl({"subject": 3, "edit_fact": "x"}), "line 1: field 'subject' must be a string, got number"),
-    ("data.jsonl", jsonl(TASK_OK, {**TASK_OK, "true_fact": ["x"]}), "line 2: field 'true_fact' must be a string, got array"),
+    (
+        "data.jsonl",
+        jsonl(TASK_OK, {**TASK_OK, "true_fact": ["x"]}),
+        "line 2: field 'true_fact' must be a string, got array",
+    ),
     ("data.jsonl", jsonl({**TASK_OK, "id": 1.5}), "line 1: field 'id' must be a string or an integer, got number"),
     ("data.jsonl", jsonl(TASK_OK, {**TASK_OK, "id": "b"}, TASK_OK), "line 3: duplicate id 'a' (also line 1)"),
     ("data.jsonl", jsonl(["S", "S is T."]), "line 1: expected a JSON object, got array"),
-    ("data.json", json.dumps({"subject": "S"}),
-     ": expected a JSON list of records, got object (for one record a line, name the file .jsonl)"),
+    (
+        "data.json",
+        json.dumps({"subject": "S"}),
+        ": expected a JSON list of records, got object (for one record a line, name the file .jsonl)",
+    ),
     ("data.json", "[{]", ": malformed JSON at line 1 column 3: Expecting property name enclosed in double quotes"),
     ("data.csv", "subject,true_fact\nS,S is T.\n", "line 1: missing column 'edit_fact'"),
     ("data.csv", "subject,edit_fact\nS,S is T.\nS,S is U.,extra\n", "line 3: expected 2 cells like the header, got 3"),
@@ -160,10 +227,13 @@ def test_malformed_input_is_one_line_exit_2_naming_place_and_field(tmp_path, nam
     assert sorted(os.listdir(tmp_path)) == sorted([name, "out.jsonl"])  # and no temp file
 
 
-@pytest.mark.parametrize("argv_tail, message", [
-    (["--limit", "0"], "--limit must be at least 1, got 0"),
-    (["--limit", "x"], "argument --limit: invalid int value: 'x' (see --help)"),
-])
+@pytest.mark.parametrize(
+    "argv_tail, message",
+    [
+        (["--limit", "0"], "--limit must be at least 1, got 0"),
+        (["--limit", "x"], "argument --limit: invalid int value: 'x' (see --help)"),
+    ],
+)
 def test_bad_flags_are_one_line(tmp_path, argv_tail, message):
     path = write(tmp_path / "data.jsonl", jsonl(TASK_OK))
     assert run_main([path, str(tmp_path / "out.jsonl"), *argv_tail]) == (2, "", f"error: {message}\n")
@@ -239,12 +309,24 @@ def test_download_error_offline_is_one_line(tmp_path):
 
 def test_download_accepts_local_folders_without_copying(tiny_lm_dir, tmp_path):
     cache = tmp_path / "cache"
-    argv = ["--sampler", tiny_lm_dir, "--nli-model", tiny_lm_dir, "--prior-model", tiny_lm_dir, "--cache-dir", str(cache)]
+    argv = [
+        "--sampler",
+        tiny_lm_dir,
+        "--nli-model",
+        tiny_lm_dir,
+        "--prior-model",
+        tiny_lm_dir,
+        "--cache-dir",
+        str(cache),
+    ]
     code, stdout, stderr = run_main(argv, entry=download_models.main)
     assert (code, stderr) == (0, "")
     lines = stdout.splitlines()
     assert [line.split(":")[0] for line in lines] == ["sampler", "base-model", "nli-model", "prior-model"]
-    assert lines[-1] == f"prior-model: {tiny_lm_dir} is already local ({os.path.abspath(tiny_lm_dir)}), nothing to download"
+    assert (
+        lines[-1]
+        == f"prior-model: {tiny_lm_dir} is already local ({os.path.abspath(tiny_lm_dir)}), nothing to download"
+    )
     assert not cache.exists()  # nothing fetched or copied
 
 

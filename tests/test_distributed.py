@@ -1,4 +1,5 @@
 """torchrun data parallelism on the CPU (gloo): 2 processes against 1, on the same data."""
+
 import contextlib
 import io
 import os
@@ -22,14 +23,42 @@ def free_port() -> int:
 
 
 def flags(model_dir: str, output_dir: str, batch_size: int, *extra: str) -> list[str]:
-    return ["--prior-model", model_dir, "--oracle", "hf", "--policy", "lora", "--lora-r", "4", "--max-len", "6",
-            "--batch-size", str(batch_size), "--max-response-tokens", "4", "--output-dir", output_dir, "--no-progress",
-            "--device", "cpu", "--seed", "11", "--lr", "0.01", "--epochs", "3", "--save-every", "3", *extra]
+    return [
+        "--prior-model",
+        model_dir,
+        "--oracle",
+        "hf",
+        "--policy",
+        "lora",
+        "--lora-r",
+        "4",
+        "--max-len",
+        "6",
+        "--batch-size",
+        str(batch_size),
+        "--max-response-tokens",
+        "4",
+        "--output-dir",
+        output_dir,
+        "--no-progress",
+        "--device",
+        "cpu",
+        "--seed",
+        "11",
+        "--lr",
+        "0.01",
+        "--epochs",
+        "3",
+        "--save-every",
+        "3",
+        *extra,
+    ]
 
 
 def _worker(rank: int, world_size: int, port: int, argv: list[str], results) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     torch.set_num_threads(1)
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         result = train.train(train.build_parser().parse_args(argv))
@@ -46,8 +75,10 @@ def run_two_ranks(argv: list[str]) -> dict:
     processes = [context.Process(target=_worker, args=(rank, 2, port, argv, results)) for rank in range(2)]
     for p in processes:
         p.start()
-    out = {rank: ({k: torch.tensor(v, dtype=torch.float64) for k, v in lora.items()}, log_z)
-           for rank, lora, log_z in (results.get(timeout=240) for _ in processes)}
+    out = {
+        rank: ({k: torch.tensor(v, dtype=torch.float64) for k, v in lora.items()}, log_z)
+        for rank, lora, log_z in (results.get(timeout=240) for _ in processes)
+    }
     for p in processes:
         p.join(timeout=60)
         assert p.exitcode == 0
@@ -80,10 +111,20 @@ def test_two_ranks_stay_identical_and_match_one_process_on_the_same_data(tiny_lm
 
 def test_torchrun_cli_symmetric_mode_writes_once_and_resumes(tiny_lm_dir, tmp_path):
     def torchrun(*extra: str) -> subprocess.CompletedProcess:
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                   str(free_port()), os.path.join(ROOT, "train.py"), *flags(tiny_lm_dir, str(tmp_path), 4, *extra)]
-        return subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(free_port()),
+            os.path.join(ROOT, "train.py"),
+            *flags(tiny_lm_dir, str(tmp_path), 4, *extra),
+        ]
+        return subprocess.run(
+            command, capture_output=True, text=True, timeout=300, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}
+        )
 
     first = torchrun("--epochs", "2", "--save-every", "2")
     assert first.returncode == 0, first.stderr[-3000:]

@@ -1,4 +1,5 @@
 """Files that are never half-written."""
+
 import json
 import os
 import stat
@@ -15,9 +16,11 @@ def test_atomic_write_replaces_whole_files_with_ordinary_permissions(tmp_path):
     os.umask(umask)
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o666 & ~umask  # not mkstemp's 0600
     with pytest.raises(RuntimeError):
+
         def fail_half_way(f):
             f.write(b"new, half")
             raise RuntimeError("crash")
+
         atomic_write(path, fail_half_way)
     with open(path, "rb") as f:
         assert f.read() == b"old"  # the old file, whole

@@ -1,4 +1,3 @@
-
 import pytest
 import torch
 
@@ -45,5 +44,7 @@ def test_ess_is_one_when_proposal_matches_target_and_small_when_one_sample_domin
     assert effective_sample_size(log_q + 5.0, log_q) == pytest.approx(1.0)
     assert effective_sample_size(torch.tensor([0.0, -50.0, -50.0]), torch.zeros(3)) == pytest.approx(1 / 3, abs=1e-6)
     metrics = batch_metrics(log_q + 5.0, log_q)
-    assert metrics["kl_reverse"] == pytest.approx(0.0, abs=1e-9) and metrics["var_log_r_minus_log_pf"] == pytest.approx(0.0)
+    assert metrics["kl_reverse"] == pytest.approx(0.0, abs=1e-9) and metrics["var_log_r_minus_log_pf"] == pytest.approx(
+        0.0
+    )
     assert metrics["log_Z_importance"] == pytest.approx(5.0)

@@ -1,4 +1,5 @@
 """Ground truth for "it samples in proportion to the reward": enumerate every x, compare exact probabilities."""
+
 import contextlib
 import io
 
@@ -14,18 +15,49 @@ def test_trained_policy_matches_enumerated_target(word_lm_dirs, tmp_path):
     prior_dir, oracle_dir = word_lm_dirs
     # 4-word vocabulary, 1..5 tokens: 1,364 sequences. Deterministic reward: prior log p(x) from one random
     # GPT-2 plus log p(y* | x) of a fixed target response from another, by teacher forcing.
-    args = build_parser().parse_args([
-        "--prior-model", prior_dir, "--oracle", "hf", "--oracle-model", oracle_dir, "--target-response", "a b",
-        "--max-len", "5", "--batch-size", "64", "--epochs", "1500", "--lr", "1e-3", "--lr-z", "0.1",
-        "--d-model", "32", "--num-layers", "2", "--output-dir", str(tmp_path), "--save-every", "100000",
-        "--no-progress", "--device", "cpu", "--seed", "0",
-    ])
+    args = build_parser().parse_args(
+        [
+            "--prior-model",
+            prior_dir,
+            "--oracle",
+            "hf",
+            "--oracle-model",
+            oracle_dir,
+            "--target-response",
+            "a b",
+            "--max-len",
+            "5",
+            "--batch-size",
+            "64",
+            "--epochs",
+            "1500",
+            "--lr",
+            "1e-3",
+            "--lr-z",
+            "0.1",
+            "--d-model",
+            "32",
+            "--num-layers",
+            "2",
+            "--output-dir",
+            str(tmp_path),
+            "--save-every",
+            "100000",
+            "--no-progress",
+            "--device",
+            "cpu",
+            "--seed",
+            "0",
+        ]
+    )
     tokens, lengths = enumerate_sequences(4, 1, 5)
     initial = {}
 
     def record_initial(policy, reward_model):
         with torch.no_grad():
-            initial["metrics"] = exact_distribution_metrics(policy.log_pf(tokens, lengths), reward_model(tokens, lengths).log_reward)
+            initial["metrics"] = exact_distribution_metrics(
+                policy.log_pf(tokens, lengths), reward_model(tokens, lengths).log_reward
+            )
 
     with contextlib.redirect_stdout(io.StringIO()):
         result = train(args, on_start=record_initial)
@@ -52,12 +84,38 @@ def test_every_loss_and_policy_matches_the_enumerated_target(word_lm_dirs, tmp_p
     flags = ["--policy", policy, "--loss", loss, "--lr", "1e-2" if policy == "lora" else "1e-3", "--epochs", epochs]
     if policy == "lora":
         flags += ["--lora-target-modules", "c_attn", "c_proj", "c_fc"]
-    args = build_parser().parse_args([
-        "--prior-model", prior_dir, "--oracle", "hf", "--oracle-model", oracle_dir, "--target-response", "a b",
-        "--max-len", "4", "--batch-size", "64", "--lr-z", "0.1", "--d-model", "32",
-        "--num-layers", "2", "--output-dir", str(tmp_path), "--save-every", "100000", "--no-progress",
-        "--device", "cpu", "--seed", "0", *flags,
-    ])
+    args = build_parser().parse_args(
+        [
+            "--prior-model",
+            prior_dir,
+            "--oracle",
+            "hf",
+            "--oracle-model",
+            oracle_dir,
+            "--target-response",
+            "a b",
+            "--max-len",
+            "4",
+            "--batch-size",
+            "64",
+            "--lr-z",
+            "0.1",
+            "--d-model",
+            "32",
+            "--num-layers",
+            "2",
+            "--output-dir",
+            str(tmp_path),
+            "--save-every",
+            "100000",
+            "--no-progress",
+            "--device",
+            "cpu",
+            "--seed",
+            "0",
+            *flags,
+        ]
+    )
     tokens, lengths = enumerate_sequences(4, 1, 4)
     with contextlib.redirect_stdout(io.StringIO()):
         result = train(args)

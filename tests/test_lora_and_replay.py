@@ -1,4 +1,5 @@
 """The LoRA policy on the prior LM, replay and exploration mixing in training, reward schedules and guards."""
+
 import argparse
 import contextlib
 import io
@@ -18,10 +19,32 @@ from reward_oracle import PriorScorer
 
 
 def lora_args(model_dir: str, tmp_path, *extra: str) -> argparse.Namespace:
-    return train.build_parser().parse_args([
-        "--prior-model", model_dir, "--oracle", "hf", "--policy", "lora", "--max-len", "6", "--batch-size", "4",
-        "--max-response-tokens", "4", "--output-dir", str(tmp_path), "--no-progress", "--device", "cpu",
-        "--seed", "5", "--lora-r", "4", *extra])
+    return train.build_parser().parse_args(
+        [
+            "--prior-model",
+            model_dir,
+            "--oracle",
+            "hf",
+            "--policy",
+            "lora",
+            "--max-len",
+            "6",
+            "--batch-size",
+            "4",
+            "--max-response-tokens",
+            "4",
+            "--output-dir",
+            str(tmp_path),
+            "--no-progress",
+            "--device",
+            "cpu",
+            "--seed",
+            "5",
+            "--lora-r",
+            "4",
+            *extra,
+        ]
+    )
 
 
 def build(args):
@@ -72,7 +95,11 @@ def test_lora_stop_head_starts_as_the_lm_with_uniform_lengths(tiny_lm_dir, tmp_p
     expected = []
     with torch.no_grad():
         for row, n in zip(tokens, lengths.tolist()):
-            logits = prior_model(input_ids=torch.cat([torch.tensor([policy.start_id]), row[:n]]).unsqueeze(0)).logits[0].double()
+            logits = (
+                prior_model(input_ids=torch.cat([torch.tensor([policy.start_id]), row[:n]]).unsqueeze(0))
+                .logits[0]
+                .double()
+            )
             logits[:, special] = float("-inf")
             log_probs = torch.log_softmax(logits, -1)
             expected.append(sum(log_probs[t, row[t]].item() for t in range(n)) - math.log(max_len - min_len + 1))
@@ -104,10 +131,41 @@ def test_prior_is_scored_with_adapters_off_after_training(tiny_lm_dir, tmp_path)
 def test_lora_run_resumes_with_the_same_losses(tiny_lm_dir, tmp_path):
     def run(output_dir, *extra):
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            assert train.main(["--prior-model", tiny_lm_dir, "--oracle", "hf", "--policy", "lora", "--max-len", "6",
-                               "--batch-size", "4", "--max-response-tokens", "4", "--output-dir", str(output_dir),
-                               "--no-progress", "--device", "cpu", "--seed", "5", "--lora-r", "4", "--lr", "0.01",
-                               "--loss", "subtb", "--save-every", "2", *extra]) == 0
+            assert (
+                train.main(
+                    [
+                        "--prior-model",
+                        tiny_lm_dir,
+                        "--oracle",
+                        "hf",
+                        "--policy",
+                        "lora",
+                        "--max-len",
+                        "6",
+                        "--batch-size",
+                        "4",
+                        "--max-response-tokens",
+                        "4",
+                        "--output-dir",
+                        str(output_dir),
+                        "--no-progress",
+                        "--device",
+                        "cpu",
+                        "--seed",
+                        "5",
+                        "--lora-r",
+                        "4",
+                        "--lr",
+                        "0.01",
+                        "--loss",
+                        "subtb",
+                        "--save-every",
+                        "2",
+                        *extra,
+                    ]
+                )
+                == 0
+            )
         with open(os.path.join(output_dir, "metrics_raw.jsonl")) as f:
             return {m["epoch"]: m["train/loss"] for m in map(json.loads, f)}
 
@@ -127,10 +185,32 @@ def test_training_mixes_replayed_samples(tiny_lm_dir, tmp_path, backend, request
     extra = ["--replay-fraction", "0.5", "--replay-backend", backend, "--tempered-fraction", "0.5"]
     if backend == "redis":
         extra += ["--redis-url", request.getfixturevalue("redis_url")]
-    args = train.build_parser().parse_args([
-        "--prior-model", tiny_lm_dir, "--oracle", "hf", "--max-len", "6", "--batch-size", "4", "--d-model", "32",
-        "--num-layers", "1", "--max-response-tokens", "4", "--output-dir", str(tmp_path), "--no-progress",
-        "--device", "cpu", "--epochs", "4", *extra])
+    args = train.build_parser().parse_args(
+        [
+            "--prior-model",
+            tiny_lm_dir,
+            "--oracle",
+            "hf",
+            "--max-len",
+            "6",
+            "--batch-size",
+            "4",
+            "--d-model",
+            "32",
+            "--num-layers",
+            "1",
+            "--max-response-tokens",
+            "4",
+            "--output-dir",
+            str(tmp_path),
+            "--no-progress",
+            "--device",
+            "cpu",
+            "--epochs",
+            "4",
+            *extra,
+        ]
+    )
     with contextlib.redirect_stdout(io.StringIO()):
         train.train(args)
     with open(tmp_path / "metrics_raw.jsonl") as f:
@@ -158,10 +238,38 @@ def test_interrupted_run_with_replay_resumes_with_the_same_losses(tiny_lm_dir, t
 
     def run(output_dir, *more):
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            assert train.main(["--prior-model", tiny_lm_dir, "--oracle", "hf", "--max-len", "6", "--batch-size", "4",
-                               "--d-model", "32", "--num-layers", "1", "--max-response-tokens", "4",
-                               "--output-dir", str(output_dir), "--no-progress", "--device", "cpu", "--seed", "11",
-                               "--save-every", "3", *extra, *more]) == 0
+            assert (
+                train.main(
+                    [
+                        "--prior-model",
+                        tiny_lm_dir,
+                        "--oracle",
+                        "hf",
+                        "--max-len",
+                        "6",
+                        "--batch-size",
+                        "4",
+                        "--d-model",
+                        "32",
+                        "--num-layers",
+                        "1",
+                        "--max-response-tokens",
+                        "4",
+                        "--output-dir",
+                        str(output_dir),
+                        "--no-progress",
+                        "--device",
+                        "cpu",
+                        "--seed",
+                        "11",
+                        "--save-every",
+                        "3",
+                        *extra,
+                        *more,
+                    ]
+                )
+                == 0
+            )
         with open(os.path.join(output_dir, "metrics_raw.jsonl")) as f:
             return {m["epoch"]: (m["train/loss"], m["train/num_replayed"]) for m in map(json.loads, f)}
 
@@ -171,8 +279,9 @@ def test_interrupted_run_with_replay_resumes_with_the_same_losses(tiny_lm_dir, t
     assert all(replayed == 4 for epoch, (_, replayed) in straight.items() if epoch > 1)  # replay is really used
     # the resumed directory's metrics: epochs 1-3 from the first part, 4-7 from the resumed one
     assert {e: n for e, (_, n) in resumed.items()} == {e: n for e, (_, n) in straight.items()}
-    assert {e: loss for e, (loss, _) in resumed.items()} == \
-        pytest.approx({e: loss for e, (loss, _) in straight.items()}, rel=1e-5, abs=1e-6)
+    assert {e: loss for e, (loss, _) in resumed.items()} == pytest.approx(
+        {e: loss for e, (loss, _) in straight.items()}, rel=1e-5, abs=1e-6
+    )
 
 
 def test_reward_temperature_anneals_linearly():
@@ -185,16 +294,42 @@ def test_reward_temperature_anneals_linearly():
 def test_modified_subtb_with_a_sampled_oracle_is_a_one_line_error(tiny_lm_dir, tmp_path):
     err = io.StringIO()
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
-        code = train.main(["--prior-model", tiny_lm_dir, "--oracle", "hf", "--loss", "modified-subtb",
-                           "--output-dir", str(tmp_path), "--device", "cpu"])
+        code = train.main(
+            [
+                "--prior-model",
+                tiny_lm_dir,
+                "--oracle",
+                "hf",
+                "--loss",
+                "modified-subtb",
+                "--output-dir",
+                str(tmp_path),
+                "--device",
+                "cpu",
+            ]
+        )
     assert code == 2 and "modified-subtb scores every prefix" in err.getvalue() and err.getvalue().count("\n") == 1
 
 
 def test_lora_on_unknown_modules_is_a_one_line_error(tiny_lm_dir, tmp_path):
     err = io.StringIO()
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
-        code = train.main(["--prior-model", tiny_lm_dir, "--oracle", "hf", "--policy", "lora", "--lora-target-modules",
-                           "no_such_layer", "--output-dir", str(tmp_path), "--device", "cpu"])
+        code = train.main(
+            [
+                "--prior-model",
+                tiny_lm_dir,
+                "--oracle",
+                "hf",
+                "--policy",
+                "lora",
+                "--lora-target-modules",
+                "no_such_layer",
+                "--output-dir",
+                str(tmp_path),
+                "--device",
+                "cpu",
+            ]
+        )
     last_line = err.getvalue().strip().splitlines()[-1]  # earlier lines: transformers' own loading progress bar
     assert code == 2 and last_line.startswith("error: cannot add LoRA adapters") and "no_such_layer" in last_line
 
@@ -209,9 +344,29 @@ def test_non_finite_rewards_are_reported_with_the_sample_and_never_trained_on(ti
     def install(policy, reward_model):
         reward_model.oracle = HalfBrokenOracle()
 
-    args = train.build_parser().parse_args([
-        "--prior-model", tiny_lm_dir, "--oracle", "hf", "--max-len", "6", "--batch-size", "4", "--d-model", "32",
-        "--num-layers", "1", "--output-dir", str(tmp_path), "--no-progress", "--device", "cpu", "--epochs", "2"])
+    args = train.build_parser().parse_args(
+        [
+            "--prior-model",
+            tiny_lm_dir,
+            "--oracle",
+            "hf",
+            "--max-len",
+            "6",
+            "--batch-size",
+            "4",
+            "--d-model",
+            "32",
+            "--num-layers",
+            "1",
+            "--output-dir",
+            str(tmp_path),
+            "--no-progress",
+            "--device",
+            "cpu",
+            "--epochs",
+            "2",
+        ]
+    )
     err = io.StringIO()
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
         result = train.train(args, on_start=install)

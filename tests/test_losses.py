@@ -1,6 +1,7 @@
+import pytest
 import torch
 
-from trajectory_balance import trajectory_balance_loss
+from trajectory_balance import modified_subtb_loss, subtb_loss, trajectory_balance_loss, vargrad_log_z, vargrad_loss
 
 
 def naive_tb_loss(log_z: float, log_pf_steps: list[list[float]], log_reward: list[float]) -> float:
@@ -17,8 +18,10 @@ def naive_tb_loss(log_z: float, log_pf_steps: list[list[float]], log_reward: lis
 
 def test_tb_loss_matches_naive_float64_reference():
     generator = torch.Generator().manual_seed(0)
-    steps = [(-torch.rand(int(n), generator=generator, dtype=torch.float64) * 5).tolist()
-             for n in torch.randint(1, 9, (16,), generator=generator)]
+    steps = [
+        (-torch.rand(int(n), generator=generator, dtype=torch.float64) * 5).tolist()
+        for n in torch.randint(1, 9, (16,), generator=generator)
+    ]
     log_reward = (torch.randn(16, generator=generator, dtype=torch.float64) * 20 - 30).tolist()
     log_z = 3.7
     expected = naive_tb_loss(log_z, steps, log_reward)
@@ -48,10 +51,6 @@ def test_tb_loss_rejects_mismatched_shapes():
 
 # --- SubTB(lambda), modified SubTB and VarGrad --------------------------------------------------
 
-
-import pytest
-
-from trajectory_balance import modified_subtb_loss, subtb_loss, vargrad_log_z, vargrad_loss
 
 MAX_LEN = 6
 
@@ -89,7 +88,7 @@ def naive_subtb(steps, flows, log_reward, lengths, lam, log_z=None):
                 residual = state_flow[i] - state_flow[j]
                 for t in range(i, j):
                     residual = residual + steps[b, t]
-                numerator = numerator + lam ** (j - i) * residual ** 2
+                numerator = numerator + lam ** (j - i) * residual**2
                 denominator += lam ** (j - i)
         total = total + numerator / denominator
     return total / len(lengths)
@@ -107,14 +106,14 @@ def naive_modified_subtb(steps, log_stop, prefix_log_reward, lengths, min_len, l
                 residual = log_z - (prefix_log_reward[b, j] - log_stop[b, j])
                 for t in range(0, j):
                     residual = residual + steps[b, t]
-                squares = squares + residual ** 2
+                squares = squares + residual**2
                 pairs += 1
         for i in range(min_len, n + 1):
             for j in range(i + 1, n + 1):
                 residual = (prefix_log_reward[b, i] - log_stop[b, i]) - (prefix_log_reward[b, j] - log_stop[b, j])
                 for t in range(i, j):
                     residual = residual + steps[b, t]
-                squares = squares + residual ** 2
+                squares = squares + residual**2
                 pairs += 1
         if pairs:
             total = total + squares / pairs
@@ -139,7 +138,10 @@ def test_subtb_matches_naive_double_loop(lam):
 @pytest.mark.parametrize("lam", [0.5, 2.0])
 def test_subtb_with_log_z_matches_naive(lam):
     lengths, steps, flows, _, _, log_reward = random_batch(2, SUBTB_LENGTHS)
-    for log_z in (torch.tensor(1.3, dtype=torch.float64), torch.linspace(-2, 2, len(SUBTB_LENGTHS), dtype=torch.float64)):
+    for log_z in (
+        torch.tensor(1.3, dtype=torch.float64),
+        torch.linspace(-2, 2, len(SUBTB_LENGTHS), dtype=torch.float64),
+    ):
         expected = naive_subtb(steps, flows, log_reward, lengths, lam, log_z=log_z).item()
         got = subtb_loss(steps, flows, log_reward, lengths, lam=lam, log_z=log_z).item()
         assert abs(got - expected) <= 1e-12 * abs(expected)
@@ -186,7 +188,10 @@ def test_subtb_is_zero_for_consistent_flows_and_positive_when_perturbed(lam):
     lengths, steps, _, _, _, _ = random_batch(5, SUBTB_LENGTHS)
     flows, log_reward = consistent_flows(steps, lengths, log_z=2.5)
     assert subtb_loss(steps, flows, log_reward, lengths, lam=lam).item() < 1e-10
-    assert subtb_loss(steps, flows, log_reward, lengths, lam=lam, log_z=torch.tensor(2.5, dtype=torch.float64)).item() < 1e-10
+    assert (
+        subtb_loss(steps, flows, log_reward, lengths, lam=lam, log_z=torch.tensor(2.5, dtype=torch.float64)).item()
+        < 1e-10
+    )
     perturbed = flows.clone()
     perturbed[1, 0] += 0.5  # log F(s_0) enters the full (TB) pair, which every lambda weights
     assert subtb_loss(steps, perturbed, log_reward, lengths, lam=lam).item() > 1e-3

@@ -1,4 +1,5 @@
 """The OpenAI oracle against a real local HTTP server speaking the OpenAI protocol (no client mocking)."""
+
 import math
 
 import pytest
@@ -36,7 +37,7 @@ def test_chat_logprobs_are_summed_and_truncation_recorded(server):
 
 def test_sentinel_logprob_makes_the_sample_invalid(server):
     oracle = OpenAIChatOracle("gpt-4o-mini", TASKS["raw"], max_tokens=30, base_url=server.base_url)
-    result, = oracle.score(["this has a SENTINEL inside"])
+    (result,) = oracle.score(["this has a SENTINEL inside"])
     assert not result.valid and result.error == "logprob_sentinel" and math.isnan(result.log_likelihood)
 
 
@@ -63,8 +64,10 @@ def test_unreachable_server_is_a_recorded_failure_not_a_crash(monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", "test-key")
     with OpenAITestServer() as srv:
         url = srv.base_url
-    oracle = OpenAIChatOracle("gpt-4o-mini", TASKS["raw"], base_url=url, retry=RetryPolicy(max_attempts=2, base_delay_s=0.01), timeout_s=2)
-    result, = oracle.score(["hi"])
+    oracle = OpenAIChatOracle(
+        "gpt-4o-mini", TASKS["raw"], base_url=url, retry=RetryPolicy(max_attempts=2, base_delay_s=0.01), timeout_s=2
+    )
+    (result,) = oracle.score(["hi"])
     assert not result.valid and result.error == "unreachable: failed after 2 attempts: APIConnectionError"
     assert result.unreachable
 
@@ -72,7 +75,7 @@ def test_unreachable_server_is_a_recorded_failure_not_a_crash(monkeypatch):
 def test_fixed_target_uses_echoed_prompt_logprobs(server):
     task = TASKS["raw"]
     oracle = OpenAIChatOracle("served-model", task, base_url=server.base_url, target_response=" Paris is the capital.")
-    result, = oracle.score(["The capital of France?"])
+    (result,) = oracle.score(["The capital of France?"])
     full = task.plain_prompt("The capital of France?") + " Paris is the capital."
     tokens, logprobs, offsets = prompt_token_logprobs("served-model", full)
     prompt_len = len(task.plain_prompt("The capital of France?"))

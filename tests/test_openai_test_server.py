@@ -70,8 +70,9 @@ def client(server: OpenAITestServer) -> Iterator[openai.OpenAI]:
 def test_chat_logprobs_match_pure_function(server: OpenAITestServer, client: openai.OpenAI) -> None:
     messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Say something."}]
     server.reset_stats()
-    resp = client.chat.completions.create(model=MODEL, messages=messages, logprobs=True, top_logprobs=0, max_tokens=50,
-                                          temperature=1.0, seed=0)
+    resp = client.chat.completions.create(
+        model=MODEL, messages=messages, logprobs=True, top_logprobs=0, max_tokens=50, temperature=1.0, seed=0
+    )
     tokens, logprobs, finish = chat_response_tokens(MODEL, messages, 50)
     choice = resp.choices[0]
     assert choice.message.content == "".join(tokens)
@@ -104,7 +105,9 @@ def test_chat_without_logprobs_and_top_logprobs(client: openai.OpenAI) -> None:
 def test_chat_truncation_gives_length(client: openai.OpenAI) -> None:
     # Every full answer has at least 3 tokens, so max 2 always truncates.
     messages = [{"role": "user", "content": "tell me a long story"}]
-    resp = client.chat.completions.create(model=MODEL, messages=messages, logprobs=True, top_logprobs=0, max_completion_tokens=2)
+    resp = client.chat.completions.create(
+        model=MODEL, messages=messages, logprobs=True, top_logprobs=0, max_completion_tokens=2
+    )
     tokens, logprobs, finish = chat_response_tokens(MODEL, messages, 2)
     assert finish == "length" and len(tokens) == 2
     assert resp.choices[0].finish_reason == "length"
@@ -131,8 +134,9 @@ def test_wrong_key_is_401(server: OpenAITestServer) -> None:
 
 def test_logprobs_forbidden_is_403(client: openai.OpenAI) -> None:
     with pytest.raises(openai.PermissionDeniedError) as info:
-        client.chat.completions.create(model="no-logprobs-model", messages=[{"role": "user", "content": "hi"}],
-                                       logprobs=True)
+        client.chat.completions.create(
+            model="no-logprobs-model", messages=[{"role": "user", "content": "hi"}], logprobs=True
+        )
     assert "not allowed to request logprobs" in info.value.message
     # Without logprobs the same model answers normally.
     ok = client.chat.completions.create(model="no-logprobs-model", messages=[{"role": "user", "content": "hi"}])
@@ -153,8 +157,7 @@ def test_models_list(client: openai.OpenAI) -> None:
 
 def test_completions_echo_scoring(server: OpenAITestServer, client: openai.OpenAI) -> None:
     prompt = "  The quick brown\nfox jumps. \n"
-    resp = client.completions.create(model="test-completion-model", prompt=prompt, max_tokens=0, echo=True,
-                                     logprobs=1)
+    resp = client.completions.create(model="test-completion-model", prompt=prompt, max_tokens=0, echo=True, logprobs=1)
     tokens, logprobs, offsets = prompt_token_logprobs("test-completion-model", prompt)
     assert "".join(tokens) == prompt
     choice = resp.choices[0]
@@ -256,8 +259,9 @@ def test_slots_queue_model_answers_fifo_and_time_out_a_short_client() -> None:
 HI = [{"role": "user", "content": "hi"}]
 
 
-def test_rate_limited_fault_is_rate_limit_error_with_retry_hints(server: OpenAITestServer,
-                                                                 client: openai.OpenAI) -> None:
+def test_rate_limited_fault_is_rate_limit_error_with_retry_hints(
+    server: OpenAITestServer, client: openai.OpenAI
+) -> None:
     server.reset_stats()
     server.add_fault(rate_limited(retry_after_ms=50))
     with pytest.raises(openai.RateLimitError) as info:
@@ -281,9 +285,12 @@ def test_insufficient_quota_is_a_429_told_apart_by_its_body(client: openai.OpenA
         client.chat.completions.create(model=MODEL, messages=HI)
     assert info.value.status_code == 429
     assert info.value.code == "insufficient_quota" and info.value.type == "insufficient_quota"
-    assert info.value.body == {"message": "You exceeded your current quota, please check your plan and billing "
-                                          "details.", "type": "insufficient_quota", "param": None,
-                               "code": "insufficient_quota"}
+    assert info.value.body == {
+        "message": "You exceeded your current quota, please check your plan and billing details.",
+        "type": "insufficient_quota",
+        "param": None,
+        "code": "insufficient_quota",
+    }
 
 
 @pytest.mark.parametrize("status", [500, 502, 503])
@@ -406,8 +413,9 @@ def test_idempotent_replay_is_billed_once() -> None:
         dup_keys = [k for k, n in srv.billed.items() if n == 2]
         assert len(dup_keys) == 1 and re.fullmatch(r"[0-9a-f]{64}", dup_keys[0])
         # The body hash is of the exact bytes the client sent (its compact JSON encoding).
-        sent = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "dup"}]},
-                          separators=(",", ":")).encode()
+        sent = json.dumps(
+            {"model": MODEL, "messages": [{"role": "user", "content": "dup"}]}, separators=(",", ":")
+        ).encode()
         assert billing_key(sent) == dup_keys[0]
         assert billing_key(b"x", "k") == "k"
         assert srv.billed_total() == 3
@@ -426,8 +434,9 @@ def test_concurrent_request_with_same_key_gets_409() -> None:
 
         srv._model_reply = slow_model  # type: ignore[method-assign]
         results: list[object] = []
-        t = threading.Thread(target=lambda: results.append(
-            c.chat.completions.create(model=MODEL, messages=HI, extra_headers=key)))
+        t = threading.Thread(
+            target=lambda: results.append(c.chat.completions.create(model=MODEL, messages=HI, extra_headers=key))
+        )
         t.start()
         time.sleep(0.1)
         with pytest.raises(openai.ConflictError) as info:
@@ -511,9 +520,18 @@ def test_enforce_limits_429_until_the_window_frees() -> None:
 
 
 def _batch_line(custom_id: str, content: str) -> dict:
-    return {"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions",
-            "body": {"model": MODEL, "messages": [{"role": "user", "content": content}], "logprobs": True, "top_logprobs": 0,
-                     "max_tokens": 30}}
+    return {
+        "custom_id": custom_id,
+        "method": "POST",
+        "url": "/v1/chat/completions",
+        "body": {
+            "model": MODEL,
+            "messages": [{"role": "user", "content": content}],
+            "logprobs": True,
+            "top_logprobs": 0,
+            "max_tokens": 30,
+        },
+    }
 
 
 def test_batch_roundtrip() -> None:
@@ -526,8 +544,9 @@ def test_batch_roundtrip() -> None:
         assert uploaded.id.startswith("file-") and uploaded.purpose == "batch" and uploaded.bytes == len(payload)
         assert uploaded.filename == "in.jsonl" and uploaded.status == "processed"
         assert c.files.content(uploaded.id).content == payload  # exact bytes, multipart parsed losslessly
-        batch = c.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
-                                 completion_window="24h", metadata={"run": "t1"})
+        batch = c.batches.create(
+            input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h", metadata={"run": "t1"}
+        )
         assert batch.status == "validating" and batch.output_file_id is None and batch.metadata == {"run": "t1"}
         assert batch.request_counts is not None and batch.request_counts.total == 8
         assert srv.batches_created == 1 and srv.billed_total() == 0

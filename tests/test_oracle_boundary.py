@@ -1,5 +1,6 @@
 """What crosses the boundary between the policy and a local oracle: the prompt format, x as the policy's own
 token ids (not a decode-and-re-encode of them), y stored exactly, and every oracle evaluation counted once."""
+
 import math
 
 import pytest
@@ -26,10 +27,11 @@ def test_oracle_format_plain_chat_and_auto(tiny_chat_lm_dir, tiny_lm_dir):
         chat = HFResponseOracle(model, tokenizer, TASKS["assistant"], prompt_format=fmt)
         prompt = chat.prompt_ids(x)
         assert prompt[0] == im_start
-        rendered = tokenizer.apply_chat_template(TASKS["assistant"].messages("Hello there"), add_generation_prompt=True,
-                                                 tokenize=False)
+        rendered = tokenizer.apply_chat_template(
+            TASKS["assistant"].messages("Hello there"), add_generation_prompt=True, tokenize=False
+        )
         assert tokenizer.decode(prompt) == rendered
-        assert x == prompt[len(chat.prompt_before):len(chat.prompt_before) + len(x)]
+        assert x == prompt[len(chat.prompt_before) : len(chat.prompt_before) + len(x)]
     base_model, base_tokenizer = load_causal_lm(tiny_lm_dir)
     assert HFResponseOracle(base_model, base_tokenizer, TASKS["raw"]).prompt_format == "plain"
     with pytest.raises(UserError, match="no chat template"):
@@ -103,8 +105,10 @@ def test_sampled_y_is_stored_exactly_with_its_special_tokens(tiny_chat_lm_dir):
 
     handle = model.lm_head.register_forward_hook(force_endoftext_first)
     try:
-        oracle = HFResponseOracle(model, tokenizer, TASKS["raw"], temperature=0.0, max_new_tokens=4, prompt_format="plain")
-        result, = oracle.score(["Hello"])
+        oracle = HFResponseOracle(
+            model, tokenizer, TASKS["raw"], temperature=0.0, max_new_tokens=4, prompt_format="plain"
+        )
+        (result,) = oracle.score(["Hello"])
     finally:
         handle.remove()
     assert result.token_ids[0] == endoftext

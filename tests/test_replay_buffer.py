@@ -1,5 +1,6 @@
 """The replay buffer's rules (see replay_buffer.py), one suite run against both backends. The Redis backend runs
 against a real redis-server (the `redis_url` fixture in conftest.py), each test in its own namespace."""
+
 from __future__ import annotations
 
 import math
@@ -16,10 +17,20 @@ import redis
 from replay_buffer import ReplayBufferConnectionError, ReplayItem, jaccard, make_replay_buffer, token_grams
 
 
-def item(token_ids: list[int], log_prior: float, log_likelihood: float = 0.0, text: str | None = None,
-         extra: dict | None = None) -> ReplayItem:
-    return ReplayItem(list(token_ids), text if text is not None else " ".join(map(str, token_ids)),
-                      log_prior, log_likelihood, extra if extra is not None else {})
+def item(
+    token_ids: list[int],
+    log_prior: float,
+    log_likelihood: float = 0.0,
+    text: str | None = None,
+    extra: dict | None = None,
+) -> ReplayItem:
+    return ReplayItem(
+        list(token_ids),
+        text if text is not None else " ".join(map(str, token_ids)),
+        log_prior,
+        log_likelihood,
+        extra if extra is not None else {},
+    )
 
 
 def distinct(i: int, length: int = 4) -> list[int]:
@@ -103,8 +114,13 @@ def test_eviction_uses_the_weights_given_to_add(make) -> None:
 
 def test_equal_minima_evict_the_latest_inserted(make) -> None:
     buffer = make(3, priority="uniform")
-    buffer.add([item(distinct(0), 1.0, text="first"), item(distinct(1), 1.0, text="second"),
-                item(distinct(2), 5.0, text="best")])
+    buffer.add(
+        [
+            item(distinct(0), 1.0, text="first"),
+            item(distinct(1), 1.0, text="second"),
+            item(distinct(2), 5.0, text="best"),
+        ]
+    )
     buffer.add([item(distinct(3), 2.0, text="new")])
     assert set(contents(buffer)) == {"first", "best", "new"}
 
@@ -165,8 +181,12 @@ def reference_contents(offers: list[ReplayItem], capacity: int, threshold: float
     stored: list[tuple[ReplayItem, int]] = []  # (item, insertion number)
     for seq, x in enumerate(offers):
         score = x.log_reward(1.0, 1.0)
-        rivals = [(y, s) for y, s in stored if y.token_ids == x.token_ids
-                  or (threshold <= 1 and jaccard(token_grams(x.token_ids), token_grams(y.token_ids)) >= threshold)]
+        rivals = [
+            (y, s)
+            for y, s in stored
+            if y.token_ids == x.token_ids
+            or (threshold <= 1 and jaccard(token_grams(x.token_ids), token_grams(y.token_ids)) >= threshold)
+        ]
         if rivals:
             if score <= max(y.log_reward(1.0, 1.0) for y, _ in rivals):
                 continue
@@ -183,11 +203,12 @@ def reference_contents(offers: list[ReplayItem], capacity: int, threshold: float
 @pytest.mark.parametrize("threshold", [0.3, 0.6, 1.0, 2.0])
 def test_rules_match_a_brute_force_reference(make, threshold: float) -> None:
     rng = random.Random(int(threshold * 10))
-    offers = [item([rng.randint(0, 5) for _ in range(rng.randint(0, 6))], float(rng.randint(-20, 20)))
-              for _ in range(150)]  # a small vocabulary: many exact and near duplicates, and tied rewards
+    offers = [
+        item([rng.randint(0, 5) for _ in range(rng.randint(0, 6))], float(rng.randint(-20, 20))) for _ in range(150)
+    ]  # a small vocabulary: many exact and near duplicates, and tied rewards
     buffer = make(8, priority="uniform", near_duplicate_threshold=threshold)
     for start in range(0, len(offers), 5):
-        buffer.add(offers[start:start + 5])
+        buffer.add(offers[start : start + 5])
     drawn = buffer.sample(3000, generator=random.Random(0))
     assert {(tuple(x.token_ids), x.log_prior) for x in drawn} == reference_contents(offers, 8, threshold)
     assert buffer.size() == len(reference_contents(offers, 8, threshold))
@@ -196,8 +217,10 @@ def test_rules_match_a_brute_force_reference(make, threshold: float) -> None:
 def test_conditions_are_separate_heaps(make) -> None:
     buffer = make(2)
     buffer.add([item(distinct(0), 1.0, text="a0"), item(distinct(1), 2.0, text="a1")], condition="a")
-    buffer.add([item(distinct(0), 5.0, text="b0"), item(distinct(1), 6.0, text="b1"),
-                item(distinct(2), 7.0, text="b2")], condition="b")  # same token ids: not duplicates across conditions
+    buffer.add(
+        [item(distinct(0), 5.0, text="b0"), item(distinct(1), 6.0, text="b1"), item(distinct(2), 7.0, text="b2")],
+        condition="b",
+    )  # same token ids: not duplicates across conditions
     assert buffer.size("a") == 2 and buffer.size("b") == 2 and buffer.size("c") == 0 and buffer.size() == 0
     assert len(buffer) == 4
     assert buffer.conditions() == ["a", "b"]
@@ -284,8 +307,12 @@ def test_sampling_retempers_stored_components(make) -> None:
     assert frequencies(rank, n, prior_weight=0.0, llm_weight=1.0)["likely-y"] / n == pytest.approx(2 / 3, abs=0.02)
     # Tempered: the top share is sigmoid(3 / T) under weights (1, 0), and it falls towards 1/2 as T grows.
     for reward_temperature in (1.0, 3.0, 100.0):
-        share = frequencies(tempered, n, prior_weight=1.0, llm_weight=0.0,
-                            reward_temperature=reward_temperature)["likely-x"] / n
+        share = (
+            frequencies(tempered, n, prior_weight=1.0, llm_weight=0.0, reward_temperature=reward_temperature)[
+                "likely-x"
+            ]
+            / n
+        )
         assert share == pytest.approx(1 / (1 + math.exp(-3.0 / reward_temperature)), abs=0.02)
     assert frequencies(tempered, n, prior_weight=0.0, llm_weight=1.0)["likely-y"] / n > 0.9
 
@@ -363,13 +390,27 @@ def test_backends_return_identical_samples(redis_url: str) -> None:
         batch = []
         for _ in range(sequence_rng.randint(1, 4)):
             ids = [sequence_rng.randint(0, 6) for _ in range(sequence_rng.randint(1, 5))]
-            batch.append(item(ids, float(sequence_rng.randint(-3, 3)), float(sequence_rng.randint(-3, 0)),
-                              extra={"y": sequence_rng.random()}))
+            batch.append(
+                item(
+                    ids,
+                    float(sequence_rng.randint(-3, 3)),
+                    float(sequence_rng.randint(-3, 0)),
+                    extra={"y": sequence_rng.random()},
+                )
+            )
         batches.append((batch, sequence_rng.choice(["", "s1"]), sequence_rng.choice([1.0, 0.5])))
     for priority in ("rank", "tempered", "uniform"):
-        buffers = [make_replay_buffer(backend, 6, priority=priority, near_duplicate_threshold=0.6,
-                                      redis_url=redis_url, namespace=fresh_namespace())
-                   for backend in ("memory", "redis")]
+        buffers = [
+            make_replay_buffer(
+                backend,
+                6,
+                priority=priority,
+                near_duplicate_threshold=0.6,
+                redis_url=redis_url,
+                namespace=fresh_namespace(),
+            )
+            for backend in ("memory", "redis")
+        ]
         try:
             for batch, condition, prior_weight in batches:
                 added = [b.add(batch, condition, prior_weight=prior_weight) for b in buffers]
@@ -390,8 +431,10 @@ def test_backends_return_identical_samples(redis_url: str) -> None:
 def test_concurrent_redis_writers_keep_capacity_and_best_copies(redis_url: str) -> None:
     capacity, namespace = 8, fresh_namespace()
     # 40 distinct sequences; each writer offers every one with its own reward, one item per add, in its own order.
-    offers = {w: [item(distinct(i), random.Random(100 * w + i).uniform(-10, 10), text=f"s{i}") for i in range(40)]
-              for w in range(2)}
+    offers = {
+        w: [item(distinct(i), random.Random(100 * w + i).uniform(-10, 10), text=f"s{i}") for i in range(40)]
+        for w in range(2)
+    }
     best = {f"s{i}": max(offers[0][i].log_prior, offers[1][i].log_prior) for i in range(40)}
     top = dict(sorted(best.items(), key=lambda kv: -kv[1])[:capacity])  # the outcome of any serial order
     writers = [make_replay_buffer("redis", capacity, redis_url=redis_url, namespace=namespace) for _ in range(2)]

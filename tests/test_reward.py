@@ -33,7 +33,9 @@ def test_prior_scores_match_naive_reference_with_and_without_eos(tiny_lm_dir):
     expected = [naive_log_prob(model, [start] + t[:n].tolist()) for t, n in zip(tokens, lengths)]
     assert torch.allclose(got.double(), torch.tensor(expected, dtype=torch.float64), atol=1e-4)
     with_eos = PriorScorer(model, tokenizer, include_eos=True).log_prob(tokens, lengths)
-    expected_eos = [naive_log_prob(model, [start] + t[:n].tolist() + [tokenizer.eos_token_id]) for t, n in zip(tokens, lengths)]
+    expected_eos = [
+        naive_log_prob(model, [start] + t[:n].tolist() + [tokenizer.eos_token_id]) for t, n in zip(tokens, lengths)
+    ]
     assert torch.allclose(with_eos.double(), torch.tensor(expected_eos, dtype=torch.float64), atol=1e-4)
     assert (with_eos < got).all()
 
@@ -97,8 +99,13 @@ def test_reward_model_weights_components_and_marks_failures_invalid(tiny_lm_dir)
     model, tokenizer = load_causal_lm(tiny_lm_dir)
     prior = PriorScorer(model, tokenizer)
     tokens, lengths = random_batch(len(tokenizer) - 1, 5, 3, seed=1)
-    oracle = FixedOracle([OracleResult("y", -2.0, 1), OracleResult.failed("HTTP 500"),
-                          OracleResult("y", float("nan"), 2, valid=False, error="logprob_sentinel")])
+    oracle = FixedOracle(
+        [
+            OracleResult("y", -2.0, 1),
+            OracleResult.failed("HTTP 500"),
+            OracleResult("y", float("nan"), 2, valid=False, error="logprob_sentinel"),
+        ]
+    )
     batch = RewardModel(tokenizer, prior, oracle, prior_weight=0.5, llm_weight=2.0)(tokens, lengths)
     log_prior = prior.log_prob(tokens, lengths).double()
     assert batch.log_reward[0].item() == pytest.approx(0.5 * log_prior[0].item() - 4.0)

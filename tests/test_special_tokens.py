@@ -1,6 +1,7 @@
 """Document-start and document-end tokens are chosen by what the vocabulary contains, for the special-token
 layouts of real families (GPT-2, SmolLM2, Llama-2, Llama-3, Qwen2), and the prior scores x after that start
 token: checked against a hand-computed teacher-forced sum."""
+
 import math
 
 import pytest
@@ -49,6 +50,10 @@ def test_prior_log_prob_is_the_teacher_forced_sum_after_the_document_start(layou
     if wrong_start == start:  # Llama-3: its BOS is the document start
         return
     with torch.no_grad():
-        wrong = sum(torch.log_softmax(model(input_ids=torch.tensor([[wrong_start] + x[:t]])).logits[0, -1].double(), -1)[x[t]].item()
-                    for t in range(len(x)))
+        wrong = sum(
+            torch.log_softmax(model(input_ids=torch.tensor([[wrong_start] + x[:t]])).logits[0, -1].double(), -1)[
+                x[t]
+            ].item()
+            for t in range(len(x))
+        )
     assert abs(wrong - expected) > 1e-3

@@ -9,10 +9,35 @@ import sweep
 def test_sweep_runs_each_grid_point_in_its_own_directory_and_compares_them(tiny_lm_dir, tmp_path):
     out = io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
-        code = sweep.main(["--grid", "prior-weight=0.5,1.0", "llm-weight=0", "--tail", "2", "--",
-                           "--prior-model", tiny_lm_dir, "--oracle", "hf", "--epochs", "2", "--batch-size", "4",
-                           "--max-len", "5", "--d-model", "32", "--num-layers", "1", "--no-progress", "--device", "cpu",
-                           "--output-dir", str(tmp_path)])
+        code = sweep.main(
+            [
+                "--grid",
+                "prior-weight=0.5,1.0",
+                "llm-weight=0",
+                "--tail",
+                "2",
+                "--",
+                "--prior-model",
+                tiny_lm_dir,
+                "--oracle",
+                "hf",
+                "--epochs",
+                "2",
+                "--batch-size",
+                "4",
+                "--max-len",
+                "5",
+                "--d-model",
+                "32",
+                "--num-layers",
+                "1",
+                "--no-progress",
+                "--device",
+                "cpu",
+                "--output-dir",
+                str(tmp_path),
+            ]
+        )
     assert code == 0
     names = ["prior-weight=0.5_llm-weight=0", "prior-weight=1.0_llm-weight=0"]
     for name in names:

@@ -1,4 +1,5 @@
 """The training loop and the command-line entry points, end to end on tiny local models."""
+
 import contextlib
 import glob
 import io
@@ -19,9 +20,30 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_flags(model_dir: str, output_dir, *extra: str) -> list[str]:
-    return ["--prior-model", model_dir, "--oracle", "hf", "--d-model", "32", "--num-layers", "1", "--max-len", "6",
-            "--batch-size", "4", "--max-response-tokens", "5", "--output-dir", str(output_dir), "--no-progress",
-            "--device", "cpu", "--seed", "7", *extra]
+    return [
+        "--prior-model",
+        model_dir,
+        "--oracle",
+        "hf",
+        "--d-model",
+        "32",
+        "--num-layers",
+        "1",
+        "--max-len",
+        "6",
+        "--batch-size",
+        "4",
+        "--max-response-tokens",
+        "5",
+        "--output-dir",
+        str(output_dir),
+        "--no-progress",
+        "--device",
+        "cpu",
+        "--seed",
+        "7",
+        *extra,
+    ]
 
 
 def run_main(argv: list[str], entry=train.main) -> tuple[int, str]:
@@ -69,8 +91,11 @@ def test_stopped_and_resumed_run_logs_the_same_losses(tiny_lm_dir, tmp_path):
 
 
 def test_cosine_learning_rate_schedule_reaches_the_minimum_at_the_last_epoch(tiny_lm_dir, tmp_path):
-    code, err = run_main(tiny_flags(tiny_lm_dir, tmp_path, "--epochs", "5", "--lr", "1e-3", "--lr-schedule", "cosine",
-                                    "--lr-min-factor", "0.2"))
+    code, err = run_main(
+        tiny_flags(
+            tiny_lm_dir, tmp_path, "--epochs", "5", "--lr", "1e-3", "--lr-schedule", "cosine", "--lr-min-factor", "0.2"
+        )
+    )
     assert code == 0, err
     rates = [m["train/lr"] for m in read_jsonl(os.path.join(tmp_path, "metrics_raw.jsonl"))]
     # 1e-3 * (0.2 + 0.8 * (1 + cos(pi * k / 4)) / 2), k = 0..4
@@ -86,14 +111,17 @@ def test_checkpoints_are_named_and_complete(tiny_lm_dir, tmp_path):
     assert not glob.glob(str(tmp_path / ".tmp-*"))  # no temp files left behind
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--batch-size", "0"], "--batch-size must be >= 1"),
-    (["--task", "poetry"], "invalid choice: 'poetry'"),
-    (["--temperature", "-1"], "--temperature must be > 0"),
-    (["--min-len", "9", "--max-len", "4"], "--min-len"),
-    (["--epochs", "ten"], "invalid int value"),
-    (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "tpu"], "--device"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--batch-size", "0"], "--batch-size must be >= 1"),
+        (["--task", "poetry"], "invalid choice: 'poetry'"),
+        (["--temperature", "-1"], "--temperature must be > 0"),
+        (["--min-len", "9", "--max-len", "4"], "--min-len"),
+        (["--epochs", "ten"], "invalid int value"),
+        (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "tpu"], "--device"),
+    ],
+)
 def test_bad_flags_are_one_line_errors(tiny_lm_dir, tmp_path, argv, message):
     code, err = run_main(tiny_flags(tiny_lm_dir, tmp_path) + argv)
     assert code == 2 and message in err and err.count("\n") == 1 and "Traceback" not in err
@@ -116,9 +144,12 @@ def test_unknown_model_and_bad_checkpoints_are_one_line_errors(tiny_lm_dir, tmp_
     real = (tmp_path / "ok" / "checkpoint_gfn_raw_epoch2.pt").read_bytes()
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(real[: len(real) // 2])
-    for path, message in [(garbage, "corrupt or not a checkpoint of this project"),
-                          (truncated, "corrupt or not a checkpoint of this project"),
-                          (foreign, "is not a checkpoint of this project"), (tmp_path / "missing.pt", "checkpoint not found")]:
+    for path, message in [
+        (garbage, "corrupt or not a checkpoint of this project"),
+        (truncated, "corrupt or not a checkpoint of this project"),
+        (foreign, "is not a checkpoint of this project"),
+        (tmp_path / "missing.pt", "checkpoint not found"),
+    ]:
         code, err = run_main(tiny_flags(tiny_lm_dir, tmp_path, "--epochs", "3", "--resume", str(path)))
         assert code == 2 and message in err and err.count("\n") == 1, err
         assert "weights_only" not in err  # never suggest loading an untrusted pickle
@@ -128,8 +159,14 @@ def test_unknown_model_and_bad_checkpoints_are_one_line_errors(tiny_lm_dir, tmp_
 
 def test_suck_gpt4_cli_is_a_real_one_line_error_in_a_subprocess(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "OPENAI_API_KEY"}
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "suck_gpt4.py"), "--output-dir", str(tmp_path)],
-                          capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=120)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "suck_gpt4.py"), "--output-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=str(tmp_path),
+        timeout=120,
+    )
     assert proc.returncode == 2 and proc.stderr.strip().startswith("error: OPENAI_API_KEY is not set")
     assert proc.stderr.count("\n") == 1
 
@@ -138,8 +175,18 @@ def test_openai_oracle_run_never_writes_the_key(tiny_lm_dir, tmp_path, monkeypat
     secret = "sk-test-SECRET-0123456789"
     monkeypatch.setenv("OPENAI_API_KEY", secret)
     with OpenAITestServer(api_key=secret) as server:
-        argv = tiny_flags(tiny_lm_dir, tmp_path, "--epochs", "3", "--save-every", "2", "--wandb-mode", "offline",
-                          "--wandb-project", "test")
+        argv = tiny_flags(
+            tiny_lm_dir,
+            tmp_path,
+            "--epochs",
+            "3",
+            "--save-every",
+            "2",
+            "--wandb-mode",
+            "offline",
+            "--wandb-project",
+            "test",
+        )
         argv[argv.index("hf")] = "openai"
         code, err = run_main(argv + ["--base-url", server.base_url, "--model", "gpt-4o-mini"])
         assert code == 0, err
@@ -160,8 +207,22 @@ def test_evaluation_samples_a_checkpoint_and_writes_a_summary(tiny_lm_dir, tmp_p
     assert run_main(tiny_flags(tiny_lm_dir, tmp_path, "--epochs", "2"))[0] == 0
     checkpoint = str(tmp_path / "checkpoint_gfn_raw_epoch2.pt")
     output = str(tmp_path / "eval.jsonl")
-    code, err = run_main(["--checkpoint", checkpoint, "--num-samples", "10", "--batch-size", "4", "--score",
-                          "--output", output, "--device", "cpu"], entry=sample.main)
+    code, err = run_main(
+        [
+            "--checkpoint",
+            checkpoint,
+            "--num-samples",
+            "10",
+            "--batch-size",
+            "4",
+            "--score",
+            "--output",
+            output,
+            "--device",
+            "cpu",
+        ],
+        entry=sample.main,
+    )
     assert code == 0, err
     records = read_jsonl(output)
     assert len(records) == 10 and all(len(r["token_ids"]) <= 6 and "log_reward" in r for r in records)
@@ -172,16 +233,24 @@ def test_evaluation_samples_a_checkpoint_and_writes_a_summary(tiny_lm_dir, tmp_p
     assert code == 2 and "checkpoint not found" in err
 
 
-@pytest.mark.parametrize("script, argv, message", [
-    ("train.py", ["--batch-size", "0"], "--batch-size must be >= 1"),
-    ("suck_gpt4.py", ["--oracle-format", "poetry"], "invalid choice: 'poetry'"),
-    ("demo.py", ["--task", "contradiction", "--policy", "transformer"], "needs --policy lora"),
-    ("train.py", ["--help"], None),
-])
+@pytest.mark.parametrize(
+    "script, argv, message",
+    [
+        ("train.py", ["--batch-size", "0"], "--batch-size must be >= 1"),
+        ("suck_gpt4.py", ["--oracle-format", "poetry"], "invalid choice: 'poetry'"),
+        ("demo.py", ["--task", "contradiction", "--policy", "transformer"], "needs --policy lora"),
+        ("train.py", ["--help"], None),
+    ],
+)
 def test_bad_flags_and_help_answer_before_torch_is_imported(script, argv, message):
     # -X importtime lists every module imported: a bad flag must be reported before torch or transformers load
-    proc = subprocess.run([sys.executable, "-X", "importtime", os.path.join(ROOT, script), *argv],
-                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", os.path.join(ROOT, script), *argv],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
     imported = {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
     assert "torch" not in imported and "transformers" not in imported
     errors = [line for line in proc.stderr.splitlines() if not line.startswith("import time:")]
@@ -204,8 +273,13 @@ def test_format_1_checkpoints_are_migrated_and_resume(tiny_lm_dir, tmp_path):
     path = tmp_path / "checkpoint_gfn_raw_epoch2.pt"
     state = torch.load(path, weights_only=True)
     record = state.pop("policy_record")
-    old = {**state, "format": "dataset-sucker-gfn/1", "policy_config": record["config"], "lora_settings": None,
-           "batch_round": state.pop("source_state")}
+    old = {
+        **state,
+        "format": "dataset-sucker-gfn/1",
+        "policy_config": record["config"],
+        "lora_settings": None,
+        "batch_round": state.pop("source_state"),
+    }
     old.pop("run_id")
     torch.save(old, path)
     migrated = load_checkpoint(str(path))
