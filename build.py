@@ -352,7 +352,9 @@ class Outputs:
             JsonlAppender(os.path.join(args.output_dir, f"samples_{args.task}.jsonl")) if main else NullAppender()
         )
         self.metrics = (
-            JsonlAppender(os.path.join(args.output_dir, f"metrics_{args.task}.jsonl")) if main else NullAppender()
+            JsonlAppender(os.path.join(args.output_dir, f"metrics_{args.task}.jsonl"), fsync=False)
+            if main
+            else NullAppender()
         )
         self.wandb = init_wandb(args) if main else None
         self.progress = None

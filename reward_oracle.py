@@ -429,9 +429,8 @@ class RewardModel:
         log_reward = self.prior_weight * log_prior + self.llm_weight * log_likelihood
         valid &= torch.isfinite(log_reward)
         ids = token_id_lists(tokens, lengths)
-        retokenises = [
-            self.tokenizer(text, add_special_tokens=False)["input_ids"] == row for text, row in zip(texts, ids)
-        ]
+        reencoded = self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []  # one batched call
+        retokenises = [again == row for again, row in zip(reencoded, ids)]
         return RewardBatch(
             texts,
             log_prior,

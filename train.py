@@ -362,9 +362,9 @@ def length_histogram(lengths: torch.Tensor) -> dict[str, int]:
     return {str(int(v)): int(c) for v, c in zip(values, counts)}
 
 
-def _finite_or_none(value: torch.Tensor) -> float | None:
+def _finite_or_none(value) -> float | None:
     value = float(value)
-    return value if torch.isfinite(torch.tensor(value)) else None
+    return value if math.isfinite(value) else None
 
 
 def replay_batch(
