@@ -32,7 +32,11 @@ The rule is a delay-based AIMD in the spirit of TCP Vegas and Netflix's concurre
   A caller that sends fewer requests than the limit shows nothing about whether more would queue.
 - "overload" (a timeout, HTTP 429 or 503, a connection reset while queued) halves the limit at once. This
   happens at most once per round: an overload of a request that was sent before the last decrease is counted
-  but does not decrease the limit again. "error" changes nothing.
+  but does not decrease the limit again. Afterwards, rounds with q < 1.2 double the limit back up to where it
+  was before the cut, and only then add one at a time. An overload that has nothing to do with our load (a
+  gateway that throws the odd 429) therefore costs a few rounds, not a slow climb back. A real one, such as
+  a timeout in a queue, shows as q ≥ 1.2 and gets no such help. A round with q > 2.2 forgets the old limit.
+  "error" changes nothing.
 
 What this gives in batches of 8, as the training loop sends them:
 
@@ -42,10 +46,18 @@ What this gives in batches of 8, as the training loop sends them:
 - 64 slots, or api.openai.com: the limit reaches the ceiling and stays there. Latency noise that does not grow
   with our own concurrency moves the reference and the round's median alike.
 
-Limits. The reference comes only from requests sent alone. The training loop sends one at the start of every
-batch, but a caller that keeps the server saturated all the time never refreshes it. Nothing here is
-checkpointed: a resumed run starts again from slow start.
+Limits (BENCHMARKS.md, "Adaptive API concurrency"):
+
+- The reference comes only from requests sent alone. The training loop sends one at the start of every batch,
+  but a caller that keeps the server saturated all the time never refreshes it.
+- Slow start makes the first batch a few round trips long.
+- 429s thrown at random, unrelated to load, keep the limit low under continuous load.
+- A client whose own CPU is saturated (many workers on few cores) sees latency rise with concurrency, and the
+  limit stops below the ceiling there, although more requests in flight would still add throughput. Fixed
+  mode suits those cases.
+- Nothing here is checkpointed: a resumed run starts again from slow start.
 """
+
 from __future__ import annotations
 
 import math
@@ -79,8 +91,14 @@ class AdaptiveConcurrency:
     with its outcome. Adaptive by default (see the module docstring); with fixed=True the limit is the
     ceiling."""
 
-    def __init__(self, ceiling: int, fixed: bool = False, initial: int | None = None,
-                 clock: Callable[[], float] = time.monotonic, head_start_s: float | None = None) -> None:
+    def __init__(
+        self,
+        ceiling: int,
+        fixed: bool = False,
+        initial: int | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        head_start_s: float | None = None,
+    ) -> None:
         if int(ceiling) < 1:
             raise ValueError(f"ceiling must be >= 1, got {ceiling}")
         self.ceiling = int(ceiling)
@@ -103,9 +121,18 @@ class AdaptiveConcurrency:
         self._alone: deque[tuple[float, float]] = deque(maxlen=ALONE_WINDOW)  # (work, latency) sent alone
         self._min_per_work = math.inf
         self._min_latency = math.inf
+        self._recover_to = 0.0  # the limit before the last overload cut(s), regained fast while nothing queues
         self._last_ratio: float | None = None
-        self._counts = {"acquired": 0, "replies": 0, "overloads": 0, "errors": 0, "rounds": 0, "increases": 0,
-                        "decreases": 0, "peak_in_flight": 0}
+        self._counts = {
+            "acquired": 0,
+            "replies": 0,
+            "overloads": 0,
+            "errors": 0,
+            "rounds": 0,
+            "increases": 0,
+            "decreases": 0,
+            "peak_in_flight": 0,
+        }
         self._limit_sum = 0
 
     # ------------------------------------------------------------------------------------------ public API
@@ -145,13 +172,14 @@ class AdaptiveConcurrency:
             self._limit_sum += self._current_limit()
             return self._seq
 
-    def release(self, outcome: str, latency_s: float | None = None, work: float = 1.0,
-                ticket: int | None = None) -> None:
+    def release(
+        self, outcome: str, latency_s: float | None = None, work: float = 1.0, ticket: int | None = None
+    ) -> None:
         """Count one request out of flight.
 
         outcome: "ok" for a reply; "overload" for a timeout, HTTP 429 or 503, or a connection reset while
-        queued; "error" for anything else, which does not change the limit. latency_s: the attempt's duration,
-        measured by the caller's clock since acquire() if None. work: the reply's size (for example
+        queued; "error" for anything else, which does not change the limit. latency_s: the attempt's duration;
+        if None, the time on `clock` since acquire(). work: the reply's size (for example
         completion tokens + 1), so that latency is compared per unit of work. ticket: what acquire() returned;
         None means the oldest unreleased acquire() on this thread."""
         if outcome not in OUTCOMES:
@@ -178,11 +206,16 @@ class AdaptiveConcurrency:
         with self._cond:
             alone = [latency for _, latency in self._alone]
             return {
-                "limit": self._current_limit(), "ceiling": self.ceiling, "fixed": self.fixed,
-                "slow_start": self._slow_start, "in_flight": self._in_flight, **self._counts,
+                "limit": self._current_limit(),
+                "ceiling": self.ceiling,
+                "fixed": self.fixed,
+                "slow_start": self._slow_start,
+                "in_flight": self._in_flight,
+                **self._counts,
                 "mean_limit": self._limit_sum / self._counts["acquired"] if self._counts["acquired"] else None,
                 "min_latency_s": None if math.isinf(self._min_latency) else self._min_latency,
-                "alone_replies": len(alone), "alone_median_latency_s": statistics.median(alone) if alone else None,
+                "alone_replies": len(alone),
+                "alone_median_latency_s": statistics.median(alone) if alone else None,
                 "last_queueing_ratio": self._last_ratio,
             }
 
@@ -254,19 +287,24 @@ class AdaptiveConcurrency:
         reached = self._round_peak >= limit
         if q > DECREASE_ABOVE:
             self._decrease(max(0.5, DECREASE_TOWARDS / q))
+            self._recover_to = 0.0  # the latency confirms the cut: grow back one at a time
         elif self._slow_start and q < SLOW_START_BELOW:
             if reached:
                 self._grow(self._limit * 2)
         else:
             self._slow_start = False
             if q < INCREASE_BELOW and reached:
-                self._grow(self._limit + 1)
+                # Back towards the limit before an overload cut by doubling while the latency shows no queueing
+                # (a 429 or 503 that had nothing to do with our load); beyond it one at a time.
+                target = min(self._recover_to, self._limit * 2) if self._limit < self._recover_to else self._limit + 1
+                self._grow(target)
         self._new_round()
 
     def _on_overload(self, permit: _Permit) -> None:
         self._counts["overloads"] += 1
         if self.fixed or permit.seq <= self._decrease_seq:
             return  # sent before the last cut: it says nothing about the limit now
+        self._recover_to = max(self._recover_to, self._limit)
         self._decrease(0.5)
         self._new_round()
 

@@ -213,8 +213,10 @@ def evaluate(state: dict, policy, tokenizer, reward, samples_per_subject: int, o
 
 
 def format_table(summary: dict) -> str:
-    header = (f"{'example':<18} {'contradiction':>13} {'log P_Q':>8} {'log P_A':>8} {'unique':>6} {'dist-2':>6}"
-              "  example question")
+    header = (
+        f"{'example':<18} {'contradiction':>13} {'log P_Q':>8} {'log P_A':>8} {'unique':>6} {'dist-2':>6}"
+        "  example question"
+    )
     lines = [header, "-" * len(header)]
     for r in summary["per_example"]:
         lines.append(

@@ -1,5 +1,6 @@
 """AdaptiveConcurrency: the bound on requests in flight (real threads), and the limit's behaviour against
 simulated servers (a fake clock and a discrete-event FIFO queue, so it is deterministic and takes no time)."""
+
 import heapq
 import math
 import random
@@ -19,14 +20,27 @@ class FakeClock:
         return self.t
 
 
-def simulate(ac: AdaptiveConcurrency, clock: FakeClock, slots: int | None, service_s: float = 0.2,
-             batches: int = 20, batch_size: int = 8, timeout_s: float | None = None, gap_s: float = 0.5,
-             noise: float = 0.0, seed: int = 0, work=None, per_work: bool = True) -> dict:
+def simulate(
+    ac: AdaptiveConcurrency,
+    clock: FakeClock,
+    slots: int | None,
+    service_s: float = 0.2,
+    batches: int = 20,
+    batch_size: int = 8,
+    timeout_s: float | None = None,
+    gap_s: float = 0.5,
+    noise: float = 0.0,
+    seed: int = 0,
+    work=None,
+    per_work: bool = True,
+    fault_rate: float = 0.0,
+) -> dict:
     """The training loop's pattern: batches of `batch_size` requests, never more in flight than ac.limit, the
     next batch once the last reply is in. The server serves FIFO on `slots` slots (None: unlimited), each request
     for service_s (times a lognormal noise factor, and its work if per_work). A request that would take longer
     than timeout_s is an "overload" at timeout_s and is sent again; the server still computes it, as a server
-    that does not notice the client leave does."""
+    that does not notice the client leave does. A fraction fault_rate of the answers is an "overload" instead
+    (a 429 whatever the load) and is sent again."""
     rng = random.Random(seed)
     free = [0.0] * (slots or 0)
     limits, latencies, timeouts = [], [], 0
@@ -48,7 +62,8 @@ def simulate(ac: AdaptiveConcurrency, clock: FakeClock, slots: int | None, servi
                 if timeout_s is not None and done - clock.t > timeout_s:
                     heapq.heappush(flight, (clock.t + timeout_s, ticket, clock.t, w, "overload"))
                 else:
-                    heapq.heappush(flight, (done, ticket, clock.t, w, "ok"))
+                    outcome = "overload" if fault_rate and rng.random() < fault_rate else "ok"
+                    heapq.heappush(flight, (done, ticket, clock.t, w, outcome))
             clock.t, ticket, sent, w, outcome = heapq.heappop(flight)
             if outcome == "overload":
                 timeouts += 1
@@ -60,9 +75,16 @@ def simulate(ac: AdaptiveConcurrency, clock: FakeClock, slots: int | None, servi
     return {"limits": limits, "latencies": latencies, "timeouts": timeouts, "seconds": clock.t}
 
 
-def run(slots, fixed=False, initial=None, ceiling=8, **kwargs):
+class PlainAIMD(AdaptiveConcurrency):
+    """For comparison: never regains the limit before a cut faster than one at a time."""
+
+    _recover_to = property(lambda self: 0.0, lambda self, value: None)
+
+
+def run(slots, fixed=False, initial=None, ceiling=8, recover=True, **kwargs):
     clock = FakeClock()
-    ac = AdaptiveConcurrency(ceiling, fixed=fixed, initial=initial, clock=clock, head_start_s=0)
+    kind = AdaptiveConcurrency if recover else PlainAIMD
+    ac = kind(ceiling, fixed=fixed, initial=initial, clock=clock, head_start_s=0)
     return ac, simulate(ac, clock, slots, **kwargs)
 
 
@@ -193,8 +215,8 @@ def test_replies_to_requests_sent_before_a_change_do_not_count_in_the_next_round
     for _ in range(4):
         acquire_now(ac)
     for _ in range(4):
-        ac.release("ok", 1.0)  # the new limit's own round: no queueing, add one
-    assert ac.limit == 5 and ac.stats()["rounds"] == 1
+        ac.release("ok", 1.0)  # the new limit's own round shows no queueing: back to the limit before the cut
+    assert ac.limit == 8 and ac.stats()["rounds"] == 1
 
 
 def test_slow_start_then_the_ceiling_with_constant_latency():
@@ -268,7 +290,7 @@ def test_replies_of_different_lengths_are_not_taken_for_queueing(per_work):
     assert set(sim["limits"][8:]) == {8} and ac.stats()["decreases"] == 0
     # ... while the same replies queued on one slot are
     ac, sim = run(slots=1, batches=30, work=lambda rng: rng.randint(1, 20), per_work=per_work, service_s=0.02)
-    tail = sim["limits"][len(sim["limits"]) // 2:]
+    tail = sim["limits"][len(sim["limits"]) // 2 :]
     assert max(tail) <= 4 and sum(tail) / len(tail) <= 3
 
 
@@ -289,15 +311,66 @@ def test_no_growth_without_use():
         acquire_now(ac)
     for _ in range(2):
         ac.release("ok", 1.0)
-    assert ac.limit == 3
+    assert ac.limit == 4  # no queueing: doubled back to where the overload found it
+    for _ in range(4):
+        acquire_now(ac)
+    for _ in range(4):
+        ac.release("ok", 1.0)
+    assert ac.limit == 5  # and from there one at a time
 
 
 def test_latency_noise_that_does_not_grow_with_concurrency_keeps_the_ceiling():
     # Lognormal noise (σ = 0.5: the slowest of 8 replies often 3× the fastest) and replies of 1-20 units of work.
     for seed in range(3):
         ac, sim = run(slots=None, batches=50, noise=0.5, seed=seed, work=lambda rng: rng.randint(1, 20))
-        tail = sim["limits"][len(sim["limits"]) // 2:]
+        tail = sim["limits"][len(sim["limits"]) // 2 :]
         assert sum(tail) / len(tail) >= 7.5 and ac.limit == 8
+
+
+def test_an_overload_without_queueing_costs_little_and_one_with_queueing_is_not_undone():
+    # 10% of answers are a 429 whatever the load (many slots): each halves the limit, and the next round with
+    # no queueing doubles it back, so the limit stays high ...
+    ac, sim = run(slots=None, batches=40, fault_rate=0.1)
+    assert ac.stats()["overloads"] > 20 and ac.stats()["decreases"] > 10
+    assert sum(sim["limits"]) / len(sim["limits"]) >= 5.5
+    # ... while plain AIMD (one at a time after every cut) would sit far lower
+    plain, plain_sim = run(slots=None, batches=40, fault_rate=0.1, recover=False)
+    assert sum(plain_sim["limits"]) / len(plain_sim["limits"]) < sum(sim["limits"]) / len(sim["limits"]) - 1
+    # Timeouts on one slot: the rounds after the cut still queue, so the limit is not doubled back to 8.
+    ac, sim = run(slots=1, initial=8, timeout_s=1.0, batches=10)
+    assert set(sim["limits"][-24:]) <= {1, 2}
+
+
+def test_a_cut_confirmed_by_queueing_is_not_doubled_back():
+    ac = AdaptiveConcurrency(8, initial=8, clock=FakeClock(), head_start_s=0)
+    tickets = [acquire_now(ac) for _ in range(8)]
+    ac.release("ok", 1.0, ticket=tickets[0])  # sent alone: the reference
+    ac.release("overload", 1.0, ticket=tickets[1])
+    for t in tickets[2:]:
+        ac.release("error", 1.0, ticket=t)
+    assert ac.limit == 4
+    tickets = [acquire_now(ac) for _ in range(4)]
+    ac.release("ok", 1.0, ticket=tickets[0])  # sent alone
+    for t in tickets[1:]:
+        ac.release("ok", 3.0, ticket=t)  # q = 3: the latency confirms the overload
+    assert ac.limit == 2
+    for _ in range(2):
+        acquire_now(ac)
+    for _ in range(2):
+        ac.release("ok", 1.0)
+    assert ac.limit == 3  # one at a time now, not doubled towards the 8 before the first cut
+
+
+def test_slow_start_does_not_double_on_an_overtaken_request():
+    # The request sent alone reached the server second (the other overtook it), so it waited: slow start
+    # compares with the fastest reply sent alone, sees the queueing, and stops at 2.
+    ac = AdaptiveConcurrency(8, clock=FakeClock(), head_start_s=0)
+    acquire_now(ac)
+    ac.release("ok", 1.0)
+    alone, other = acquire_now(ac), acquire_now(ac)
+    ac.release("ok", 1.0, ticket=other)
+    ac.release("ok", 2.0, ticket=alone)
+    assert ac.limit == 2 and not ac.stats()["slow_start"]
 
 
 def test_fixed_mode_never_changes():
