@@ -66,6 +66,18 @@ class BatchSource(Protocol):
         """What a checkpoint holds so that a resumed run gets the same batches (None: nothing)."""
 
 
+def exploration_settings(args, may_spend) -> dict:
+    """The keyword arguments every source takes from the command line: batch size, exploration, the budget."""
+    return dict(
+        batch_size=args.batch_size,
+        temperature=args.temperature,
+        epsilon=args.epsilon,
+        may_spend=may_spend,
+        tempered_fraction=args.tempered_fraction,
+        temperature_range=tuple(args.temperature_range),
+    )
+
+
 class SyncBatches:
     def __init__(
         self,

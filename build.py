@@ -22,7 +22,7 @@ import torch
 import contradiction_task
 import distributed
 from api_client import OpenAIChatOracle, RetryPolicy, api_key_from_env, load_prices, preflight, price_for
-from batch_pipeline import BatchAPIBatches, BatchSource, PrefetchBatches, SyncBatches
+from batch_pipeline import BatchAPIBatches, BatchSource, PrefetchBatches, SyncBatches, exploration_settings
 from durable_files import JsonlAppender, NullAppender
 from errors import UserError
 from gflownet_policy import AutoregressivePolicy, LogZ, PolicyConfig, TransformerPolicy, make_lora_policy
@@ -196,14 +196,7 @@ class GenericTask:
 
     @staticmethod
     def make_source(args, run: "Run", may_spend, save_now, source_state: dict | None, start_epoch: int) -> BatchSource:
-        common = dict(
-            batch_size=args.batch_size,
-            temperature=args.temperature,
-            epsilon=args.epsilon,
-            may_spend=may_spend,
-            tempered_fraction=args.tempered_fraction,
-            temperature_range=tuple(args.temperature_range),
-        )
+        common = exploration_settings(args, may_spend)
         if args.batch_api:
             return BatchAPIBatches(
                 run.policy,

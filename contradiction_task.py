@@ -17,7 +17,7 @@ import sys
 
 import torch
 
-from batch_pipeline import ScoredBatch, SyncBatches
+from batch_pipeline import ScoredBatch, SyncBatches, exploration_settings
 from contradiction_reward import Answerer, ContradictionReward, ContradictionRewardConfig, NLIScorer
 from convert_data import load_examples
 from durable_files import atomic_write
@@ -124,12 +124,7 @@ def make_source(
         load_dataset(args.data),
         reward,
         start_step,
-        batch_size=args.batch_size,
-        temperature=args.temperature,
-        epsilon=args.epsilon,
-        may_spend=may_spend,
-        tempered_fraction=args.tempered_fraction,
-        temperature_range=tuple(args.temperature_range),
+        **exploration_settings(args, may_spend),
     )
 
 
