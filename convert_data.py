@@ -41,7 +41,7 @@ import re
 import sys
 
 from durable_files import atomic_write
-from errors import OneLineErrorParser, UserError
+from errors import OneLineErrorParser, UserError, run_cli
 
 OPTIONAL_TEXT_FIELDS = ("true_fact", "prompt")
 CSV_REQUIRED_COLUMNS = ("subject", "edit_fact")
@@ -356,7 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
+
+    def body() -> None:
         if args.limit is not None and args.limit < 1:
             raise UserError(f"--limit must be at least 1, got {args.limit}")
         if not args.output.endswith(".jsonl"):
@@ -366,11 +367,9 @@ def main(argv: list[str] | None = None) -> int:
             write_jsonl_atomically(args.output, examples)
         except OSError as exc:
             raise UserError(f"cannot write {args.output}: {exc.strerror or exc}") from None
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"wrote {len(examples)} example{'' if len(examples) == 1 else 's'} to {args.output}")
-    return 0
+        print(f"wrote {len(examples)} example{'' if len(examples) == 1 else 's'} to {args.output}")
+
+    return run_cli(body)
 
 
 if __name__ == "__main__":

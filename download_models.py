@@ -18,7 +18,7 @@ import argparse
 import os
 import sys
 
-from errors import OneLineErrorParser, UserError
+from errors import OneLineErrorParser, UserError, run_cli
 
 CAUSAL_LM = "causal-lm"
 NLI = "nli"
@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         ("prior-model", args.prior_model, CAUSAL_LM),
     ]
     done: dict[tuple[str, str], str] = {}  # (hub id, kind) -> its snapshot folder: fetch each once
-    try:
+
+    def body() -> None:
         for role, spec, kind in roles:
             if not spec.strip():
                 raise UserError(f"--{role} is empty")
@@ -100,10 +101,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 done[spec, kind] = download_model(spec, kind, args.cache_dir)
                 print(f"{role}: {spec} -> {done[spec, kind]}", flush=True)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+
+    return run_cli(body)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 and an argparse parser that reports bad flags the same way. No heavy imports, so every CLI can use it."""
 
 import argparse
+import sys
 
 
 class UserError(Exception):
@@ -22,8 +23,6 @@ class OneLineErrorParser(argparse.ArgumentParser):
 def run_cli(main_fn) -> int:
     """Run a command's body, turning a UserError into `error: ...` on stderr and exit code 2: the one epilogue of
     every command line in the project. Returns the body's exit code (0 when it returns None)."""
-    import sys
-
     try:
         code = main_fn()
     except UserError as exc:

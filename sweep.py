@@ -21,7 +21,7 @@ import os
 import statistics
 import sys
 
-from errors import OneLineErrorParser, UserError
+from errors import OneLineErrorParser, UserError, run_cli
 
 
 def parse_grid(items: list[str]) -> list[tuple[str, list[str]]]:
@@ -82,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tail", type=int, default=10, help="epochs averaged for the table")
     parser.add_argument("--wandb-group", default=None)
     args = parser.parse_args(ours)
-    try:
+
+    def body() -> None:
         grid = parse_grid(args.grid)
         base = train.build_parser().parse_args(train_argv)
         sweep_dir = base.output_dir
@@ -98,14 +99,12 @@ def main(argv: list[str] | None = None) -> int:
             with contextlib.redirect_stdout(io.StringIO()):
                 train.train(run_args)
             rows.append((name, summarise(run_args.output_dir, run_args.task, args.tail)))
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    table = format_table(rows)
-    print(table)
-    with open(os.path.join(sweep_dir, "sweep_summary.json"), "w") as f:
-        json.dump({name: summary for name, summary in rows}, f, indent=2)
-    return 0
+        table = format_table(rows)
+        print(table)
+        with open(os.path.join(sweep_dir, "sweep_summary.json"), "w") as f:
+            json.dump({name: summary for name, summary in rows}, f, indent=2)
+
+    return run_cli(body)
 
 
 if __name__ == "__main__":
