@@ -532,18 +532,19 @@ def echo_request(model: str, prompt: str, target: str) -> dict:
     return {"model": model, "prompt": prompt + target, "max_tokens": 1, "echo": True, "logprobs": 1, "temperature": 0.0}
 
 
-def parse_chat_completion(body: dict, model: str) -> OracleResult:
-    """log p(y|x) from a chat completion's JSON body (live, cached or from a Batch API output line)."""
+def first_choice(body: dict) -> dict:
     choice = (body.get("choices") or [None])[0]
     if not isinstance(choice, dict):
-        raise ValueError("reply has no choices")
-    content = (choice.get("logprobs") or {}).get("content")
-    if content is None:
-        raise OracleError(f"the server returned no logprobs for model {model!r}; it must support logprobs=True")
-    logprobs = [float(t["logprob"]) for t in content]
+        raise ValueError("reply has no choices")  # malformed: retried
+    return choice
+
+
+def generated_result(body: dict, choice: dict, response: str, logprobs: list[float]) -> OracleResult:
+    """log p(y|x) as the sum of y's token logprobs; a -9999 sentinel makes it invalid; cut at the length limit
+    is recorded as truncated."""
     total, saw_sentinel = sum_token_logprobs(logprobs)
     return OracleResult(
-        response=(choice.get("message") or {}).get("content") or "",
+        response=response,
         log_likelihood=total,
         num_tokens=len(logprobs),
         truncated=choice.get("finish_reason") == "length",
@@ -553,24 +554,23 @@ def parse_chat_completion(body: dict, model: str) -> OracleResult:
     )
 
 
+def parse_chat_completion(body: dict, model: str) -> OracleResult:
+    """log p(y|x) from a chat completion's JSON body (live, cached or from a Batch API output line)."""
+    choice = first_choice(body)
+    content = (choice.get("logprobs") or {}).get("content")
+    if content is None:
+        raise OracleError(f"the server returned no logprobs for model {model!r}; it must support logprobs=True")
+    response = (choice.get("message") or {}).get("content") or ""
+    return generated_result(body, choice, response, [float(t["logprob"]) for t in content])
+
+
 def parse_plain_completion(body: dict, model: str) -> OracleResult:
     """log p(y|x) from a completions reply (no echo): the generated tokens' logprobs."""
-    choice = (body.get("choices") or [None])[0]
-    if not isinstance(choice, dict):
-        raise ValueError("reply has no choices")
+    choice = first_choice(body)
     token_logprobs = (choice.get("logprobs") or {}).get("token_logprobs")
     if token_logprobs is None:
         raise OracleError(f"the server returned no logprobs for model {model!r} on its completions endpoint")
-    total, saw_sentinel = sum_token_logprobs([float(lp) for lp in token_logprobs])
-    return OracleResult(
-        response=choice.get("text") or "",
-        log_likelihood=total,
-        num_tokens=len(token_logprobs),
-        truncated=choice.get("finish_reason") == "length",
-        valid=not saw_sentinel,
-        error="logprob_sentinel" if saw_sentinel else None,
-        usage=body.get("usage") or {},
-    )
+    return generated_result(body, choice, choice.get("text") or "", [float(lp) for lp in token_logprobs])
 
 
 def parse_echo_completion(

@@ -346,6 +346,12 @@ class RewardModel:
     def deterministic_oracle(self) -> bool:
         return self.uses_oracle and getattr(self.oracle, "deterministic", False)
 
+    def forget_evaluations(self) -> None:
+        """Zero the counts and the deterministic oracle's answers: for evaluations that are not the run's own
+        (a benchmark's enumeration or baseline before training)."""
+        self.reward_calls = self.oracle_calls = 0
+        self.known_likelihoods.clear()
+
     def count(self, num_rewards: int, num_oracle: int) -> None:
         with self.counter_lock:
             self.reward_calls += num_rewards

@@ -148,8 +148,7 @@ def run_ours(
         with torch.no_grad():
             table["log_reward"] = reward_model(tokens, lengths).log_reward
         # the enumeration is the benchmark's, not training's: it neither counts nor answers training's calls
-        reward_model.reward_calls = reward_model.oracle_calls = 0
-        reward_model.known_likelihoods.clear()
+        reward_model.forget_evaluations()
         evaluate(0, 0, policy_model, None)  # log Z is only initialised from the first batch
 
     def on_epoch(metrics: dict, policy_model, log_z) -> None:

@@ -140,7 +140,7 @@ def main() -> None:
         # before the first step the LoRA update is zero: the policy is the prior itself
         torch.manual_seed(args.seed + 1)
         baseline.extend(score_samples(policy, reward_model, args.budget, args.batch_size))
-        reward_model.oracle_calls = reward_model.reward_calls = 0  # the baseline's calls are counted on their own
+        reward_model.forget_evaluations()  # the baseline's calls are counted on their own
 
     with tempfile.TemporaryDirectory() as out:
         started = time.time()

@@ -3,9 +3,7 @@ server checked before paying, misaligned echo logprobs refused, a dead server st
 ledger surviving kill -9, and no batch paid for that is not trained on. All against the local OpenAI-protocol
 server, which behaves like llama.cpp where noted."""
 
-import contextlib
 import glob
-import io
 import json
 import math
 import shutil
@@ -15,9 +13,8 @@ import sqlite3
 import time
 
 import pytest
-from test_api_training import api_flags, chat_requests, start_training, wait_until
+from test_api_training import api_flags, chat_requests, run_main, start_training, wait_until
 
-import train
 from api_client import OpenAIChatOracle, preflight
 from checkpoint import load_checkpoint
 from errors import OracleError, UserError
@@ -30,13 +27,6 @@ def server(monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", "test-key")
     with OpenAITestServer(api_key="test-key") as srv:
         yield srv
-
-
-def run_main(argv):
-    err = io.StringIO()
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
-        code = train.main(argv)
-    return code, err.getvalue()
 
 
 def closed_port() -> int:
