@@ -10,7 +10,6 @@ module with the same four functions (`contradiction_task`): `conditions`, `build
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import sys
@@ -23,7 +22,6 @@ import contradiction_task
 import distributed
 from api_client import OpenAIChatOracle, RetryPolicy, api_key_from_env, load_prices, preflight, price_for
 from batch_pipeline import BatchAPIBatches, BatchSource, PrefetchBatches, SyncBatches, exploration_settings
-from durable_files import JsonlAppender, NullAppender
 from errors import UserError
 from gflownet_policy import AutoregressivePolicy, LogZ, PolicyConfig, TransformerPolicy, make_lora_policy
 from hf_models import describe_special_tokens, document_end_id, document_start_id, load_causal_lm, resolve_device
@@ -330,67 +328,3 @@ def build_replay_buffer(args: argparse.Namespace, run_id: str) -> ReplayBuffer |
         )  # one run's keys
     except ValueError as exc:
         raise UserError(f"replay buffer: {exc}") from None
-
-
-# ------------------------------------------------------------------------------------------------ outputs
-
-
-class Outputs:
-    """What a run writes: samples and metrics JSONL (rank 0 only), W&B, the progress bar or one line an epoch."""
-
-    def __init__(self, args: argparse.Namespace, dist_info: distributed.DistInfo, start_epoch: int) -> None:
-        os.makedirs(args.output_dir, exist_ok=True)
-        main = dist_info.is_main
-        self.samples = (
-            JsonlAppender(os.path.join(args.output_dir, f"samples_{args.task}.jsonl")) if main else NullAppender()
-        )
-        self.metrics = (
-            JsonlAppender(os.path.join(args.output_dir, f"metrics_{args.task}.jsonl"), fsync=False)
-            if main
-            else NullAppender()
-        )
-        self.wandb = init_wandb(args) if main else None
-        self.progress = None
-        self.quiet = not main
-        if not args.no_progress and main:
-            from tqdm import tqdm  # lazily: only with a progress bar
-
-            self.progress = tqdm(total=args.epochs, initial=start_epoch, desc=f"gfn {args.task}", dynamic_ncols=True)
-
-    def line(self, message: str) -> None:
-        if not self.quiet:
-            (self.progress.write if self.progress is not None else lambda m: print(m, file=sys.stderr))(message)
-
-    def log(self, metrics: dict, postfix: dict) -> None:
-        self.metrics.write([metrics])
-        if self.wandb is not None:
-            self.wandb.log(metrics, step=metrics["epoch"])
-        if self.progress is not None:
-            self.progress.update(1)
-            self.progress.set_postfix(postfix)
-        elif not self.quiet:
-            print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}), flush=True)
-
-    def close(self) -> None:
-        if self.progress is not None:
-            self.progress.close()
-        self.samples.close()
-        self.metrics.close()
-        if self.wandb is not None:
-            self.wandb.finish()
-
-
-def init_wandb(args: argparse.Namespace):
-    mode = args.wandb_mode or ("online" if args.wandb_project else "disabled")
-    if mode == "disabled":
-        return None
-    import wandb  # lazily: slow to import, and only needed when logging to W&B
-
-    # vars(args) never holds the API key: it is read from the environment by the oracle alone.
-    return wandb.init(
-        project=args.wandb_project or "dataset-sucker",
-        mode=mode,
-        config=vars(args),
-        dir=args.output_dir,
-        name=f"gfn_{args.task}_seed{args.seed}",
-    )

@@ -249,7 +249,7 @@ class ContradictionReward:
     def __call__(self, questions: list[str], edit_facts: list[str], step: int) -> dict:
         """Returns (B,) float64 tensors "log_reward", "log_contradiction", "log_question", "log_answer",
         "answer_penalty" (0 or answer_failure_penalty), bool tensors "passes_threshold" (log C >= threshold)
-        and "valid" (log R finite), the list "answers" (text),
+        and "valid" (log R finite), the list "answers" (text), "answer_results" (the Answerer's dicts),
         and "phase": "penalized" or "composite"."""
         if len(questions) != len(edit_facts):
             raise ValueError(f"{len(questions)} questions but {len(edit_facts)} edit facts")
@@ -263,26 +263,54 @@ class ContradictionReward:
         else:
             log_contradiction = self.nli.log_contradiction(answers, list(edit_facts))
 
-        answer_penalty = torch.zeros_like(log_answer)
-        if cfg.answer_quality_threshold is not None:
-            answer_penalty[log_answer < cfg.answer_quality_threshold] = cfg.answer_failure_penalty
-        answer_term = cfg.answer_quality_weight * log_answer + answer_penalty
-
-        passes_threshold = log_contradiction >= cfg.contradiction_threshold
-        phase = self.phase(step)
-        if phase == "composite":
-            log_reward = log_contradiction + cfg.likelihood_weight * log_question + answer_term
-        else:
-            failure = torch.full_like(log_question, cfg.failure_penalty)
-            log_reward = torch.where(passes_threshold, cfg.likelihood_weight * log_question, failure) + answer_term
+        terms = {"log_contradiction": log_contradiction, "log_question": log_question, "log_answer": log_answer}
+        log_reward = self.log_reward(terms, step)
         return {
             "log_reward": log_reward,
-            "log_contradiction": log_contradiction,
-            "log_question": log_question,
-            "log_answer": log_answer,
-            "answer_penalty": answer_penalty,
-            "passes_threshold": passes_threshold,
+            **terms,
+            "answer_penalty": self.answer_penalty(log_answer),
+            "passes_threshold": log_contradiction >= cfg.contradiction_threshold,
             "valid": torch.isfinite(log_reward),
             "answers": answers,
-            "phase": phase,
+            "answer_results": answer_results,
+            "phase": self.phase(step),
         }
+
+    def answer_penalty(self, log_answer: torch.Tensor) -> torch.Tensor:
+        return answer_penalty(self.config, log_answer)
+
+    def log_reward(self, terms: dict[str, torch.Tensor], step: int) -> torch.Tensor:
+        return PhaseFormula(self.config, step)(terms)
+
+
+def answer_penalty(config: ContradictionRewardConfig, log_answer: torch.Tensor) -> torch.Tensor:
+    """answer_failure_penalty where log P_A < answer_quality_threshold (when set), else 0."""
+    penalty = torch.zeros_like(log_answer)
+    if config.answer_quality_threshold is not None:
+        penalty[log_answer < config.answer_quality_threshold] = config.answer_failure_penalty
+    return penalty
+
+
+@dataclass(frozen=True)
+class PhaseFormula:
+    """The formula of the module docstring at one training step (which sets the phase), from the named terms:
+    a small picklable value (it travels with a batch under torchrun). Replayed questions are re-scored with the
+    current step's formula, so a question stored in the penalised phase is ranked by the composite formula once
+    that phase begins."""
+
+    config: ContradictionRewardConfig
+    step: int
+
+    def __call__(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
+        cfg = self.config
+        log_contradiction, log_question, log_answer = (
+            terms["log_contradiction"],
+            terms["log_question"],
+            terms["log_answer"],
+        )
+        answer_term = cfg.answer_quality_weight * log_answer + answer_penalty(cfg, log_answer)
+        if self.step >= cfg.penalized_steps:  # the composite phase
+            return log_contradiction + cfg.likelihood_weight * log_question + answer_term
+        passes_threshold = log_contradiction >= cfg.contradiction_threshold
+        failure = torch.full_like(log_question, cfg.failure_penalty)
+        return torch.where(passes_threshold, cfg.likelihood_weight * log_question, failure) + answer_term

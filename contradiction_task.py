@@ -10,6 +10,7 @@ answer and each reward term.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -18,7 +19,7 @@ import sys
 import torch
 
 from batch_pipeline import ScoredBatch, SyncBatches, exploration_settings
-from contradiction_reward import Answerer, ContradictionReward, ContradictionRewardConfig, NLIScorer
+from contradiction_reward import Answerer, ContradictionReward, ContradictionRewardConfig, NLIScorer, PhaseFormula
 from convert_data import load_examples
 from durable_files import atomic_write
 from errors import UserError
@@ -36,10 +37,18 @@ def context_ids(tokenizer, subject: str, device: torch.device) -> torch.Tensor:
 
 
 def load_dataset(path: str) -> list[dict]:
+    """The examples of a data file, read and checked once per process (start-up asks for the conditions and
+    the batch source for the examples)."""
+    mtime = os.path.getmtime(path) if os.path.exists(path) else None  # a missing file: load_examples says so
+    return [dict(example) for example in _read_examples(path, os.path.abspath(path), mtime)]
+
+
+@functools.lru_cache(maxsize=8)
+def _read_examples(path: str, absolute_path: str, mtime: float | None) -> tuple[dict, ...]:
     examples = load_examples(path)
     if not examples:
         raise UserError(f"{path}: no examples")
-    return examples
+    return tuple(examples)
 
 
 def build_task_reward(args: argparse.Namespace, prior_model, tokenizer, device: torch.device):
@@ -63,34 +72,40 @@ def build_task_reward(args: argparse.Namespace, prior_model, tokenizer, device: 
     return ContradictionReward(answerer, nli, config)
 
 
+TERMS = ("log_contradiction", "log_question", "log_answer")  # the reward's named terms (contradiction_reward.py)
+
+
 def score_questions(reward, example: dict, questions: list[str], step: int) -> RewardBatch:
-    """Reward terms as a RewardBatch: log_prior holds log P_Q (question fluency), log_likelihood log C
-    (contradiction), the answer is the 'response'; the other terms go to extras."""
+    """The questions' reward terms (log C, log P_Q, log P_A) and log R at this step; the answer is the response y,
+    and the formula is the reward's at this step (replayed questions are re-scored with it)."""
     out = reward(questions, [example["edit_fact"]] * len(questions), step)
     log_reward = out["log_reward"].double()
     results = [
-        OracleResult(response=answer, log_likelihood=float(log_c), num_tokens=0)
-        for answer, log_c in zip(out["answers"], out["log_contradiction"])
+        OracleResult(
+            response=r["answer"],
+            log_likelihood=r["log_answer"],
+            num_tokens=r["answer_tokens"],
+            truncated=r["truncated"],
+            token_ids=r["token_ids"],
+        )
+        for r in out["answer_results"]
     ]
     extras = [
         {
             "subject": example["subject"],
             "edit_fact": example["edit_fact"],
             "example_id": example["id"],
-            "log_question": float(q),
-            "log_contradiction": float(c),
-            "log_answer": float(a),
             "phase": out["phase"],
         }
-        for q, c, a in zip(out["log_question"], out["log_contradiction"], out["log_answer"])
+        for _ in questions
     ]
     return RewardBatch(
         questions,
-        out["log_question"].double(),
-        out["log_contradiction"].double(),
+        {name: out[name].double() for name in TERMS},
         log_reward,
         torch.isfinite(log_reward),
         results,
+        PhaseFormula(reward.config, step),
         extras,
     )
 
@@ -171,17 +186,18 @@ def evaluate(state: dict, policy, tokenizer, reward, samples_per_subject: int, o
                     "question": question,
                     "answer": scored.oracle_results[i].response,
                     "log_reward": float(scored.log_reward[i]),
+                    **{name: float(term[i]) for name, term in scored.terms.items()},
                     **scored.extras[i],
                 }
             )
-        log_c = scored.log_likelihood
+        log_c = scored.terms["log_contradiction"]
         rows.append(
             {
                 "example_id": example["id"],
                 "subject": example["subject"],
                 "contradiction_rate": float((log_c > torch.log(torch.tensor(0.5, dtype=log_c.dtype))).double().mean()),
-                "log_question_mean": float(scored.log_prior.mean()),
-                "log_answer_mean": statistics.mean(e["log_answer"] for e in scored.extras),
+                "log_question_mean": float(scored.terms["log_question"].mean()),
+                "log_answer_mean": float(scored.terms["log_answer"].mean()),
                 "unique_fraction": unique_fraction(questions),
                 "distinct_2": distinct_n([t[:n].tolist() for t, n in zip(tokens.cpu(), lengths.cpu())], 2),
                 "example_question": questions[0],

@@ -233,6 +233,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the policy's gradient norm (0 = off)")
     g.add_argument(
+        "--updates-per-batch",
+        type=int,
+        default=1,
+        metavar="K",
+        help="optimizer steps per scored batch, each on the batch's samples plus a fresh draw of replayed ones: "
+        "every paid answer is trained on K times (trajectory balance and its relatives are off-policy)",
+    )
+    g.add_argument(
         "--reward-rank0",
         action="store_true",
         help="under torchrun: only rank 0 builds the reward (oracle, base and NLI models), samples the "
@@ -274,11 +282,6 @@ def validate_args(args: argparse.Namespace) -> None:
             "--task contradiction cannot use --loss modified-subtb",
         ),
         (args.task != "contradiction" or not args.batch_api, "--task contradiction does not use the API oracle"),
-        (
-            args.task != "contradiction" or args.replay_fraction == 0,
-            "--task contradiction does not support --replay-fraction yet (its hybrid reward is not a weighted sum "
-            "of two stored terms)",
-        ),
         (
             args.answer_max_tokens >= 1 and args.penalized_steps >= 0,
             "need --answer-max-tokens >= 1 and --penalized-steps >= 0",
@@ -324,6 +327,7 @@ def validate_args(args: argparse.Namespace) -> None:
         (0 <= args.tempered_fraction <= 1, "--tempered-fraction must be in [0, 1]"),
         (0 < args.temperature_range[0] <= args.temperature_range[1], "--temperature-range needs 0 < LOW <= HIGH"),
         (0 <= args.replay_fraction < 1, "--replay-fraction must be in [0, 1)"),
+        (args.updates_per_batch >= 1, "--updates-per-batch must be >= 1"),
         (args.replay_capacity >= 1, "--replay-capacity must be >= 1"),
         (
             args.reward_temp_start > 0 and args.reward_temp_end > 0 and args.reward_temp_horizon >= 0,

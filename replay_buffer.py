@@ -2,10 +2,12 @@
 "Amortizing intractable inference in large language models", and Lee et al. 2024, "Learning diverse attacks on
 large language models for robust red-teaming and safety tuning").
 
-An item is a sequence of token ids plus its text, stored with its UNTEMPERED reward components
-log p(x) (`log_prior`) and log p(y|x) (`log_likelihood`) and JSON extras (e.g. the response y). Its log reward is
-always recomputed from those components, log R = prior_weight * log_prior + llm_weight * log_likelihood, so a
-reward schedule that changes the weights or the reward temperature re-tempers everything already stored.
+An item is a sequence of token ids plus its text, stored with its UNTEMPERED, named reward terms (e.g. log p(x)
+`log_prior` and log p(y|x) `log_likelihood`; the contradiction task's `log_contradiction`, `log_question`,
+`log_answer`) and JSON extras (e.g. the response y). No score is stored: every `add` and `sample` takes the
+reward formula (`log_reward`, terms -> log R, batched) and recomputes each item's log R from its terms, so a
+schedule that changes the weights, the reward temperature or the task's reward phase re-scores everything
+already stored.
 
 Two backends with identical behaviour: "memory" (a dict per condition, guarded by a lock) and "redis" (shared by
 several processes). The rules, per condition ("" when the task is unconditional):
@@ -13,10 +15,10 @@ several processes). The rules, per condition ("" when the task is unconditional)
 1. Capacity per condition. Each condition (e.g. each subject of a conditional task) holds at most `capacity`
    items. When it is full, a new item whose log reward is higher than the current minimum evicts the minimum
    (among equal minima, the one inserted last); otherwise it is not stored. Eviction compares log rewards computed
-   with the weights passed to this `add`, recomputed for the stored items too, from their stored components: no
-   score is stored, so a changed schedule is applied consistently at add time and again at sample time.
+   with the formula passed to this `add`, recomputed for the stored items too, from their stored terms, so a
+   changed schedule is applied consistently at add time and again at sample time.
 2. Exact duplicates (same token_ids in the same condition) are never stored twice. A duplicate with a strictly
-   higher log reward (its components can differ, e.g. a re-sampled y) replaces the stored one; otherwise it is
+   higher log reward (its terms can differ, e.g. a re-sampled y) replaces the stored one; otherwise it is
    dropped.
 3. Near duplicates: two items are near duplicates when the Jaccard similarity of their sets of token bigrams
    (unigrams for a sequence of fewer than 2 tokens) is >= `near_duplicate_threshold` (a threshold > 1 turns this
@@ -26,12 +28,12 @@ several processes). The rules, per condition ("" when the task is unconditional)
    and 3) counts as a new insertion for tie-breaking. Cost: a gram index with prefix filtering finds the
    candidates, so each new item costs at most O(capacity), usually far less; fine up to ~10k items per condition.
 4. Sampling, with replacement, `n` items (or [] for an empty condition), deterministic given `generator`. Items
-   are ranked by log reward / reward_temperature, computed with the weights passed to `sample`, descending, ties
+   are ranked by log reward / reward_temperature, computed with the formula passed to `sample`, descending, ties
    broken by insertion order (earliest first). Then:
      - "rank" (default): P(rank r) proportional to 1 / (rank_k + r), r = 0 for the best (rank-based prioritisation,
        Schaul et al. 2016). Default rank_k = 1.0: the best item gets 1/H_n of the draws (about 0.44 of them
        for 5 items, 0.13 for 1000), so sampling never collapses onto the top item whatever the reward scale.
-       Dividing by reward_temperature does not change ranks, so in this mode only the weights matter.
+       Dividing by reward_temperature does not change ranks, so in this mode only the formula matters.
      - "tempered": P proportional to exp(log_reward / (reward_temperature * priority_temperature)).
      - "uniform": every stored item equally likely.
    Both backends fetch the items and do the probability computation and the draw in Python
@@ -46,7 +48,8 @@ several processes). The rules, per condition ("" when the task is unconditional)
    items is stored; `clear()` deletes only keys `N:*` (N may not contain ':', so no namespace prefixes another).
    An unreachable server raises `ReplayBufferConnectionError` naming the URL (password redacted).
 
-Reward components must be finite (a NaN or an infinite log reward cannot be ranked): `add` raises ValueError.
+Reward terms, and the log rewards the formula makes of them, must be finite (a NaN or an infinite log reward
+cannot be ranked): `add` raises ValueError.
 """
 
 from __future__ import annotations
@@ -61,7 +64,7 @@ import math
 import random
 import threading
 from dataclasses import dataclass, field
-from typing import Iterator, Protocol
+from typing import Callable, Iterator, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
@@ -77,25 +80,33 @@ DEFAULT_RANK_K = 1.0
 class ReplayItem:
     token_ids: list[int]
     text: str
-    log_prior: float  # log p(x), untempered
-    log_likelihood: float  # log p(y|x) (or any second component), untempered
+    terms: dict[str, float]  # the reward's named terms, untempered, e.g. {"log_prior": .., "log_likelihood": ..}
     extra: dict = field(default_factory=dict)  # JSON-serialisable; stored and returned as-is
 
-    def log_reward(self, prior_weight: float, llm_weight: float) -> float:
-        return prior_weight * self.log_prior + llm_weight * self.log_likelihood
+
+# The reward formula: the terms of many items -> their log rewards (batched, so a task can use tensors).
+LogRewardFormula = Callable[[list[dict[str, float]]], list[float]]
+
+
+def sum_of_terms(rows: list[dict[str, float]]) -> list[float]:
+    return [math.fsum(terms.values()) for terms in rows]
+
+
+def weighted(**weights: float) -> LogRewardFormula:
+    """log R = sum of weight * term over the named terms (a term without a weight does not count)."""
+    for name, weight in weights.items():
+        _finite(name, weight)
+    return lambda rows: [math.fsum(w * terms[name] for name, w in weights.items()) for terms in rows]
 
 
 class ReplayBuffer(Protocol):
-    def add(
-        self, items: list[ReplayItem], condition: str = "", prior_weight: float = 1.0, llm_weight: float = 1.0
-    ) -> int: ...
+    def add(self, items: list[ReplayItem], condition: str = "", log_reward: LogRewardFormula = sum_of_terms) -> int: ...
 
     def sample(
         self,
         n: int,
         condition: str = "",
-        prior_weight: float = 1.0,
-        llm_weight: float = 1.0,
+        log_reward: LogRewardFormula = sum_of_terms,
         reward_temperature: float = 1.0,
         generator: random.Random | None = None,
     ) -> list[ReplayItem]: ...
@@ -202,24 +213,43 @@ def _normalised(item: object) -> ReplayItem:
         raise ValueError(f"extra must be a JSON-serialisable dict: {e}") from None
     if not isinstance(extra, dict):
         raise ValueError(f"extra must be a dict, got {type(item.extra).__name__}")
-    return ReplayItem(
-        [int(t) for t in item.token_ids],
-        item.text,
-        _finite("log_prior", item.log_prior),
-        _finite("log_likelihood", item.log_likelihood),
-        extra,
-    )
+    if not isinstance(item.terms, dict) or not item.terms or not all(isinstance(k, str) for k in item.terms):
+        raise ValueError(f"terms must be a non-empty dict of named reward terms, got {item.terms!r:.80}")
+    terms = {name: _finite(name, value) for name, value in item.terms.items()}
+    return ReplayItem([int(t) for t in item.token_ids], item.text, terms, extra)
 
 
-def _checked_add_args(
-    items: list[ReplayItem], condition: str, prior_weight: float, llm_weight: float
-) -> list[ReplayItem]:
+def _log_rewards(formula: LogRewardFormula, rows: list[dict[str, float]]) -> list[float]:
+    """The formula's log rewards for these terms, checked: one finite number per row."""
+    if not rows:
+        return []
+    try:
+        values = [float(v) for v in formula(rows)]
+    except KeyError as e:
+        raise ValueError(f"the reward formula needs the term {e}, which an item lacks") from None
+    if len(values) != len(rows) or not all(math.isfinite(v) for v in values):
+        raise ValueError(f"the reward formula must give a finite log reward per item, got {values!r:.120}")
+    return values
+
+
+def _checked_add_args(items: list[ReplayItem], condition: str, log_reward: LogRewardFormula) -> list[ReplayItem]:
     """The argument checks both backends' add() share; returns the normalised items."""
     items = [_normalised(item) for item in items]
     _check_condition(condition)
-    _finite("prior_weight", prior_weight)
-    _finite("llm_weight", llm_weight)
+    _check_formula(log_reward)
+    _log_rewards(log_reward, [item.terms for item in items])  # before anything is stored
     return items
+
+
+def _check_formula(log_reward: object) -> None:
+    if not callable(log_reward):
+        raise ValueError(f"log_reward must be a function of the items' terms, got {log_reward!r:.80}")
+
+
+def _item_from_json(d: dict) -> ReplayItem:
+    """An item as both backends serialise it; items written before named terms carry log_prior/log_likelihood."""
+    terms = d["terms"] if "terms" in d else {"log_prior": d["log_prior"], "log_likelihood": d["log_likelihood"]}
+    return ReplayItem(list(d["token_ids"]), d["text"], terms, d["extra"])
 
 
 def _admit(
@@ -227,15 +257,17 @@ def _admit(
     index: dict[tuple, set[str]] | None,
     items: list[ReplayItem],
     next_seq: int,
-    prior_weight: float,
-    llm_weight: float,
+    log_reward: LogRewardFormula,
     capacity: int,
     near_duplicate_threshold: float,
 ) -> tuple[int, int]:
     """Rules 1-3 for one condition, one item at a time: updates `entries` (item id -> entry) and `index` (its
     `_gram_index`, None when near duplicates are off) in place. Returns (how many items were stored or replaced,
     the next insertion number)."""
-    score = {i: e.item.log_reward(prior_weight, llm_weight) for i, e in entries.items()}
+    stored_ids = list(entries)
+    all_scores = _log_rewards(log_reward, [entries[i].item.terms for i in stored_ids] + [x.terms for x in items])
+    score = dict(zip(stored_ids, all_scores))
+    new_scores = all_scores[len(stored_ids) :]
     # Eviction order: lowest score first, and among equal scores the latest inserted. Replaced or evicted entries
     # stay in the heap and are skipped when they surface (their id is gone or carries a newer seq).
     heap = [(s, -entries[i].seq, i) for i, s in score.items()]
@@ -250,9 +282,8 @@ def _admit(
         del entries[item_id], score[item_id]
 
     admitted = 0
-    for item in items:
+    for item, new_score in zip(items, new_scores):
         item_id, entry = _item_id(item.token_ids), _Entry(item, next_seq)
-        new_score = item.log_reward(prior_weight, llm_weight)
         rivals = {item_id} & entries.keys()  # an exact duplicate is a near duplicate with similarity 1
         if index is not None:
             rivals |= _near_duplicate_ids(entry.grams, entries, index, near_duplicate_threshold)
@@ -280,8 +311,7 @@ def _admit(
 def _draw(
     entries: list[_Entry],
     n: int,
-    prior_weight: float,
-    llm_weight: float,
+    log_reward: LogRewardFormula,
     reward_temperature: float,
     priority: str,
     rank_k: float,
@@ -291,7 +321,7 @@ def _draw(
     """Rule 4: rank by tempered log reward (ties: earliest inserted first), weight, draw n with replacement."""
     if not entries or n == 0:
         return []
-    tempered = [e.item.log_reward(prior_weight, llm_weight) / reward_temperature for e in entries]
+    tempered = [value / reward_temperature for value in _log_rewards(log_reward, [e.item.terms for e in entries])]
     order = sorted(range(len(entries)), key=lambda i: (-tempered[i], entries[i].seq))
     if priority == "rank":
         weights = [1.0 / (rank_k + r) for r in range(len(order))]
@@ -303,14 +333,11 @@ def _draw(
     return [entries[order[r]] for r in generator.choices(range(len(order)), weights=weights, k=n)]
 
 
-def _check_sample_args(
-    n: object, condition: object, prior_weight: float, llm_weight: float, reward_temperature: float
-) -> None:
+def _check_sample_args(n: object, condition: object, log_reward: object, reward_temperature: float) -> None:
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise ValueError(f"n must be an int >= 0, got {n!r}")
     _check_condition(condition)
-    _finite("prior_weight", prior_weight)
-    _finite("llm_weight", llm_weight)
+    _check_formula(log_reward)
     _positive("reward_temperature", reward_temperature)
 
 
@@ -337,10 +364,8 @@ class MemoryReplayBuffer(_Settings):
         self.gram_index: dict[str, dict[tuple, set[str]]] = {}  # condition -> _gram_index, kept up to date
         self.lock = threading.Lock()  # so threads sharing one buffer see the same rules as Redis writers
 
-    def add(
-        self, items: list[ReplayItem], condition: str = "", prior_weight: float = 1.0, llm_weight: float = 1.0
-    ) -> int:
-        items = _checked_add_args(items, condition, prior_weight, llm_weight)
+    def add(self, items: list[ReplayItem], condition: str = "", log_reward: LogRewardFormula = sum_of_terms) -> int:
+        items = _checked_add_args(items, condition, log_reward)
         if not items:
             return 0
         with self.lock:
@@ -351,8 +376,7 @@ class MemoryReplayBuffer(_Settings):
                 index,
                 items,
                 self.next_seq.get(condition, 0),
-                prior_weight,
-                llm_weight,
+                log_reward,
                 self.capacity,
                 self.near_duplicate_threshold,
             )
@@ -362,19 +386,17 @@ class MemoryReplayBuffer(_Settings):
         self,
         n: int,
         condition: str = "",
-        prior_weight: float = 1.0,
-        llm_weight: float = 1.0,
+        log_reward: LogRewardFormula = sum_of_terms,
         reward_temperature: float = 1.0,
         generator: random.Random | None = None,
     ) -> list[ReplayItem]:
-        _check_sample_args(n, condition, prior_weight, llm_weight, reward_temperature)
+        _check_sample_args(n, condition, log_reward, reward_temperature)
         with self.lock:
             entries = list(self.entries.get(condition, {}).values())
         drawn = _draw(
             entries,
             n,
-            prior_weight,
-            llm_weight,
+            log_reward,
             reward_temperature,
             self.priority,
             self.rank_k,
@@ -419,8 +441,7 @@ class MemoryReplayBuffer(_Settings):
                             e.seq,
                             e.item.token_ids,
                             e.item.text,
-                            e.item.log_prior,
-                            e.item.log_likelihood,
+                            json.dumps(e.item.terms),
                             json.dumps(e.item.extra),
                         ]
                         for item_id, e in entries.items()
@@ -432,12 +453,7 @@ class MemoryReplayBuffer(_Settings):
     def load_state_dict(self, state: dict) -> None:
         with self.lock:
             self.entries = {
-                condition: {
-                    item_id: _Entry(
-                        ReplayItem(list(token_ids), text, log_prior, log_likelihood, json.loads(extra)), seq
-                    )
-                    for item_id, seq, token_ids, text, log_prior, log_likelihood, extra in rows
-                }
+                condition: {row[0]: _Entry(_item_from_state_row(row), row[1]) for row in rows}
                 for condition, rows in state["entries"].items()
             }
             self.next_seq = dict(state["next_seq"])
@@ -446,6 +462,17 @@ class MemoryReplayBuffer(_Settings):
                 if self.near_duplicate_threshold <= 1
                 else {}
             )
+
+
+def _item_from_state_row(row: list) -> ReplayItem:
+    """[id, seq, token_ids, text, terms JSON, extra JSON]; format-2 checkpoints wrote log_prior, log_likelihood."""
+    if len(row) == 7:
+        _, _, token_ids, text, log_prior, log_likelihood, extra = row
+        return ReplayItem(
+            list(token_ids), text, {"log_prior": log_prior, "log_likelihood": log_likelihood}, json.loads(extra)
+        )
+    _, _, token_ids, text, terms, extra = row
+    return ReplayItem(list(token_ids), text, json.loads(terms), json.loads(extra))
 
 
 # ------------------------------------------------------------------------------------- redis backend
@@ -501,15 +528,11 @@ class RedisReplayBuffer(_Settings):
         entries = {}
         for item_id, value in raw.items():
             d = json.loads(value)
-            entries[item_id] = _Entry(
-                ReplayItem(d["token_ids"], d["text"], d["log_prior"], d["log_likelihood"], d["extra"]), d["seq"]
-            )
+            entries[item_id] = _Entry(_item_from_json(d), d["seq"])
         return entries
 
-    def add(
-        self, items: list[ReplayItem], condition: str = "", prior_weight: float = 1.0, llm_weight: float = 1.0
-    ) -> int:
-        items = _checked_add_args(items, condition, prior_weight, llm_weight)
+    def add(self, items: list[ReplayItem], condition: str = "", log_reward: LogRewardFormula = sum_of_terms) -> int:
+        items = _checked_add_args(items, condition, log_reward)
         if not items:
             return 0
         items_key, seq_key = self._key(condition, "items"), self._key(condition, "next_seq")
@@ -527,8 +550,7 @@ class RedisReplayBuffer(_Settings):
                 index,
                 items,
                 int(pipe.get(seq_key) or 0),
-                prior_weight,
-                llm_weight,
+                log_reward,
                 self.capacity,
                 self.near_duplicate_threshold,
             )
@@ -538,8 +560,7 @@ class RedisReplayBuffer(_Settings):
                     {
                         "token_ids": e.item.token_ids,
                         "text": e.item.text,
-                        "log_prior": e.item.log_prior,
-                        "log_likelihood": e.item.log_likelihood,
+                        "terms": e.item.terms,
                         "extra": e.item.extra,
                         "seq": e.seq,
                     }
@@ -564,12 +585,11 @@ class RedisReplayBuffer(_Settings):
         self,
         n: int,
         condition: str = "",
-        prior_weight: float = 1.0,
-        llm_weight: float = 1.0,
+        log_reward: LogRewardFormula = sum_of_terms,
         reward_temperature: float = 1.0,
         generator: random.Random | None = None,
     ) -> list[ReplayItem]:
-        _check_sample_args(n, condition, prior_weight, llm_weight, reward_temperature)
+        _check_sample_args(n, condition, log_reward, reward_temperature)
         if n == 0:
             return []
         with self._reachable():
@@ -577,8 +597,7 @@ class RedisReplayBuffer(_Settings):
         drawn = _draw(
             entries,
             n,
-            prior_weight,
-            llm_weight,
+            log_reward,
             reward_temperature,
             self.priority,
             self.rank_k,

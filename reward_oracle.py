@@ -1,4 +1,4 @@
-"""The reward log R(x) = w_prior * log p(x) + w_llm * log p(y|x), with each component kept for logging.
+"""The reward log R(x) = w_prior * log p(x) + w_llm * log p(y|x), with each named term kept (for logging and replay).
 
 - p(x): a prior causal LM that shares the policy's tokenizer and scores its token ids directly.
 - p(y|x): a response oracle. Every oracle implements `score(texts) -> list[OracleResult]`; local Hugging Face
@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import threading
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 
@@ -266,31 +266,65 @@ class HFResponseOracle:
 # ------------------------------------------------------------------------------------------------ reward
 
 
+# A task's reward formula: named, untempered log-terms, each (B,) float64 -> (B,) log R. One per task, applied to
+# fresh samples and again to replayed ones (whose stored terms it re-scores under the current schedule).
+RewardFormula = Callable[[dict[str, torch.Tensor]], torch.Tensor]
+
+
 @dataclass
 class RewardBatch:
     texts: list[str]
-    log_prior: torch.Tensor  # (B,) log p(x)
-    log_likelihood: torch.Tensor  # (B,) log p(y|x); NaN where the oracle failed
-    log_reward: torch.Tensor  # (B,) weighted sum; NaN where invalid
+    terms: dict[str, torch.Tensor]  # name -> (B,) float64, e.g. log_prior = log p(x), log_likelihood = log p(y|x)
+    log_reward: torch.Tensor  # (B,) formula(terms); NaN where invalid
     valid: torch.Tensor  # (B,) bool: usable for training
     oracle_results: list[OracleResult]
+    formula: RewardFormula  # how log_reward was made of the terms
     extras: list[dict] | None = None  # per-sample task-specific fields for the samples file
     retokenises: list[bool] | None = None  # does encode(decode(x's ids)) give x's ids back?
     oracle_saw_text: bool = False  # True when x reached the oracle as text (an API), not as the policy's ids
+
+    @property
+    def log_prior(self) -> torch.Tensor:  # the default tasks' terms, by name
+        return self.terms["log_prior"]
+
+    @property
+    def log_likelihood(self) -> torch.Tensor:
+        return self.terms["log_likelihood"]
 
     def __getitem__(self, part: slice) -> "RewardBatch":
         """The rows in `part` (a slice), every per-row field cut the same way."""
         return RewardBatch(
             self.texts[part],
-            self.log_prior[part],
-            self.log_likelihood[part],
+            {name: term[part] for name, term in self.terms.items()},
             self.log_reward[part],
             self.valid[part],
             self.oracle_results[part],
+            self.formula,
             self.extras[part] if self.extras else None,
             self.retokenises[part] if self.retokenises is not None else None,
             self.oracle_saw_text,
         )
+
+
+@dataclass(frozen=True)
+class WeightedSum:
+    """log R = sum of weight * term over the named terms: the default reward formula (a small picklable value: it
+    travels with a batch under torchrun)."""
+
+    weights: tuple[tuple[str, float], ...]  # (term name, weight) pairs
+
+    def __call__(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
+        return sum(weight * terms[name] for name, weight in self.weights)
+
+
+def stack_terms(rows: list[dict[str, float]]) -> dict[str, torch.Tensor]:
+    """Per-item terms (the replay buffer's) as (B,) float64 tensors, for a RewardFormula."""
+    return {name: torch.tensor([row[name] for row in rows], dtype=torch.float64) for name in rows[0]} if rows else {}
+
+
+def replay_formula(formula: RewardFormula):
+    """The replay buffer's batched float form of a RewardFormula."""
+    return lambda rows: formula(stack_terms(rows)).tolist()
 
 
 def token_id_lists(tokens: torch.Tensor, lengths: torch.Tensor) -> list[list[int]]:
@@ -320,6 +354,11 @@ class RewardModel:
         self.reward_calls = 0
         self.oracle_calls = 0
         self.counter_lock = threading.Lock()  # the prefetch thread queries the oracle too
+
+    @property
+    def formula(self) -> WeightedSum:
+        """The reward formula, in one place: log R = w_prior * log p(x) + w_llm * log p(y|x)."""
+        return WeightedSum((("log_prior", self.prior_weight), ("log_likelihood", self.llm_weight)))
 
     def decode(self, tokens: torch.Tensor, lengths: torch.Tensor) -> list[str]:
         return [self.tokenizer.decode(ids) for ids in token_id_lists(tokens, lengths)]
@@ -406,17 +445,18 @@ class RewardModel:
         steps = torch.arange(max_len + 1).unsqueeze(0)
         usable = (steps >= min_len) & (steps <= lengths.cpu().unsqueeze(1))
         prior = self.prior.prefix_log_probs(tokens, lengths).double()[:, : max_len + 1]
-        log_reward = torch.full((batch, max_len + 1), float("nan"), dtype=torch.float64)
-        log_reward[:, : prior.shape[1]] = self.prior_weight * prior
+        log_prior = torch.full((batch, max_len + 1), float("nan"), dtype=torch.float64)
+        log_prior[:, : prior.shape[1]] = prior
+        likelihood = torch.zeros_like(log_prior)
         rows, cols = usable.nonzero(as_tuple=True)
         # every proper prefix is a reward evaluation; the full x was counted when it was scored (combine)
         self.count(int((usable & (steps < lengths.cpu().unsqueeze(1))).sum()), 0)
         if self.uses_oracle:
             prefixes = [tokens[r, :c].tolist() for r, c in zip(rows.tolist(), cols.tolist())]
             results = self._deterministic_results(prefixes, [])
-            likelihood = torch.full_like(log_reward, float("nan"))
+            likelihood = torch.full_like(log_prior, float("nan"))
             likelihood[rows, cols] = torch.tensor([r.log_likelihood for r in results], dtype=torch.float64)
-            log_reward = log_reward + self.llm_weight * likelihood
+        log_reward = self.formula({"log_prior": log_prior, "log_likelihood": likelihood})
         return torch.where(usable, log_reward, torch.full_like(log_reward, float("nan")))
 
     def combine(
@@ -432,18 +472,19 @@ class RewardModel:
             results = [OracleResult(response="", log_likelihood=0.0, num_tokens=0) for _ in texts]
             log_likelihood = torch.zeros(len(texts), dtype=torch.float64)
             valid = torch.ones(len(texts), dtype=torch.bool)
-        log_reward = self.prior_weight * log_prior + self.llm_weight * log_likelihood
+        terms = {"log_prior": log_prior, "log_likelihood": log_likelihood}
+        log_reward = self.formula(terms)
         valid &= torch.isfinite(log_reward)
         ids = token_id_lists(tokens, lengths)
         reencoded = self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []  # one batched call
         retokenises = [again == row for again, row in zip(reencoded, ids)]
         return RewardBatch(
             texts,
-            log_prior,
-            log_likelihood,
+            terms,
             log_reward,
             valid,
             results,
+            self.formula,
             retokenises=retokenises,
             oracle_saw_text=self.uses_oracle and not self.oracle_takes_ids,
         )

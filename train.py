@@ -1,9 +1,10 @@
 """The one GFlowNet training loop. suck_gpt4.py and demo.py are this file with other defaults.
 
-Each epoch: sample a batch of x from the exploration policy, score log R(x) = w_prior log p(x) + w_llm log p(y|x),
-append every scored sample to the samples file, then take one step of the objective (trajectory balance by
-default) with log P_F recomputed under the current, untempered policy. Everything is built before the loop
-(build.py) and the run's state is saved and restored in one place (checkpoint.save_run / restore_run).
+Each epoch: sample a batch of x from the exploration policy, score it (log R(x) = w_prior log p(x) + w_llm log p(y|x)
+by default; each task's formula over its named terms), append every scored sample to the samples file, then take
+--updates-per-batch steps of the objective (trajectory balance by default) on it plus replayed samples, with log P_F
+recomputed under the current, untempered policy. Everything is built before the loop (build.py), what a run writes
+is in run_log.py, and the run's state is saved and restored in one place (checkpoint.save_run / restore_run).
 
   python train.py --prior-model gpt2 --oracle hf --oracle-model gpt2 --task raw --epochs 200
 """
@@ -29,11 +30,12 @@ import distributed
 from api_client import Budget
 from checkpoint import latest_checkpoint, load_checkpoint, restore_run, save_run
 from errors import UserError, run_cli
-from evaluation import batch_metrics, sample_metrics
 from flags import build_parser, validate_args  # noqa: F401  (build_parser re-exported: scripts and tests use it)
 from gflownet_policy import LogZ
 from replay_buffer import ReplayItem
-from trajectory_balance import OBJECTIVES, gflownet_loss, vargrad_log_z
+from reward_oracle import RewardFormula, replay_formula, stack_terms
+from run_log import Outputs, postfix, report_invalid, sample_records, step_metrics
+from trajectory_balance import OBJECTIVES, gflownet_loss
 
 # ------------------------------------------------------------------------------------------------ the loop
 
@@ -69,7 +71,7 @@ def train(args: argparse.Namespace, on_start=None, on_epoch=None) -> dict:
         lambda: save_run(run, completed_epoch),
         (resume_state or {}).get("source_state"),
     )
-    out = build.Outputs(args, dist_info, start_epoch)
+    out = Outputs(args, dist_info, start_epoch)
     if on_start is not None:
         on_start(run.policy, run.reward_model)
     metrics, last_saved, stop_reason, unreachable_batches, clean_exit = {}, None, None, 0, False
@@ -90,79 +92,29 @@ def train(args: argparse.Namespace, on_start=None, on_epoch=None) -> dict:
             if batch is None:
                 stop_reason = budget.stop_reason()
                 break
-            # a server that went away fails every request after its retries: stop instead of skipping epochs
-            results = batch.rewards.oracle_results
-            unreachable_batches = unreachable_batches + 1 if results and all(r.unreachable for r in results) else 0
-            if distributed.any_rank(unreachable_batches >= args.max_unreachable_batches, dist_info):
-                last_saved = save_run(run, completed_epoch) if completed_epoch > start_epoch else None
-                raise UserError(
-                    f"the oracle server stopped answering: every request of the last {unreachable_batches} "
-                    f"batches failed ({results[0].error}); "
-                    + (f"saved {last_saved}" if last_saved else "nothing trained since the start")
-                )
-
-            # 2. the training batch: the valid fresh samples plus replayed ones, log R / T
+            unreachable_batches = check_server(run, batch, unreachable_batches, completed_epoch, start_epoch)
             report_invalid(out, epoch, batch.rewards)
-            temperature = reward_temperature(args, epoch)
-            tokens, lengths, log_reward, num_fresh = training_batch(run, batch, temperature)
 
-            # 3. one step of the objective on log P_F recomputed under the current parameters
-            run.optimizer.zero_grad(set_to_none=True)
-            loss = outputs = None
-            if num_fresh:  # a batch whose every sample is invalid trains nothing (but joins the collectives)
-                run.policy.set_training_dropout(True)
-                outputs = run.policy.evaluate(tokens, lengths, batch.context)
-                run.policy.set_training_dropout(False)
-                prefix_log_reward = None
-                if objective.needs_prefix_rewards:
-                    prefix_log_reward = (
-                        (run.reward_model.prefix_log_rewards(tokens, lengths, run.policy.config.min_len) / temperature)
-                        .to(run.device)
-                        .float()
-                    )
-                initialize_log_z(run.log_z, batch.condition, log_reward, outputs.log_pf.detach(), dist_info)
-                loss = gflownet_loss(
-                    args.loss,
-                    outputs,
-                    run.log_z(batch.condition),
-                    log_reward,
-                    lengths,
-                    subtb_lambda=args.subtb_lambda,
-                    prefix_log_reward=prefix_log_reward,
-                    min_len=run.policy.config.min_len,
-                )
-            else:
-                initialize_log_z(run.log_z, batch.condition, None, None, dist_info)
-            if distributed.any_rank(loss is not None and not bool(torch.isfinite(loss)), dist_info):
-                out.line(f"epoch {epoch}: non-finite loss; step skipped")  # never let a NaN/inf reach the weights
-                out.metrics.write([{"epoch": epoch, "train/skipped_non_finite": 1}])
-                completed_epoch = epoch
-                continue
-            if loss is not None:
-                loss.backward()
-            distributed.average_gradients(run.trainable, dist_info)  # every rank then takes the same step
-            if args.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(run.policy.parameters(), args.max_grad_norm)
-            run.optimizer.step()
+            # 2.-3. --updates-per-batch steps on this batch, each on its valid fresh samples plus freshly drawn
+            # replayed ones (the fresh samples join the buffer once), with log R / T
+            temperature = reward_temperature(args, epoch)
+            for update in range(args.updates_per_batch):
+                tokens, lengths, log_reward, num_fresh = training_batch(run, batch, temperature, store=update == 0)
+                loss, outputs = objective_step(run, objective, batch, tokens, lengths, log_reward, temperature)
+                if loss is None:
+                    break
             completed_epoch = epoch
 
             # 4. metrics, logging and checkpoints
             if loss is None:
-                metrics = {"epoch": epoch, "train/num_invalid": len(batch.rewards.texts)}
+                metrics = {"epoch": epoch, "train/num_invalid": int((~batch.rewards.valid).sum())}
+                if num_fresh:
+                    metrics["train/skipped_non_finite"] = 1
+                    out.line(f"epoch {epoch}: non-finite loss; step skipped")  # never let a NaN/inf reach the weights
                 out.metrics.write([metrics])
             else:
                 metrics = step_metrics(
-                    run,
-                    objective,
-                    batch,
-                    epoch,
-                    loss,
-                    outputs,
-                    log_reward,
-                    lengths,
-                    num_fresh,
-                    temperature,
-                    time.time() - started,
+                    run, objective, batch, epoch, loss, outputs, log_reward, lengths, num_fresh, temperature, started
                 )
                 out.log(metrics, postfix(metrics, run.api is not None))
                 if on_epoch is not None:
@@ -180,15 +132,7 @@ def train(args: argparse.Namespace, on_start=None, on_epoch=None) -> dict:
         print(f"\ninterrupted; saved {last_saved}", file=sys.stderr)
         raise
     finally:
-        try:  # batches scored ahead (prefetch, the rest of a Batch API pool) were paid for: keep their samples
-            for leftover in run.source.drain() if run.source is not None else []:
-                out.samples.write(sample_records(completed_epoch + 1, leftover, trained=False))
-        finally:
-            out.close()
-            close = getattr(run.reward_model.oracle, "close", None)
-            if close:
-                close()
-            distributed.teardown(dist_info, clean_exit)
+        close_run(run, out, completed_epoch, clean_exit)
     return {
         "metrics": metrics,
         "checkpoint": last_saved,
@@ -205,23 +149,79 @@ def train(args: argparse.Namespace, on_start=None, on_epoch=None) -> dict:
 # ---------------------------------------------------------------------------------------- the loop's steps
 
 
-def report_invalid(out: build.Outputs, epoch: int, rewards) -> None:
-    """One line naming why samples were left out of this step (oracle errors, non-finite rewards)."""
-    bad = [
-        (text, r.error or f"non-finite reward (log p(x)={float(p):.4g}, log p(y|x)={float(lik):.4g})")
-        for text, r, ok, p, lik in zip(
-            rewards.texts, rewards.oracle_results, rewards.valid.tolist(), rewards.log_prior, rewards.log_likelihood
+def check_server(run: build.Run, batch, unreachable_batches: int, completed_epoch: int, start_epoch: int) -> int:
+    """A server that went away fails every request after its retries: after --max-unreachable-batches such
+    batches in a row, checkpoint and stop with one line instead of skipping epochs. Returns the new count."""
+    results = batch.rewards.oracle_results
+    unreachable_batches = unreachable_batches + 1 if results and all(r.unreachable for r in results) else 0
+    if distributed.any_rank(unreachable_batches >= run.args.max_unreachable_batches, run.dist_info):
+        last_saved = save_run(run, completed_epoch) if completed_epoch > start_epoch else None
+        raise UserError(
+            f"the oracle server stopped answering: every request of the last {unreachable_batches} "
+            f"batches failed ({results[0].error}); "
+            + (f"saved {last_saved}" if last_saved else "nothing trained since the start")
         )
-        if not ok
-    ]
-    if bad:
-        reasons = "; ".join(sorted({reason for _, reason in bad}))
-        out.line(f"epoch {epoch}: {len(bad)} sample(s) skipped: {reasons}; first: {bad[0][0][:80]!r}")
+    return unreachable_batches
 
 
-def training_batch(run: build.Run, batch, temperature: float):
+def objective_step(run: build.Run, objective, batch, tokens, lengths, log_reward, temperature: float):
+    """One optimizer step of the objective on log P_F recomputed under the current parameters. Returns (loss,
+    the policy's outputs), or (None, None) when nothing was trained: every sample invalid (the collectives are
+    still joined) or a non-finite loss, which never reaches the weights (skipped on every rank)."""
+    args, dist_info = run.args, run.dist_info
+    run.optimizer.zero_grad(set_to_none=True)
+    loss = outputs = None
+    if len(tokens):
+        run.policy.set_training_dropout(True)
+        outputs = run.policy.evaluate(tokens, lengths, batch.context)
+        run.policy.set_training_dropout(False)
+        prefix_log_reward = None
+        if objective.needs_prefix_rewards:
+            min_len = run.policy.config.min_len
+            prefix_log_reward = (run.reward_model.prefix_log_rewards(tokens, lengths, min_len) / temperature).float()
+            prefix_log_reward = prefix_log_reward.to(run.device)
+        initialize_log_z(run.log_z, batch.condition, log_reward, outputs.log_pf.detach(), dist_info)
+        loss = gflownet_loss(
+            args.loss,
+            outputs,
+            run.log_z(batch.condition),
+            log_reward,
+            lengths,
+            subtb_lambda=args.subtb_lambda,
+            prefix_log_reward=prefix_log_reward,
+            min_len=run.policy.config.min_len,
+        )
+    else:
+        initialize_log_z(run.log_z, batch.condition, None, None, dist_info)
+    if distributed.any_rank(loss is not None and not bool(torch.isfinite(loss)), dist_info):
+        return None, None
+    if loss is not None:
+        loss.backward()
+    distributed.average_gradients(run.trainable, dist_info)  # every rank then takes the same step
+    if args.max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(run.policy.parameters(), args.max_grad_norm)
+    run.optimizer.step()
+    return loss, outputs
+
+
+def close_run(run: build.Run, out: Outputs, completed_epoch: int, clean_exit: bool) -> None:
+    """Batches scored ahead (prefetch, the rest of a Batch API pool) were paid for: keep their samples. Then close
+    the files, the oracle and the process group."""
+    try:
+        for leftover in run.source.drain() if run.source is not None else []:
+            out.samples.write(sample_records(completed_epoch + 1, leftover, trained=False))
+    finally:
+        out.close()
+        close = getattr(run.reward_model.oracle, "close", None)
+        if close:
+            close()
+        distributed.teardown(run.dist_info, clean_exit)
+
+
+def training_batch(run: build.Run, batch, temperature: float, store: bool = True):
     """(tokens, lengths, log R / T, number of fresh rows): the valid fresh samples, then replayed ones (their
-    rewards recomputed from the stored terms); the fresh ones join the buffer after the draw."""
+    rewards recomputed from the stored terms by the batch's own formula); with `store`, the fresh ones join the
+    buffer after the draw."""
     args, device = run.args, run.device
     valid = batch.rewards.valid.to(device)
     tokens, lengths = batch.tokens[valid], batch.lengths[valid]
@@ -229,117 +229,22 @@ def training_batch(run: build.Run, batch, temperature: float):
     num_fresh = len(tokens)
     if run.replay is None or not num_fresh:
         return tokens, lengths, log_reward, num_fresh
-    replayed = replay_batch(run.replay, args, num_fresh, device, batch.condition, run.replay_rng)
-    run.replay.add(
-        replay_items(batch), condition=batch.condition, prior_weight=args.prior_weight, llm_weight=args.llm_weight
-    )
+    formula = batch.rewards.formula
+    replayed = replay_batch(run.replay, args, num_fresh, device, batch.condition, run.replay_rng, formula)
+    if store:
+        run.replay.add(replay_items(batch), condition=batch.condition, log_reward=replay_formula(formula))
     if replayed is not None:
-        replay_log_reward = args.prior_weight * replayed[2] + args.llm_weight * replayed[3]
-        tokens, lengths = torch.cat([tokens, replayed[0]]), torch.cat([lengths, replayed[1]])
-        log_reward = torch.cat([log_reward, replay_log_reward.to(device).float() / temperature])
+        replay_tokens, replay_lengths, replay_terms = replayed
+        tokens, lengths = torch.cat([tokens, replay_tokens]), torch.cat([lengths, replay_lengths])
+        log_reward = torch.cat([log_reward, formula(replay_terms).to(device).float() / temperature])
     return tokens, lengths, log_reward, num_fresh
-
-
-def step_metrics(
-    run: build.Run,
-    objective,
-    batch,
-    epoch: int,
-    loss,
-    outputs,
-    log_reward,
-    lengths,
-    num_fresh: int,
-    temperature: float,
-    seconds: float,
-) -> dict:
-    rewards, valid = batch.rewards, batch.rewards.valid
-    log_pf = outputs.log_pf.detach()
-    fresh = slice(0, num_fresh)
-    return {
-        "epoch": epoch,
-        "train/loss": loss.item(),
-        "train/log_Z": (
-            run.log_z(batch.condition).item() if objective.learned_log_z else vargrad_log_z(log_pf, log_reward)
-        ),
-        "train/reward_temperature": temperature,
-        "train/lr": run.optimizer.param_groups[0]["lr"],
-        "train/log_pf_mean": log_pf[fresh].mean().item(),
-        "train/log_reward_mean": log_reward[fresh].mean().item(),
-        "train/log_prior_mean": float(rewards.log_prior[valid].mean()),
-        "train/log_likelihood_mean": float(rewards.log_likelihood[valid].mean()),
-        "train/num_invalid": int((~valid).sum()),
-        "train/num_truncated": sum(r.truncated for r in rewards.oracle_results),
-        "train/oracle_calls": run.reward_model.oracle_calls,
-        "train/reward_calls": run.reward_model.reward_calls,
-        **(
-            {"train/retokenised_changed": sum(not same for same in rewards.retokenises)}
-            if rewards.oracle_saw_text and rewards.retokenises is not None
-            else {}
-        ),
-        "train/mean_length": lengths[fresh].float().mean().item(),
-        "train/length_histogram": length_histogram(batch.lengths),
-        "train/epoch_seconds": seconds,
-        "train/num_replayed": len(lengths) - num_fresh,
-        **{
-            f"eval/{k}": v
-            for k, v in batch_metrics(
-                log_reward[fresh].detach().cpu(), log_pf[fresh].cpu(), batch.log_q[valid.to(batch.log_q.device)].cpu()
-            ).items()
-        },
-        **{
-            f"eval/{k}": v
-            for k, v in sample_metrics(
-                rewards.texts, [t[:n].tolist() for t, n in zip(batch.tokens.cpu(), batch.lengths.cpu())]
-            ).items()
-        },
-        **({f"api/{k}": v for k, v in run.api.stats().items()} if run.api is not None else {}),
-    }
-
-
-def postfix(metrics: dict, paid: bool) -> dict:
-    shown = {
-        "loss": f"{metrics['train/loss']:.3g}",
-        "logZ": f"{metrics['train/log_Z']:.2f}",
-        "logR": f"{metrics['train/log_reward_mean']:.1f}",
-    }
-    return {**shown, "cost": f"${metrics['api/dollars']:.4f}"} if paid else shown
 
 
 # ------------------------------------------------------------------------------------ records and replay
 
 
-def sample_records(epoch: int, batch, trained: bool = True) -> list[dict]:
-    """One JSON record per scored sample of a batch, for the samples file."""
-    tokens, lengths, rewards = batch.tokens.cpu(), batch.lengths.cpu(), batch.rewards
-    records = []
-    for i, text in enumerate(rewards.texts):
-        result = rewards.oracle_results[i]
-        records.append(
-            {
-                "epoch": epoch,
-                "x": text,
-                "token_ids": tokens[i, : int(lengths[i])].tolist(),
-                "y": result.response,
-                "y_token_ids": result.token_ids,
-                "x_retokenises": rewards.retokenises[i] if rewards.retokenises is not None else None,
-                "log_prior": float(rewards.log_prior[i]),
-                "log_likelihood": _finite_or_none(rewards.log_likelihood[i]),
-                "log_reward": _finite_or_none(rewards.log_reward[i]),
-                "valid": bool(rewards.valid[i]),
-                "error": result.error,
-                "truncated": result.truncated,
-                "response_tokens": result.num_tokens,
-                "usage": result.usage or None,
-                "trained": trained,
-                **(rewards.extras[i] if rewards.extras else {}),
-            }
-        )
-    return records
-
-
 def replay_items(batch) -> list[ReplayItem]:
-    """The valid fresh samples, with their untempered reward components, for the replay buffer."""
+    """The valid fresh samples, with their untempered reward terms, for the replay buffer."""
     tokens, lengths, rewards = batch.tokens.cpu(), batch.lengths.cpu(), batch.rewards
     items = []
     for i, text in enumerate(rewards.texts):
@@ -348,23 +253,11 @@ def replay_items(batch) -> list[ReplayItem]:
                 ReplayItem(
                     token_ids=tokens[i, : int(lengths[i])].tolist(),
                     text=text,
-                    log_prior=float(rewards.log_prior[i]),
-                    log_likelihood=float(rewards.log_likelihood[i]),
+                    terms={name: float(term[i]) for name, term in rewards.terms.items()},
                     extra={"y": rewards.oracle_results[i].response},
                 )
             )
     return items
-
-
-def length_histogram(lengths: torch.Tensor) -> dict[str, int]:
-    """{length: count} of the sampled x (string keys: JSON and W&B)."""
-    values, counts = torch.unique(lengths.cpu(), return_counts=True)
-    return {str(int(v)): int(c) for v, c in zip(values, counts)}
-
-
-def _finite_or_none(value) -> float | None:
-    value = float(value)
-    return value if math.isfinite(value) else None
 
 
 def replay_batch(
@@ -372,19 +265,17 @@ def replay_batch(
     args: argparse.Namespace,
     num_fresh: int,
     device: torch.device,
-    condition: str = "",
-    generator: random.Random | None = None,
+    condition: str,
+    generator: random.Random,
+    formula: RewardFormula,
 ):
-    """Replayed (tokens, lengths, log_prior, log_likelihood) making up --replay-fraction of the training batch."""
+    """Replayed (tokens, lengths, terms) making up --replay-fraction of the training batch, drawn by the log
+    rewards `formula` gives their stored terms."""
     if buffer is None or buffer.size(condition) == 0:
         return None
     num = round(args.replay_fraction / (1 - args.replay_fraction) * num_fresh)
     items = (
-        buffer.sample(
-            num, condition=condition, prior_weight=args.prior_weight, llm_weight=args.llm_weight, generator=generator
-        )
-        if num
-        else []
+        buffer.sample(num, condition=condition, log_reward=replay_formula(formula), generator=generator) if num else []
     )
     if not items:
         return None
@@ -392,9 +283,7 @@ def replay_batch(
     for i, item in enumerate(items):
         tokens[i, : len(item.token_ids)] = torch.tensor(item.token_ids, device=device)
     lengths = torch.tensor([len(item.token_ids) for item in items], device=device)
-    log_prior = torch.tensor([item.log_prior for item in items], dtype=torch.float64)
-    log_likelihood = torch.tensor([item.log_likelihood for item in items], dtype=torch.float64)
-    return tokens, lengths, log_prior, log_likelihood
+    return tokens, lengths, stack_terms([item.terms for item in items])
 
 
 # ------------------------------------------------------------------------------------------------ schedules

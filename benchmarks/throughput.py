@@ -2,8 +2,14 @@
 second, and prior scoring against a bare batched forward pass of the same model (the ratio is our overhead; the
 bare pass is the limit). GPT-2 vocabulary size (50,257), randomly initialised models, batch 16. Prints JSON.
 
-  python benchmarks/throughput.py            # the run in BENCHMARKS.md (CPU here; the same script on CUDA)
-  python benchmarks/throughput.py --quick    # seconds
+`--bookkeeping` instead runs the real training loop (train.train) on a tiny local setup and reports how much of
+each epoch goes to the per-step bookkeeping (building the samples file's records, writing them durably, the
+step's metrics and their logging) against the whole epoch. It finds the functions by name in this checkout, so
+the same script measures an older commit too (run it from a worktree of that commit: before/after).
+
+  python benchmarks/throughput.py                 # the run in BENCHMARKS.md (CPU here; the same script on CUDA)
+  python benchmarks/throughput.py --quick         # seconds
+  python benchmarks/throughput.py --bookkeeping   # the loop's own overhead per epoch
 """
 
 from __future__ import annotations
@@ -116,11 +122,96 @@ def prior_numbers(max_len: int, batch_size: int, n_embd: int, n_layer: int, repe
     }
 
 
+class Stopwatch:
+    """Adds up the time spent inside wrapped functions, by name."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def wrap(self, owner, attribute: str, name: str, only=None) -> None:
+        original = getattr(owner, attribute)
+
+        def timed_call(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                if only is None or only(*args, **kwargs):
+                    self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started
+
+        setattr(owner, attribute, timed_call)
+
+
+def bookkeeping_numbers(epochs: int, batch_size: int, max_len: int) -> dict:
+    """Per-epoch wall time of train.train and the part of it spent on bookkeeping (see the module docstring):
+    a tiny random GPT-2 (BPE vocabulary of the test fixtures) is the prior and the local oracle, the policy a
+    64-wide 1-layer transformer, so the model work is small and the loop's own overhead shows."""
+    import contextlib
+    import importlib
+    import io
+    import tempfile
+
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    import durable_files
+    import train
+    from conftest import bpe_tokenizer, save_tiny_gpt2
+
+    records = importlib.import_module("run_log") if os.path.exists(os.path.join(ROOT, "run_log.py")) else train
+    outputs = importlib.import_module("run_log") if hasattr(records, "Outputs") else importlib.import_module("build")
+    watch = Stopwatch()
+    watch.wrap(records, "sample_records", "sample_records")
+    watch.wrap(records, "step_metrics", "step_metrics")
+    watch.wrap(outputs.Outputs, "log", "metrics_logging")
+    watch.wrap(durable_files.JsonlAppender, "write", "samples_write", only=lambda self, _: "samples_" in self.path)
+    if records is not train:  # train.py calls the names it imported
+        for name in ("sample_records", "step_metrics"):
+            setattr(train, name, getattr(records, name))
+    with tempfile.TemporaryDirectory() as folder:
+        model = save_tiny_gpt2(os.path.join(folder, "lm"), bpe_tokenizer(), seed=0, n_embd=32)
+        argv = ["--prior-model", model, "--oracle", "hf", "--d-model", "64", "--num-layers", "1"]
+        argv += ["--max-len", str(max_len), "--batch-size", str(batch_size), "--max-response-tokens", "4"]
+        argv += ["--epochs", str(epochs), "--save-every", str(epochs), "--output-dir", os.path.join(folder, "run")]
+        argv += ["--device", "cpu", "--seed", "0"]
+        args = train.build_parser().parse_args(argv)
+        started = time.perf_counter()
+        with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+            train.train(args)
+        total = time.perf_counter() - started
+        with open(os.path.join(folder, "run", "metrics_raw.jsonl")) as f:
+            epoch_seconds = [json.loads(line)["train/epoch_seconds"] for line in f]
+    steady = epoch_seconds[1:]  # the first epoch pays for warm-up
+    per_epoch = {name: round(seconds / epochs * 1000, 3) for name, seconds in sorted(watch.seconds.items())}
+    bookkeeping_ms = sum(watch.seconds.values()) / epochs * 1000
+    epoch_ms = sum(steady) / len(steady) * 1000
+    return {
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "max_len": max_len,
+        "run_seconds": round(total, 2),
+        "epoch_ms": round(epoch_ms, 2),
+        "bookkeeping_ms_per_epoch": per_epoch,
+        "bookkeeping_ms": round(bookkeeping_ms, 2),
+        "bookkeeping_share": round(bookkeeping_ms / epoch_ms, 4),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--bookkeeping", action="store_true", help="the training loop's own overhead per epoch")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
+    if args.bookkeeping:
+        epochs = 10 if args.quick else 200
+        result = {
+            "benchmark": "bookkeeping",
+            "date": time.strftime("%Y-%m-%d"),
+            "commit": os.popen(f"git -C {ROOT} rev-parse --short HEAD").read().strip(),
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}",
+            **bookkeeping_numbers(epochs, 16, 8),
+        }
+        print(json.dumps(result, indent=2))
+        return
     device = torch.device(args.device)
     repeats = 1 if args.quick else 3
     lengths = [8] if args.quick else [32, 128]

@@ -13,7 +13,8 @@ import sqlite3
 import time
 
 import pytest
-from test_api_training import api_flags, chat_requests, run_main, start_training, wait_until
+from cli_helpers import run_main
+from test_api_training import api_flags, chat_requests, start_training, wait_until
 
 from api_client import OpenAIChatOracle, preflight
 from checkpoint import load_checkpoint

@@ -1,8 +1,6 @@
 """The training loop with a remote oracle: kill -9 and resume, the cost budget, Batch API rounds."""
 
-import contextlib
 import glob
-import io
 import json
 import os
 import signal
@@ -12,8 +10,8 @@ import sys
 import time
 
 import pytest
+from cli_helpers import run_main, tiny_flags
 
-import train
 from checkpoint import load_checkpoint
 from openai_test_server import OpenAITestServer
 
@@ -21,41 +19,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def api_flags(model_dir: str, output_dir, base_url: str, *extra: str) -> list[str]:
-    return [
-        "--prior-model",
+    return tiny_flags(
         model_dir,
+        output_dir,
         "--oracle",
         "openai",
         "--base-url",
         base_url,
         "--model",
         "gpt-4o-mini",
-        "--d-model",
-        "32",
-        "--num-layers",
-        "1",
-        "--max-len",
-        "6",
-        "--batch-size",
-        "4",
-        "--max-response-tokens",
-        "5",
-        "--output-dir",
-        str(output_dir),
-        "--no-progress",
-        "--device",
-        "cpu",
         "--seed",
         "3",
         *extra,
-    ]
-
-
-def run_main(argv):
-    err = io.StringIO()
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
-        code = train.main(argv)
-    return code, err.getvalue()
+    )
 
 
 def wait_until(condition, timeout_s: float = 60.0) -> None:

@@ -3,13 +3,20 @@
 import contextlib
 import io
 import json
+import random
+import types
 
 import pytest
+import torch
 from test_contradiction_reward import save_tiny_nli
 
 import sample
 import train
+from batch_pipeline import ScoredBatch
 from checkpoint import load_checkpoint
+from contradiction_reward import ContradictionRewardConfig, PhaseFormula
+from replay_buffer import make_replay_buffer
+from reward_oracle import OracleResult, RewardBatch
 
 EXAMPLES = [
     {"id": "fox-1", "subject": "the quick brown fox", "edit_fact": "The fox is slow and green."},
@@ -112,11 +119,84 @@ def test_contradiction_training_writes_every_term_and_keeps_a_log_z_per_example(
     assert len(open(summary_out).readlines()) == 6
 
 
+def test_contradiction_replay_rescores_stored_terms_and_resumes_with_the_same_losses(tiny_lm_dir, task_files, tmp_path):
+    """Replay works for the contradiction task: the buffer keeps each question's terms (log C, log P_Q, log P_A),
+    and a question stored in the penalised phase is replayed under the composite formula once that phase begins.
+    An interrupted and resumed run logs the same losses as an uninterrupted one."""
+    data, nli = task_files
+
+    def run(output_dir, *more):
+        err = io.StringIO()
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+            code = train.main(
+                contradiction_flags(tiny_lm_dir, data, nli, output_dir, "--replay-fraction", "0.5", *more)
+            )
+        assert code == 0, err.getvalue()[-2000:]
+        with open(output_dir / "metrics_contradiction.jsonl") as f:
+            return {m["epoch"]: m for m in map(json.loads, f)}
+
+    straight = run(tmp_path / "a", "--epochs", "6", "--save-every", "2")
+    # epochs 1-2 fill each example's heap; from epoch 3 on every batch of 4 questions gets 4 replayed ones
+    assert [straight[e]["train/num_replayed"] for e in range(1, 7)] == [0, 0, 4, 4, 4, 4]
+    assert {"train/log_contradiction_mean", "train/log_question_mean", "train/log_answer_mean"} <= set(straight[3])
+    assert "train/log_prior_mean" not in straight[3]  # no term is logged under another's name
+
+    state = load_checkpoint(str(tmp_path / "a" / "checkpoint_gfn_contradiction_epoch2.pt"))
+    stored = [row for rows in state["replay"]["entries"].values() for row in rows]
+    assert stored and all(
+        set(json.loads(row[4])) == {"log_contradiction", "log_question", "log_answer"} for row in stored
+    )
+    run(tmp_path / "b", "--epochs", "2", "--save-every", "2")
+    resumed = run(tmp_path / "b", "--epochs", "6", "--save-every", "2", "--resume")
+    assert {e: m["train/loss"] for e, m in resumed.items()} == pytest.approx(
+        {e: m["train/loss"] for e, m in straight.items()}, rel=1e-5, abs=1e-6
+    )
+
+
+def test_replayed_questions_are_rescored_by_the_current_phase_formula():
+    """training_batch: replayed rows get log R from their stored terms under the fresh batch's formula (here the
+    composite phase), not the formula in force when they were stored (the penalised phase)."""
+    config = ContradictionRewardConfig(penalized_steps=2, contradiction_threshold=-1.0, likelihood_weight=0.5)
+    terms = {
+        "log_contradiction": torch.tensor([-0.1, -3.0], dtype=torch.float64),
+        "log_question": torch.tensor([-8.0, -2.0], dtype=torch.float64),
+        "log_answer": torch.tensor([-4.0, -1.0], dtype=torch.float64),
+    }
+
+    def scored(step):
+        formula = PhaseFormula(config, step)
+        rewards = RewardBatch(
+            ["q1", "q2"],
+            terms,
+            formula(terms),
+            torch.ones(2, dtype=torch.bool),
+            [OracleResult("a", 0.0, 1), OracleResult("b", 0.0, 1)],
+            formula,
+        )
+        return ScoredBatch(torch.tensor([[5, 6], [7, 8]]), torch.tensor([2, 2]), torch.zeros(2), rewards, "ex")
+
+    run = types.SimpleNamespace(
+        args=types.SimpleNamespace(replay_fraction=0.5, max_len=2),
+        device=torch.device("cpu"),
+        replay=make_replay_buffer("memory", 10),
+        replay_rng=random.Random(0),
+    )
+    penalised = scored(step=0)
+    assert penalised.rewards.log_reward.tolist() == [-4.0, -100.0]  # passes the gate / fails it
+    train.training_batch(run, penalised, temperature=1.0)  # stores both
+    tokens, lengths, log_reward, num_fresh = train.training_batch(run, scored(step=2), temperature=2.0)
+    composite = (terms["log_contradiction"] + 0.5 * terms["log_question"]).tolist()  # -4.1, -4.0
+    assert num_fresh == 2 and len(tokens) == 4
+    by_row = {tuple(t.tolist()): float(r) for t, r in zip(tokens[2:], log_reward[2:])}
+    for row, value in by_row.items():
+        assert value == pytest.approx(composite[[(5, 6), (7, 8)].index(row)] / 2.0)
+
+
 def test_contradiction_task_flag_errors(tiny_lm_dir, task_files, tmp_path):
     data, nli = task_files
     for extra, message in [
         (["--policy", "transformer"], "needs --policy lora"),
-        (["--replay-fraction", "0.5"], "does not support --replay-fraction"),
+        (["--loss", "modified-subtb"], "cannot use --loss modified-subtb"),
     ]:
         argv = contradiction_flags(tiny_lm_dir, data, nli, tmp_path)
         argv[argv.index("--policy") + 1 : argv.index("--policy") + 2] = []

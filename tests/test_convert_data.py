@@ -1,14 +1,13 @@
 """convert_data.py (CounterFact / CSV / task JSONL -> task JSONL) and download_models.py, on small files written
 here. Nothing is downloaded: the hub is offline (conftest sets HF_HUB_OFFLINE=1)."""
 
-import contextlib
-import io
 import json
 import os
 import subprocess
 import sys
 
 import pytest
+from cli_helpers import read_jsonl, run_entry
 
 import convert_data
 import download_models
@@ -19,13 +18,7 @@ EXAMPLE_DATA = os.path.join(ROOT, "data", "contradiction_example.jsonl")
 
 
 def run_main(argv: list[str], entry=convert_data.main) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = entry(argv)
-        except SystemExit as exc:  # argparse
-            code = exc.code
-    return code, out.getvalue(), err.getvalue()
+    return run_entry(entry, argv)
 
 
 def write(path, text: str) -> str:
@@ -35,11 +28,6 @@ def write(path, text: str) -> str:
 
 def jsonl(*records) -> str:
     return "".join(json.dumps(r) + "\n" for r in records)
-
-
-def read_jsonl(path) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
 
 
 def counterfact_record(

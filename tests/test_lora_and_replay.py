@@ -9,6 +9,7 @@ import os
 
 import pytest
 import torch
+from cli_helpers import tiny_flags
 
 import train
 from build import build_policy, load_prior
@@ -134,25 +135,7 @@ def test_lora_run_resumes_with_the_same_losses(tiny_lm_dir, tmp_path):
             assert (
                 train.main(
                     [
-                        "--prior-model",
-                        tiny_lm_dir,
-                        "--oracle",
-                        "hf",
-                        "--policy",
-                        "lora",
-                        "--max-len",
-                        "6",
-                        "--batch-size",
-                        "4",
-                        "--max-response-tokens",
-                        "4",
-                        "--output-dir",
-                        str(output_dir),
-                        "--no-progress",
-                        "--device",
-                        "cpu",
-                        "--seed",
-                        "5",
+                        *tiny_flags(tiny_lm_dir, output_dir, "--policy", "lora", "--seed", "5"),
                         "--lora-r",
                         "4",
                         "--lr",
@@ -185,32 +168,7 @@ def test_training_mixes_replayed_samples(tiny_lm_dir, tmp_path, backend, request
     extra = ["--replay-fraction", "0.5", "--replay-backend", backend, "--tempered-fraction", "0.5"]
     if backend == "redis":
         extra += ["--redis-url", request.getfixturevalue("redis_url")]
-    args = train.build_parser().parse_args(
-        [
-            "--prior-model",
-            tiny_lm_dir,
-            "--oracle",
-            "hf",
-            "--max-len",
-            "6",
-            "--batch-size",
-            "4",
-            "--d-model",
-            "32",
-            "--num-layers",
-            "1",
-            "--max-response-tokens",
-            "4",
-            "--output-dir",
-            str(tmp_path),
-            "--no-progress",
-            "--device",
-            "cpu",
-            "--epochs",
-            "4",
-            *extra,
-        ]
-    )
+    args = train.build_parser().parse_args(tiny_flags(tiny_lm_dir, tmp_path, "--epochs", "4", *extra))
     with contextlib.redirect_stdout(io.StringIO()):
         train.train(args)
     with open(tmp_path / "metrics_raw.jsonl") as f:
@@ -239,36 +197,7 @@ def test_interrupted_run_with_replay_resumes_with_the_same_losses(tiny_lm_dir, t
     def run(output_dir, *more):
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             assert (
-                train.main(
-                    [
-                        "--prior-model",
-                        tiny_lm_dir,
-                        "--oracle",
-                        "hf",
-                        "--max-len",
-                        "6",
-                        "--batch-size",
-                        "4",
-                        "--d-model",
-                        "32",
-                        "--num-layers",
-                        "1",
-                        "--max-response-tokens",
-                        "4",
-                        "--output-dir",
-                        str(output_dir),
-                        "--no-progress",
-                        "--device",
-                        "cpu",
-                        "--seed",
-                        "11",
-                        "--save-every",
-                        "3",
-                        *extra,
-                        *more,
-                    ]
-                )
-                == 0
+                train.main(tiny_flags(tiny_lm_dir, output_dir, "--seed", "11", "--save-every", "3", *extra, *more)) == 0
             )
         with open(os.path.join(output_dir, "metrics_raw.jsonl")) as f:
             return {m["epoch"]: (m["train/loss"], m["train/num_replayed"]) for m in map(json.loads, f)}
@@ -370,7 +299,7 @@ def test_non_finite_rewards_are_reported_with_the_sample_and_never_trained_on(ti
     err = io.StringIO()
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
         result = train.train(args, on_start=install)
-    assert "2 sample(s) skipped: non-finite reward (log p(x)=" in err.getvalue() and "first: '" in err.getvalue()
+    assert "2 sample(s) skipped: non-finite reward (log_prior=" in err.getvalue() and "first: '" in err.getvalue()
     with open(tmp_path / "metrics_raw.jsonl") as f:
         metrics = [json.loads(line) for line in f]
     assert [m["train/num_invalid"] for m in metrics] == [2, 2]

@@ -14,7 +14,15 @@ from collections import Counter
 import pytest
 import redis
 
-from replay_buffer import ReplayBufferConnectionError, ReplayItem, jaccard, make_replay_buffer, token_grams
+from replay_buffer import (
+    ReplayBufferConnectionError,
+    ReplayItem,
+    jaccard,
+    make_replay_buffer,
+    sum_of_terms,
+    token_grams,
+    weighted,
+)
 
 
 def item(
@@ -27,8 +35,7 @@ def item(
     return ReplayItem(
         list(token_ids),
         text if text is not None else " ".join(map(str, token_ids)),
-        log_prior,
-        log_likelihood,
+        {"log_prior": log_prior, "log_likelihood": log_likelihood},
         extra if extra is not None else {},
     )
 
@@ -64,7 +71,7 @@ def contents(buffer, condition: str = "", **weights) -> dict[str, tuple[float, f
     """text -> (log_prior, log_likelihood) of everything stored: uniform-enough draws catch every item of a
     small condition (the rarest of 10 rank-sampled items has p > 0.03; 3000 draws miss it with p < 1e-40)."""
     drawn = buffer.sample(3000, condition, generator=random.Random(0), **weights)
-    found = {x.text: (x.log_prior, x.log_likelihood) for x in drawn}
+    found = {x.text: (x.terms["log_prior"], x.terms["log_likelihood"]) for x in drawn}
     assert len(found) == buffer.size(condition)
     return found
 
@@ -84,10 +91,41 @@ CHI2_999 = {1: 10.83, 2: 13.82, 3: 16.27, 4: 18.47}
 # ------------------------------------------------------------------------------------------ storing
 
 
-def test_log_reward_weights_components() -> None:
+def test_reward_formulas_over_named_terms() -> None:
     x = item([1, 2], log_prior=-2.0, log_likelihood=-3.0)
-    assert x.log_reward(1.0, 1.0) == -5.0
-    assert x.log_reward(0.5, 2.0) == -7.0
+    assert sum_of_terms([x.terms]) == [-5.0]
+    assert weighted(log_prior=0.5, log_likelihood=2.0)([x.terms, x.terms]) == [-7.0, -7.0]
+    assert weighted(log_prior=1.0)([x.terms]) == [-2.0]  # an unweighted term does not count
+
+
+def test_any_task_formula_ranks_items_by_their_stored_terms(make) -> None:
+    """A gated, non-linear formula (like the contradiction task's penalised phase) over terms the buffer knows
+    nothing about: the buffer stores the terms and applies whichever formula it is given."""
+    buffer = make(2)
+
+    def gate(threshold: float):
+        return lambda rows: [t["log_question"] if t["log_contradiction"] >= threshold else -100.0 for t in rows]
+
+    rows = [
+        ReplayItem([1], "fluent, agrees", {"log_question": -1.0, "log_contradiction": -5.0}),
+        ReplayItem([2], "clumsy, contradicts", {"log_question": -9.0, "log_contradiction": -0.1}),
+        ReplayItem([3], "middling, contradicts", {"log_question": -5.0, "log_contradiction": -0.2}),
+    ]
+    buffer.add(rows, log_reward=gate(-1.0))  # the agreeing question fails the gate and is evicted
+    assert {x.text for x in buffer.sample(500, generator=random.Random(0))} == {
+        "clumsy, contradicts",
+        "middling, contradicts",
+    }
+    drawn = buffer.sample(2000, log_reward=gate(-1.0), generator=random.Random(0))
+    assert Counter(x.text for x in drawn).most_common(1)[0][0] == "middling, contradicts"
+    [stored] = [x for x in drawn if x.text == "clumsy, contradicts"][:1]
+    assert stored.terms == {"log_question": -9.0, "log_contradiction": -0.1}
+    with pytest.raises(ValueError, match="needs the term 'log_prior'"):
+        buffer.sample(1, log_reward=weighted(log_prior=1.0))  # the stored items have no log_prior
+    with pytest.raises(ValueError, match="finite log reward per item"):
+        buffer.add([ReplayItem([5], "x", {"a": 1.0})], log_reward=lambda rows: [float("nan")] * len(rows))
+    with pytest.raises(ValueError, match="terms must be a non-empty dict"):
+        buffer.add([ReplayItem([6], "x", {})])
 
 
 def test_capacity_evicts_the_minimum(make) -> None:
@@ -108,7 +146,7 @@ def test_eviction_uses_the_weights_given_to_add(make) -> None:
         buffer.add([item(distinct(0), 5.0, 0.0, text="prior-heavy"), item(distinct(1), 0.0, 5.0, text="llm-heavy")])
         # Worth 1 under either weighting: it evicts whichever stored item is worth 0 under this add's weights.
         new = item(distinct(2), 1.0, 1.0, text="new")
-        assert buffer.add([new], prior_weight=weights[0], llm_weight=weights[1]) == 1
+        assert buffer.add([new], log_reward=weighted(log_prior=weights[0], log_likelihood=weights[1])) == 1
         assert set(contents(buffer)) == {"new", {"llm-heavy": "prior-heavy", "prior-heavy": "llm-heavy"}[survivor]}
 
 
@@ -134,7 +172,7 @@ def test_exact_duplicate_replaced_only_when_higher(make) -> None:
     assert stored.extra == {"y": "first"} and buffer.size() == 1
     assert buffer.add([item([1, 2, 3], -2.0, -0.5, text="x", extra={"y": "better"})]) == 1
     [stored] = buffer.sample(1, generator=random.Random(0))
-    assert (stored.log_prior, stored.log_likelihood, stored.extra) == (-2.0, -0.5, {"y": "better"})
+    assert (stored.terms["log_prior"], stored.terms["log_likelihood"], stored.extra) == (-2.0, -0.5, {"y": "better"})
     assert buffer.size() == 1
     # Within one batch too: only the best copy is kept.
     assert buffer.add([item([7], 1.0, text="a"), item([7], 3.0, text="b"), item([7], 2.0, text="c")]) == 2
@@ -180,7 +218,7 @@ def reference_contents(offers: list[ReplayItem], capacity: int, threshold: float
     """Rules 1-3 written the slow, obvious way: a list scanned in full for every offer."""
     stored: list[tuple[ReplayItem, int]] = []  # (item, insertion number)
     for seq, x in enumerate(offers):
-        score = x.log_reward(1.0, 1.0)
+        score = sum(x.terms.values())
         rivals = [
             (y, s)
             for y, s in stored
@@ -188,16 +226,16 @@ def reference_contents(offers: list[ReplayItem], capacity: int, threshold: float
             or (threshold <= 1 and jaccard(token_grams(x.token_ids), token_grams(y.token_ids)) >= threshold)
         ]
         if rivals:
-            if score <= max(y.log_reward(1.0, 1.0) for y, _ in rivals):
+            if score <= max(sum(y.terms.values()) for y, _ in rivals):
                 continue
             stored = [entry for entry in stored if entry not in rivals]
         elif len(stored) >= capacity:
-            worst = min(stored, key=lambda entry: (entry[0].log_reward(1.0, 1.0), -entry[1]))
-            if score <= worst[0].log_reward(1.0, 1.0):
+            worst = min(stored, key=lambda entry: (sum(entry[0].terms.values()), -entry[1]))
+            if score <= sum(worst[0].terms.values()):
                 continue
             stored.remove(worst)
         stored.append((x, seq))
-    return {(tuple(y.token_ids), y.log_prior) for y, _ in stored}
+    return {(tuple(y.token_ids), y.terms["log_prior"]) for y, _ in stored}
 
 
 @pytest.mark.parametrize("threshold", [0.3, 0.6, 1.0, 2.0])
@@ -210,7 +248,7 @@ def test_rules_match_a_brute_force_reference(make, threshold: float) -> None:
     for start in range(0, len(offers), 5):
         buffer.add(offers[start : start + 5])
     drawn = buffer.sample(3000, generator=random.Random(0))
-    assert {(tuple(x.token_ids), x.log_prior) for x in drawn} == reference_contents(offers, 8, threshold)
+    assert {(tuple(x.token_ids), x.terms["log_prior"]) for x in drawn} == reference_contents(offers, 8, threshold)
     assert buffer.size() == len(reference_contents(offers, 8, threshold))
 
 
@@ -236,7 +274,7 @@ def test_extras_round_trip_and_returned_items_are_copies(make) -> None:
     extra = {"response": "y text", "tokens": [1, 2], "nested": {"ok": True, "p": 0.25}}
     buffer.add([item([4, 5, 6], -1.5, -2.25, text="x", extra=extra)])
     [got] = buffer.sample(1)
-    assert got == ReplayItem([4, 5, 6], "x", -1.5, -2.25, extra)
+    assert got == ReplayItem([4, 5, 6], "x", {"log_prior": -1.5, "log_likelihood": -2.25}, extra)
     got.extra["response"] = "mutated"
     got.token_ids.append(99)
     [again] = buffer.sample(1)
@@ -302,19 +340,28 @@ def test_sampling_retempers_stored_components(make) -> None:
         buffer.add([item(distinct(0), 0.0, -3.0, text="likely-x"), item(distinct(1), -3.0, 0.0, text="likely-y")])
     n = 10_000
     # Changing the weights at sample time swaps the ranking (rank: 2/3 of the draws go to the top).
-    assert frequencies(rank, n, prior_weight=1.0, llm_weight=0.0).most_common(1)[0][0] == "likely-x"
-    assert frequencies(rank, n, prior_weight=0.0, llm_weight=1.0).most_common(1)[0][0] == "likely-y"
-    assert frequencies(rank, n, prior_weight=0.0, llm_weight=1.0)["likely-y"] / n == pytest.approx(2 / 3, abs=0.02)
+    assert (
+        frequencies(rank, n, log_reward=weighted(log_prior=1.0, log_likelihood=0.0)).most_common(1)[0][0] == "likely-x"
+    )
+    assert (
+        frequencies(rank, n, log_reward=weighted(log_prior=0.0, log_likelihood=1.0)).most_common(1)[0][0] == "likely-y"
+    )
+    assert frequencies(rank, n, log_reward=weighted(log_prior=0.0, log_likelihood=1.0))[
+        "likely-y"
+    ] / n == pytest.approx(2 / 3, abs=0.02)
     # Tempered: the top share is sigmoid(3 / T) under weights (1, 0), and it falls towards 1/2 as T grows.
     for reward_temperature in (1.0, 3.0, 100.0):
         share = (
-            frequencies(tempered, n, prior_weight=1.0, llm_weight=0.0, reward_temperature=reward_temperature)[
-                "likely-x"
-            ]
+            frequencies(
+                tempered,
+                n,
+                log_reward=weighted(log_prior=1.0, log_likelihood=0.0),
+                reward_temperature=reward_temperature,
+            )["likely-x"]
             / n
         )
         assert share == pytest.approx(1 / (1 + math.exp(-3.0 / reward_temperature)), abs=0.02)
-    assert frequencies(tempered, n, prior_weight=0.0, llm_weight=1.0)["likely-y"] / n > 0.9
+    assert frequencies(tempered, n, log_reward=weighted(log_prior=0.0, log_likelihood=1.0))["likely-y"] / n > 0.9
 
 
 def test_sampling_is_deterministic_given_the_generator(make) -> None:
@@ -413,13 +460,15 @@ def test_backends_return_identical_samples(redis_url: str) -> None:
         ]
         try:
             for batch, condition, prior_weight in batches:
-                added = [b.add(batch, condition, prior_weight=prior_weight) for b in buffers]
+                added = [b.add(batch, condition, weighted(log_prior=prior_weight, log_likelihood=1.0)) for b in buffers]
                 assert added[0] == added[1]
             assert buffers[0].conditions() == buffers[1].conditions() == ["", "s1"]
             for condition in ("", "s1"):
                 assert buffers[0].size(condition) == buffers[1].size(condition)
                 for seed in range(3):
-                    kwargs = dict(prior_weight=0.3 * seed, llm_weight=1.0, reward_temperature=1.0 + seed)
+                    kwargs = dict(
+                        log_reward=weighted(log_prior=0.3 * seed, log_likelihood=1.0), reward_temperature=1.0 + seed
+                    )
                     memory = buffers[0].sample(200, condition, generator=random.Random(seed), **kwargs)
                     remote = buffers[1].sample(200, condition, generator=random.Random(seed), **kwargs)
                     assert memory == remote and len(memory) == 200
@@ -435,7 +484,7 @@ def test_concurrent_redis_writers_keep_capacity_and_best_copies(redis_url: str) 
         w: [item(distinct(i), random.Random(100 * w + i).uniform(-10, 10), text=f"s{i}") for i in range(40)]
         for w in range(2)
     }
-    best = {f"s{i}": max(offers[0][i].log_prior, offers[1][i].log_prior) for i in range(40)}
+    best = {f"s{i}": max(offers[0][i].terms["log_prior"], offers[1][i].terms["log_prior"]) for i in range(40)}
     top = dict(sorted(best.items(), key=lambda kv: -kv[1])[:capacity])  # the outcome of any serial order
     writers = [make_replay_buffer("redis", capacity, redis_url=redis_url, namespace=namespace) for _ in range(2)]
     start, errors = threading.Barrier(2), []
@@ -461,7 +510,7 @@ def test_concurrent_redis_writers_keep_capacity_and_best_copies(redis_url: str) 
         assert writers[0].size() == capacity
         raw = redis.Redis.from_url(redis_url, decode_responses=True).hgetall(f"{namespace}::items")
         assert len(raw) == capacity
-        assert {x.text: x.log_prior for x in writers[1].sample(2000, generator=random.Random(0))} == top
+        assert {x.text: x.terms["log_prior"] for x in writers[1].sample(2000, generator=random.Random(0))} == top
     finally:
         writers[0].clear()
 

@@ -1,8 +1,6 @@
 """The training loop and the command-line entry points, end to end on tiny local models."""
 
-import contextlib
 import glob
-import io
 import json
 import os
 import subprocess
@@ -10,55 +8,13 @@ import sys
 
 import pytest
 import torch
+from cli_helpers import read_jsonl, run_main, tiny_flags
 
 import sample
-import train
 from checkpoint import load_checkpoint
 from openai_test_server import OpenAITestServer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def tiny_flags(model_dir: str, output_dir, *extra: str) -> list[str]:
-    return [
-        "--prior-model",
-        model_dir,
-        "--oracle",
-        "hf",
-        "--d-model",
-        "32",
-        "--num-layers",
-        "1",
-        "--max-len",
-        "6",
-        "--batch-size",
-        "4",
-        "--max-response-tokens",
-        "5",
-        "--output-dir",
-        str(output_dir),
-        "--no-progress",
-        "--device",
-        "cpu",
-        "--seed",
-        "7",
-        *extra,
-    ]
-
-
-def run_main(argv: list[str], entry=train.main) -> tuple[int, str]:
-    err = io.StringIO()
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
-        try:
-            code = entry(argv)
-        except SystemExit as exc:  # argparse
-            code = exc.code
-    return code, err.getvalue()
-
-
-def read_jsonl(path: str) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f]
 
 
 def losses(output_dir) -> dict[int, float]:
