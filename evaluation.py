@@ -67,14 +67,25 @@ def batch_metrics(log_reward: torch.Tensor, log_pf: torch.Tensor, log_q: torch.T
     }
 
 
-def exact_distribution_metrics(policy_log_prob: torch.Tensor, log_reward: torch.Tensor) -> dict:
+def exact_distribution_metrics(
+    policy_log_prob: torch.Tensor, log_reward: torch.Tensor, modes: torch.Tensor | None = None
+) -> dict:
     """Against an enumerated target: policy_log_prob and log_reward over *every* x.
-    Total variation is reported as half the L1 distance (in [0, 1]); tv_sum is the full L1 sum."""
+    Total variation is reported as half the L1 distance (in [0, 1]); tv_sum is the full L1 sum. With `modes`
+    (indices of x), modes_found counts those the policy gives at least half their target probability."""
     log_p = policy_log_prob.double()
     true_log_z = torch.logsumexp(log_reward.double(), 0)
     log_target = log_reward.double() - true_log_z
     p, target = log_p.exp(), log_target.exp()
+    found = {}
+    if modes is not None:
+        found = {
+            "modes_found": int((p[modes] >= 0.5 * target[modes]).sum()),
+            "modes_policy_mass": float(p[modes].sum()),
+            "modes_target_mass": float(target[modes].sum()),
+        }
     return {
+        **found,
         "tv": 0.5 * float((p - target).abs().sum()),
         "tv_sum": float((p - target).abs().sum()),
         "kl_policy_target": float((p * (log_p - log_target)).sum()),

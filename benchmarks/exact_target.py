@@ -13,6 +13,13 @@ batch size and reward-call budget. Prints one JSON object.
   python benchmarks/exact_target.py --quick               # seconds: the smoke test the test suite runs
   python benchmarks/exact_target.py --targets 6x5 --output out/exact_6x5.json    # one target (run two at once)
   python benchmarks/exact_target.py --plot-from out/exact_6x5.json out/exact_6x6.json --plot benchmarks/exact_target.png
+
+`--target-kind modes` plants memorised-secret-like modes instead: a few full-length sequences, chosen among those
+the prior finds unlikely, and log p(y|x) = beta * k(x), k(x) the longest opening x shares with any of them, with
+beta set so that the modes hold `--mode-mass` of the target. Reported beside TV: how many modes the policy has
+found (probability at least half their target share) against reward calls, for us and for torchgfn.
+
+  python benchmarks/exact_target.py --target-kind modes --targets 6x5 --losses tb --policies transformer
 """
 
 from __future__ import annotations
@@ -47,17 +54,85 @@ def build_target(folder: str, vocab_size: int) -> tuple[str, str]:
     return prior, oracle
 
 
+class PlantedModes:
+    """A deterministic oracle for the planted-modes target: log p(y|x) = per_word * (the longest opening x shares
+    with any mode). It scores x's token ids (decoded text is re-encoded with the word tokenizer)."""
+
+    deterministic = True
+    has_spending = False
+    target_ids: list[int] = []
+
+    def __init__(self, tokenizer, modes: list[list[int]], per_word: float) -> None:
+        self.tokenizer, self.modes, self.per_word = tokenizer, modes, per_word
+
+    def shared_opening(self, ids: list[int]) -> int:
+        best = 0
+        for mode in self.modes:
+            k = 0
+            while k < min(len(ids), len(mode)) and ids[k] == mode[k]:
+                k += 1
+            best = max(best, k)
+        return best
+
+    def score(self, texts: list[str], token_ids: list[list[int]] | None = None):
+        from reward_oracle import OracleResult
+
+        rows = token_ids or [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        return [OracleResult("", self.per_word * self.shared_opening(row), 0) for row in rows]
+
+
+def plant_modes(prior: str, vocab_size: int, max_len: int, num_modes: int, mode_mass: float, seed: int):
+    """(modes as token id lists, per_word): modes drawn among the full-length sequences in the less likely half
+    under the prior; per_word found by bisection so the modes hold mode_mass of R."""
+    import random
+
+    import torch
+
+    from gflownet_policy import enumerate_sequences
+    from hf_models import load_causal_lm
+    from reward_oracle import PriorScorer
+
+    model, tokenizer = load_causal_lm(prior, "cpu")
+    tokens, lengths = enumerate_sequences(vocab_size, 1, max_len)
+    with torch.no_grad():
+        log_prior = PriorScorer(model, tokenizer).log_prob(tokens, lengths).double()
+    full = (lengths == max_len).nonzero().flatten()
+    rare = full[log_prior[full].argsort()[: len(full) // 2]].tolist()
+    chosen = random.Random(seed).sample(rare, num_modes)
+    modes = [tokens[i, :max_len].tolist() for i in chosen]
+    oracle = PlantedModes(tokenizer, modes, 1.0)
+    shared = torch.tensor(
+        [oracle.shared_opening(row[:n].tolist()) for row, n in zip(tokens, lengths)], dtype=torch.float64
+    )
+    index = torch.tensor(chosen)
+
+    def share(per_word: float) -> float:
+        log_reward = log_prior + per_word * shared
+        return float(torch.exp(torch.logsumexp(log_reward[index], 0) - torch.logsumexp(log_reward, 0)))
+
+    low, high = 0.0, 50.0
+    for _ in range(60):
+        middle = (low + high) / 2
+        low, high = (middle, high) if share(middle) < mode_mass else (low, middle)
+    return modes, (low + high) / 2
+
+
 def calls_to_reach(curve: list[dict], threshold: float) -> int | None:
     """Reward calls at the first evaluation with TV <= threshold (None: not within the budget)."""
     return next((row["reward_calls"] for row in curve if row["tv"] <= threshold), None)
 
 
 def summarize(curve: list[dict]) -> dict:
-    return {
+    summary = {
         "final": curve[-1],
         "best_tv": min(row["tv"] for row in curve),
         **{f"calls_to_tv_{t}": calls_to_reach(curve, t) for t in THRESHOLDS},
     }
+    if "modes_found" in curve[-1]:
+        most = max(row["modes_found"] for row in curve)
+        summary["most_modes_found"] = most
+        summary["calls_to_most_modes"] = next(row["reward_calls"] for row in curve if row["modes_found"] == most)
+    return summary
 
 
 def run_ours(
@@ -76,7 +151,10 @@ def run_ours(
     d_model: int,
     lr_schedule: str,
     extra_flags: list[str] = (),
-) -> tuple[list[dict], object]:
+    planted: tuple[list[list[int]], float] | None = None,
+) -> tuple[list[dict], object, object]:
+    """Train with train.py's loop; returns (the exact-evaluation curve, the target's log R table, the modes'
+    indices or None). `planted` = (modes, per_word) replaces the oracle by PlantedModes."""
     import torch
 
     import train
@@ -131,7 +209,9 @@ def run_ours(
     def evaluate(reward_calls_so_far: int, sampled: int, policy_model, log_z_value: float | None) -> None:
         state["train_seconds"] += time.time() - state["since"]
         with torch.no_grad():
-            metrics = exact_distribution_metrics(policy_model.log_pf(tokens, lengths), table["log_reward"])
+            metrics = exact_distribution_metrics(
+                policy_model.log_pf(tokens, lengths), table["log_reward"], table.get("modes")
+            )
         curve.append(
             {
                 "reward_calls": reward_calls_so_far,
@@ -145,6 +225,10 @@ def run_ours(
         state["since"] = time.time()
 
     def on_start(policy_model, reward_model) -> None:
+        if planted is not None:  # the oracle the flags built (for its tokenizer and settings) gives way to the modes
+            reward_model.oracle = PlantedModes(reward_model.tokenizer, *planted)
+            rows = [tuple(row[:n].tolist()) for row, n in zip(tokens, lengths)]
+            table["modes"] = torch.tensor([rows.index(tuple(mode)) for mode in planted[0]])
         with torch.no_grad():
             table["log_reward"] = reward_model(tokens, lengths).log_reward
         # the enumeration is the benchmark's, not training's: it neither counts nor answers training's calls
@@ -162,7 +246,7 @@ def run_ours(
         train.train(
             train.build_parser().parse_args(flags + ["--output-dir", out]), on_start=on_start, on_epoch=on_epoch
         )
-    return curve, table["log_reward"]
+    return curve, table["log_reward"], table.get("modes")
 
 
 def main() -> None:
@@ -203,6 +287,9 @@ def main() -> None:
         "--torchgfn-hidden-dim", type=int, default=256, help="width of torchgfn's MLP (2 hidden layers)"
     )
     parser.add_argument("--no-torchgfn", action="store_true", help="skip the torchgfn baseline")
+    parser.add_argument("--target-kind", choices=["random", "modes"], default="random", help="see the docstring")
+    parser.add_argument("--modes", type=int, default=4, help="--target-kind modes: how many planted modes")
+    parser.add_argument("--mode-mass", type=float, default=0.8, help="--target-kind modes: their share of R")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: runs are comparable)")
     parser.add_argument("--output", default=None, help="also write the JSON here")
@@ -247,6 +334,7 @@ def main() -> None:
         "reward_calls": args.reward_calls,
         "lr_schedule": args.lr_schedule,
         "train_flags": args.train_flags,
+        "target_kind": args.target_kind,
         "targets": [],
     }
     for spec in args.targets:
@@ -254,12 +342,15 @@ def main() -> None:
         target = {"vocab_size": vocab_size, "max_len": max_len, "runs": []}
         with tempfile.TemporaryDirectory() as folder:
             prior, oracle = build_target(folder, vocab_size)
-            log_reward = None
+            log_reward = modes = planted = None
+            if args.target_kind == "modes":
+                planted = plant_modes(prior, vocab_size, max_len, args.modes, args.mode_mass, args.seed)
+                target["modes"], target["per_word"] = planted[0], round(planted[1], 4)
             for policy in args.policies:
                 for loss in args.losses:
                     started = time.time()
                     lr = args.lora_lr if policy == "lora" else args.transformer_lr
-                    curve, log_reward = run_ours(
+                    curve, log_reward, modes = run_ours(
                         prior,
                         oracle,
                         vocab_size,
@@ -275,6 +366,7 @@ def main() -> None:
                         32,
                         args.lr_schedule,
                         shlex.split(args.train_flags),
+                        planted,
                     )
                     target["runs"].append(
                         {
@@ -307,6 +399,7 @@ def main() -> None:
                     lr=lr,
                     lr_schedule=args.lr_schedule,
                     hidden_dim=args.torchgfn_hidden_dim,
+                    modes=modes,
                 )
                 target["runs"].append(
                     {

@@ -139,6 +139,7 @@ def run_torchgfn_tb(
     n_hidden_layers: int = 2,
     lr_schedule: str = "constant",
     lr_min_factor: float = 0.1,
+    modes: torch.Tensor | None = None,
 ) -> list[dict]:
     """Train torchgfn's TB for reward_calls // batch_size steps of batch_size on-policy trajectories (one reward
     call each); lr_schedule "cosine" applies train.py's --lr-schedule cosine to both learning rates, so the
@@ -165,7 +166,7 @@ def run_torchgfn_tb(
     def evaluate(calls: int, seconds: float) -> None:
         log_p = exact_log_probs(env, pf)
         assert abs(float(log_p.exp().sum()) - 1.0) < 1e-4, "exact probabilities do not sum to 1"
-        metrics = exact_distribution_metrics(log_p, log_reward)
+        metrics = exact_distribution_metrics(log_p, log_reward, modes)
         log_z = gflownet.logZ.item()
         rows.append(
             {
