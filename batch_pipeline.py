@@ -22,7 +22,7 @@ from typing import Protocol
 import torch
 
 from batch_api import collect_results, submit_batch, wait_for_batch
-from reward_oracle import RewardBatch
+from reward_oracle import RewardBatch, replay_formula
 
 
 @dataclass
@@ -75,6 +75,8 @@ def exploration_settings(args, may_spend) -> dict:
         may_spend=may_spend,
         tempered_fraction=args.tempered_fraction,
         temperature_range=tuple(args.temperature_range),
+        local_search_fraction=args.local_search_fraction,
+        local_search_back=args.local_search_back,
     )
 
 
@@ -89,29 +91,56 @@ class SyncBatches:
         may_spend,
         tempered_fraction: float = 0.0,
         temperature_range: tuple[float, float] = (1.0, 1.0),
+        local_search_fraction: float = 0.0,
+        local_search_back: int = 3,
+        replay=None,
+        replay_rng=None,
     ) -> None:
         self.policy, self.reward_model = policy, reward_model
         self.batch_size, self.temperature, self.epsilon = batch_size, temperature, epsilon
         self.may_spend = may_spend
         self.tempered_fraction, self.temperature_range = tempered_fraction, temperature_range
+        self.local_search_fraction, self.local_search_back = local_search_fraction, local_search_back
+        self.replay, self.replay_rng = replay, replay_rng
 
     def sample(self, size: int | None = None, context: torch.Tensor | None = None):
         """A fresh batch: most of it at --temperature, `tempered_fraction` of it at one temperature drawn
-        uniformly from `temperature_range` (drawn from the torch RNG, so runs stay reproducible)."""
+        uniformly from `temperature_range` (drawn from the torch RNG, so runs stay reproducible), and, once the
+        replay buffer holds anything, `local_search_fraction` of it re-completed from replayed x (last)."""
         size = size or self.batch_size
-        num_tempered = round(self.tempered_fraction * size)
+        num_local = round(self.local_search_fraction * size) if self.replay is not None and len(self.replay) else 0
+        num_tempered = round(self.tempered_fraction * (size - num_local))
         parts = []
-        if size - num_tempered:
+        if size - num_local - num_tempered:
             parts.append(
                 self.policy.sample(
-                    size - num_tempered, temperature=self.temperature, epsilon=self.epsilon, context=context
+                    size - num_local - num_tempered, temperature=self.temperature, epsilon=self.epsilon, context=context
                 )
             )
         if num_tempered:
             low, high = self.temperature_range
             drawn = low + (high - low) * torch.rand(()).item()
             parts.append(self.policy.sample(num_tempered, temperature=drawn, epsilon=self.epsilon, context=context))
+        if num_local:
+            parts.append(self.local_search(num_local, context))
         return tuple(torch.cat(tensors) for tensors in zip(*parts))
+
+    def local_search(self, size: int, context: torch.Tensor | None = None):
+        """Local search (Kim et al. 2024, "Local search GFlowNets"): x drawn from the replay buffer by its
+        priority (the best-rewarded most often), its last `local_search_back` tokens dropped and re-sampled by
+        the policy. Each candidate is scored like any fresh x (a paid call) and trained on."""
+        items = self.replay.sample(
+            size, log_reward=replay_formula(self.reward_model.formula), generator=self.replay_rng
+        )
+        device, max_len = self.policy.device, self.policy.config.max_len
+        start = torch.zeros(size, max_len, dtype=torch.long, device=device)
+        for i, item in enumerate(items):
+            start[i, : len(item.token_ids)] = torch.tensor(item.token_ids, device=device)
+        lengths = torch.tensor([len(item.token_ids) for item in items], device=device)
+        keep = torch.clamp(lengths - self.local_search_back, min=0)
+        return self.policy.sample(
+            size, temperature=self.temperature, epsilon=self.epsilon, context=context, prefix=(start, keep)
+        )
 
     def next(self, more: bool = True) -> ScoredBatch | None:
         """The next scored batch, or None when the budget is spent. more=False: no batch will be asked for

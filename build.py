@@ -194,7 +194,7 @@ class GenericTask:
 
     @staticmethod
     def make_source(args, run: "Run", may_spend, save_now, source_state: dict | None, start_epoch: int) -> BatchSource:
-        common = exploration_settings(args, may_spend)
+        common = {**exploration_settings(args, may_spend), "replay": run.replay, "replay_rng": run.replay_rng}
         if args.batch_api:
             return BatchAPIBatches(
                 run.policy,

@@ -221,6 +221,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=0.0,
         help="this fraction of each training batch is replayed from the buffer (on top of the fresh samples)",
     )
+    g.add_argument(
+        "--local-search-fraction",
+        type=float,
+        default=0.0,
+        help="this fraction of each fresh batch re-completes x drawn from the replay buffer after dropping their "
+        "last --local-search-back tokens (local search; needs --replay-fraction > 0)",
+    )
+    g.add_argument("--local-search-back", type=int, default=3, metavar="K", help="local search: tokens re-sampled")
     g.add_argument("--replay-capacity", type=int, default=1000)
     g.add_argument("--replay-backend", default="memory", choices=["memory", "redis"])
     g.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
@@ -328,6 +336,16 @@ def validate_args(args: argparse.Namespace) -> None:
         (0 < args.temperature_range[0] <= args.temperature_range[1], "--temperature-range needs 0 < LOW <= HIGH"),
         (0 <= args.replay_fraction < 1, "--replay-fraction must be in [0, 1)"),
         (args.updates_per_batch >= 1, "--updates-per-batch must be >= 1"),
+        (0 <= args.local_search_fraction < 1, "--local-search-fraction must be in [0, 1)"),
+        (args.local_search_back >= 1, "--local-search-back must be >= 1"),
+        (
+            args.local_search_fraction == 0 or args.replay_fraction > 0,
+            "--local-search-fraction re-completes x from the replay buffer: set --replay-fraction > 0",
+        ),
+        (
+            args.local_search_fraction == 0 or args.task != "contradiction",
+            "--task contradiction does not support --local-search-fraction",
+        ),
         (args.replay_capacity >= 1, "--replay-capacity must be >= 1"),
         (
             args.reward_temp_start > 0 and args.reward_temp_end > 0 and args.reward_temp_horizon >= 0,

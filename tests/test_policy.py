@@ -78,3 +78,21 @@ def test_bad_config_is_rejected():
         PolicyConfig(vocab_size=5, min_len=4, max_len=3).validate()
     with pytest.raises(ValueError, match="divisible"):
         PolicyConfig(vocab_size=5, d_model=30, num_heads=4).validate()
+
+
+def test_sampling_with_a_forced_prefix_keeps_it_and_scores_only_the_rest():
+    """Local search re-completes x after its first `keep` tokens: those are kept as given, and the returned
+    log-probability is that of the sampled steps alone (the per-step teacher-forced log P_F after keep)."""
+    policy = make_policy()
+    torch.manual_seed(3)
+    start_tokens, start_lengths, _ = policy.sample(32)
+    keep = torch.clamp(start_lengths - 2, min=0)
+    tokens, lengths, log_q = policy.sample(32, prefix=(start_tokens, keep))
+    for i in range(32):
+        k = int(keep[i])
+        assert tokens[i, :k].tolist() == start_tokens[i, :k].tolist() and int(lengths[i]) >= k
+    per_step = policy.log_pf_per_step(tokens, lengths).detach()
+    steps = torch.arange(per_step.shape[1]).unsqueeze(0)
+    expected = torch.where(steps >= keep.unsqueeze(1), per_step, torch.zeros_like(per_step)).sum(1)
+    assert torch.allclose(log_q, expected, atol=1e-4)
+    assert not torch.equal(tokens, start_tokens)  # the rest really is re-sampled
