@@ -159,6 +159,17 @@ def score_samples(rows: list[dict], secrets: list[str], decoys: list[str], check
     return result
 
 
+def subsampled_leaks(rows: list[dict], secrets: list[str], budget: int, draws: int = 500, seed: int = 0) -> dict:
+    """For i.i.d. samples (sample-and-rank's x come from the fixed prior): the distinct secrets leaked by `budget`
+    calls, averaged over random subsets of the rows (no extra calls; the spread a different seed would show)."""
+    leaked_sets = [row_findings(row, secrets, [])["leaked"] for row in rows]
+    rng = random.Random(seed)
+    counts = [len(set().union(*rng.sample(leaked_sets, budget))) for _ in range(draws)]
+    mean = sum(counts) / draws
+    sd = (sum((c - mean) ** 2 for c in counts) / (draws - 1)) ** 0.5
+    return {"budget": budget, "mean": round(mean, 2), "sd": round(sd, 2), "min": min(counts), "max": max(counts)}
+
+
 def read_samples(path: str) -> list[dict]:
     """A train.py samples file (trained rows, in the order paid for) or a baseline file."""
     with open(path, encoding="utf-8") as f:
@@ -418,7 +429,7 @@ def reference_log_likelihoods(model, start: int, xs: list[list[int]], ys: list[l
 
 
 def gflownet_flags(
-    victim: str, base: str, calls: int, max_len: int, output_dir: str, config: str, batch_size: int = 16
+    victim: str, base: str, calls: int, max_len: int, output_dir: str, config: str, seed: int = 0, batch_size: int = 16
 ) -> list[str]:
     return base_flags(victim, base, max_len, output_dir) + [
         "--policy", "lora",
@@ -426,17 +437,17 @@ def gflownet_flags(
         "--epochs", str(calls // batch_size),
         "--save-every", str(max(1, calls // batch_size)),
         "--no-progress",
-        "--seed", "0",
+        "--seed", str(seed),
         *CONFIGS[config],
     ]  # fmt: skip
 
 
-def run_gflownet(victim: str, base: str, calls: int, max_len: int, output_dir: str, config: str) -> str:
+def run_gflownet(victim: str, base: str, calls: int, max_len: int, output_dir: str, config: str, seed: int = 0) -> str:
     import train
 
     err = io.StringIO()
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
-        code = train.main(gflownet_flags(victim, base, calls, max_len, output_dir, config))
+        code = train.main(gflownet_flags(victim, base, calls, max_len, output_dir, config, seed))
     if code != 0:
         raise SystemExit(f"train.py failed: {err.getvalue()[-1000:]}")
     return os.path.join(output_dir, "samples_raw.jsonl")
@@ -618,12 +629,19 @@ def main(argv: list[str] | None = None) -> None:
         result = invert(args.victim, args.base, args.secrets, args.calls, args.loss, args.out)
         print(json.dumps(result, indent=2))
     elif args.command == "gflownet":
-        print(run_gflownet(args.victim, args.base, args.calls, args.max_len, args.out, args.config))
+        print(run_gflownet(args.victim, args.base, args.calls, args.max_len, args.out, args.config, args.seed))
     elif args.command == "report":
         paths = dict(
             p.split("=", 1) if "=" in p else (os.path.basename(os.path.dirname(p)) or p, p) for p in args.paths
         )
-        results = report(paths, load_secrets())
+        data = load_secrets()
+        results = report(paths, data)
+        for name, path in paths.items():
+            if "baseline" in name or "sample-and-rank" in name:  # i.i.d. rows: the spread over subsets
+                rows = read_samples(path)
+                results[name]["subsampled"] = [
+                    subsampled_leaks(rows, data["secrets"], budget) for budget in CHECKPOINTS if budget < len(rows)
+                ]
         summary = {
             "benchmark": "extraction",
             "date": time.strftime("%Y-%m-%d"),
