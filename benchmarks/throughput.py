@@ -142,10 +142,14 @@ class Stopwatch:
         setattr(owner, attribute, timed_call)
 
 
-def bookkeeping_numbers(epochs: int, batch_size: int, max_len: int) -> dict:
+def bookkeeping_numbers(
+    epochs: int, batch_size: int, max_len: int, prior: str | None = None, oracle: str | None = None, policy: str = ""
+) -> dict:
     """Per-epoch wall time of train.train and the part of it spent on bookkeeping (see the module docstring):
     a tiny random GPT-2 (BPE vocabulary of the test fixtures) is the prior and the local oracle, the policy a
-    64-wide 1-layer transformer, so the model work is small and the loop's own overhead shows."""
+    64-wide 1-layer transformer, so the model work is small and the loop's own overhead shows. With `prior` /
+    `oracle` / `policy` (e.g. SmolLM2 and a LoRA policy) it measures a real setup instead. Also splits the epoch
+    into the oracle's time (y generated and scored) and the tool's own (sampling x, prior, training, the rest)."""
     import contextlib
     import importlib
     import io
@@ -163,13 +167,20 @@ def bookkeeping_numbers(epochs: int, batch_size: int, max_len: int) -> dict:
     watch.wrap(records, "step_metrics", "step_metrics")
     watch.wrap(outputs.Outputs, "log", "metrics_logging")
     watch.wrap(durable_files.JsonlAppender, "write", "samples_write", only=lambda self, _: "samples_" in self.path)
+    import reward_oracle
+
+    oracle_watch = Stopwatch()
+    oracle_watch.wrap(reward_oracle.RewardModel, "query_oracle", "oracle")
     if records is not train:  # train.py calls the names it imported
         for name in ("sample_records", "step_metrics"):
             setattr(train, name, getattr(records, name))
     with tempfile.TemporaryDirectory() as folder:
-        model = save_tiny_gpt2(os.path.join(folder, "lm"), bpe_tokenizer(), seed=0, n_embd=32)
+        model = prior or save_tiny_gpt2(os.path.join(folder, "lm"), bpe_tokenizer(), seed=0, n_embd=32)
         argv = ["--prior-model", model, "--oracle", "hf", "--d-model", "64", "--num-layers", "1"]
-        argv += ["--max-len", str(max_len), "--batch-size", str(batch_size), "--max-response-tokens", "4"]
+        argv += ["--oracle-model", oracle or model] + (["--policy", policy] if policy else [])
+        argv += ["--oracle-format", "plain", "--llm-temperature", "0"] if oracle else []
+        argv += ["--max-len", str(max_len), "--batch-size", str(batch_size)]
+        argv += ["--max-response-tokens", "16" if oracle else "4"]
         argv += ["--epochs", str(epochs), "--save-every", str(epochs), "--output-dir", os.path.join(folder, "run")]
         argv += ["--device", "cpu", "--seed", "0"]
         args = train.build_parser().parse_args(argv)
@@ -183,7 +194,11 @@ def bookkeeping_numbers(epochs: int, batch_size: int, max_len: int) -> dict:
     per_epoch = {name: round(seconds / epochs * 1000, 3) for name, seconds in sorted(watch.seconds.items())}
     bookkeeping_ms = sum(watch.seconds.values()) / epochs * 1000
     epoch_ms = sum(steady) / len(steady) * 1000
+    oracle_ms = oracle_watch.seconds.get("oracle", 0.0) / epochs * 1000
     return {
+        "prior": prior or "tiny random GPT-2",
+        "oracle_ms_per_epoch": round(oracle_ms, 2),
+        "tool_ms_per_epoch": round(sum(epoch_seconds) / epochs * 1000 - oracle_ms, 2),
         "epochs": epochs,
         "batch_size": batch_size,
         "max_len": max_len,
@@ -200,15 +215,19 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--bookkeeping", action="store_true", help="the training loop's own overhead per epoch")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--prior-model", help="--bookkeeping: a real prior instead of the tiny one")
+    parser.add_argument("--oracle-model", help="--bookkeeping: a real local oracle (plain text, greedy y)")
+    parser.add_argument("--policy", default="", help="--bookkeeping: e.g. lora")
+    parser.add_argument("--epochs", type=int, default=None, help="--bookkeeping: epochs to run")
     args = parser.parse_args()
     if args.bookkeeping:
-        epochs = 10 if args.quick else 200
+        epochs = args.epochs or (10 if args.quick else 200)
         result = {
             "benchmark": "bookkeeping",
             "date": time.strftime("%Y-%m-%d"),
             "commit": os.popen(f"git -C {ROOT} rev-parse --short HEAD").read().strip(),
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}",
-            **bookkeeping_numbers(epochs, 16, 8),
+            **bookkeeping_numbers(epochs, 16, 8, args.prior_model, args.oracle_model, args.policy),
         }
         print(json.dumps(result, indent=2))
         return
