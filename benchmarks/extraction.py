@@ -414,6 +414,19 @@ def prior_samples_scored(victim: str, base: str, max_len: int, calls: int, extra
     return rows
 
 
+def score_texts(victim: str, base: str, max_len: int, texts: list[str], extra_flags: list[str]) -> list[float]:
+    """log R of given x texts under the reward these flags build (an evaluation, outside any budget)."""
+    import torch
+
+    reward_model, _, tokenizer = reward_model_for(victim, base, max_len, extra_flags)
+    rows = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+    lengths = torch.tensor([len(r) for r in rows])
+    tokens = torch.zeros(len(rows), int(lengths.max()), dtype=torch.long)
+    for i, row in enumerate(rows):
+        tokens[i, : len(row)] = torch.tensor(row)
+    return reward_model(tokens, lengths).log_reward.tolist()
+
+
 def reference_log_likelihoods(model, start: int, xs: list[list[int]], ys: list[list[int]]) -> list[float]:
     """log p_reference(y | x) by teacher forcing after the document start (one right-padded batch)."""
     import torch
@@ -483,7 +496,9 @@ def invert(
         samples = run_until_calls(flags, run_dir, calls)
         baseline = prior_samples_scored(victim, base, max_len, calls, ["--target-response", target])
         opening_words = words(" ".join(opening))
-        row = {"secret": index, "opening": " ".join(opening)}
+        # for reference only (not a call of either sampler): log R of the true opening under the same reward
+        true_log_reward = score_texts(victim, base, max_len, [" ".join(opening)], ["--target-response", target])[0]
+        row = {"secret": index, "opening": " ".join(opening), "true_opening_log_reward": round(true_log_reward, 2)}
         for name, found in (("gflownet", samples), ("sample_and_rank", baseline)):
             best = max(found, key=lambda r: r["log_reward"])
             row[name] = {
