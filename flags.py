@@ -218,8 +218,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--replay-fraction",
         type=float,
-        default=0.0,
-        help="this fraction of each training batch is replayed from the buffer (on top of the fresh samples)",
+        default=None,
+        help="this fraction of each training batch is replayed from the buffer (on top of the fresh samples); "
+        "default 0.5 with a paid oracle (--oracle openai), whose every answer should be reused, else 0",
     )
     g.add_argument(
         "--local-search-fraction",
@@ -283,6 +284,9 @@ def validate_args(args: argparse.Namespace) -> None:
         args.prior_model = "gpt2-large" if args.task == "contradiction" else "gpt2"
     if args.task == "contradiction":
         args.data = args.data or CONTRADICTION_DATA
+    if args.replay_fraction is None:  # prioritised replay found all 4 planted modes where on-policy TB found 1
+        paid = args.task != "contradiction" and args.oracle == "openai" and args.llm_weight != 0
+        args.replay_fraction = 0.5 if paid else 0.0
     checks = [
         (args.task != "contradiction" or args.policy == "lora", "--task contradiction needs --policy lora"),
         (

@@ -242,3 +242,17 @@ def test_format_1_checkpoints_are_migrated_and_resume(tiny_lm_dir, tmp_path):
     assert migrated["policy_record"] == {**record, "prior_model": tiny_lm_dir}
     code, err = run_main(tiny_flags(tiny_lm_dir, tmp_path, "--epochs", "3", "--resume"))
     assert code == 0 and "resumed from epoch 2" in err, err
+
+
+def test_replay_is_on_by_default_only_for_a_paid_oracle():
+    from flags import build_parser, validate_args
+
+    def resolved(*argv):
+        args = build_parser("").parse_args(list(argv))
+        validate_args(args)
+        return args.replay_fraction
+
+    assert resolved("--oracle", "openai") == 0.5  # every paid answer is reused
+    assert resolved("--oracle", "openai", "--replay-fraction", "0") == 0.0  # an explicit choice stands
+    assert resolved("--oracle", "openai", "--llm-weight", "0") == 0.0  # no oracle calls at all
+    assert resolved("--oracle", "hf") == 0.0
