@@ -264,23 +264,17 @@ class ContradictionReward:
             log_contradiction = self.nli.log_contradiction(answers, list(edit_facts))
 
         terms = {"log_contradiction": log_contradiction, "log_question": log_question, "log_answer": log_answer}
-        log_reward = self.log_reward(terms, step)
+        log_reward = PhaseFormula(self.config, step)(terms)
         return {
             "log_reward": log_reward,
             **terms,
-            "answer_penalty": self.answer_penalty(log_answer),
+            "answer_penalty": answer_penalty(self.config, log_answer),
             "passes_threshold": log_contradiction >= cfg.contradiction_threshold,
             "valid": torch.isfinite(log_reward),
             "answers": answers,
             "answer_results": answer_results,
             "phase": self.phase(step),
         }
-
-    def answer_penalty(self, log_answer: torch.Tensor) -> torch.Tensor:
-        return answer_penalty(self.config, log_answer)
-
-    def log_reward(self, terms: dict[str, torch.Tensor], step: int) -> torch.Tensor:
-        return PhaseFormula(self.config, step)(terms)
 
 
 def answer_penalty(config: ContradictionRewardConfig, log_answer: torch.Tensor) -> torch.Tensor:
