@@ -22,7 +22,7 @@ from typing import Protocol
 import torch
 
 from batch_api import collect_results, submit_batch, wait_for_batch
-from reward_oracle import RewardBatch, replay_formula
+from reward_oracle import RewardBatch, padded_token_ids, replay_formula
 
 
 @dataclass
@@ -132,11 +132,8 @@ class SyncBatches:
         items = self.replay.sample(
             size, log_reward=replay_formula(self.reward_model.formula), generator=self.replay_rng
         )
-        device, max_len = self.policy.device, self.policy.config.max_len
-        start = torch.zeros(size, max_len, dtype=torch.long, device=device)
-        for i, item in enumerate(items):
-            start[i, : len(item.token_ids)] = torch.tensor(item.token_ids, device=device)
-        lengths = torch.tensor([len(item.token_ids) for item in items], device=device)
+        rows = [item.token_ids for item in items]
+        start, lengths = padded_token_ids(rows, self.policy.config.max_len, self.policy.device)
         keep = torch.clamp(lengths - self.local_search_back, min=0)
         return self.policy.sample(
             size, temperature=self.temperature, epsilon=self.epsilon, context=context, prefix=(start, keep)

@@ -335,6 +335,14 @@ def token_id_lists(tokens: torch.Tensor, lengths: torch.Tensor) -> list[list[int
     return [row[:n].tolist() for row, n in zip(tokens.cpu(), lengths.cpu().tolist())]
 
 
+def padded_token_ids(rows: list[list[int]], width: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inverse of token_id_lists: (tokens (B, width), zero after each row's end, and lengths (B,))."""
+    tokens = torch.zeros(len(rows), width, dtype=torch.long, device=device)
+    for i, row in enumerate(rows):
+        tokens[i, : len(row)] = torch.tensor(row, dtype=torch.long, device=device)
+    return tokens, torch.tensor([len(row) for row in rows], device=device)
+
+
 def same_vocabulary(tokenizer, other) -> bool:
     return tokenizer is other or tokenizer.get_vocab() == other.get_vocab()
 

@@ -33,7 +33,7 @@ from errors import UserError, run_cli
 from flags import build_parser, validate_args  # noqa: F401  (build_parser re-exported: scripts and tests use it)
 from gflownet_policy import LogZ
 from replay_buffer import ReplayItem
-from reward_oracle import RewardFormula, replay_formula, stack_terms
+from reward_oracle import RewardFormula, padded_token_ids, replay_formula, stack_terms
 from run_log import Outputs, postfix, report_invalid, sample_records, step_metrics
 from trajectory_balance import OBJECTIVES, gflownet_loss
 
@@ -279,10 +279,7 @@ def replay_batch(
     )
     if not items:
         return None
-    tokens = torch.zeros(len(items), args.max_len, dtype=torch.long, device=device)
-    for i, item in enumerate(items):
-        tokens[i, : len(item.token_ids)] = torch.tensor(item.token_ids, device=device)
-    lengths = torch.tensor([len(item.token_ids) for item in items], device=device)
+    tokens, lengths = padded_token_ids([item.token_ids for item in items], args.max_len, device)
     return tokens, lengths, stack_terms([item.terms for item in items])
 
 
