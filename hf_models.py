@@ -178,3 +178,31 @@ def generate_with_logprobs(
     log_probs = torch.log_softmax(torch.stack(out.logits, dim=1).float(), dim=-1)
     token_log_probs = log_probs.gather(2, generated.unsqueeze(2)).squeeze(2).double()
     return generated.tolist(), token_log_probs
+
+
+# ------------------------------------------------------------------------------------------------ scoring
+
+
+@torch.no_grad()
+def continuation_log_likelihoods(
+    model, start_id: int, prefixes: list[list[int]], continuations: list[list[int]], batch_size: int = 16
+) -> list[float]:
+    """log p(continuation | document start + prefix) by teacher forcing, in float64, batched (right padding is
+    harmless for a causal model: padded positions come after every scored one; rows are batched by length). An
+    empty continuation has log-likelihood 0. Runs the pretrained model, adapters off."""
+    device = next(model.parameters()).device
+    order = sorted(range(len(prefixes)), key=lambda i: len(prefixes[i]) + len(continuations[i]))
+    result = [0.0] * len(prefixes)
+    for first in range(0, len(order), batch_size):
+        part = order[first : first + batch_size]
+        rows = [[start_id] + prefixes[i] + continuations[i] for i in part]
+        width = max(map(len, rows))
+        ids = torch.tensor([row + [start_id] * (width - len(row)) for row in rows], device=device)
+        mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows], device=device)
+        with without_adapters(model):
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].double()
+        token_log_probs = torch.log_softmax(logits, dim=-1).gather(2, ids[:, 1:].unsqueeze(2)).squeeze(2).cpu()
+        for row, i in enumerate(part):
+            begin = len(prefixes[i])  # position of the first continuation token, shifted by the start token
+            result[i] = float(token_log_probs[row, begin : begin + len(continuations[i])].sum())
+    return result

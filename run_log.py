@@ -14,7 +14,7 @@ import time
 import torch
 
 import distributed
-from durable_files import JsonlAppender, NullAppender
+from durable_files import JsonlAppender, NullAppender, atomic_write
 from evaluation import batch_metrics, sample_metrics
 from trajectory_balance import vargrad_log_z
 
@@ -22,9 +22,13 @@ from trajectory_balance import vargrad_log_z
 class Outputs:
     """What a run writes: samples and metrics JSONL (rank 0 only), W&B, the progress bar or one line an epoch."""
 
-    def __init__(self, args: argparse.Namespace, dist_info: distributed.DistInfo, start_epoch: int) -> None:
+    def __init__(
+        self, args: argparse.Namespace, dist_info: distributed.DistInfo, start_epoch: int, run_id: str = ""
+    ) -> None:
         os.makedirs(args.output_dir, exist_ok=True)
         main = dist_info.is_main
+        if main:
+            write_run_settings(args, run_id)
         self.samples = (
             JsonlAppender(os.path.join(args.output_dir, f"samples_{args.task}.jsonl")) if main else NullAppender()
         )
@@ -62,6 +66,28 @@ class Outputs:
         self.metrics.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+SETTINGS_FORMAT = "dataset-sucker-run/1"
+
+
+def settings_path(output_dir: str, task: str) -> str:
+    return os.path.join(output_dir, f"run_{task}.json")
+
+
+def write_run_settings(args: argparse.Namespace, run_id: str) -> None:
+    """run_{task}.json: the run's flags and id, rewritten at every (re)start, so that what the samples file holds can
+    be traced to the oracle, model and settings that produced it (resurrect.py) without loading a checkpoint.
+    vars(args) never holds the API key: the oracle reads it from the environment."""
+    settings = {
+        "format": SETTINGS_FORMAT,
+        "run_id": run_id,
+        "task": args.task,
+        "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "args": {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, list, type(None)))},
+    }
+    text = json.dumps(settings, indent=1, ensure_ascii=False) + "\n"
+    atomic_write(settings_path(args.output_dir, args.task), lambda f: f.write(text.encode("utf-8")))
 
 
 def init_wandb(args: argparse.Namespace):

@@ -71,7 +71,7 @@ def train(args: argparse.Namespace, on_start=None, on_epoch=None) -> dict:
         lambda: save_run(run, completed_epoch),
         (resume_state or {}).get("source_state"),
     )
-    out = Outputs(args, dist_info, start_epoch)
+    out = Outputs(args, dist_info, start_epoch, run.run_id)
     if on_start is not None:
         on_start(run.policy, run.reward_model)
     metrics, last_saved, stop_reason, unreachable_batches, clean_exit = {}, None, None, 0, False
