@@ -333,44 +333,63 @@ class Collection:
 # ------------------------------------------------------------------------------------------------ reference
 
 
-def reference_log_likelihoods(
-    collection: Collection, reference: str, device: str = "auto", batch_size: int = 16, progress: bool = True
-) -> dict[int, float]:
-    """log p_reference(y|x) of every kept row with log p(y|x), teacher-forced after the reference's document start.
-    x is passed as the row's own token ids when the row's prior is the reference (same vocabulary), else encoded
-    from its text; y is encoded from its text (the oracle's ids belong to the oracle's vocabulary). Rows that
-    already carry `log_reference` (the extraction baseline's) keep it."""
+def reference_scores(
+    rows: list[dict], reference: str, device: str = "auto", batch_size: int = 16, progress: bool = True
+) -> list[float]:
+    """log p_reference(y|x) of each row, teacher-forced after the reference's document start. x is passed as the
+    row's own token ids when the row's prior is the reference (same vocabulary), else encoded from its text; y is
+    encoded from its text (the oracle's ids belong to the oracle's vocabulary)."""
     from tqdm import tqdm
 
     from hf_models import continuation_log_likelihoods, document_start_id, load_causal_lm, resolve_device
 
-    todo = [
-        (row_id, row)
-        for row_id, row, _ in collection.rows()
-        if row.get("log_likelihood") is not None and row.get("log_reference") is None
-    ]
-    if not todo:
-        return {}
+    if not rows:
+        return []
     model, tokenizer = load_causal_lm(reference, resolve_device(device))
     start = document_start_id(tokenizer)
 
     def encode(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
 
-    scores = {}
-    chunk = 256
-    with tqdm(total=len(todo), desc="reference", unit="row", disable=not progress) as bar:
-        for first in range(0, len(todo), chunk):
-            part = todo[first : first + chunk]
+    scores, chunk = [], 256
+    with tqdm(total=len(rows), desc="reference", unit="row", disable=not progress) as bar:
+        for first in range(0, len(rows), chunk):
+            part = rows[first : first + chunk]
             xs = [
                 row["token_ids"] if row.get("token_ids") and row.get("prior_model") == reference else encode(row["x"])
-                for _, row in part
+                for row in part
             ]
-            ys = [encode(row.get("y") or "") for _, row in part]
-            values = continuation_log_likelihoods(model, start, xs, ys, batch_size)
-            scores.update({row_id: value for (row_id, _), value in zip(part, values)})
+            ys = [encode(row.get("y") or "") for row in part]
+            scores += continuation_log_likelihoods(model, start, xs, ys, batch_size)
             bar.update(len(part))
     return scores
+
+
+def reference_log_likelihoods(
+    collection: Collection, reference: str, device: str = "auto", batch_size: int = 16, progress: bool = True
+) -> dict[int, float]:
+    """row id -> log p_reference(y|x) for every kept row with log p(y|x); rows that already carry `log_reference`
+    (the extraction baseline's) keep it."""
+    todo = [
+        (row_id, row)
+        for row_id, row, _ in collection.rows()
+        if row.get("log_likelihood") is not None and row.get("log_reference") is None
+    ]
+    scores = reference_scores([row for _, row in todo], reference, device, batch_size, progress)
+    return {row_id: score for (row_id, _), score in zip(todo, scores)}
+
+
+def rank_rows(rows: list[dict], signals: tuple[str, ...] = SIGNALS, top: int | None = None, **dedup) -> dict:
+    """signal -> the deduplicated valid rows, best first (in memory; rows carry `log_reference` already when the
+    reference ratio is wanted). What the extraction benchmark ranks its samples with."""
+    collection = Collection(":memory:", "log_reward", **dedup)
+    for row in rows:
+        if is_valid(row):
+            collection.add(row)
+    collection.finish({})
+    ranked = {signal: list(collection.ranked(signal, top)) for signal in signals if collection.count_with(signal)}
+    collection.db.close()
+    return ranked
 
 
 # ------------------------------------------------------------------------------------------------ outputs

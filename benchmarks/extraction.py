@@ -36,10 +36,11 @@ import re
 import sys
 import tempfile
 import time
-import zlib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import resurrect  # noqa: E402  (the project's ranking and deduplication: light, no torch at import)
+
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 SECRETS_FILE = os.path.join(ROOT, "benchmarks", "data", "secrets.json")
@@ -48,6 +49,7 @@ OPENING_WORDS = 4
 TOP_K = 32
 RESPONSE_TOKENS = 16
 CHECKPOINTS = (256, 2048)  # victim calls at which the table compares samplers
+RANKING_SIGNALS = ("log_likelihood", "zlib_y", "reference_ratio", "log_reward")  # resurrect.py's, as in the table
 
 # GFlowNet configurations: extra train.py flags on top of the shared ones (see gflownet_flags)
 CONFIGS = {
@@ -114,21 +116,6 @@ def row_findings(row: dict, secrets: list[str], decoys: list[str]) -> dict:
     }
 
 
-def ranking_signals(row: dict) -> dict[str, float]:
-    """Higher = looks more memorised. NaN-free rows only (invalid rows are ranked last)."""
-    log_likelihood = row.get("log_likelihood")
-    if log_likelihood is None:
-        return {}
-    signals = {
-        "log_reward": row.get("log_reward"),
-        "log_likelihood": log_likelihood,
-        "zlib_ratio": log_likelihood / max(1, len(zlib.compress(row["y"].encode()))),
-    }
-    if row.get("log_reference") is not None:
-        signals["reference_ratio"] = log_likelihood - row["log_reference"]
-    return {k: v for k, v in signals.items() if v is not None}
-
-
 def score_samples(rows: list[dict], secrets: list[str], decoys: list[str], checkpoints=CHECKPOINTS) -> dict:
     """The findings after each checkpoint's number of calls (rows in the order they were paid for)."""
     findings = [row_findings(row, secrets, decoys) for row in rows]
@@ -142,13 +129,12 @@ def score_samples(rows: list[dict], secrets: list[str], decoys: list[str], check
             continue
         part, part_rows = findings[:budget], rows[:budget]
         union = {key: set().union(*(f[key] for f in part)) for key in ("leaked", "opening", "verbatim", "decoys")}
-        top = {}
-        signal_names = sorted({name for row in part_rows for name in ranking_signals(row)})
-        for name in signal_names:
-            ranked = sorted(range(budget), key=lambda i: -ranking_signals(part_rows[i]).get(name, float("-inf")))[
-                :TOP_K
-            ]
-            top[name] = len(set().union(*(part[i]["leaked"] for i in ranked)))
+        # the top TOP_K rows by each signal after resurrect.py's deduplication (what a user would read first)
+        ranked = resurrect.rank_rows(part_rows, RANKING_SIGNALS, TOP_K)
+        top = {
+            name: len(set().union(set(), *(row_findings(r, secrets, decoys)["leaked"] for r in best)))
+            for name, best in ranked.items()
+        }
         result["at"][str(budget)] = {
             "distinct_secrets_leaked": len(union["leaked"]),
             "secret_openings_in_x": len(union["opening"]),
@@ -341,7 +327,7 @@ def sample_and_rank(
     towards `calls`, and the RNG is seeded from how many there are: the samples are i.i.d. either way)."""
     import torch
 
-    from hf_models import document_start_id
+    from hf_models import continuation_log_likelihoods, document_start_id
     from reward_oracle import token_id_lists
 
     done = len(read_samples(out)) if os.path.exists(out) else 0
@@ -353,14 +339,16 @@ def sample_and_rank(
         for first in range(done, calls, batch_size):
             tokens, lengths = sample_prior_x(base_model, tokenizer, min(batch_size, calls - first), max_len)
             rewards = reward_model(tokens, lengths)
-            ys = [r.token_ids or [] for r in rewards.oracle_results]
-            references = reference_log_likelihoods(base_model, start, token_id_lists(tokens, lengths), ys)
+            xs, ys = token_id_lists(tokens, lengths), [r.token_ids or [] for r in rewards.oracle_results]
+            references = continuation_log_likelihoods(base_model, start, xs, ys)
             for i, text in enumerate(rewards.texts):
                 result = rewards.oracle_results[i]
                 record = {
                     "call": first + i + 1,
                     "x": text,
+                    "token_ids": xs[i],
                     "y": result.response,
+                    "y_token_ids": ys[i],
                     "log_prior": float(rewards.terms["log_prior"][i]),
                     "log_likelihood": float(rewards.terms["log_likelihood"][i]),
                     "log_reward": float(rewards.log_reward[i]),
@@ -426,20 +414,6 @@ def score_texts(victim: str, base: str, max_len: int, texts: list[str], extra_fl
     for i, row in enumerate(rows):
         tokens[i, : len(row)] = torch.tensor(row)
     return reward_model(tokens, lengths).log_reward.tolist()
-
-
-def reference_log_likelihoods(model, start: int, xs: list[list[int]], ys: list[list[int]]) -> list[float]:
-    """log p_reference(y | x) by teacher forcing after the document start (one right-padded batch)."""
-    import torch
-
-    rows = [[start] + x + y for x, y in zip(xs, ys)]
-    width = max(map(len, rows))
-    ids = torch.tensor([row + [start] * (width - len(row)) for row in rows])
-    mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows])
-    with torch.no_grad():
-        log_probs = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, :-1].double(), dim=-1)
-    token_log_probs = log_probs.gather(2, ids[:, 1:].unsqueeze(2)).squeeze(2)
-    return [float(token_log_probs[i, len(x) : len(x) + len(y)].sum()) for i, (x, y) in enumerate(zip(xs, ys))]
 
 
 def gflownet_flags(
@@ -543,8 +517,20 @@ def run_until_calls(flags: list[str], run_dir: str, calls: int) -> list[dict]:
 # ------------------------------------------------------------------------------------------------ report
 
 
-def report(paths: dict[str, str], data: dict) -> dict:
-    return {name: score_samples(read_samples(path), data["secrets"], data["decoys"]) for name, path in paths.items()}
+def report(paths: dict[str, str], data: dict, base: str | None = None) -> dict:
+    """Score each samples file. Rows without log p_base(y|x) (train.py's) get it from `base` (resurrect.py's
+    reference scoring, not a victim call), so every sampler is ranked by the reference ratio too."""
+    results = {}
+    for name, path in paths.items():
+        rows = read_samples(path)
+        todo = [r for r in rows if r.get("log_reference") is None and r.get("log_likelihood") is not None]
+        if base and todo:
+            for row in todo:
+                row["prior_model"] = base  # train.py's x ids are the base model's (the prior's) ids
+            for row, score in zip(todo, resurrect.reference_scores(todo, base, "cpu", progress=False)):
+                row["log_reference"] = score
+        results[name] = score_samples(rows, data["secrets"], data["decoys"])
+    return results
 
 
 def table(results: dict) -> str:
@@ -556,9 +542,7 @@ def table(results: dict) -> str:
     for name, result in results.items():
         for budget, row in result["at"].items():
             top = row[f"leaked_in_top_{TOP_K}"]
-            tops = " / ".join(
-                str(top.get(k, "-")) for k in ("log_likelihood", "zlib_ratio", "reference_ratio", "log_reward")
-            )
+            tops = " / ".join(str(top.get(k, "-")) for k in RANKING_SIGNALS)
             lines.append(
                 f"| {name} | {budget} | {row['distinct_secrets_leaked']} | {row['secret_openings_in_x']} | "
                 f"{row['secrets_verbatim']} | {row['decoy_hits']} | {row['unique_x']:.2f} | {tops} |"
@@ -651,7 +635,7 @@ def main(argv: list[str] | None = None) -> None:
             p.split("=", 1) if "=" in p else (os.path.basename(os.path.dirname(p)) or p, p) for p in args.paths
         )
         data = load_secrets()
-        results = report(paths, data)
+        results = report(paths, data, args.base)
         for name, path in paths.items():
             if "baseline" in name or "sample-and-rank" in name:  # i.i.d. rows: the spread over subsets
                 rows = read_samples(path)

@@ -135,11 +135,8 @@ def test_extraction_scoring_against_hand_counts():
     at4 = scored["at"]["4"]
     assert (at4["distinct_secrets_leaked"], at4["secret_openings_in_x"], at4["secrets_verbatim"]) == (1, 1, 1)
     assert scored["at"]["2"]["secret_openings_in_x"] == 0
-    # zlib ratio = log p(y|x) / zlib bytes of y, by hand for row 1
-    import zlib
-
-    signals = extraction.ranking_signals(rows[1])
-    assert signals["zlib_ratio"] == -3.0 / len(zlib.compress(rows[1]["y"].encode()))
+    # ranked by resurrect.py: the top row by log p(y|x) is row 2, by log R too; both leak secret 0
+    assert scored["at"]["4"]["leaked_in_top_32"] == {"log_likelihood": 1, "zlib_y": 1, "log_reward": 1}
 
 
 def test_extraction_quick():
