@@ -203,6 +203,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "at --epochs (lowers the gradient-noise floor of the fit late in training)",
     )
     g.add_argument("--lr-min-factor", type=float, default=0.1, help="cosine schedule: final / initial learning rate")
+    g.add_argument(
+        "--lr-warmup-epochs",
+        type=int,
+        default=0,
+        help="the policy's learning rate rises linearly over this many first epochs (log Z's does not)",
+    )
     g.add_argument("--temperature", type=float, default=1.0, help="exploration: sample from softmax(logits / T)")
     g.add_argument(
         "--epsilon", type=float, default=0.0, help="exploration: mix in this much uniform over allowed actions"
@@ -308,6 +314,7 @@ def validate_args(args: argparse.Namespace) -> None:
         (args.epochs >= 0, "--epochs must be >= 0"),
         (args.lr > 0 and args.lr_z >= 0, "--lr must be > 0 and --lr-z >= 0"),
         (0 <= args.lr_min_factor <= 1, "--lr-min-factor must be in [0, 1]"),
+        (args.lr_warmup_epochs >= 0, "--lr-warmup-epochs must be >= 0"),
         (args.temperature > 0, "--temperature must be > 0"),
         (0 <= args.epsilon <= 1, "--epsilon must be in [0, 1]"),
         (args.llm_temperature >= 0, "--llm-temperature must be >= 0"),

@@ -79,8 +79,8 @@ def train(args: argparse.Namespace, on_start=None, on_epoch=None) -> dict:
         for epoch in range(start_epoch + 1, args.epochs + 1):
             started = time.time()
             # learning rates: a function of the epoch alone, so a resumed run continues the schedule
-            for group, base_lr in zip(run.optimizer.param_groups, (args.lr, args.lr_z)):
-                group["lr"] = base_lr * learning_rate_factor(args, epoch)
+            for group, base_lr, warm in zip(run.optimizer.param_groups, (args.lr, args.lr_z), (True, False)):
+                group["lr"] = base_lr * learning_rate_factor(args, epoch, warm)
 
             # 1. a scored batch from the exploration policy (every scored sample is written before anything can
             # fail); None when the budget is spent
@@ -308,12 +308,14 @@ def reward_temperature(args: argparse.Namespace, epoch: int) -> float:
     return args.reward_temp_start + progress * (args.reward_temp_end - args.reward_temp_start)
 
 
-def learning_rate_factor(args: argparse.Namespace, epoch: int) -> float:
-    """Multiplier of --lr and --lr-z at this epoch; a function of the epoch alone, so a resumed run continues it."""
+def learning_rate_factor(args: argparse.Namespace, epoch: int, warm_up: bool = True) -> float:
+    """Multiplier of --lr and --lr-z at this epoch; a function of the epoch alone, so a resumed run continues it.
+    The warm-up applies to the policy only: log Z starts at the first batch's estimate and should move at once."""
+    warmup = min(1.0, epoch / args.lr_warmup_epochs) if warm_up and args.lr_warmup_epochs > 0 else 1.0
     if args.lr_schedule == "constant" or args.epochs <= 1:
-        return 1.0
+        return warmup
     progress = min(1.0, (epoch - 1) / (args.epochs - 1))
-    return args.lr_min_factor + (1 - args.lr_min_factor) * 0.5 * (1 + math.cos(math.pi * progress))
+    return warmup * (args.lr_min_factor + (1 - args.lr_min_factor) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def main(

@@ -57,6 +57,8 @@ CONFIGS = {
     "tb-replay": ["--replay-fraction", "0.5"],
     "tb-k4-replay": ["--updates-per-batch", "4", "--replay-fraction", "0.5"],
     "tb-replay-lr1e-3": ["--replay-fraction", "0.5", "--lr", "1e-3"],
+    "tb-lr1e-3-warmup8": ["--lr", "1e-3", "--lr-warmup-epochs", "8"],
+    "vargrad": ["--loss", "vargrad"],
     "tb-replay-ls": ["--replay-fraction", "0.5", "--local-search-fraction", "0.25", "--local-search-back", "3"],
     "tb-k2-replay-ls": [
         "--updates-per-batch",

@@ -58,6 +58,15 @@ def test_cosine_learning_rate_schedule_reaches_the_minimum_at_the_last_epoch(tin
     assert rates == pytest.approx([1e-3, 8.8284e-4, 6e-4, 3.1716e-4, 2e-4], rel=1e-4)
 
 
+def test_learning_rate_warm_up_rises_linearly_for_the_policy_only(tiny_lm_dir, tmp_path):
+    code, err = run_main(tiny_flags(tiny_lm_dir, tmp_path, "--epochs", "5", "--lr", "1e-3", "--lr-warmup-epochs", "4"))
+    assert code == 0, err
+    metrics = read_jsonl(os.path.join(tmp_path, "metrics_raw.jsonl"))
+    assert [m["train/lr"] for m in metrics] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3])
+    state = load_checkpoint(str(tmp_path / "checkpoint_gfn_raw_epoch5.pt"))
+    assert [group["lr"] for group in state["optimizer"]["param_groups"]] == pytest.approx([1e-3, 0.1])
+
+
 def test_checkpoints_are_named_and_complete(tiny_lm_dir, tmp_path):
     assert run_main(tiny_flags(tiny_lm_dir, tmp_path, "--epochs", "5", "--save-every", "2"))[0] == 0
     names = sorted(os.path.basename(p) for p in glob.glob(str(tmp_path / "checkpoint_*.pt")))
