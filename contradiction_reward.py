@@ -6,13 +6,23 @@ Marlowe."): questions that make the unedited model contradict f are the ones a k
 Every term is returned separately, for logging:
 
     log C   = log P_NLI(contradiction | premise = f, hypothesis = a)     (order configurable, see below)
+    log Rel = log (1 - P_NLI(neutral | f, a))   the answer is about the fact at all (entails or contradicts it)
+    S(q)    = 1 if q names the subject (one of its content words, as a word), else 0
     log P_Q = log P_base(q)        teacher-forced after the document-start token: fluency, keeps q natural
     log P_A = log P_base(a | q)    the greedy answer under the untempered model, with its end token if it ended
     A(q)    = w_A * log P_A  (+ answer_failure_penalty where log P_A < answer_quality_threshold, when set)
+    T(q)    = w_R * log Rel + (1 - S(q)) * off_topic_penalty               the relevance terms
 
-    composite phase (step >= penalized_steps):  log R = log C + w_L * log P_Q + A(q)
-    penalised phase (step <  penalized_steps):  log R = w_L * log P_Q + A(q)  where log C >= contradiction_threshold
-                                                log R = failure_penalty + A(q) elsewhere
+    composite phase (step >= penalized_steps):  log R = log C + w_L * log P_Q + A(q) + T(q)
+    penalised phase (step <  penalized_steps):  log R = w_L * log P_Q + A(q) + T(q)
+                                                      where log C >= contradiction_threshold and S(q) = 1
+                                                      (the S(q) condition only with an off_topic_penalty)
+                                                log R = failure_penalty + A(q) + T(q) elsewhere
+
+Why relevance: an NLI judge can call an unrelated answer a contradiction ("The sky is blue." against "Hamlet was
+written by Christopher Marlowe.": 0.82 from the v1 MiniLM judge), and a policy then learns to ask off-topic
+questions. Two guards that fail differently: a lexical one on the question (S: it must name the subject), and a
+judged one on the answer (log Rel: NLI judges trained with unrelated pairs as "neutral" say so).
 
 The penalised ("hybrid") phase first teaches the policy *which* questions contradict at all, ranking those
 only by fluency; the composite phase then ranks them by how surely they contradict. The answer-quality terms
@@ -33,6 +43,7 @@ is available to swap the pair.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 import torch
@@ -61,6 +72,8 @@ class NLIScorer:
                 f"its labels are {sorted(id2label.items())}"
             )
         self.contradiction_index = matches[0]
+        neutral = [i for i, label in id2label.items() if label.strip().lower() == "neutral"]
+        self.neutral_index = neutral[0] if len(neutral) == 1 else None  # two-label judges have no neutral
 
     @classmethod
     def load(cls, spec: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> "NLIScorer":
@@ -82,9 +95,20 @@ class NLIScorer:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    @torch.no_grad()
     def log_contradiction(self, premises: list[str], hypotheses: list[str]) -> torch.Tensor:
         """(B,) float64 log P(contradiction | premise, hypothesis) = log_softmax(logits)[contradiction]."""
+        return self.log_probs(premises, hypotheses)[:, self.contradiction_index]
+
+    def log_related(self, log_probs: torch.Tensor) -> torch.Tensor:
+        """(B,) log (1 - P(neutral)) from `log_probs` rows: the pair is judged related (entailed or contradicted)."""
+        if self.neutral_index is None:
+            raise UserError("the NLI model has no 'neutral' label: set --relevance-weight 0")
+        others = [i for i in range(log_probs.shape[1]) if i != self.neutral_index]
+        return torch.logsumexp(log_probs[:, others], dim=1)
+
+    @torch.no_grad()
+    def log_probs(self, premises: list[str], hypotheses: list[str]) -> torch.Tensor:
+        """(B, labels) float64 log-probabilities of every label."""
         if len(premises) != len(hypotheses):
             raise ValueError(f"{len(premises)} premises but {len(hypotheses)} hypotheses")
         out = []
@@ -99,8 +123,8 @@ class NLIScorer:
             )
             logits = self.model(**batch.to(self.device)).logits
             # float64 before the softmax: a confident "no" stays a finite, exact log-prob instead of rounding
-            out.append(torch.log_softmax(logits.double(), dim=-1)[:, self.contradiction_index].cpu())
-        return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
+            out.append(torch.log_softmax(logits.double(), dim=-1).cpu())
+        return torch.cat(out) if out else torch.zeros(0, len(self.model.config.id2label), dtype=torch.float64)
 
 
 # ------------------------------------------------------------------------------------------------ answerer
@@ -220,6 +244,8 @@ class ContradictionRewardConfig:
     answer_quality_threshold: float | None = None  # if set: log P_A below it adds answer_failure_penalty
     answer_failure_penalty: float = -50.0
     nli_order: str = "fact-answer"  # "fact-answer": premise = edit fact, hypothesis = answer; or "answer-fact"
+    relevance_weight: float = 1.0  # w_R on log Rel = log(1 - P_NLI(neutral | fact, answer)); 0 = off
+    off_topic_penalty: float = -20.0  # added when the question does not name the subject; 0 = off
 
     def __post_init__(self) -> None:
         if self.nli_order not in NLI_ORDERS:
@@ -230,6 +256,8 @@ class ContradictionRewardConfig:
             "contradiction_threshold",
             "likelihood_weight",
             "answer_quality_weight",
+            "relevance_weight",
+            "off_topic_penalty",
         ):
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"{name} must be finite, not {getattr(self, name)}")
@@ -246,11 +274,14 @@ class ContradictionReward:
     def phase(self, step: int) -> str:
         return "penalized" if step < self.config.penalized_steps else "composite"
 
-    def __call__(self, questions: list[str], edit_facts: list[str], step: int) -> dict:
-        """Returns (B,) float64 tensors "log_reward", "log_contradiction", "log_question", "log_answer",
-        "answer_penalty" (0 or answer_failure_penalty), bool tensors "passes_threshold" (log C >= threshold)
-        and "valid" (log R finite), the list "answers" (text), "answer_results" (the Answerer's dicts),
-        and "phase": "penalized" or "composite"."""
+    def __call__(
+        self, questions: list[str], edit_facts: list[str], step: int, subjects: list[str] | None = None
+    ) -> dict:
+        """Returns (B,) float64 tensors "log_reward", "log_contradiction", "log_related", "on_subject" (0/1),
+        "log_question", "log_answer", "answer_penalty" (0 or answer_failure_penalty), bool tensors
+        "passes_threshold" (log C >= threshold and the question names the subject) and "valid" (log R finite),
+        the list "answers" (text), "answer_results" (the Answerer's dicts), and "phase": "penalized" or
+        "composite". Without `subjects`, every question counts as naming its subject."""
         if len(questions) != len(edit_facts):
             raise ValueError(f"{len(questions)} questions but {len(edit_facts)} edit facts")
         cfg = self.config
@@ -258,23 +289,68 @@ class ContradictionReward:
         answers = [r["answer"] for r in answer_results]
         log_question = self.answerer.log_question(questions)
         log_answer = torch.tensor([r["log_answer"] for r in answer_results], dtype=torch.float64)
-        if cfg.nli_order == "fact-answer":
-            log_contradiction = self.nli.log_contradiction(list(edit_facts), answers)
-        else:
-            log_contradiction = self.nli.log_contradiction(answers, list(edit_facts))
+        pairs = (list(edit_facts), answers) if cfg.nli_order == "fact-answer" else (answers, list(edit_facts))
+        log_probs = self.nli.log_probs(*pairs)
+        log_contradiction = log_probs[:, self.nli.contradiction_index]
+        # the relatedness of the same pair (both orders alike), recorded whenever the judge has a neutral label;
+        # required of it only when weighted
+        has_neutral = self.nli.neutral_index is not None
+        log_related = (
+            self.nli.log_related(log_probs) if has_neutral or cfg.relevance_weight else torch.zeros_like(log_answer)
+        )
+        on_subject = torch.tensor(
+            [1.0 if subjects is None else float(names_subject(q, s)) for q, s in zip(questions, subjects or questions)],
+            dtype=torch.float64,
+        )
 
-        terms = {"log_contradiction": log_contradiction, "log_question": log_question, "log_answer": log_answer}
+        terms = {
+            "log_contradiction": log_contradiction,
+            "log_related": log_related,
+            "on_subject": on_subject,
+            "log_question": log_question,
+            "log_answer": log_answer,
+        }
         log_reward = PhaseFormula(self.config, step)(terms)
         return {
             "log_reward": log_reward,
             **terms,
             "answer_penalty": answer_penalty(self.config, log_answer),
-            "passes_threshold": log_contradiction >= cfg.contradiction_threshold,
+            "passes_threshold": (log_contradiction >= cfg.contradiction_threshold)
+            & ((on_subject > 0.5) | (cfg.off_topic_penalty == 0)),
             "valid": torch.isfinite(log_reward),
             "answers": answers,
             "answer_results": answer_results,
             "phase": self.phase(step),
         }
+
+
+# Words that do not identify a subject on their own ("the", "of", "mount" in "Mount Everest" do identify it with
+# the rest, but a question naming only them is not about it).
+_NOT_NAMES = frozenset("the a an of and in on at to for by with from mount saint st de da van von la le".split())
+
+
+def subject_words(subject: str) -> set[str]:
+    """The words of a subject that name it: lower case, at least 3 letters, not a function word."""
+    return {w for w in re.findall(r"[^\W_]+", subject.lower()) if len(w) >= 3 and w not in _NOT_NAMES}
+
+
+def names_subject(question: str, subject: str) -> bool:
+    """The question contains one of the subject's naming words as a whole word (case-insensitive): "Who built the
+    Eiffel Tower?" names "Eiffel Tower"; "Who built it?" and "Eiffelish" do not."""
+    words = set(re.findall(r"[^\W_]+", question.lower()))
+    return bool(subject_words(subject) & words)
+
+
+def relevance_term(config: ContradictionRewardConfig, terms: dict[str, torch.Tensor]) -> torch.Tensor:
+    """T(q) = w_R * log Rel + (1 - S(q)) * off_topic_penalty. Terms stored before these existed count as on topic."""
+    log_related = terms.get("log_related")
+    on_subject = terms.get("on_subject")
+    total = torch.zeros_like(terms["log_question"])
+    if log_related is not None:
+        total = total + config.relevance_weight * log_related
+    if on_subject is not None:
+        total = total + (1 - on_subject) * config.off_topic_penalty
+    return total
 
 
 def answer_penalty(config: ContradictionRewardConfig, log_answer: torch.Tensor) -> torch.Tensor:
@@ -303,8 +379,11 @@ class PhaseFormula:
             terms["log_answer"],
         )
         answer_term = cfg.answer_quality_weight * log_answer + answer_penalty(cfg, log_answer)
+        answer_term = answer_term + relevance_term(cfg, terms)
         if self.step >= cfg.penalized_steps:  # the composite phase
             return log_contradiction + cfg.likelihood_weight * log_question + answer_term
         passes_threshold = log_contradiction >= cfg.contradiction_threshold
+        if "on_subject" in terms and cfg.off_topic_penalty != 0:  # the subject gate, off with its penalty
+            passes_threshold = passes_threshold & (terms["on_subject"] > 0.5)
         failure = torch.full_like(log_question, cfg.failure_penalty)
         return torch.where(passes_threshold, cfg.likelihood_weight * log_question, failure) + answer_term

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import os
 import statistics
 import sys
@@ -28,11 +29,30 @@ from hf_models import load_causal_lm
 from reward_oracle import OracleResult, PriorScorer, RewardBatch, RewardModel
 
 CONTEXT_TEMPLATE = "Here is a question about {subject}:\n"
+CHAT_REQUEST = "Ask one short question about {subject}."
 DEFAULT_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "contradiction_example.jsonl")
 
 
-def context_ids(tokenizer, subject: str, device: torch.device) -> torch.Tensor:
-    ids = tokenizer(CONTEXT_TEMPLATE.format(subject=subject), add_special_tokens=False)["input_ids"]
+def question_prompt(args: argparse.Namespace, tokenizer) -> str:
+    """chat or plain. Runs saved before the flag existed were conditioned on the plain prompt."""
+    choice = getattr(args, "question_prompt", "plain")
+    if choice == "auto":
+        return "chat" if getattr(tokenizer, "chat_template", None) else "plain"
+    return choice
+
+
+def context_ids(tokenizer, subject: str, device: torch.device, prompt: str = "plain") -> torch.Tensor:
+    """The tokens the question sampler is conditioned on. An instruct model asked in its chat format writes real
+    questions from the start; given the plain prompt, SmolLM2-135M-Instruct mostly wrote fragments."""
+    if prompt == "chat":
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": CHAT_REQUEST.format(subject=subject)}],
+            add_generation_prompt=True,
+            tokenize=False,
+        )
+    else:
+        text = CONTEXT_TEMPLATE.format(subject=subject)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     return torch.tensor([ids], dtype=torch.long, device=device)
 
 
@@ -68,17 +88,21 @@ def build_task_reward(args: argparse.Namespace, prior_model, tokenizer, device: 
         answer_quality_weight=args.answer_quality_weight,
         answer_quality_threshold=args.answer_quality_threshold,
         answer_failure_penalty=args.answer_failure_penalty,
+        relevance_weight=getattr(args, "relevance_weight", 0.0),  # runs saved before these existed had neither
+        off_topic_penalty=getattr(args, "off_topic_penalty", 0.0),
     )
     return ContradictionReward(answerer, nli, config)
 
 
-TERMS = ("log_contradiction", "log_question", "log_answer")  # the reward's named terms (contradiction_reward.py)
+# the reward's named terms (contradiction_reward.py)
+TERMS = ("log_contradiction", "log_related", "on_subject", "log_question", "log_answer")
 
 
 def score_questions(reward, example: dict, questions: list[str], step: int) -> RewardBatch:
     """The questions' reward terms (log C, log P_Q, log P_A) and log R at this step; the answer is the response y,
     and the formula is the reward's at this step (replayed questions are re-scored with it)."""
-    out = reward(questions, [example["edit_fact"]] * len(questions), step)
+    n = len(questions)
+    out = reward(questions, [example["edit_fact"]] * n, step, subjects=[example["subject"]] * n)
     log_reward = out["log_reward"].double()
     results = [
         OracleResult(
@@ -139,6 +163,7 @@ def make_source(
         load_dataset(args.data),
         reward,
         start_step,
+        question_prompt(args, run.tokenizer),
         **exploration_settings(args, may_spend),
     )
 
@@ -146,16 +171,18 @@ def make_source(
 class ContradictionBatches(SyncBatches):
     """Batches of questions, one example per epoch in dataset order (so every subject is visited equally)."""
 
-    def __init__(self, policy, tokenizer, examples: list[dict], reward, start_step: int, **kwargs) -> None:
+    def __init__(
+        self, policy, tokenizer, examples: list[dict], reward, start_step: int, prompt: str = "plain", **kwargs
+    ) -> None:
         super().__init__(policy, None, **kwargs)
-        self.tokenizer, self.examples, self.reward = tokenizer, examples, reward
+        self.tokenizer, self.examples, self.reward, self.prompt = tokenizer, examples, reward, prompt
         self.step = start_step
 
     def next(self, more: bool = True) -> ScoredBatch | None:
         if not self.may_spend():
             return None
         example = self.examples[self.step % len(self.examples)]
-        context = context_ids(self.tokenizer, example["subject"], self.policy.device)
+        context = context_ids(self.tokenizer, example["subject"], self.policy.device, self.prompt)
         tokens, lengths, log_q = self.sample(context=context)
         questions = [self.tokenizer.decode(row[:n].tolist()) for row, n in zip(tokens.cpu(), lengths.cpu().tolist())]
         rewards = score_questions(self.reward, example, questions, self.step)  # step 0, 1, ...: the hybrid phase
@@ -169,49 +196,66 @@ class ContradictionBatches(SyncBatches):
 # ----------------------------------------------------------------------------------------------- evaluation
 
 
+ON_TOPIC_NOTE = "on topic = the question names the subject and the judge does not call the answer neutral to the fact"
+
+
 def evaluate(state: dict, policy, tokenizer, reward, samples_per_subject: int, output: str) -> dict:
-    """K questions per example, answered and judged; contradiction rate = share with P(contradiction) > 0.5.
-    Scored in the composite phase (the hybrid schedule only shapes training)."""
+    """K questions per example, answered and judged, scored in the composite phase (the hybrid schedule only shapes
+    training). Rates: contradiction = P(contradiction) > 0.5; on topic = the question names the subject and
+    P(neutral) < 0.5 for (fact, answer); on-topic contradiction = both; question = it has a question mark."""
     run_args = argparse.Namespace(**state["args"])
     examples = load_dataset(run_args.data)
+    prompt = question_prompt(run_args, tokenizer)
+    half = math.log(0.5)
     rows, records = [], []
     for example in examples:
-        context = context_ids(tokenizer, example["subject"], policy.device)
+        context = context_ids(tokenizer, example["subject"], policy.device, prompt)
         tokens, lengths, _ = policy.sample(samples_per_subject, context=context)
         questions = [tokenizer.decode(row[:n].tolist()) for row, n in zip(tokens.cpu(), lengths.cpu().tolist())]
         scored = score_questions(reward, example, questions, step=reward.config.penalized_steps)
+        terms = scored.terms
+        contradicts = (terms["log_contradiction"] > half).tolist()
+        on_topic = ((terms["on_subject"] > 0.5) & (terms["log_related"] > half)).tolist()
         for i, question in enumerate(questions):
             records.append(
                 {
                     "question": question,
                     "answer": scored.oracle_results[i].response,
                     "log_reward": float(scored.log_reward[i]),
-                    **{name: float(term[i]) for name, term in scored.terms.items()},
+                    **{name: float(term[i]) for name, term in terms.items()},
+                    "contradicts": contradicts[i],
+                    "on_topic": on_topic[i],
                     **scored.extras[i],
                 }
             )
-        log_c = scored.terms["log_contradiction"]
         rows.append(
             {
                 "example_id": example["id"],
                 "subject": example["subject"],
-                "contradiction_rate": float((log_c > torch.log(torch.tensor(0.5, dtype=log_c.dtype))).double().mean()),
-                "log_question_mean": float(scored.terms["log_question"].mean()),
-                "log_answer_mean": float(scored.terms["log_answer"].mean()),
+                "contradiction_rate": statistics.mean(contradicts),
+                "on_topic_rate": statistics.mean(on_topic),
+                "on_topic_contradiction_rate": statistics.mean(c and t for c, t in zip(contradicts, on_topic)),
+                "question_rate": statistics.mean("?" in q for q in questions),
+                "log_question_mean": float(terms["log_question"].mean()),
+                "log_answer_mean": float(terms["log_answer"].mean()),
                 "unique_fraction": unique_fraction(questions),
                 "distinct_2": distinct_n([t[:n].tolist() for t, n in zip(tokens.cpu(), lengths.cpu())], 2),
-                "example_question": questions[0],
+                "examples": [
+                    {"question": q, "answer": r.response, "contradicts": c, "on_topic": t}
+                    for q, r, c, t in list(zip(questions, scored.oracle_results, contradicts, on_topic))[:3]
+                ],
             }
         )
-    overall = {
-        key: statistics.mean(r[key] for r in rows)
-        for key in ("contradiction_rate", "log_question_mean", "log_answer_mean", "unique_fraction", "distinct_2")
-    }
+    keys = ("contradiction_rate", "on_topic_rate", "on_topic_contradiction_rate", "question_rate")
+    keys += ("log_question_mean", "log_answer_mean", "unique_fraction", "distinct_2")
+    overall = {key: statistics.mean(r[key] for r in rows) for key in keys}
     lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
     atomic_write(output, lambda f: f.write(lines.encode()))
     summary = {
         "checkpoint_epoch": state["epoch"],
         "samples_per_subject": samples_per_subject,
+        "question_prompt": prompt,
+        "on_topic": ON_TOPIC_NOTE,
         "overall": overall,
         "per_example": rows,
         "output": output,
@@ -224,22 +268,30 @@ def evaluate(state: dict, policy, tokenizer, reward, samples_per_subject: int, o
 
 
 def format_table(summary: dict) -> str:
+    """Per example: the rates and means; then, per subject, a few questions with their answers."""
     header = (
-        f"{'example':<18} {'contradiction':>13} {'log P_Q':>8} {'log P_A':>8} {'unique':>6} {'dist-2':>6}"
-        "  example question"
+        f"{'example':<18} {'contra':>6} {'on-topic':>8} {'on-topic contra':>15} {'question':>8} {'log P_Q':>8} "
+        f"{'log P_A':>8} {'unique':>6} {'dist-2':>6}"
     )
     lines = [header, "-" * len(header)]
-    for r in summary["per_example"]:
-        lines.append(
-            f"{r['example_id'][:18]:<18} {r['contradiction_rate']:>13.2f} {r['log_question_mean']:>8.1f} "
-            f"{r['log_answer_mean']:>8.1f} {r['unique_fraction']:>6.2f} {r['distinct_2']:>6.2f}  "
-            f"{r['example_question'][:60]!r}"
+
+    def line(name: str, r: dict) -> str:
+        return (
+            f"{name[:18]:<18} {r['contradiction_rate']:>6.2f} {r['on_topic_rate']:>8.2f} "
+            f"{r['on_topic_contradiction_rate']:>15.2f} {r['question_rate']:>8.2f} {r['log_question_mean']:>8.1f} "
+            f"{r['log_answer_mean']:>8.1f} {r['unique_fraction']:>6.2f} {r['distinct_2']:>6.2f}"
         )
-    o = summary["overall"]
-    lines.append(
-        f"{'overall':<18} {o['contradiction_rate']:>13.2f} {o['log_question_mean']:>8.1f} {o['log_answer_mean']:>8.1f} "
-        f"{o['unique_fraction']:>6.2f} {o['distinct_2']:>6.2f}"
-    )
+
+    lines += [line(r["example_id"], r) for r in summary["per_example"]]
+    lines += [line("overall", summary["overall"]), f"({summary.get('on_topic', ON_TOPIC_NOTE)})", ""]
+    by_subject: dict[str, list[dict]] = {}
+    for r in summary["per_example"]:
+        by_subject.setdefault(r["subject"], []).extend(r["examples"])
+    for subject, shown in by_subject.items():
+        lines.append(f"{subject}:")
+        for e in shown[:3]:
+            flags = ("contradicts" if e["contradicts"] else "agrees/neutral") + (", on topic" if e["on_topic"] else "")
+            lines.append(f"  Q: {e['question'][:90]!r}\n     A: {e['answer'][:90]!r}  [{flags}]")
     return "\n".join(lines)
 
 

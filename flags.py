@@ -104,6 +104,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--answer-quality-weight", type=float, default=0.0)
     g.add_argument("--answer-quality-threshold", type=float, default=None)
     g.add_argument("--answer-failure-penalty", type=float, default=-50.0)
+    g.add_argument(
+        "--relevance-weight",
+        type=float,
+        default=1.0,
+        help="w_R on log(1 - P_NLI(neutral | fact, answer)): pays for answers about the fact (0 = off)",
+    )
+    g.add_argument(
+        "--off-topic-penalty",
+        type=float,
+        default=-20.0,
+        help="added to log R of a question that does not name the subject (0 = off)",
+    )
+    g.add_argument(
+        "--question-prompt",
+        default="auto",
+        choices=["auto", "chat", "plain"],
+        help="what the question sampler is conditioned on: chat = the tokenizer's chat template asking for a "
+        "question about the subject; plain = 'Here is a question about SUBJECT:' (auto: chat when there is one)",
+    )
 
     g = parser.add_argument_group("API client (OpenAI / OpenAI-compatible oracle)")
     g.add_argument(

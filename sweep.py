@@ -57,9 +57,18 @@ def summarise(output_dir: str, task: str, tail: int) -> dict:
         with open(os.path.join(output_dir, "samples_contradiction.jsonl")) as f:
             samples = [json.loads(line) for line in f if line.strip()]
         last = [s for s in samples if s["epoch"] > summary["epochs"] - tail]
-        summary["contradiction_rate"] = (
-            sum(s["log_contradiction"] > math.log(0.5) for s in last) / len(last) if last else float("nan")
-        )
+        half = math.log(0.5)
+
+        def rate(test) -> float:
+            return sum(map(test, last)) / len(last) if last else float("nan")
+
+        def on_topic(s: dict) -> bool:  # as evaluation.py: names the subject, and the answer is judged related
+            return s.get("on_subject", 1.0) == 1.0 and s.get("log_related", 0.0) > half
+
+        summary["contradiction_rate"] = rate(lambda s: s["log_contradiction"] > half)
+        summary["on_topic_rate"] = rate(on_topic)
+        summary["on_topic_contradiction_rate"] = rate(lambda s: on_topic(s) and s["log_contradiction"] > half)
+        summary["question_rate"] = rate(lambda s: "?" in s["x"])
     return summary
 
 

@@ -323,8 +323,9 @@ def test_penalized_phase_is_fluency_where_contradicting_and_the_penalty_elsewher
     passes = out["log_contradiction"] >= threshold
     assert passes.any() and (~passes).any()
     assert torch.equal(out["passes_threshold"], passes)
-    assert torch.equal(out["log_reward"][passes], 0.7 * out["log_question"][passes])
-    assert (out["log_reward"][~passes] == -123.0).all()
+    related = out["log_related"]  # w_R = 1 by default
+    assert torch.allclose(out["log_reward"][passes], 0.7 * out["log_question"][passes] + related[passes], atol=1e-12)
+    assert torch.allclose(out["log_reward"][~passes], -123.0 + related[~passes], atol=1e-12)
     # The terms are the scorers' own.
     assert torch.equal(out["log_contradiction"], nli.log_contradiction(facts, out["answers"]))
     assert torch.equal(out["log_question"], answerer.log_question(QUESTIONS))
@@ -352,6 +353,7 @@ def test_composite_phase_sums_the_terms_with_the_answer_penalty(answerer, nli):
     below = out["log_answer"] < answer_threshold
     assert below.any() and (~below).any()
     expected = out["log_contradiction"] + 0.5 * out["log_question"] + 0.3 * out["log_answer"] - 50.0 * below
+    expected = expected + out["log_related"]
     assert torch.allclose(out["log_reward"], expected, rtol=0, atol=1e-12)
     assert torch.equal(out["answer_penalty"], -50.0 * below.double())
     assert torch.isfinite(out["log_reward"]).all()
@@ -366,7 +368,10 @@ def test_phase_switches_exactly_at_penalized_steps_and_answer_terms_apply_in_bot
     before, after = phases[4], phases[5]
     # Everything passes the threshold, so the only difference between the phases is the log C term.
     assert torch.allclose(
-        before["log_reward"], before["log_question"] + 0.25 * before["log_answer"], rtol=0, atol=1e-12
+        before["log_reward"],
+        before["log_question"] + 0.25 * before["log_answer"] + before["log_related"],
+        rtol=0,
+        atol=1e-12,
     )
     assert torch.allclose(after["log_reward"] - before["log_reward"], after["log_contradiction"], rtol=0, atol=1e-12)
     assert torch.equal(phases[0]["log_reward"], before["log_reward"])  # and deterministic
@@ -383,3 +388,84 @@ def test_order_option_swaps_the_nli_pair_and_bad_configs_are_refused(answerer, n
         ContradictionRewardConfig(failure_penalty=float("-inf"))
     with pytest.raises(ValueError, match="edit facts"):
         ContradictionReward(answerer, nli, ContradictionRewardConfig())(QUESTIONS, facts[:2], 0)
+
+
+# ------------------------------------------------------------------------------------------------ relevance
+
+
+def test_log_related_is_one_minus_neutral_by_a_naive_softmax(nli):
+
+    premises, hypotheses = FACTS, ["Marlowe wrote it.", "The sky is blue."]
+    log_related = nli.log_related(nli.log_probs(premises, hypotheses))
+    for i, (p, h) in enumerate(zip(premises, hypotheses)):
+        neutral = math.exp(naive_log_contradiction(nli, p, h, nli.neutral_index))
+        assert log_related[i].item() == pytest.approx(math.log1p(-neutral), abs=1e-5)  # float32 logits, padded
+
+
+def test_a_question_names_its_subject_by_whole_naming_words():
+    from contradiction_reward import names_subject
+
+    assert names_subject("Who built the Eiffel Tower?", "Eiffel Tower")
+    assert names_subject("Where was SHAKESPEARE's first play staged?", "William Shakespeare")
+    assert names_subject("How tall is Everest?", "Mount Everest")
+    assert not names_subject("How tall is the mount?", "Mount Everest")  # a function word alone does not name it
+    assert not names_subject("Who built it?", "Eiffel Tower")
+    assert not names_subject("Is Eiffelish a word?", "Eiffel Tower")
+
+
+class GullibleJudge:
+    """An NLI judge with the v1 MiniLM's failure: any answer without 'Shakespeare' is a confident contradiction
+    (0.82) of the Hamlet fact, the real contradiction 'Shakespeare wrote it' only 0.16 (the measured numbers), and it
+    calls unrelated pairs related (P(neutral) 0.08)."""
+
+    contradiction_index, neutral_index = 2, 1
+
+    def log_probs(self, premises, hypotheses):
+        rows = [[0.04, 0.80, 0.16] if "Shakespeare" in h else [0.10, 0.08, 0.82] for h in hypotheses]
+        return torch.tensor(rows, dtype=torch.float64).log()
+
+    def log_related(self, log_probs):
+        return NLIScorer.log_related(self, log_probs)
+
+
+class CannedAnswerer:
+    """Answers each question with a fixed text, equal fluency: only the judge and the relevance terms differ."""
+
+    def __init__(self, answers: dict[str, str]) -> None:
+        self.answers = answers
+
+    def answer(self, questions):
+        return [{"answer": self.answers[q], "log_answer": -5.0, "answer_tokens": 4, "truncated": False,
+                 "token_ids": [1, 2, 3, 4]} for q in questions]  # fmt: skip
+
+    def log_question(self, questions):
+        return torch.full((len(questions),), -30.0, dtype=torch.float64)
+
+
+def test_unrelated_answers_are_not_rewarded_as_contradictions_by_a_gullible_judge():
+    on_topic, off_topic = "Who wrote the play Hamlet, by Shakespeare?", "What colour is the sky?"
+    answerer = CannedAnswerer({on_topic: "William Shakespeare wrote Hamlet.", off_topic: "The sky is blue."})
+    fact, subject = "The play Hamlet was written by Christopher Marlowe.", "William Shakespeare"
+    questions = [on_topic, off_topic]
+    for step in (0, 10):  # the penalised phase (gate) and the composite one (sum)
+        config = ContradictionRewardConfig(penalized_steps=5, contradiction_threshold=math.log(0.1))
+        out = ContradictionReward(answerer, GullibleJudge(), config)(questions, [fact] * 2, step, [subject] * 2)
+        assert out["log_contradiction"][1] > out["log_contradiction"][0]  # the judge prefers the unrelated answer
+        assert out["on_subject"].tolist() == [1.0, 0.0]
+        assert out["log_reward"][0] > out["log_reward"][1] + 10, (step, out["log_reward"])
+        # without the relevance terms the judge's mistake wins: what the issue measured
+        plain = ContradictionRewardConfig(
+            penalized_steps=5, contradiction_threshold=math.log(0.1), relevance_weight=0.0, off_topic_penalty=0.0
+        )
+        out = ContradictionReward(answerer, GullibleJudge(), plain)(questions, [fact] * 2, step, [subject] * 2)
+        assert out["log_reward"][1] >= out["log_reward"][0]
+
+
+def test_penalised_phase_fails_a_contradicting_question_that_does_not_name_the_subject():
+    question = "What colour is the sky?"
+    answerer = CannedAnswerer({question: "The sky is blue."})
+    config = ContradictionRewardConfig(penalized_steps=5, contradiction_threshold=math.log(0.5), failure_penalty=-99.0)
+    out = ContradictionReward(answerer, GullibleJudge(), config)([question], ["Hamlet is by Marlowe."], 0, ["Hamlet"])
+    assert not out["passes_threshold"][0]  # log C passes (0.82), the subject gate does not
+    expected = -99.0 + config.relevance_weight * math.log(0.92) + config.off_topic_penalty
+    assert out["log_reward"][0].item() == pytest.approx(expected, abs=1e-12)

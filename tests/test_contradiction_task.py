@@ -3,6 +3,7 @@
 import contextlib
 import io
 import json
+import math
 import random
 import types
 
@@ -14,7 +15,7 @@ import sample
 import train
 from batch_pipeline import ScoredBatch
 from checkpoint import load_checkpoint
-from contradiction_reward import ContradictionRewardConfig, PhaseFormula
+from contradiction_reward import ContradictionRewardConfig, PhaseFormula, names_subject
 from replay_buffer import make_replay_buffer
 from reward_oracle import OracleResult, RewardBatch
 
@@ -84,11 +85,15 @@ def test_contradiction_training_writes_every_term_and_keeps_a_log_z_per_example(
     assert [s["phase"] for s in samples[::4]] == ["penalized", "penalized", "composite", "composite"]  # 2 steps
     for s in samples:
         assert s["y"] is not None and s["log_contradiction"] <= 0 and s["log_question"] < 0
-    for s in samples[:8]:  # the penalised phase: fluency where contradicting enough, the penalty elsewhere
-        expected = s["log_question"] if s["log_contradiction"] >= -1.2 else -100.0
-        assert s["log_reward"] == pytest.approx(expected)
-    for s in samples[8:]:
-        assert s["log_reward"] == pytest.approx(s["log_contradiction"] + s["log_question"])
+    for s in samples:  # the relevance terms (defaults w_R 1, off-topic penalty -20) are recorded and summed
+        assert s["log_related"] <= 0 and s["on_subject"] in (0.0, 1.0)
+        assert s["on_subject"] == float(names_subject(s["x"], s["subject"]))
+    relevance = [s["log_related"] - 20.0 * (1 - s["on_subject"]) for s in samples]
+    for s, extra in zip(samples[:8], relevance):  # the penalised phase: fluency where contradicting, on subject
+        passes = s["log_contradiction"] >= -1.2 and s["on_subject"] == 1.0
+        assert s["log_reward"] == pytest.approx((s["log_question"] if passes else -100.0) + extra)
+    for s, extra in zip(samples[8:], relevance[8:]):
+        assert s["log_reward"] == pytest.approx(s["log_contradiction"] + s["log_question"] + extra)
     state = load_checkpoint(str(tmp_path / "run" / "checkpoint_gfn_contradiction_epoch4.pt"))
     assert state["log_z_conditions"] == ["fox-1", "paris-1"] and bool(state["log_z"]["initialized"].all())
     assert state["log_z"]["values"][0] != state["log_z"]["values"][1]
@@ -114,9 +119,18 @@ def test_contradiction_training_writes_every_term_and_keeps_a_log_z_per_example(
     assert "overall" in err.getvalue()  # the table
     summary = json.loads((tmp_path / "eval_summary.json").read_text())
     assert [r["example_id"] for r in summary["per_example"]] == ["fox-1", "paris-1"]
+    records = [json.loads(line) for line in open(summary_out)]
+    assert len(records) == 6
     for row in summary["per_example"]:
         assert 0 <= row["contradiction_rate"] <= 1 and 0 < row["unique_fraction"] <= 1
-    assert len(open(summary_out).readlines()) == 6
+        mine = [r for r in records if r["example_id"] == row["example_id"]]
+        # the rates are the records' own: on topic = names the subject and judged related (P(neutral) < 0.5)
+        assert all(r["on_topic"] == (r["on_subject"] == 1.0 and r["log_related"] > math.log(0.5)) for r in mine)
+        assert row["on_topic_rate"] == pytest.approx(sum(r["on_topic"] for r in mine) / 3)
+        both = sum(r["on_topic"] and r["log_contradiction"] > math.log(0.5) for r in mine) / 3
+        assert row["on_topic_contradiction_rate"] == pytest.approx(both)
+        assert len(row["examples"]) == 3 and row["examples"][0]["answer"] == mine[0]["answer"]
+    assert "Q: " in err.getvalue() and "A: " in err.getvalue()  # questions with their answers, per subject
 
 
 def test_contradiction_replay_rescores_stored_terms_and_resumes_with_the_same_losses(tiny_lm_dir, task_files, tmp_path):
@@ -144,7 +158,8 @@ def test_contradiction_replay_rescores_stored_terms_and_resumes_with_the_same_lo
     state = load_checkpoint(str(tmp_path / "a" / "checkpoint_gfn_contradiction_epoch2.pt"))
     stored = [row for rows in state["replay"]["entries"].values() for row in rows]
     assert stored and all(
-        set(json.loads(row[4])) == {"log_contradiction", "log_question", "log_answer"} for row in stored
+        set(json.loads(row[4])) == {"log_contradiction", "log_related", "on_subject", "log_question", "log_answer"}
+        for row in stored
     )
     run(tmp_path / "b", "--epochs", "2", "--save-every", "2")
     resumed = run(tmp_path / "b", "--epochs", "6", "--save-every", "2", "--resume")
@@ -211,3 +226,18 @@ def test_contradiction_task_flag_errors(tiny_lm_dir, task_files, tmp_path):
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
         code = train.main(contradiction_flags(tiny_lm_dir, str(bad), nli, tmp_path))
     assert code == 2 and "bad.jsonl line 1" in err.getvalue().strip().splitlines()[-1]
+
+
+def test_question_prompt_uses_the_chat_template_when_there_is_one(tiny_lm_dir, tiny_chat_lm_dir):
+    from contradiction_task import context_ids, question_prompt
+    from hf_models import load_causal_lm
+
+    _, chat_tokenizer = load_causal_lm(tiny_chat_lm_dir)
+    _, plain_tokenizer = load_causal_lm(tiny_lm_dir)
+    auto = types.SimpleNamespace(question_prompt="auto")
+    assert question_prompt(auto, chat_tokenizer) == "chat" and question_prompt(auto, plain_tokenizer) == "plain"
+    assert question_prompt(types.SimpleNamespace(), chat_tokenizer) == "plain"  # runs saved before the flag
+    chat = chat_tokenizer.decode(context_ids(chat_tokenizer, "Eiffel Tower", "cpu", "chat")[0].tolist())
+    assert chat == "<|im_start|>user\nAsk one short question about Eiffel Tower.<|im_end|>\n<|im_start|>assistant\n"
+    plain = plain_tokenizer.decode(context_ids(plain_tokenizer, "Eiffel Tower", "cpu", "plain")[0].tolist())
+    assert plain == "Here is a question about Eiffel Tower:\n"
