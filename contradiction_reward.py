@@ -7,7 +7,7 @@ Every term is returned separately, for logging:
 
     log C   = log P_NLI(contradiction | premise = f, hypothesis = a)     (order configurable, see below)
     log Rel = log (1 - P_NLI(neutral | f, a))   the answer is about the fact at all (entails or contradicts it)
-    S(q)    = 1 if q names the subject (one of its content words, as a word), else 0
+    S(q)    = 1 if q is a question (has a "?") that names the subject (one of its naming words), else 0
     log P_Q = log P_base(q)        teacher-forced after the document-start token: fluency, keeps q natural
     log P_A = log P_base(a | q)    the greedy answer under the untempered model, with its end token if it ended
     A(q)    = w_A * log P_A  (+ answer_failure_penalty where log P_A < answer_quality_threshold, when set)
@@ -21,8 +21,8 @@ Every term is returned separately, for logging:
 
 Why relevance: an NLI judge can call an unrelated answer a contradiction ("The sky is blue." against "Hamlet was
 written by Christopher Marlowe.": 0.82 from the v1 MiniLM judge), and a policy then learns to ask off-topic
-questions. Two guards that fail differently: a lexical one on the question (S: it must name the subject), and a
-judged one on the answer (log Rel: NLI judges trained with unrelated pairs as "neutral" say so).
+questions. Two guards that fail differently: a lexical one on the question (S: it must be a question naming the
+subject), and a judged one on the answer (log Rel: NLI judges trained with unrelated pairs as "neutral" say so).
 
 The penalised ("hybrid") phase first teaches the policy *which* questions contradict at all, ranking those
 only by fluency; the composite phase then ranks them by how surely they contradict. The answer-quality terms
@@ -277,7 +277,7 @@ class ContradictionReward:
     def __call__(
         self, questions: list[str], edit_facts: list[str], step: int, subjects: list[str] | None = None
     ) -> dict:
-        """Returns (B,) float64 tensors "log_reward", "log_contradiction", "log_related", "on_subject" (0/1),
+        """Returns (B,) float64 tensors "log_reward", "log_contradiction", "log_related", "subject_question" (0/1),
         "log_question", "log_answer", "answer_penalty" (0 or answer_failure_penalty), bool tensors
         "passes_threshold" (log C >= threshold and the question names the subject) and "valid" (log R finite),
         the list "answers" (text), "answer_results" (the Answerer's dicts), and "phase": "penalized" or
@@ -298,15 +298,15 @@ class ContradictionReward:
         log_related = (
             self.nli.log_related(log_probs) if has_neutral or cfg.relevance_weight else torch.zeros_like(log_answer)
         )
-        on_subject = torch.tensor(
-            [1.0 if subjects is None else float(names_subject(q, s)) for q, s in zip(questions, subjects or questions)],
+        subject_question = torch.tensor(
+            [1.0 if subjects is None else float(asks_about(q, s)) for q, s in zip(questions, subjects or questions)],
             dtype=torch.float64,
         )
 
         terms = {
             "log_contradiction": log_contradiction,
             "log_related": log_related,
-            "on_subject": on_subject,
+            "subject_question": subject_question,
             "log_question": log_question,
             "log_answer": log_answer,
         }
@@ -316,7 +316,7 @@ class ContradictionReward:
             **terms,
             "answer_penalty": answer_penalty(self.config, log_answer),
             "passes_threshold": (log_contradiction >= cfg.contradiction_threshold)
-            & ((on_subject > 0.5) | (cfg.off_topic_penalty == 0)),
+            & ((subject_question > 0.5) | (cfg.off_topic_penalty == 0)),
             "valid": torch.isfinite(log_reward),
             "answers": answers,
             "answer_results": answer_results,
@@ -341,15 +341,20 @@ def names_subject(question: str, subject: str) -> bool:
     return bool(subject_words(subject) & words)
 
 
+def asks_about(question: str, subject: str) -> bool:
+    """S(q): a question (it has a question mark) that names the subject."""
+    return "?" in question and names_subject(question, subject)
+
+
 def relevance_term(config: ContradictionRewardConfig, terms: dict[str, torch.Tensor]) -> torch.Tensor:
     """T(q) = w_R * log Rel + (1 - S(q)) * off_topic_penalty. Terms stored before these existed count as on topic."""
     log_related = terms.get("log_related")
-    on_subject = terms.get("on_subject")
+    subject_question = terms.get("subject_question")
     total = torch.zeros_like(terms["log_question"])
     if log_related is not None:
         total = total + config.relevance_weight * log_related
-    if on_subject is not None:
-        total = total + (1 - on_subject) * config.off_topic_penalty
+    if subject_question is not None:
+        total = total + (1 - subject_question) * config.off_topic_penalty
     return total
 
 
@@ -383,7 +388,7 @@ class PhaseFormula:
         if self.step >= cfg.penalized_steps:  # the composite phase
             return log_contradiction + cfg.likelihood_weight * log_question + answer_term
         passes_threshold = log_contradiction >= cfg.contradiction_threshold
-        if "on_subject" in terms and cfg.off_topic_penalty != 0:  # the subject gate, off with its penalty
-            passes_threshold = passes_threshold & (terms["on_subject"] > 0.5)
+        if "subject_question" in terms and cfg.off_topic_penalty != 0:  # the subject gate, off with its penalty
+            passes_threshold = passes_threshold & (terms["subject_question"] > 0.5)
         failure = torch.full_like(log_question, cfg.failure_penalty)
         return torch.where(passes_threshold, cfg.likelihood_weight * log_question, failure) + answer_term

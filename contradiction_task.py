@@ -20,7 +20,14 @@ import sys
 import torch
 
 from batch_pipeline import ScoredBatch, SyncBatches, exploration_settings
-from contradiction_reward import Answerer, ContradictionReward, ContradictionRewardConfig, NLIScorer, PhaseFormula
+from contradiction_reward import (
+    Answerer,
+    ContradictionReward,
+    ContradictionRewardConfig,
+    NLIScorer,
+    PhaseFormula,
+    names_subject,
+)
 from convert_data import load_examples
 from durable_files import atomic_write
 from errors import UserError
@@ -95,7 +102,7 @@ def build_task_reward(args: argparse.Namespace, prior_model, tokenizer, device: 
 
 
 # the reward's named terms (contradiction_reward.py)
-TERMS = ("log_contradiction", "log_related", "on_subject", "log_question", "log_answer")
+TERMS = ("log_contradiction", "log_related", "subject_question", "log_question", "log_answer")
 
 
 def score_questions(reward, example: dict, questions: list[str], step: int) -> RewardBatch:
@@ -215,7 +222,8 @@ def evaluate(state: dict, policy, tokenizer, reward, samples_per_subject: int, o
         scored = score_questions(reward, example, questions, step=reward.config.penalized_steps)
         terms = scored.terms
         contradicts = (terms["log_contradiction"] > half).tolist()
-        on_topic = ((terms["on_subject"] > 0.5) & (terms["log_related"] > half)).tolist()
+        related = (terms["log_related"] > half).tolist()
+        on_topic = [names_subject(q, example["subject"]) and r for q, r in zip(questions, related)]
         for i, question in enumerate(questions):
             records.append(
                 {

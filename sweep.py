@@ -54,6 +54,8 @@ def summarise(output_dir: str, task: str, tail: int) -> dict:
         values = [m[key] for m in trained if key in m]
         summary[key] = statistics.mean(values) if values else float("nan")
     if task == "contradiction":
+        from contradiction_reward import names_subject  # lazily: torch
+
         with open(os.path.join(output_dir, "samples_contradiction.jsonl")) as f:
             samples = [json.loads(line) for line in f if line.strip()]
         last = [s for s in samples if s["epoch"] > summary["epochs"] - tail]
@@ -63,7 +65,7 @@ def summarise(output_dir: str, task: str, tail: int) -> dict:
             return sum(map(test, last)) / len(last) if last else float("nan")
 
         def on_topic(s: dict) -> bool:  # as evaluation.py: names the subject, and the answer is judged related
-            return s.get("on_subject", 1.0) == 1.0 and s.get("log_related", 0.0) > half
+            return names_subject(s["x"], s.get("subject", "")) and s.get("log_related", 0.0) > half
 
         summary["contradiction_rate"] = rate(lambda s: s["log_contradiction"] > half)
         summary["on_topic_rate"] = rate(on_topic)

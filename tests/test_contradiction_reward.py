@@ -411,6 +411,10 @@ def test_a_question_names_its_subject_by_whole_naming_words():
     assert not names_subject("How tall is the mount?", "Mount Everest")  # a function word alone does not name it
     assert not names_subject("Who built it?", "Eiffel Tower")
     assert not names_subject("Is Eiffelish a word?", "Eiffel Tower")
+    from contradiction_reward import asks_about
+
+    assert asks_about("Who built the Eiffel Tower?", "Eiffel Tower")
+    assert not asks_about("The Eiffel Tower is tall.", "Eiffel Tower")  # names it, but asks nothing
 
 
 class GullibleJudge:
@@ -451,7 +455,7 @@ def test_unrelated_answers_are_not_rewarded_as_contradictions_by_a_gullible_judg
         config = ContradictionRewardConfig(penalized_steps=5, contradiction_threshold=math.log(0.1))
         out = ContradictionReward(answerer, GullibleJudge(), config)(questions, [fact] * 2, step, [subject] * 2)
         assert out["log_contradiction"][1] > out["log_contradiction"][0]  # the judge prefers the unrelated answer
-        assert out["on_subject"].tolist() == [1.0, 0.0]
+        assert out["subject_question"].tolist() == [1.0, 0.0]
         assert out["log_reward"][0] > out["log_reward"][1] + 10, (step, out["log_reward"])
         # without the relevance terms the judge's mistake wins: what the issue measured
         plain = ContradictionRewardConfig(
@@ -462,7 +466,7 @@ def test_unrelated_answers_are_not_rewarded_as_contradictions_by_a_gullible_judg
 
 
 def test_penalised_phase_fails_a_contradicting_question_that_does_not_name_the_subject():
-    question = "What colour is the sky?"
+    question = "What colour is the sky?"  # a question, but not about Hamlet
     answerer = CannedAnswerer({question: "The sky is blue."})
     config = ContradictionRewardConfig(penalized_steps=5, contradiction_threshold=math.log(0.5), failure_penalty=-99.0)
     out = ContradictionReward(answerer, GullibleJudge(), config)([question], ["Hamlet is by Marlowe."], 0, ["Hamlet"])

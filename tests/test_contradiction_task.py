@@ -86,11 +86,11 @@ def test_contradiction_training_writes_every_term_and_keeps_a_log_z_per_example(
     for s in samples:
         assert s["y"] is not None and s["log_contradiction"] <= 0 and s["log_question"] < 0
     for s in samples:  # the relevance terms (defaults w_R 1, off-topic penalty -20) are recorded and summed
-        assert s["log_related"] <= 0 and s["on_subject"] in (0.0, 1.0)
-        assert s["on_subject"] == float(names_subject(s["x"], s["subject"]))
-    relevance = [s["log_related"] - 20.0 * (1 - s["on_subject"]) for s in samples]
+        assert s["log_related"] <= 0 and s["subject_question"] in (0.0, 1.0)
+        assert s["subject_question"] == float("?" in s["x"] and names_subject(s["x"], s["subject"]))
+    relevance = [s["log_related"] - 20.0 * (1 - s["subject_question"]) for s in samples]
     for s, extra in zip(samples[:8], relevance):  # the penalised phase: fluency where contradicting, on subject
-        passes = s["log_contradiction"] >= -1.2 and s["on_subject"] == 1.0
+        passes = s["log_contradiction"] >= -1.2 and s["subject_question"] == 1.0
         assert s["log_reward"] == pytest.approx((s["log_question"] if passes else -100.0) + extra)
     for s, extra in zip(samples[8:], relevance[8:]):
         assert s["log_reward"] == pytest.approx(s["log_contradiction"] + s["log_question"] + extra)
@@ -125,7 +125,8 @@ def test_contradiction_training_writes_every_term_and_keeps_a_log_z_per_example(
         assert 0 <= row["contradiction_rate"] <= 1 and 0 < row["unique_fraction"] <= 1
         mine = [r for r in records if r["example_id"] == row["example_id"]]
         # the rates are the records' own: on topic = names the subject and judged related (P(neutral) < 0.5)
-        assert all(r["on_topic"] == (r["on_subject"] == 1.0 and r["log_related"] > math.log(0.5)) for r in mine)
+        on_topic = [names_subject(r["question"], r["subject"]) and r["log_related"] > math.log(0.5) for r in mine]
+        assert [r["on_topic"] for r in mine] == on_topic
         assert row["on_topic_rate"] == pytest.approx(sum(r["on_topic"] for r in mine) / 3)
         both = sum(r["on_topic"] and r["log_contradiction"] > math.log(0.5) for r in mine) / 3
         assert row["on_topic_contradiction_rate"] == pytest.approx(both)
@@ -158,7 +159,8 @@ def test_contradiction_replay_rescores_stored_terms_and_resumes_with_the_same_lo
     state = load_checkpoint(str(tmp_path / "a" / "checkpoint_gfn_contradiction_epoch2.pt"))
     stored = [row for rows in state["replay"]["entries"].values() for row in rows]
     assert stored and all(
-        set(json.loads(row[4])) == {"log_contradiction", "log_related", "on_subject", "log_question", "log_answer"}
+        set(json.loads(row[4]))
+        == {"log_contradiction", "log_related", "subject_question", "log_question", "log_answer"}
         for row in stored
     )
     run(tmp_path / "b", "--epochs", "2", "--save-every", "2")
