@@ -149,3 +149,13 @@ def test_extraction_quick():
     (secret,) = result["inversion"]["secrets"]
     # modified SubTB's prefixes count as calls: fewer sampled x than sample-and-rank's at the same 48 calls
     assert secret["gflownet"]["sampled_x"] < secret["sample_and_rank"]["sampled_x"] == 48
+
+
+def test_resurrect_scale_quick():
+    result = run_benchmark("resurrect_scale.py", "--quick")
+    counts = result["counts"]
+    assert result["rows"] == counts["rows_read"] == 2000 and counts["malformed_lines"] == 0
+    # every copy is folded into its group: kept + folded = rows; at least the exact copies are found
+    folded = counts["exact_duplicates"] + counts["normalised_duplicates"] + counts["near_duplicates"]
+    assert counts["kept"] + folded == 2000 and counts["exact_duplicates"] > 100
+    assert counts["rows_written"] == counts["kept"] and result["peak_rss_mib"] > 0
