@@ -589,43 +589,62 @@ def write_dataset(collection: Collection, rank_by: str, top: int | None, term_na
 # ------------------------------------------------------------------------------------------------ command
 
 
-def resurrect(args: argparse.Namespace) -> dict:
-    """Read, deduplicate, score, rank and write; returns the summary (also OUT/summary.json)."""
+def collect(collection: Collection, files: list[tuple[str, str]], settings: dict, problems: Problems, quiet: bool):
+    """Stream every samples file into the collection. Returns (counts, the reward terms seen, whether any row has
+    log p(y|x))."""
     from tqdm import tqdm
 
+    counts = {"rows_read": 0, "invalid": 0}
+    term_names: list[str] = []
+    known = {"x", "y", "epoch", "log_reward", "valid", "log_reference", *SIGNALS}
+    has_likelihood = False
+    total = sum(os.path.getsize(path) for _, path in files)
+    with tqdm(total=total, unit="B", unit_scale=True, desc="reading", disable=quiet) as bar:
+        for run, path in files:
+            where = provenance(run, path, settings[run])
+            for line, row in read_rows(path, problems, bar):
+                counts["rows_read"] += 1
+                if not is_valid(row):
+                    counts["invalid"] += 1
+                    continue
+                for name, value in row.items():
+                    is_term = name.startswith("log_") and isinstance(value, (int, float)) and name not in known
+                    if is_term and name not in term_names:
+                        term_names.append(name)
+                has_likelihood = has_likelihood or row.get("log_likelihood") is not None
+                collection.add({**row, **where, "line": line})
+    return counts, term_names, has_likelihood
+
+
+def write_report(collection: Collection, summary: dict, settings: dict, runs: list[str], rows: int, out: str) -> None:
+    figures = [
+        (f"histogram of {name}", figure_png(histogram(values, name)))
+        for name in SIGNALS
+        if (values := collection.signal_values(name))
+    ]
+    figures += [(title, figure_png(draw)) for title, draw in training_curves(runs)]
+    top_rows = [{**row, "rank": rank} for rank, row in enumerate(collection.ranked(summary["rank_by"], rows), 1)]
+    page = report_html(summary, top_rows, figures, settings)
+    atomic_write(os.path.join(out, "report.html"), lambda f: f.write(page.encode("utf-8")))
+
+
+def resurrect(args: argparse.Namespace) -> dict:
+    """Read, deduplicate, score, rank and write; returns the summary (also OUT/summary.json)."""
     os.makedirs(args.output, exist_ok=True)
     files = [(run, path) for run in args.runs for path in samples_files(run)]
     settings = {}
     for run, path in files:
         task = re.sub(r"^samples_(.*)\.jsonl$", r"\1", os.path.basename(path))
         settings.setdefault(run, run_settings(run, task) if os.path.isdir(run) else {})
-    rank_by = args.rank_by
-    dedup_by = rank_by if rank_by not in ("auto", "reference_ratio") else "log_reward"  # a row alone has no ratio
+    dedup_by = args.rank_by if args.rank_by not in ("auto", "reference_ratio") else "log_reward"  # no ratio yet
     db_path = os.path.join(args.output, ".resurrect.sqlite")
     if os.path.exists(db_path):
         os.unlink(db_path)
     collection = Collection(db_path, dedup_by, args.near_duplicate, args.ngram)
     problems = Problems(quiet=args.quiet)
-    counts = {"rows_read": 0, "invalid": 0}
-    term_names: list[str] = []
-    known = {"x", "y", "epoch", "log_reward", "valid", "log_reference", *SIGNALS}
-    has_likelihood = False
     try:
-        total = sum(os.path.getsize(path) for _, path in files)
-        with tqdm(total=total, unit="B", unit_scale=True, desc="reading", disable=args.quiet) as bar:
-            for run, path in files:
-                where = provenance(run, path, settings[run])
-                for line, row in read_rows(path, problems, bar):
-                    counts["rows_read"] += 1
-                    if not is_valid(row):
-                        counts["invalid"] += 1
-                        continue
-                    for name, value in row.items():
-                        is_term = name.startswith("log_") and isinstance(value, (int, float)) and name not in known
-                        if is_term and name not in term_names:
-                            term_names.append(name)
-                    has_likelihood = has_likelihood or row.get("log_likelihood") is not None
-                    collection.add({**row, **where, "line": line})
+        counts, term_names, has_likelihood = collect(collection, files, settings, problems, args.quiet)
+        rank_by = args.rank_by
         if rank_by == "auto":
             rank_by = "reference_ratio" if has_likelihood and not args.no_reference else "log_reward"
         reference = args.reference_model or next(
@@ -643,29 +662,18 @@ def resurrect(args: argparse.Namespace) -> dict:
             )
         collection.finish(log_references)
         if collection.counts["kept"] and collection.count_with(rank_by) == 0:
-            raise UserError(
-                f"no row has {rank_by} (rows of task(s) {sorted({s.get('task') for s in settings.values()})})"
-            )
-        kept = write_dataset(collection, rank_by, args.top, term_names, args.output)
+            tasks = sorted({str(s.get("task")) for s in settings.values()})
+            raise UserError(f"no row has {rank_by} (rows of task(s) {', '.join(tasks)})")
+        written = write_dataset(collection, rank_by, args.top, term_names, args.output)
         summary = {
             "runs": args.runs,
             "rank_by": rank_by,
             "reference_model": reference if log_references or rank_by == "reference_ratio" else None,
-            "counts": {**counts, **collection.counts, "malformed_lines": problems.count, "rows_written": kept},
+            "counts": {**counts, **collection.counts, "malformed_lines": problems.count, "rows_written": written},
             "malformed_lines": problems.first,
             "outputs": ["dataset.jsonl", "dataset.parquet", "hf_dataset", "report.html", "summary.json"],
         }
-        figures = [
-            (f"histogram of {name}", figure_png(histogram(values, name)))
-            for name in SIGNALS
-            if (values := collection.signal_values(name))
-        ]
-        figures += [(title, figure_png(draw)) for title, draw in training_curves(args.runs)]
-        top_rows = [
-            {**row, "rank": rank} for rank, row in enumerate(collection.ranked(rank_by, args.report_rows), start=1)
-        ]
-        page = report_html(summary, top_rows, figures, settings)
-        atomic_write(os.path.join(args.output, "report.html"), lambda f: f.write(page.encode("utf-8")))
+        write_report(collection, summary, settings, args.runs, args.report_rows, args.output)
         text = json.dumps({**summary, "settings": settings}, indent=1, ensure_ascii=False) + "\n"
         atomic_write(os.path.join(args.output, "summary.json"), lambda f: f.write(text.encode("utf-8")))
     finally:

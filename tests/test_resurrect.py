@@ -259,6 +259,7 @@ def test_user_mistakes_are_one_line_errors(tmp_path, fixture_runs):
         ([*fixture_runs, "--top", "0"], "--top"),
         ([*fixture_runs, "--no-reference", "--rank-by", "reference_ratio"], "reference"),
         ([*fixture_runs, "--rank-by", "perplexity"], "invalid choice"),
+        ([*fixture_runs, "--reference-model", str(tmp_path / "no-such-model")], "cannot load model"),
     ):
         code, _, err = resurrect_into(tmp_path / "out", *argv)
         assert code == 2 and words in err and len(err.strip().splitlines()) == 1, (argv, err)
