@@ -39,18 +39,15 @@ def point_name(point: tuple[tuple[str, str], ...]) -> str:
 
 
 def summarise(output_dir: str, task: str, tail: int) -> dict:
+    """The last `tail` epochs' means of the losses, every reward term and the diversity metrics; for the
+    contradiction task also the rates of evaluation.py over the questions of the first and of the last `tail`
+    epochs (the trend within the run)."""
     with open(os.path.join(output_dir, f"metrics_{task}.jsonl")) as f:
         metrics = [json.loads(line) for line in f if line.strip()]
     trained = [m for m in metrics if "train/loss" in m][-tail:]
     summary = {"epochs": metrics[-1]["epoch"] if metrics else 0}
-    for key in (
-        "train/loss",
-        "train/log_reward_mean",
-        "train/log_prior_mean",
-        "train/log_likelihood_mean",
-        "eval/unique_fraction",
-        "eval/distinct_2",
-    ):
+    terms = sorted({k for m in trained for k in m if k.startswith("train/log_") and k.endswith("_mean")})
+    for key in ("train/loss", *terms, "eval/unique_fraction", "eval/distinct_2"):
         values = [m[key] for m in trained if key in m]
         summary[key] = statistics.mean(values) if values else float("nan")
     if task == "contradiction":
@@ -58,26 +55,31 @@ def summarise(output_dir: str, task: str, tail: int) -> dict:
 
         with open(os.path.join(output_dir, "samples_contradiction.jsonl")) as f:
             samples = [json.loads(line) for line in f if line.strip()]
+        first = [s for s in samples if s["epoch"] <= tail]
         last = [s for s in samples if s["epoch"] > summary["epochs"] - tail]
         half = math.log(0.5)
 
-        def rate(test) -> float:
-            return sum(map(test, last)) / len(last) if last else float("nan")
+        def rate(rows: list[dict], test) -> float:
+            return sum(map(test, rows)) / len(rows) if rows else float("nan")
 
         def on_topic(s: dict) -> bool:  # as evaluation.py: names the subject, and the answer is judged related
             return names_subject(s["x"], s.get("subject", "")) and s.get("log_related", 0.0) > half
 
-        summary["contradiction_rate"] = rate(lambda s: s["log_contradiction"] > half)
-        summary["on_topic_rate"] = rate(on_topic)
-        summary["on_topic_contradiction_rate"] = rate(lambda s: on_topic(s) and s["log_contradiction"] > half)
-        summary["question_rate"] = rate(lambda s: "?" in s["x"])
+        def on_topic_contradiction(s: dict) -> bool:
+            return on_topic(s) and s["log_contradiction"] > half
+
+        summary["contradiction_rate"] = rate(last, lambda s: s["log_contradiction"] > half)
+        summary["on_topic_rate"] = rate(last, on_topic)
+        summary["first_on_topic_contradiction_rate"] = rate(first, on_topic_contradiction)
+        summary["on_topic_contradiction_rate"] = rate(last, on_topic_contradiction)
+        summary["question_rate"] = rate(last, lambda s: "?" in s["x"])
     return summary
 
 
 def format_table(rows: list[tuple[str, dict]]) -> str:
     keys = [k for k in rows[0][1] if k != "epochs"] if rows else []
     width = max([len(name) for name, _ in rows] + [5])
-    lines = [f"{'run':<{width}} " + " ".join(f"{k.split('/')[-1][:16]:>16}" for k in keys)]
+    lines = [f"{'run':<{width}} " + " ".join(f"{k.split('/')[-1][-16:]:>16}" for k in keys)]
     for name, summary in rows:
         lines.append(f"{name:<{width}} " + " ".join(f"{summary[k]:>16.3f}" for k in keys))
     return "\n".join(lines)
