@@ -87,6 +87,8 @@ def build_task_reward(args: argparse.Namespace, prior_model, tokenizer, device: 
         base_model, base_tokenizer = load_causal_lm(args.base_model, device)
     answerer = Answerer(base_model, base_tokenizer, answer_max_tokens=args.answer_max_tokens)
     nli = NLIScorer.load(args.nli_model, device)
+    if getattr(args, "relevance_weight", 0.0) and nli.neutral_index is None:
+        raise UserError(f"--nli-model {args.nli_model!r} has no 'neutral' label: set --relevance-weight 0")
     config = ContradictionRewardConfig(
         likelihood_weight=args.likelihood_weight,
         contradiction_threshold=args.contradiction_threshold,

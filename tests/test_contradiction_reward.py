@@ -473,3 +473,14 @@ def test_penalised_phase_fails_a_contradicting_question_that_does_not_name_the_s
     assert not out["passes_threshold"][0]  # log C passes (0.82), the subject gate does not
     expected = -99.0 + config.relevance_weight * math.log(0.92) + config.off_topic_penalty
     assert out["log_reward"][0].item() == pytest.approx(expected, abs=1e-12)
+
+
+def test_a_judge_without_a_neutral_label_needs_relevance_off(tmp_path, answerer):
+    scorer = NLIScorer.load(save_tiny_nli(str(tmp_path), {0: "contradiction", 1: "other", 2: "entailment"}), "cpu")
+    assert scorer.neutral_index is None
+    with pytest.raises(UserError, match="no 'neutral' label"):
+        ContradictionReward(answerer, scorer, ContradictionRewardConfig())(QUESTIONS[:2], FACTS, 0)
+    out = ContradictionReward(answerer, scorer, ContradictionRewardConfig(relevance_weight=0.0))(
+        QUESTIONS[:2], FACTS, 0
+    )
+    assert torch.equal(out["log_related"], torch.zeros(2, dtype=torch.float64)) and out["valid"].all()
