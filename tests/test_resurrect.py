@@ -108,11 +108,14 @@ def resurrect_into(out, *argv) -> tuple[int, str, str]:
 @pytest.fixture(scope="module")
 def resurrected(fixture_runs, tmp_path_factory, tiny_lm_dir):
     out = tmp_path_factory.mktemp("resurrected")
+    before = os.environ.get("OPENAI_API_KEY")
     os.environ["OPENAI_API_KEY"] = API_KEY
     try:
         code, stdout, stderr = resurrect_into(out, *fixture_runs)
     finally:
-        del os.environ["OPENAI_API_KEY"]
+        os.environ.pop("OPENAI_API_KEY")
+        if before is not None:
+            os.environ["OPENAI_API_KEY"] = before
     assert code == 0, stderr
     return out, stdout
 
