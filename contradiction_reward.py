@@ -240,9 +240,10 @@ class ContradictionRewardConfig:
     # a token, so -60 to -100 for a 20-30 token question), or a short failure outranks a long success.
     failure_penalty: float = -100.0
     penalized_steps: int = 150  # penalised phase length, in training steps
-    answer_quality_weight: float = 0.0  # w_A on log P_A (0 = off)
-    answer_quality_threshold: float | None = None  # if set: log P_A below it adds answer_failure_penalty
-    answer_failure_penalty: float = -50.0
+    # the defaults of the command line, picked by the relevance sweep (README)
+    answer_quality_weight: float = 0.5  # w_A on log P_A (0 = off)
+    answer_quality_threshold: float | None = -25.0  # if set: log P_A below it adds answer_failure_penalty
+    answer_failure_penalty: float = -20.0
     nli_order: str = "fact-answer"  # "fact-answer": premise = edit fact, hypothesis = answer; or "answer-fact"
     relevance_weight: float = 1.0  # w_R on log Rel = log(1 - P_NLI(neutral | fact, answer)); 0 = off
     off_topic_penalty: float = -20.0  # added when the question does not name the subject; 0 = off

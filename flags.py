@@ -101,9 +101,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--contradiction-threshold", type=float, default=-6.0)
     g.add_argument("--failure-penalty", type=float, default=-100.0)
     g.add_argument("--penalized-steps", type=int, default=150)
-    g.add_argument("--answer-quality-weight", type=float, default=0.0)
-    g.add_argument("--answer-quality-threshold", type=float, default=None)
-    g.add_argument("--answer-failure-penalty", type=float, default=-50.0)
+    # defaults from the SmolLM2 sweep in README ("Relevance sweep"): the only setting that kept questions questions
+    g.add_argument("--answer-quality-weight", type=float, default=0.5, help="w_A on log P_A (answer fluency)")
+    g.add_argument(
+        "--answer-quality-threshold",
+        type=float,
+        default=-25.0,
+        help="log P_A below this adds --answer-failure-penalty (--answer-failure-penalty 0 turns it off)",
+    )
+    g.add_argument("--answer-failure-penalty", type=float, default=-20.0)
     g.add_argument(
         "--relevance-weight",
         type=float,

@@ -316,7 +316,12 @@ def test_penalized_phase_is_fluency_where_contradicting_and_the_penalty_elsewher
     probe = ContradictionReward(answerer, nli, ContradictionRewardConfig())(QUESTIONS, facts, step=0)
     threshold = probe["log_contradiction"].median().item()
     config = ContradictionRewardConfig(
-        likelihood_weight=0.7, contradiction_threshold=threshold, failure_penalty=-123.0, penalized_steps=10
+        likelihood_weight=0.7,
+        contradiction_threshold=threshold,
+        failure_penalty=-123.0,
+        penalized_steps=10,
+        answer_quality_weight=0.0,
+        answer_quality_threshold=None,
     )
     out = ContradictionReward(answerer, nli, config)(QUESTIONS, facts, step=3)
     assert out["phase"] == "penalized"
@@ -361,7 +366,9 @@ def test_composite_phase_sums_the_terms_with_the_answer_penalty(answerer, nli):
 
 def test_phase_switches_exactly_at_penalized_steps_and_answer_terms_apply_in_both(answerer, nli):
     facts = facts_for(QUESTIONS)
-    config = ContradictionRewardConfig(contradiction_threshold=-1e9, penalized_steps=5, answer_quality_weight=0.25)
+    config = ContradictionRewardConfig(
+        contradiction_threshold=-1e9, penalized_steps=5, answer_quality_weight=0.25, answer_quality_threshold=None
+    )
     reward = ContradictionReward(answerer, nli, config)
     phases = {step: reward(QUESTIONS, facts, step) for step in (0, 4, 5, 6)}
     assert [phases[s]["phase"] for s in (0, 4, 5, 6)] == ["penalized", "penalized", "composite", "composite"]
@@ -471,7 +478,9 @@ def test_penalised_phase_fails_a_contradicting_question_that_does_not_name_the_s
     config = ContradictionRewardConfig(penalized_steps=5, contradiction_threshold=math.log(0.5), failure_penalty=-99.0)
     out = ContradictionReward(answerer, GullibleJudge(), config)([question], ["Hamlet is by Marlowe."], 0, ["Hamlet"])
     assert not out["passes_threshold"][0]  # log C passes (0.82), the subject gate does not
+    # the canned answer's log P_A (-5) is above the default threshold (-25): only its weighted term applies
     expected = -99.0 + config.relevance_weight * math.log(0.92) + config.off_topic_penalty
+    expected += config.answer_quality_weight * -5.0
     assert out["log_reward"][0].item() == pytest.approx(expected, abs=1e-12)
 
 

@@ -88,7 +88,11 @@ def test_contradiction_training_writes_every_term_and_keeps_a_log_z_per_example(
     for s in samples:  # the relevance terms (defaults w_R 1, off-topic penalty -20) are recorded and summed
         assert s["log_related"] <= 0 and s["subject_question"] in (0.0, 1.0)
         assert s["subject_question"] == float("?" in s["x"] and names_subject(s["x"], s["subject"]))
-    relevance = [s["log_related"] - 20.0 * (1 - s["subject_question"]) for s in samples]
+    # the relevance and answer terms of the defaults: w_R 1, off-topic -20, w_A 0.5, -20 below log P_A -25
+    relevance = [
+        s["log_related"] - 20.0 * (1 - s["subject_question"]) + 0.5 * s["log_answer"] - 20.0 * (s["log_answer"] < -25)
+        for s in samples
+    ]
     for s, extra in zip(samples[:8], relevance):  # the penalised phase: fluency where contradicting, on subject
         passes = s["log_contradiction"] >= -1.2 and s["subject_question"] == 1.0
         assert s["log_reward"] == pytest.approx((s["log_question"] if passes else -100.0) + extra)
@@ -173,7 +177,13 @@ def test_contradiction_replay_rescores_stored_terms_and_resumes_with_the_same_lo
 def test_replayed_questions_are_rescored_by_the_current_phase_formula():
     """training_batch: replayed rows get log R from their stored terms under the fresh batch's formula (here the
     composite phase), not the formula in force when they were stored (the penalised phase)."""
-    config = ContradictionRewardConfig(penalized_steps=2, contradiction_threshold=-1.0, likelihood_weight=0.5)
+    config = ContradictionRewardConfig(
+        penalized_steps=2,
+        contradiction_threshold=-1.0,
+        likelihood_weight=0.5,
+        answer_quality_weight=0.0,
+        answer_quality_threshold=None,
+    )
     terms = {
         "log_contradiction": torch.tensor([-0.1, -3.0], dtype=torch.float64),
         "log_question": torch.tensor([-8.0, -2.0], dtype=torch.float64),
