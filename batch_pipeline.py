@@ -33,6 +33,7 @@ class ScoredBatch:
     rewards: RewardBatch
     condition: str = ""  # which log Z (and replay heap) the batch belongs to; "" when unconditional
     context: torch.Tensor | None = None  # prompt ids the policy was conditioned on
+    written_by_oracle: torch.Tensor | None = None  # (B,) bool: x the oracle wrote itself (each one more call)
 
     def to(self, device: torch.device | str) -> "ScoredBatch":
         return dataclasses.replace(
@@ -41,6 +42,7 @@ class ScoredBatch:
             lengths=self.lengths.to(device),
             log_q=self.log_q.to(device),
             context=None if self.context is None else self.context.to(device),
+            written_by_oracle=None if self.written_by_oracle is None else self.written_by_oracle.to(device),
         )
 
     def __getitem__(self, part: slice) -> "ScoredBatch":
@@ -50,6 +52,7 @@ class ScoredBatch:
             lengths=self.lengths[part],
             log_q=self.log_q[part],
             rewards=self.rewards[part],
+            written_by_oracle=None if self.written_by_oracle is None else self.written_by_oracle[part],
         )
 
 
@@ -77,6 +80,7 @@ def exploration_settings(args, may_spend) -> dict:
         temperature_range=tuple(args.temperature_range),
         local_search_fraction=args.local_search_fraction,
         local_search_back=args.local_search_back,
+        oracle_proposal_fraction=args.oracle_proposal_fraction,
     )
 
 
@@ -93,6 +97,7 @@ class SyncBatches:
         temperature_range: tuple[float, float] = (1.0, 1.0),
         local_search_fraction: float = 0.0,
         local_search_back: int = 3,
+        oracle_proposal_fraction: float = 0.0,
         replay=None,
         replay_rng=None,
     ) -> None:
@@ -101,21 +106,31 @@ class SyncBatches:
         self.may_spend = may_spend
         self.tempered_fraction, self.temperature_range = tempered_fraction, temperature_range
         self.local_search_fraction, self.local_search_back = local_search_fraction, local_search_back
+        self.oracle_proposal_fraction = oracle_proposal_fraction
+        self.num_written_by_oracle = 0
         self.replay, self.replay_rng = replay, replay_rng
 
     def sample(self, size: int | None = None, context: torch.Tensor | None = None):
-        """A fresh batch: most of it at --temperature, `tempered_fraction` of it at one temperature drawn
-        uniformly from `temperature_range` (drawn from the torch RNG, so runs stay reproducible), and, once the
-        replay buffer holds anything, `local_search_fraction` of it re-completed from replayed x (last)."""
+        """A fresh batch: `oracle_proposal_fraction` of it written by the oracle itself (first), most of the rest
+        at --temperature, `tempered_fraction` of it at one temperature drawn uniformly from `temperature_range`
+        (drawn from the torch RNG, so runs stay reproducible), and, once the replay buffer holds anything,
+        `local_search_fraction` of it re-completed from replayed x (last). Every part but the policy's own is
+        an off-policy proposal, which trajectory balance may train on: its optimum does not depend on who
+        proposed x."""
         size = size or self.batch_size
         num_local = round(self.local_search_fraction * size) if self.replay is not None and len(self.replay) else 0
-        num_tempered = round(self.tempered_fraction * (size - num_local))
         parts = []
-        if size - num_local - num_tempered:
+        wanted = round(self.oracle_proposal_fraction * size)
+        proposed = self.oracle_proposals(wanted, context) if wanted else None
+        if proposed is not None:
+            parts.append(proposed)
+        num_proposed = 0 if proposed is None else len(proposed[1])  # the policy makes up proposals too short to use
+        self.num_written_by_oracle = num_proposed  # the batch's first rows (ScoredBatch.written_by_oracle)
+        num_tempered = round(self.tempered_fraction * (size - num_local - num_proposed))
+        num_policy = size - num_local - num_tempered - num_proposed
+        if num_policy:
             parts.append(
-                self.policy.sample(
-                    size - num_local - num_tempered, temperature=self.temperature, epsilon=self.epsilon, context=context
-                )
+                self.policy.sample(num_policy, temperature=self.temperature, epsilon=self.epsilon, context=context)
             )
         if num_tempered:
             low, high = self.temperature_range
@@ -124,6 +139,17 @@ class SyncBatches:
         if num_local:
             parts.append(self.local_search(num_local, context))
         return tuple(torch.cat(tensors) for tensors in zip(*parts))
+
+    @torch.no_grad()
+    def oracle_proposals(self, size: int, context: torch.Tensor | None = None):
+        """(tokens, lengths, log_q) of up to `size` x written by the oracle itself (RewardModel.propose_x, each a
+        counted oracle call), or None when none was long enough; log_q is the policy's log P_F of them."""
+        config = self.policy.config
+        rows = self.reward_model.propose_x(size, config.min_len, config.max_len, set(config.banned_token_ids))
+        if not rows:
+            return None
+        tokens, lengths = padded_token_ids(rows, config.max_len, self.policy.device)
+        return tokens, lengths, self.policy.log_pf(tokens, lengths, context).float()
 
     def local_search(self, size: int, context: torch.Tensor | None = None):
         """Local search (Kim et al. 2024, "Local search GFlowNets"): x drawn from the replay buffer by its
@@ -145,7 +171,8 @@ class SyncBatches:
         if not self.may_spend():
             return None
         tokens, lengths, log_q = self.sample()
-        return ScoredBatch(tokens, lengths, log_q, self.reward_model(tokens, lengths))
+        written = torch.arange(len(lengths)) < self.num_written_by_oracle if self.oracle_proposal_fraction else None
+        return ScoredBatch(tokens, lengths, log_q, self.reward_model(tokens, lengths), written_by_oracle=written)
 
     def drain(self) -> list[ScoredBatch]:
         """Scored batches that were paid for but not handed over when training stops (none here)."""

@@ -132,6 +132,7 @@ def save_run(run, epoch: int) -> str:
             "source_state": run.source.checkpoint_state() if run.source is not None else None,
             "oracle_calls": run.reward_model.oracle_calls,
             "reward_calls": run.reward_model.reward_calls,
+            "proposal_calls": run.reward_model.proposal_calls,
             "api_totals": run.api.cost.snapshot() if run.api is not None else None,
         },
     )
@@ -154,6 +155,7 @@ def restore_run(run, state: dict) -> int:
         run.replay.load_state_dict(state["replay"])
     run.reward_model.oracle_calls = state.get("oracle_calls", 0)
     run.reward_model.reward_calls = state.get("reward_calls", run.reward_model.oracle_calls)
+    run.reward_model.proposal_calls = state.get("proposal_calls", 0)
     if run.api is not None and state.get("api_totals"):
         run.api.cost.restore(state["api_totals"])  # the budget spans restarts...
         if state.get("run_id"):  # ...and what was paid after the checkpoint is in the ledger

@@ -261,6 +261,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "last --local-search-back tokens (local search; needs --replay-fraction > 0)",
     )
     g.add_argument("--local-search-back", type=int, default=3, metavar="K", help="local search: tokens re-sampled")
+    g.add_argument(
+        "--oracle-proposal-fraction",
+        type=float,
+        default=0.0,
+        help="this fraction of each fresh batch is x written by the oracle model itself (sampled where x goes in "
+        "its prompt, cut to a random length), each one a counted oracle call: a model's own samples are where "
+        "its memorised text is (needs --oracle hf)",
+    )
     g.add_argument("--replay-capacity", type=int, default=1000)
     g.add_argument("--replay-backend", default="memory", choices=["memory", "redis"])
     g.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
@@ -381,6 +389,16 @@ def validate_args(args: argparse.Namespace) -> None:
         (
             args.local_search_fraction == 0 or args.task != "contradiction",
             "--task contradiction does not support --local-search-fraction",
+        ),
+        (0 <= args.oracle_proposal_fraction <= 1, "--oracle-proposal-fraction must be in [0, 1]"),
+        (
+            args.oracle_proposal_fraction == 0 or (args.oracle == "hf" and args.llm_weight != 0),
+            "--oracle-proposal-fraction needs a local oracle that writes x itself: --oracle hf (and --llm-weight != 0)",
+        ),
+        (
+            args.oracle_proposal_fraction == 0 or (args.task != "contradiction" and not args.prefetch),
+            "--oracle-proposal-fraction works with the plain tasks' synchronous batches (no --task contradiction, "
+            "no --prefetch)",
         ),
         (args.replay_capacity >= 1, "--replay-capacity must be >= 1"),
         (

@@ -214,6 +214,17 @@ class HFResponseOracle:
         x_ids = list(x) if not isinstance(x, str) else self.tokenizer(x, add_special_tokens=False)["input_ids"]
         return self.prompt_before + x_ids + self.prompt_after
 
+    def propose(self, num: int, max_new_tokens: int) -> list[list[int]]:
+        """x written by this model itself: `num` samples at temperature 1 of what it puts where x goes in its
+        prompt (continuing the prompt's part before x: for plain raw text, the document start), up to
+        max_new_tokens of its own ids each, cut before its first end token. A model that has memorised text
+        writes it here (Carlini et al. 2021 sample the target model itself), so these are exploration proposals
+        no prior-initialised policy would make."""
+        generated, _ = generate_with_logprobs(
+            self.model, [self.prompt_before] * num, max_new_tokens, self.eos_ids, self.tokenizer.pad_token_id, 1.0
+        )
+        return [ids[: next((j for j, t in enumerate(ids) if t in self.eos_ids), len(ids))] for ids in generated]
+
     def score(self, texts: list[str], token_ids: list[list[int]] | None = None) -> list[OracleResult]:
         """Score each x; with `token_ids` (same vocabulary as this oracle) the ids are used and texts ignored."""
         inputs = token_ids if token_ids is not None else texts
@@ -365,6 +376,7 @@ class RewardModel:
         self.known_likelihoods: dict[tuple[int, ...], float] = {}
         self.reward_calls = 0
         self.oracle_calls = 0
+        self.proposal_calls = 0  # x written by the oracle itself (propose_x); also in both counts above
         self.counter_lock = threading.Lock()  # the prefetch thread queries the oracle too
 
     @property
@@ -441,6 +453,36 @@ class RewardModel:
             )
             for row in ids
         ]
+
+    @property
+    def can_propose(self) -> bool:
+        """The oracle can write x itself (a local Hugging Face model)."""
+        return self.uses_oracle and hasattr(self.oracle, "propose")
+
+    def propose_x(self, num: int, min_len: int, max_len: int, banned: set[int]) -> list[list[int]]:
+        """Up to `num` x written by the oracle itself (`HFResponseOracle.propose`), in the prior's vocabulary:
+        the oracle's own ids when it shares it, else its text re-encoded. Each row is cut before its first
+        token the policy may not emit, then to a length drawn uniformly from [min_len, its length] (torch's RNG)
+        so that openings of every length are proposed; rows shorter than min_len are dropped (the caller fills
+        the batch). Every proposal is an oracle call, counted in `reward_calls` and `oracle_calls` (a budget in
+        calls covers them) and in `proposal_calls`."""
+        if not self.can_propose:
+            raise ValueError("oracle proposals need a local Hugging Face oracle (--oracle hf)")
+        written = self.oracle.propose(num, max_len)
+        self.count(num, num)
+        with self.counter_lock:
+            self.proposal_calls += num
+        if not self.oracle_takes_ids:
+            written = self.tokenizer([self.oracle.tokenizer.decode(ids) for ids in written], add_special_tokens=False)[
+                "input_ids"
+            ]
+        rows = []
+        for ids in written:
+            ids = list(ids[:max_len])
+            ids = ids[: next((j for j, t in enumerate(ids) if t in banned), len(ids))]
+            if len(ids) >= max(min_len, 1):
+                rows.append(ids[: int(torch.randint(max(min_len, 1), len(ids) + 1, ()).item())])
+        return rows
 
     def can_score_prefixes(self) -> bool:
         """Prefix rewards need a deterministic oracle: none, or a local model with a fixed target."""

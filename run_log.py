@@ -131,6 +131,11 @@ def sample_records(epoch: int, batch, trained: bool = True) -> list[dict]:
                 "response_tokens": result.num_tokens,
                 "usage": result.usage or None,
                 "trained": trained,
+                **(
+                    {"written_by_oracle": bool(batch.written_by_oracle[i])}
+                    if batch.written_by_oracle is not None
+                    else {}
+                ),
                 **(rewards.extras[i] if rewards.extras else {}),
             }
         )
@@ -199,6 +204,7 @@ def step_metrics(
         "train/num_truncated": sum(r.truncated for r in rewards.oracle_results),
         "train/oracle_calls": run.reward_model.oracle_calls,
         "train/reward_calls": run.reward_model.reward_calls,
+        "train/proposal_calls": run.reward_model.proposal_calls,
         **(
             {"train/retokenised_changed": sum(not same for same in rewards.retokenises)}
             if rewards.oracle_saw_text and rewards.retokenises is not None

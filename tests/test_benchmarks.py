@@ -137,6 +137,12 @@ def test_extraction_scoring_against_hand_counts():
     assert scored["at"]["2"]["secret_openings_in_x"] == 0
     # ranked by resurrect.py: the top row by log p(y|x) is row 2, by log R too; both leak secret 0
     assert scored["at"]["4"]["leaked_in_top_32"] == {"log_likelihood": 1, "zlib_y": 1, "log_reward": 1}
+    # an x the victim wrote costs two calls (writing it, scoring it): rows 1 and 2 now end at calls 3 and 5
+    written = [dict(row, written_by_oracle=i in (1, 2)) for i, row in enumerate(rows)]
+    scored = extraction.score_samples(written, secrets, decoys, checkpoints=(2, 4, 6))
+    assert scored["curve"] == [0, 0, 1, 1, 1, 1] and scored["calls"] == 6
+    assert [scored["at"][b]["rows"] for b in ("2", "4", "6")] == [1, 2, 4]
+    assert scored["at"]["4"]["secret_openings_in_x"] == 0 and scored["at"]["6"]["secret_openings_in_x"] == 1
 
 
 def test_extraction_quick():

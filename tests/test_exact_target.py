@@ -72,18 +72,9 @@ def test_trained_policy_matches_enumerated_target(word_lm_dirs, tmp_path):
     assert abs(result["log_z"]().item() - metrics["true_log_Z"]) < 0.1, metrics
 
 
-@pytest.mark.parametrize("policy", ["transformer", "lora"])
-@pytest.mark.parametrize("loss", ["tb", "subtb", "modified-subtb", "vargrad"])
-def test_every_loss_and_policy_matches_the_enumerated_target(word_lm_dirs, tmp_path, loss, policy):
+def train_on_the_340_sequence_target(word_lm_dirs, tmp_path, *flags: str) -> tuple[dict, dict]:
+    """Train on 4 words, 1..4 tokens (340 sequences, y* = "a b" teacher-forced); (train's result, exact metrics)."""
     prior_dir, oracle_dir = word_lm_dirs
-    # 4 words, 1..4 tokens: 340 sequences. The LoRA policy adapts every linear layer of the prior GPT-2 and
-    # decides STOP with its learned stop head (--lora-stop head, the default).
-    # SubTB with a LoRA policy also has to learn its flow head from zero: it needs more steps (measured with the
-    # stop head: TV 0.0504 after 600 epochs).
-    epochs = "800" if (loss, policy) == ("subtb", "lora") else "400"
-    flags = ["--policy", policy, "--loss", loss, "--lr", "1e-2" if policy == "lora" else "1e-3", "--epochs", epochs]
-    if policy == "lora":
-        flags += ["--lora-target-modules", "c_attn", "c_proj", "c_fc"]
     args = build_parser().parse_args(
         [
             "--prior-model",
@@ -123,6 +114,31 @@ def test_every_loss_and_policy_matches_the_enumerated_target(word_lm_dirs, tmp_p
         policy_log_prob = result["policy"].log_pf(tokens, lengths)
     metrics = exact_distribution_metrics(policy_log_prob, result["reward_model"](tokens, lengths).log_reward)
     assert abs(metrics["policy_mass"] - 1) < 1e-5
+    return result, metrics
+
+
+@pytest.mark.parametrize("policy", ["transformer", "lora"])
+@pytest.mark.parametrize("loss", ["tb", "subtb", "modified-subtb", "vargrad"])
+def test_every_loss_and_policy_matches_the_enumerated_target(word_lm_dirs, tmp_path, loss, policy):
+    # The LoRA policy adapts every linear layer of the prior GPT-2 and decides STOP with its learned stop head
+    # (--lora-stop head, the default).
+    # SubTB with a LoRA policy also has to learn its flow head from zero: it needs more steps (measured with the
+    # stop head: TV 0.0504 after 600 epochs).
+    epochs = "800" if (loss, policy) == ("subtb", "lora") else "400"
+    flags = ["--policy", policy, "--loss", loss, "--lr", "1e-2" if policy == "lora" else "1e-3", "--epochs", epochs]
+    if policy == "lora":
+        flags += ["--lora-target-modules", "c_attn", "c_proj", "c_fc"]
+    result, metrics = train_on_the_340_sequence_target(word_lm_dirs, tmp_path, *flags)
     assert metrics["tv"] <= 0.05, metrics
     if loss in ("tb", "subtb", "modified-subtb"):  # losses with a learned log Z
         assert abs(result["log_z"]().item() - metrics["true_log_Z"]) < 0.1, metrics
+
+
+def test_x_written_by_the_oracle_leave_the_target_unchanged(word_lm_dirs, tmp_path):
+    """Half of every batch written by the oracle model itself (--oracle-proposal-fraction 0.5): off-policy x, so
+    trajectory balance still learns exactly R / Z, not the oracle's own distribution."""
+    flags = ["--loss", "tb", "--lr", "1e-3", "--epochs", "400", "--oracle-proposal-fraction", "0.5"]
+    result, metrics = train_on_the_340_sequence_target(word_lm_dirs, tmp_path, *flags)
+    assert result["reward_model"].proposal_calls == 400 * 32
+    assert metrics["tv"] <= 0.05, metrics
+    assert abs(result["log_z"]().item() - metrics["true_log_Z"]) < 0.1, metrics
