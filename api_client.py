@@ -527,6 +527,12 @@ def plain_request(model: str, prompt: str, temperature: float, max_tokens: int) 
     }
 
 
+def proposal_request(model: str, prompt: str, max_tokens: int, seed: int) -> dict:
+    """A completions request that has the served model write an x (oracle proposals): sampled at temperature 1,
+    with its own seed (vLLM, llama.cpp and OpenAI take one), no logprobs needed."""
+    return {"model": model, "prompt": prompt, "temperature": 1.0, "max_tokens": max_tokens, "seed": seed, "n": 1}
+
+
 def echo_request(model: str, prompt: str, target: str) -> dict:
     # max_tokens=1: several servers reject 0; the one generated token lies past the target and is ignored.
     return {"model": model, "prompt": prompt + target, "max_tokens": 1, "echo": True, "logprobs": 1, "temperature": 0.0}
@@ -691,13 +697,45 @@ class OpenAIChatOracle:
 
     def _score_one(self, x: str) -> OracleResult:
         endpoint, body = self.request_for(x)
+        try:
+            reply, failure, cached = self._paid_reply(endpoint, body, lambda reply: self.parse(x, reply))
+        except FatalAPIError as exc:
+            if self.target_response is not None and "HTTP 400" in str(exc):
+                raise OracleError(f"{self.no_echo_message()}. {exc}") from None
+            raise
+        if failure is not None:
+            return OracleResult.failed(failure, unreachable=failure.startswith(UNREACHABLE_PREFIX))
+        result = self.parse(x, reply)
+        if cached:
+            result.usage = {**result.usage, "cached_response": True}
+        return result
+
+    def propose(self, num: int, max_new_tokens: int, first_seed: int = 0) -> list[str]:
+        """x written by the served model itself (--oracle-format plain: a completions endpoint, as vLLM and
+        llama.cpp serve): `num` completions at temperature 1 of the plain prompt's part before x, request i with
+        seed first_seed + i, so that they differ, are cached apart, and a resumed run gets the same ones back from
+        the cache. Paid like any answer (ledger, cost, retries); a request that failed writes nothing ("")."""
+        if self.prompt_format != "plain":
+            raise UserError("--oracle-proposal-fraction with --oracle openai needs --oracle-format plain (completions)")
+        marker = "\ue000x\ue000"
+        prompt = self.task.plain_prompt(marker).partition(marker)[0]
+        bodies = [proposal_request(self.model, prompt, max_new_tokens, first_seed + i) for i in range(num)]
+        futures = [self.pool.submit(self._paid_reply, "/v1/completions", body, first_choice) for body in bodies]
+        written = []
+        for future in futures:
+            reply, failure, _ = future.result()
+            written.append("" if failure is not None else str(first_choice(reply).get("text") or ""))
+        return written
+
+    def _paid_reply(self, endpoint: str, body: dict, check) -> tuple[dict | None, str | None, bool]:
+        """(reply, failure, cached) for one request: from the response cache, or sent under the rate limits and
+        the adaptive concurrency limit with retries (`check(reply)` raises on a reply we cannot use: retried),
+        then recorded as paid. A failure after the retries is (None, reason, False); a fatal one raises."""
         key = self.cache_key(endpoint, body)
         cached = self.cache.get(key) if self.cache else None
         if cached is not None:
             self.cost.count("cache_hits")
-            result = self.parse(x, cached)
-            result.usage = {**result.usage, "cached_response": True}
-            return result
+            return cached, None, True
         estimated_tokens = (
             len(json.dumps(body["messages"] if "messages" in body else body["prompt"])) // 4 + self.max_tokens
         )
@@ -716,25 +754,18 @@ class OpenAIChatOracle:
             self.concurrency.release("ok", time.monotonic() - started, work=completion_work(raw.text))
             self.limiter.observe_headers(raw.headers, in_flight_hint=self.max_workers)
             reply = json.loads(raw.text)  # malformed JSON raises here and is retried
-            self.parse(x, reply)  # a reply we cannot parse is retried too
+            check(reply)  # a reply we cannot parse is retried too
             return reply
 
-        try:
-            reply, failure = call_with_retries(
-                attempt, self.retry, self.model, self.limiter, on_retry=self._count_retry
-            )
-        except FatalAPIError as exc:
-            if self.target_response is not None and "HTTP 400" in str(exc):
-                raise OracleError(f"{self.no_echo_message()}. {exc}") from None
-            raise
+        reply, failure = call_with_retries(attempt, self.retry, self.model, self.limiter, on_retry=self._count_retry)
         if failure is not None:
             self.cost.count("failed")
-            return OracleResult.failed(failure, unreachable=failure.startswith(UNREACHABLE_PREFIX))
+            return None, failure, False
         self.record_paid(key, body, reply)
         self.limiter.settle_tokens(
             estimated_tokens, int((reply.get("usage") or {}).get("total_tokens") or estimated_tokens)
         )
-        return self.parse(x, reply)
+        return reply, None, False
 
     def record_paid(self, key: str, body: dict, reply: dict, discount: float | None = None) -> None:
         """A paid reply: into the cache and the spend ledger in one transaction, then into the running totals."""

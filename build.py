@@ -220,6 +220,9 @@ def task_plugin(name: str):
 def use_prefetch(args: argparse.Namespace) -> bool:
     # On by default only with a remote oracle: a local oracle competes with training for the same device and
     # its sampling would share the RNG with the policy's across threads (no bit-exact resume).
+    # Oracle proposals are written while the batch is sampled: synchronous batches only (flags.py refuses --prefetch).
+    if args.prefetch is None and args.oracle_proposal_fraction:
+        return False
     return args.prefetch if args.prefetch is not None else (args.oracle == "openai" and args.llm_weight != 0)
 
 

@@ -267,7 +267,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=0.0,
         help="this fraction of each fresh batch is x written by the oracle model itself (sampled where x goes in "
         "its prompt, cut to a random length), each one a counted oracle call: a model's own samples are where "
-        "its memorised text is (needs --oracle hf)",
+        "its memorised text is (--oracle hf, or --oracle openai --oracle-format plain; no prefetching)",
     )
     g.add_argument("--replay-capacity", type=int, default=1000)
     g.add_argument("--replay-backend", default="memory", choices=["memory", "redis"])
@@ -392,13 +392,19 @@ def validate_args(args: argparse.Namespace) -> None:
         ),
         (0 <= args.oracle_proposal_fraction <= 1, "--oracle-proposal-fraction must be in [0, 1]"),
         (
-            args.oracle_proposal_fraction == 0 or (args.oracle == "hf" and args.llm_weight != 0),
-            "--oracle-proposal-fraction needs a local oracle that writes x itself: --oracle hf (and --llm-weight != 0)",
+            args.oracle_proposal_fraction == 0
+            or (
+                args.llm_weight != 0
+                and (args.oracle == "hf" or (args.oracle == "openai" and args.oracle_format == "plain"))
+            ),
+            "--oracle-proposal-fraction needs an oracle that writes x itself: --oracle hf, or --oracle openai with "
+            "--oracle-format plain (a completions endpoint), and --llm-weight != 0",
         ),
         (
-            args.oracle_proposal_fraction == 0 or (args.task != "contradiction" and not args.prefetch),
+            args.oracle_proposal_fraction == 0
+            or (args.task != "contradiction" and not args.prefetch and not args.batch_api),
             "--oracle-proposal-fraction works with the plain tasks' synchronous batches (no --task contradiction, "
-            "no --prefetch)",
+            "--prefetch or --batch-api)",
         ),
         (args.replay_capacity >= 1, "--replay-capacity must be >= 1"),
         (

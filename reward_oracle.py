@@ -214,12 +214,12 @@ class HFResponseOracle:
         x_ids = list(x) if not isinstance(x, str) else self.tokenizer(x, add_special_tokens=False)["input_ids"]
         return self.prompt_before + x_ids + self.prompt_after
 
-    def propose(self, num: int, max_new_tokens: int) -> list[list[int]]:
+    def propose(self, num: int, max_new_tokens: int, first_seed: int = 0) -> list[list[int]]:
         """x written by this model itself: `num` samples at temperature 1 of what it puts where x goes in its
         prompt (continuing the prompt's part before x: for plain raw text, the document start), up to
         max_new_tokens of its own ids each, cut before its first end token. A model that has memorised text
         writes it here (Carlini et al. 2021 sample the target model itself), so these are exploration proposals
-        no prior-initialised policy would make."""
+        no prior-initialised policy would make. Sampled from torch's RNG (first_seed is for API oracles)."""
         generated, _ = generate_with_logprobs(
             self.model, [self.prompt_before] * num, max_new_tokens, self.eos_ids, self.tokenizer.pad_token_id, 1.0
         )
@@ -456,23 +456,26 @@ class RewardModel:
 
     @property
     def can_propose(self) -> bool:
-        """The oracle can write x itself (a local Hugging Face model)."""
+        """The oracle can write x itself (a local Hugging Face model, or a completions endpoint)."""
         return self.uses_oracle and hasattr(self.oracle, "propose")
 
     def propose_x(self, num: int, min_len: int, max_len: int, banned: set[int]) -> list[list[int]]:
-        """Up to `num` x written by the oracle itself (`HFResponseOracle.propose`), in the prior's vocabulary:
-        the oracle's own ids when it shares it, else its text re-encoded. Each row is cut before its first
+        """Up to `num` x written by the oracle itself (`propose` of HFResponseOracle, or of OpenAIChatOracle on a
+        completions endpoint), in the prior's vocabulary: a local oracle's own ids when it shares it, else the
+        text encoded by the prior's tokenizer. Each row is cut before its first
         token the policy may not emit, then to a length drawn uniformly from [min_len, its length] (torch's RNG)
         so that openings of every length are proposed; rows shorter than min_len are dropped (the caller fills
         the batch). Every proposal is an oracle call, counted in `reward_calls` and `oracle_calls` (a budget in
         calls covers them) and in `proposal_calls`."""
         if not self.can_propose:
-            raise ValueError("oracle proposals need a local Hugging Face oracle (--oracle hf)")
-        written = self.oracle.propose(num, max_len)
-        self.count(num, num)
+            raise ValueError("oracle proposals need an oracle that writes x: --oracle hf, or openai with plain format")
         with self.counter_lock:
-            self.proposal_calls += num
-        if not self.oracle_takes_ids:
+            first, self.proposal_calls = self.proposal_calls, self.proposal_calls + num
+        written = self.oracle.propose(num, max_len, first_seed=first)
+        self.count(num, num)
+        if written and isinstance(written[0], str):  # an API's text
+            written = self.tokenizer(written, add_special_tokens=False)["input_ids"]
+        elif not self.oracle_takes_ids:
             written = self.tokenizer([self.oracle.tokenizer.decode(ids) for ids in written], add_special_tokens=False)[
                 "input_ids"
             ]

@@ -469,7 +469,7 @@ def gflownet_flags(
     fraction = (
         float(extra[extra.index("--oracle-proposal-fraction") + 1]) if "--oracle-proposal-fraction" in extra else 0
     )
-    epochs = max(1, calls // (batch_size + round(fraction * batch_size)))
+    epochs = max(1, -(-calls // (batch_size + round(fraction * batch_size))))  # ceil: at least `calls`
     return base_flags(victim, base, max_len, output_dir) + [
         "--policy", "lora",
         "--batch-size", str(batch_size),

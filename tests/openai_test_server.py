@@ -1182,8 +1182,12 @@ class OpenAITestServer:
             }
             completion_tokens = len(gen_tokens)
         else:
-            # Plain generation: same deterministic answer as a one-message chat.
-            tokens, _, finish_reason = chat_response_tokens(model, [{"role": "user", "content": prompt}], max_tokens)
+            # Plain generation: same deterministic answer as a one-message chat; a "seed" picks another answer, as
+            # sampling servers (vLLM, llama.cpp) do at temperature > 0.
+            seed = [{"role": "seed", "content": str(body["seed"])}] if body.get("seed") is not None else []
+            tokens, _, finish_reason = chat_response_tokens(
+                model, [{"role": "user", "content": prompt}, *seed], max_tokens
+            )
             text = (prompt if echo else "") + "".join(tokens)
             choice = {"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}
             completion_tokens = len(tokens)
