@@ -181,7 +181,9 @@ def run_torchgfn_tb(
     train_seconds, next_eval = 0.0, eval_every_calls
     evaluate(0, 0.0)
     n_steps = reward_calls // batch_size
-    schedule = argparse.Namespace(lr_schedule=lr_schedule, lr_min_factor=lr_min_factor, epochs=n_steps)
+    schedule = argparse.Namespace(
+        lr_schedule=lr_schedule, lr_min_factor=lr_min_factor, epochs=n_steps, lr_warmup_epochs=0
+    )
     for step in range(1, n_steps + 1):
         started = time.perf_counter()
         for group, base_lr in zip(optimizer.param_groups, (lr, lr_logz)):
