@@ -280,7 +280,7 @@ class ContradictionReward:
     ) -> dict:
         """Returns (B,) float64 tensors "log_reward", "log_contradiction", "log_related", "subject_question" (0/1),
         "log_question", "log_answer", "answer_penalty" (0 or answer_failure_penalty), bool tensors
-        "passes_threshold" (log C >= threshold and the question names the subject) and "valid" (log R finite),
+        "passes_threshold" (the penalised phase's gate, `passes_threshold`) and "valid" (log R finite),
         the list "answers" (text), "answer_results" (the Answerer's dicts), and "phase": "penalized" or
         "composite". Without `subjects`, every question counts as naming its subject."""
         if len(questions) != len(edit_facts):
@@ -316,8 +316,7 @@ class ContradictionReward:
             "log_reward": log_reward,
             **terms,
             "answer_penalty": answer_penalty(self.config, log_answer),
-            "passes_threshold": (log_contradiction >= cfg.contradiction_threshold)
-            & ((subject_question > 0.5) | (cfg.off_topic_penalty == 0)),
+            "passes_threshold": passes_threshold(cfg, terms),
             "valid": torch.isfinite(log_reward),
             "answers": answers,
             "answer_results": answer_results,
@@ -388,8 +387,20 @@ class PhaseFormula:
         answer_term = answer_term + relevance_term(cfg, terms)
         if self.step >= cfg.penalized_steps:  # the composite phase
             return log_contradiction + cfg.likelihood_weight * log_question + answer_term
-        passes_threshold = log_contradiction >= cfg.contradiction_threshold
-        if "subject_question" in terms and cfg.off_topic_penalty != 0:  # the subject gate, off with its penalty
-            passes_threshold = passes_threshold & (terms["subject_question"] > 0.5)
         failure = torch.full_like(log_question, cfg.failure_penalty)
-        return torch.where(passes_threshold, cfg.likelihood_weight * log_question, failure) + answer_term
+        return torch.where(passes_threshold(cfg, terms), cfg.likelihood_weight * log_question, failure) + answer_term
+
+
+def passes_threshold(config: ContradictionRewardConfig, terms: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The penalised phase's gate: log C >= the threshold and, while there is an off-topic penalty, the question
+    is a question ("?") that names the subject (subject_question; stored terms without it pass)."""
+    passes = terms["log_contradiction"] >= config.contradiction_threshold
+    if "subject_question" in terms and config.off_topic_penalty != 0:
+        passes = passes & (terms["subject_question"] > 0.5)
+    return passes
+
+
+def on_topic(question: str, subject: str, log_related: float) -> bool:
+    """What evaluation and sweep.py call on topic: the question names the subject and the judge calls the answer
+    related to the fact (P(neutral) < 0.5)."""
+    return names_subject(question, subject) and log_related > math.log(0.5)

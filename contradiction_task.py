@@ -26,8 +26,8 @@ from contradiction_reward import (
     ContradictionRewardConfig,
     NLIScorer,
     PhaseFormula,
-    names_subject,
 )
+from contradiction_reward import on_topic as is_on_topic
 from convert_data import load_examples
 from durable_files import atomic_write
 from errors import UserError
@@ -224,8 +224,7 @@ def evaluate(state: dict, policy, tokenizer, reward, samples_per_subject: int, o
         scored = score_questions(reward, example, questions, step=reward.config.penalized_steps)
         terms = scored.terms
         contradicts = (terms["log_contradiction"] > half).tolist()
-        related = (terms["log_related"] > half).tolist()
-        on_topic = [names_subject(q, example["subject"]) and r for q, r in zip(questions, related)]
+        on_topic = [is_on_topic(q, example["subject"], float(r)) for q, r in zip(questions, terms["log_related"])]
         for i, question in enumerate(questions):
             records.append(
                 {

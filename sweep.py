@@ -51,7 +51,7 @@ def summarise(output_dir: str, task: str, tail: int) -> dict:
         values = [m[key] for m in trained if key in m]
         summary[key] = statistics.mean(values) if values else float("nan")
     if task == "contradiction":
-        from contradiction_reward import names_subject  # lazily: torch
+        from contradiction_reward import on_topic as is_on_topic  # lazily: torch
 
         with open(os.path.join(output_dir, "samples_contradiction.jsonl")) as f:
             samples = [json.loads(line) for line in f if line.strip()]
@@ -62,8 +62,8 @@ def summarise(output_dir: str, task: str, tail: int) -> dict:
         def rate(rows: list[dict], test) -> float:
             return sum(map(test, rows)) / len(rows) if rows else float("nan")
 
-        def on_topic(s: dict) -> bool:  # as evaluation.py: names the subject, and the answer is judged related
-            return names_subject(s["x"], s.get("subject", "")) and s.get("log_related", 0.0) > half
+        def on_topic(s: dict) -> bool:  # as evaluation.py
+            return is_on_topic(s["x"], s.get("subject", ""), s.get("log_related", 0.0))
 
         def on_topic_contradiction(s: dict) -> bool:
             return on_topic(s) and s["log_contradiction"] > half
