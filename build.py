@@ -44,7 +44,7 @@ def build_oracle(args: argparse.Namespace, device: torch.device):
     task = TASKS[args.task]
     if args.oracle == "hf":
         model, tokenizer = load_causal_lm(args.oracle_model or args.prior_model, device, DTYPES[args.dtype])
-        return HFResponseOracle(
+        oracle = HFResponseOracle(
             model,
             tokenizer,
             task,
@@ -53,6 +53,9 @@ def build_oracle(args: argparse.Namespace, device: torch.device):
             target_response=args.target_response,
             prompt_format=args.oracle_format,
         )
+        if getattr(args, "oracle_proposals", "sample") == "search":
+            oracle.start_search()
+        return oracle
     return OpenAIChatOracle(
         args.model,
         task,

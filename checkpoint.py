@@ -133,6 +133,7 @@ def save_run(run, epoch: int) -> str:
             "oracle_calls": run.reward_model.oracle_calls,
             "reward_calls": run.reward_model.reward_calls,
             "proposal_calls": run.reward_model.proposal_calls,
+            "oracle_proposals": run.reward_model.proposal_state(),
             "api_totals": run.api.cost.snapshot() if run.api is not None else None,
         },
     )
@@ -156,6 +157,7 @@ def restore_run(run, state: dict) -> int:
     run.reward_model.oracle_calls = state.get("oracle_calls", 0)
     run.reward_model.reward_calls = state.get("reward_calls", run.reward_model.oracle_calls)
     run.reward_model.proposal_calls = state.get("proposal_calls", 0)
+    run.reward_model.load_proposal_state(state.get("oracle_proposals"))
     if run.api is not None and state.get("api_totals"):
         run.api.cost.restore(state["api_totals"])  # the budget spans restarts...
         if state.get("run_id"):  # ...and what was paid after the checkpoint is in the ledger

@@ -269,6 +269,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "its prompt, cut to a random length), each one a counted oracle call: a model's own samples are where "
         "its memorised text is (--oracle hf, or --oracle openai --oracle-format plain; no prefetching)",
     )
+    g.add_argument(
+        "--oracle-proposals",
+        default="sample",
+        choices=["sample", "search"],
+        help="how the oracle writes its x: sample (i.i.d. from the model, cut to random lengths) or search "
+        "(best-first over its greedy paths' branches: each text once, the most probable first; --oracle hf)",
+    )
     g.add_argument("--replay-capacity", type=int, default=1000)
     g.add_argument("--replay-backend", default="memory", choices=["memory", "redis"])
     g.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
@@ -391,6 +398,10 @@ def validate_args(args: argparse.Namespace) -> None:
             "--task contradiction does not support --local-search-fraction",
         ),
         (0 <= args.oracle_proposal_fraction <= 1, "--oracle-proposal-fraction must be in [0, 1]"),
+        (
+            args.oracle_proposals == "sample" or args.oracle == "hf",
+            "--oracle-proposals search needs the full next-token distributions of a local oracle: --oracle hf",
+        ),
         (
             args.oracle_proposal_fraction == 0
             or (

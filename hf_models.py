@@ -141,12 +141,19 @@ def end_token_ids(model, tokenizer) -> set[int]:
 
 @torch.no_grad()
 def generate_with_logprobs(
-    model, prompts: list[list[int]], max_new_tokens: int, end_ids: set[int], pad_id: int, temperature: float = 0.0
-) -> tuple[list[list[int]], torch.Tensor]:
+    model,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    end_ids: set[int],
+    pad_id: int,
+    temperature: float = 0.0,
+    step_log_probs: bool = False,
+):
     """Continue each prompt (sampled at `temperature`, greedy at 0) and return every row's generated ids (rows
     that ended early are padded after their end token) with the (B, T) float64 log-probability of each generated
-    token under the model's raw, untempered logits. Runs the pretrained model, adapters off. The local oracle and
-    the contradiction task's answerer both generate through here."""
+    token under the model's raw, untempered logits, and with `step_log_probs` the (B, T, V) float32 log-softmax
+    at every step too. Runs the pretrained model, adapters off. The local oracle and the contradiction task's
+    answerer both generate through here."""
     from transformers import GenerationConfig  # lazily: transformers is slow to import
 
     device = next(model.parameters()).device
@@ -177,6 +184,8 @@ def generate_with_logprobs(
     generated = out.sequences[:, width:]
     log_probs = torch.log_softmax(torch.stack(out.logits, dim=1).float(), dim=-1)
     token_log_probs = log_probs.gather(2, generated.unsqueeze(2)).squeeze(2).double()
+    if step_log_probs:
+        return generated.tolist(), token_log_probs, log_probs
     return generated.tolist(), token_log_probs
 
 

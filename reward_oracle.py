@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import heapq
 import math
 import threading
 from dataclasses import dataclass, field
@@ -178,6 +179,7 @@ class HFResponseOracle:
             if not self.target_ids:
                 raise ValueError("--target-response tokenizes to nothing")
         self.deterministic = self.target_ids is not None  # teacher forcing a fixed y*: log p(y*|x) is a function of x
+        self.search: BranchSearch | None = None  # proposals by search (start_search) instead of sampling
         self.eos_ids = end_token_ids(model, tokenizer)
         if self.prompt_format == "plain":
             # the plain prompt opens a document: y is the rest of it, and it ends at the document end (SmolLM2's
@@ -214,12 +216,19 @@ class HFResponseOracle:
         x_ids = list(x) if not isinstance(x, str) else self.tokenizer(x, add_special_tokens=False)["input_ids"]
         return self.prompt_before + x_ids + self.prompt_after
 
+    def start_search(self, width: int = 256) -> None:
+        """Propose by best-first search (`BranchSearch`) instead of sampling from now on."""
+        self.search = BranchSearch(self.model, self.prompt_before, self.eos_ids, self.tokenizer.pad_token_id, width)
+
     def propose(self, num: int, max_new_tokens: int, first_seed: int = 0) -> list[list[int]]:
         """x written by this model itself: `num` samples at temperature 1 of what it puts where x goes in its
         prompt (continuing the prompt's part before x: for plain raw text, the document start), up to
         max_new_tokens of its own ids each, cut before its first end token. A model that has memorised text
         writes it here (Carlini et al. 2021 sample the target model itself), so these are exploration proposals
-        no prior-initialised policy would make. Sampled from torch's RNG (first_seed is for API oracles)."""
+        no prior-initialised policy would make. Sampled from torch's RNG (first_seed is for API oracles), or,
+        after `start_search`, the search's next branches."""
+        if self.search is not None:
+            return self.search.next(num, max_new_tokens)
         generated, _ = generate_with_logprobs(
             self.model, [self.prompt_before] * num, max_new_tokens, self.eos_ids, self.tokenizer.pad_token_id, 1.0
         )
@@ -276,6 +285,60 @@ class HFResponseOracle:
                 )
             )
         return results
+
+
+class BranchSearch:
+    """Oracle proposals without repeats: a best-first enumeration of what a local LM writes after `prompt`.
+
+    Each proposal pops the most probable unexplored branch (a prefix ending in a token that is not the model's
+    greedy choice there), writes its greedy continuation (one call: the same forward passes give the next-token
+    distribution at every position of it), and pushes the `width` most probable other tokens at each of those
+    positions as new branches, scored by the log-probability of the whole prefix. Every sequence is one branch
+    off one greedy path, so nothing is proposed twice. A model that memorised a text leaves its greedy path at
+    one token and follows the text greedily from there (on the extraction victim every secret's opening has one
+    token of rank 1-2,624, the rest rank 0), so its memorised texts come out roughly in order of probability.
+    The frontier keeps its best MAX_FRONTIER branches."""
+
+    MAX_FRONTIER = 100_000
+
+    def __init__(self, model, prompt: list[int], end_ids: set[int], pad_id: int, width: int = 256) -> None:
+        self.model, self.prompt, self.end_ids, self.pad_id, self.width = model, list(prompt), end_ids, pad_id, width
+        self.frontier: list[tuple[float, tuple[int, ...]]] = [(0.0, ())]  # heap of (-log p(prefix), prefix)
+
+    @torch.no_grad()
+    def next(self, num: int, max_new_tokens: int) -> list[list[int]]:
+        """The next `num` branches' texts (ids after the prompt, up to max_new_tokens, cut before an end token)."""
+        popped = [heapq.heappop(self.frontier) for _ in range(min(num, len(self.frontier)))]
+        if not popped:
+            return []
+        prompts = [self.prompt + list(prefix) for _, prefix in popped]
+        generated, token_lp, step_lp = generate_with_logprobs(
+            self.model, prompts, max_new_tokens, self.end_ids, self.pad_id, 0.0, step_log_probs=True
+        )
+        written = []
+        for row, (negative, prefix) in enumerate(popped):
+            room = max_new_tokens - len(prefix)
+            path = generated[row][: max(room, 0)]
+            end = next((j for j, t in enumerate(path) if t in self.end_ids), len(path))
+            log_p = -negative
+            for j in range(min(end + 1, len(path))):  # alternatives up to and including the end token
+                top = torch.topk(step_lp[row, j], self.width + 1)
+                for value, token in zip(top.values.tolist(), top.indices.tolist()):
+                    if token != path[j] and token not in self.end_ids and len(prefix) + j < max_new_tokens:
+                        heapq.heappush(self.frontier, (-(log_p + value), prefix + tuple(path[:j]) + (token,)))
+                log_p += float(token_lp[row, j])
+            written.append(list(prefix) + path[:end])
+        if len(self.frontier) > 2 * self.MAX_FRONTIER:
+            self.frontier = heapq.nsmallest(self.MAX_FRONTIER, self.frontier)
+            heapq.heapify(self.frontier)
+        return written
+
+    def state_dict(self) -> dict:
+        return {"frontier": list(self.frontier), "width": self.width}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.frontier, self.width = list(state["frontier"]), state["width"]
+        heapq.heapify(self.frontier)
 
 
 # ------------------------------------------------------------------------------------------------ reward
@@ -352,6 +415,20 @@ def padded_token_ids(rows: list[list[int]], width: int, device) -> tuple[torch.T
     for i, row in enumerate(rows):
         tokens[i, : len(row)] = torch.tensor(row, dtype=torch.long, device=device)
     return tokens, torch.tensor([len(row) for row in rows], device=device)
+
+
+TARGET_MATCH_TOKENS = 3  # an oracle's x is cut where it writes this many of the fixed target's first tokens
+
+
+def target_start(ids: list[int], target: list[int], min_len: int, max_len: int) -> int | None:
+    """The first k in [min_len, max_len] where `ids` goes on with the target's first tokens, or None."""
+    if not target:
+        return None
+    head = target[:TARGET_MATCH_TOKENS]
+    for start in range(min_len, min(max_len, len(ids) - len(head)) + 1):
+        if ids[start : start + len(head)] == head:
+            return start
+    return None
 
 
 def same_vocabulary(tokenizer, other) -> bool:
@@ -462,30 +539,50 @@ class RewardModel:
     def propose_x(self, num: int, min_len: int, max_len: int, banned: set[int]) -> list[list[int]]:
         """Up to `num` x written by the oracle itself (`propose` of HFResponseOracle, or of OpenAIChatOracle on a
         completions endpoint), in the prior's vocabulary: a local oracle's own ids when it shares it, else the
-        text encoded by the prior's tokenizer. Each row is cut before its first
-        token the policy may not emit, then to a length drawn uniformly from [min_len, its length] (torch's RNG)
-        so that openings of every length are proposed; rows shorter than min_len are dropped (the caller fills
-        the batch). Every proposal is an oracle call, counted in `reward_calls` and `oracle_calls` (a budget in
-        calls covers them) and in `proposal_calls`."""
+        text encoded by the prior's tokenizer. Each row is cut before its first token the policy may not emit,
+        then where it goes on with the fixed target y* (a local oracle with our vocabulary and --target-response:
+        the row that starts y* after k tokens is cut at k, the opening that made the oracle write y*), else a
+        search's branch keeps its whole text up to max_len and a sampled row is cut to a length drawn uniformly
+        from [min_len, its length] (torch's RNG), so that openings of every length are proposed. Rows shorter
+        than min_len are dropped (the caller fills the batch). Every proposal is an oracle call, counted in
+        `reward_calls` and `oracle_calls` (a budget in calls covers them) and in `proposal_calls`."""
         if not self.can_propose:
             raise ValueError("oracle proposals need an oracle that writes x: --oracle hf, or openai with plain format")
+        target = list(getattr(self.oracle, "target_ids", None) or []) if self.oracle_takes_ids else []
+        # with a target, room to write its first tokens after an opening of max_len
+        written = self.oracle.propose(
+            num, max_len + min(TARGET_MATCH_TOKENS, len(target)), first_seed=self.proposal_calls
+        )
+        self.count(len(written), len(written))  # a search may run out of branches
         with self.counter_lock:
-            first, self.proposal_calls = self.proposal_calls, self.proposal_calls + num
-        written = self.oracle.propose(num, max_len, first_seed=first)
-        self.count(num, num)
+            self.proposal_calls += len(written)
         if written and isinstance(written[0], str):  # an API's text
             written = self.tokenizer(written, add_special_tokens=False)["input_ids"]
         elif not self.oracle_takes_ids:
             written = self.tokenizer([self.oracle.tokenizer.decode(ids) for ids in written], add_special_tokens=False)[
                 "input_ids"
             ]
-        rows = []
+        rows, searching = [], getattr(self.oracle, "search", None) is not None
         for ids in written:
-            ids = list(ids[:max_len])
-            ids = ids[: next((j for j, t in enumerate(ids) if t in banned), len(ids))]
-            if len(ids) >= max(min_len, 1):
-                rows.append(ids[: int(torch.randint(max(min_len, 1), len(ids) + 1, ()).item())])
+            ids = list(ids)[: next((j for j, t in enumerate(ids) if t in banned), len(ids))]
+            start = target_start(ids, target, max(min_len, 1), max_len)
+            ids = ids[:start] if start is not None else ids[:max_len]
+            if len(ids) < max(min_len, 1):
+                continue
+            if start is None and not searching:  # a sample: an opening of a random length
+                ids = ids[: int(torch.randint(max(min_len, 1), len(ids) + 1, ()).item())]
+            rows.append(ids)
         return rows
+
+    def proposal_state(self) -> dict | None:
+        """What a checkpoint keeps of the oracle's proposals (a search's frontier), so a resumed run goes on."""
+        search = getattr(self.oracle, "search", None)
+        return search.state_dict() if search is not None else None
+
+    def load_proposal_state(self, state: dict | None) -> None:
+        search = getattr(self.oracle, "search", None)
+        if search is not None and state is not None:
+            search.load_state_dict(state)
 
     def can_score_prefixes(self) -> bool:
         """Prefix rewards need a deterministic oracle: none, or a local model with a fixed target."""

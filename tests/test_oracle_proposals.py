@@ -1,5 +1,6 @@
 """--oracle-proposal-fraction: x written by the local oracle itself, as off-policy exploration proposals."""
 
+import itertools
 import sqlite3
 
 import pytest
@@ -108,3 +109,73 @@ def test_a_completions_server_writes_x_and_every_one_is_paid_for_once(tiny_lm_di
         assert db.execute("SELECT COUNT(*) FROM responses").fetchone()[0] == billed  # every paid reply kept
     code, err = run_main(tiny_flags(tiny_lm_dir, tmp_path / "chat", *flags[:6], "--oracle-proposal-fraction", "0.5"))
     assert code == 2 and "--oracle-format plain" in err
+
+
+def test_with_a_fixed_target_an_oracle_x_is_cut_where_it_goes_on_with_the_target(word_lm_dirs):
+    """y* = "a b" (ids 0, 1): a written row that continues with y* after k tokens is the opening that made the
+    oracle write it, so it is cut at k; other rows get a random length."""
+    reward_model = word_reward_model(word_lm_dirs)
+    assert list(reward_model.oracle.target_ids) == [0, 1]
+    written = [[2, 3, 0, 1, 3], [0, 1, 2, 2, 2], [3, 3, 3, 3, 3, 3], [2, 0, 1]]
+    asked = []
+
+    def propose(num, max_new_tokens, first_seed=0):
+        asked.append(max_new_tokens)
+        return written[:num]
+
+    reward_model.oracle.propose = propose
+    torch.manual_seed(0)
+    rows = reward_model.propose_x(4, 1, 4, set())
+    assert asked == [4 + 2]  # room for y*'s first tokens after an opening of max_len
+    assert rows[0] == [2, 3] and rows[3] == [2]  # cut right before "a b"
+    assert rows[1] == [0, 1, 2, 2][: len(rows[1])]  # "a b" at the very start: no opening, a random length
+    assert rows[2] == [3] * len(rows[2]) and 1 <= len(rows[2]) <= 4
+
+
+def test_branch_search_writes_every_greedy_completed_text_once(word_lm_dirs):
+    """Run to exhaustion on 4 words and 3 tokens, the search writes exactly the texts a naive enumeration says it
+    can write (every 3-token text, and every shorter one after which the model's greedy choice is to end), each
+    once; the first is the greedy text itself."""
+    _, oracle_dir = word_lm_dirs
+    model, tokenizer = load_causal_lm(oracle_dir)
+    oracle = HFResponseOracle(model, tokenizer, TASKS["raw"], temperature=0.0, prompt_format="plain")
+    oracle.start_search(width=4)
+    start, end = document_start_id(tokenizer), 4
+
+    def greedy_next(ids: list[int]) -> int:
+        with torch.no_grad():
+            return int(model(torch.tensor([[start] + ids])).logits[0, -1].argmax())
+
+    expected = set()
+    for length in range(4):
+        for ids in itertools.product(range(4), repeat=length):
+            if length == 3 or greedy_next(list(ids)) == end:
+                expected.add(ids)
+    greedy, ids = [], []
+    while len(greedy) < 3 and greedy_next(ids) != end:
+        ids.append(greedy_next(ids))
+        greedy = list(ids)
+    written = []
+    while True:
+        batch = oracle.propose(5, 3)
+        if not batch:
+            break
+        written += [tuple(row) for row in batch]
+    assert written[0] == tuple(greedy)
+    assert len(written) == len(set(written)) and set(written) == expected
+
+
+def test_a_run_with_search_proposals_resumes_where_the_search_was(tiny_lm_dir, tmp_path):
+    flags = ["--oracle-proposal-fraction", "0.5", "--oracle-proposals", "search", "--save-every", "2"]
+    code, err = run_main(tiny_flags(tiny_lm_dir, tmp_path / "a", "--epochs", "4", *flags))
+    assert code == 0, err
+    code, err = run_main(tiny_flags(tiny_lm_dir, tmp_path / "b", "--epochs", "2", *flags))
+    assert code == 0, err
+    code, err = run_main(tiny_flags(tiny_lm_dir, tmp_path / "b", "--epochs", "4", "--resume", *flags))
+    assert code == 0, err
+    straight, resumed = (read_jsonl(tmp_path / d / "samples_raw.jsonl") for d in ("a", "b"))
+    written = [s["x"] for s in straight if s["written_by_oracle"]]
+    assert len(written) >= 4 and len(set(written)) == len(written)  # the search proposes nothing twice
+    assert [s["x"] for s in resumed] == [s["x"] for s in straight]
+    code, err = run_main(tiny_flags(tiny_lm_dir, tmp_path / "c", "--oracle", "openai", "--model", "m", *flags))
+    assert code == 2 and "--oracle-proposals search needs" in err
