@@ -594,7 +594,7 @@ def invert_by_search(
     texts once (target-independent), each secret's y* cuts them where they go on with it (as train.py's
     proposals are cut), and each cut x is scored by log R = log p_base(x) + log p_victim(y*|x). Two calls per x per
     secret (writing it, scoring it), so each secret gets `calls`. Recovered: the best x by log R contains the
-    opening. (The GFlowNet with --oracle-proposal-fraction 0.5 spends half its calls on its own x, so at 2x
+    opening (and, ranked by log p(y*|x) alone, the likeliest x does). (The GFlowNet with --oracle-proposal-fraction 0.5 spends half its calls on its own x, so at 2x
     these calls it gets about these proposals.)"""
     import torch
 
@@ -628,14 +628,11 @@ def invert_by_search(
             cut = target_start(ids, target, 1, max_len)
             xs.append(ids[:cut] if cut is not None else ids[:max_len])
         xs = [x if x else [start] for x in xs]
-        log_reward = [
-            p + q
-            for p, q in zip(
-                continuation_log_likelihoods(base_model, start, [[]] * len(xs), xs),
-                continuation_log_likelihoods(victim_model, start, xs, [target] * len(xs)),
-            )
-        ]
+        log_prior = continuation_log_likelihoods(base_model, start, [[]] * len(xs), xs)
+        log_likelihood = continuation_log_likelihoods(victim_model, start, xs, [target] * len(xs))
+        log_reward = [p + q for p, q in zip(log_prior, log_likelihood)]
         best = max(range(len(xs)), key=log_reward.__getitem__)
+        likeliest = max(range(len(xs)), key=log_likelihood.__getitem__)  # ranked by log p(y*|x) alone
         texts = [tokenizer.decode(x) for x in xs]
         opening_words = words(opening)
         rows.append(
@@ -647,6 +644,9 @@ def invert_by_search(
                 "best_x": texts[best],
                 "best_log_reward": round(log_reward[best], 2),
                 "best_x_has_opening": contains(words(texts[best]), opening_words),
+                "likeliest_x": texts[likeliest],
+                "likeliest_log_likelihood": round(log_likelihood[likeliest], 2),
+                "likeliest_x_has_opening": contains(words(texts[likeliest]), opening_words),
             }
         )
         print(json.dumps(rows[-1]), file=sys.stderr)
@@ -656,6 +656,7 @@ def invert_by_search(
         "texts_written": len(written),
         "max_len": max_len,
         "openings_recovered_by_best_x": sum(r["best_x_has_opening"] for r in rows),
+        "openings_recovered_by_likeliest_x": sum(r["likeliest_x_has_opening"] for r in rows),
         "openings_in_any_x": sum(r["opening_in_any_x"] for r in rows),
         "secrets": rows,
     }
