@@ -595,12 +595,7 @@ def invert_by_search(
     are cut), and each cut x is scored by log R = log p_base(x) + log p_victim(y*|x). Two calls per x per secret
     (writing it, scoring it), so each secret gets `calls`. Recovered: the best x by log R contains the opening
     (and, ranked by log p(y*|x) alone, the likeliest x does). The GFlowNet with --oracle-proposal-fraction 0.5
-    spends half its calls on its own x, so at 2x these calls it gets about these proposals."""Inversion of every secret by victim-search-and-rank, no GFlowNet: the victim's BranchSearch writes calls / 2
-    texts once (target-independent), each secret's y* cuts them where they go on with it (as train.py's
-    proposals are cut), and each cut x is scored by log R = log p_base(x) + log p_victim(y*|x). Two calls per x per
-    secret (writing it, scoring it), so each secret gets `calls`. Recovered: the best x by log R contains the
-    opening (and, ranked by log p(y*|x) alone, the likeliest x does). (The GFlowNet with --oracle-proposal-fraction 0.5 spends half its calls on its own x, so at 2x
-    these calls it gets about these proposals.)"""
+    spends half its calls on its own x, so at 2x these calls it gets about these proposals."""
     import torch
 
     from hf_models import (
