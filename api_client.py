@@ -710,15 +710,16 @@ class OpenAIChatOracle:
             result.usage = {**result.usage, "cached_response": True}
         return result
 
-    def propose(self, num: int, max_new_tokens: int, first_seed: int = 0) -> list[str]:
+    def propose(self, num: int, max_new_tokens: int, first_seed: int = 0, start_text: str = "") -> list[str]:
         """x written by the served model itself (--oracle-format plain: a completions endpoint, as vLLM and
-        llama.cpp serve): `num` completions at temperature 1 of the plain prompt's part before x, request i with
-        seed first_seed + i, so that they differ, are cached apart, and a resumed run gets the same ones back from
-        the cache. Paid like any answer (ledger, cost, retries); a request that failed writes nothing ("")."""
+        llama.cpp serve): `num` completions at temperature 1 of the plain prompt's part before x, or `start_text`
+        (the document start) when that part is empty — llama.cpp's server fails on an empty prompt (HTTP 500) —
+        request i with seed first_seed + i, so that they differ, are cached apart, and a resumed run gets the same
+        ones back from the cache. Paid like any answer (ledger, cost, retries); a failed request writes ""."""
         if self.prompt_format != "plain":
             raise UserError("--oracle-proposal-fraction with --oracle openai needs --oracle-format plain (completions)")
         marker = "\ue000x\ue000"
-        prompt = self.task.plain_prompt(marker).partition(marker)[0]
+        prompt = self.task.plain_prompt(marker).partition(marker)[0] or start_text
         bodies = [proposal_request(self.model, prompt, max_new_tokens, first_seed + i) for i in range(num)]
         futures = [self.pool.submit(self._paid_reply, "/v1/completions", body, first_choice) for body in bodies]
         written = []

@@ -220,13 +220,13 @@ class HFResponseOracle:
         """Propose by best-first search (`BranchSearch`) instead of sampling from now on."""
         self.search = BranchSearch(self.model, self.prompt_before, self.eos_ids, self.tokenizer.pad_token_id, width)
 
-    def propose(self, num: int, max_new_tokens: int, first_seed: int = 0) -> list[list[int]]:
+    def propose(self, num: int, max_new_tokens: int) -> list[list[int]]:
         """x written by this model itself: `num` samples at temperature 1 of what it puts where x goes in its
         prompt (continuing the prompt's part before x: for plain raw text, the document start), up to
         max_new_tokens of its own ids each, cut before its first end token. A model that has memorised text
         writes it here (Carlini et al. 2021 sample the target model itself), so these are exploration proposals
-        no prior-initialised policy would make. Sampled from torch's RNG (first_seed is for API oracles), or,
-        after `start_search`, the search's next branches."""
+        no prior-initialised policy would make. Sampled from torch's RNG, or, after `start_search`, the search's
+        next branches."""
         if self.search is not None:
             return self.search.next(num, max_new_tokens)
         generated, _ = generate_with_logprobs(
@@ -550,9 +550,12 @@ class RewardModel:
             raise ValueError("oracle proposals need an oracle that writes x: --oracle hf, or openai with plain format")
         target = list(getattr(self.oracle, "target_ids", None) or []) if self.oracle_takes_ids else []
         # with a target, room to write its first tokens after an opening of max_len
-        written = self.oracle.propose(
-            num, max_len + min(TARGET_MATCH_TOKENS, len(target)), first_seed=self.proposal_calls
-        )
+        room = max_len + min(TARGET_MATCH_TOKENS, len(target))
+        if isinstance(self.oracle, HFResponseOracle):  # its prompt opens with its own document start
+            written = self.oracle.propose(num, room)
+        else:  # an API: seeded requests, the prior's document start as the prompt when x opens the text
+            start_text = self.tokenizer.decode([document_start_id(self.tokenizer)])
+            written = self.oracle.propose(num, room, first_seed=self.proposal_calls, start_text=start_text)
         self.count(len(written), len(written))  # a search may run out of branches
         with self.counter_lock:
             self.proposal_calls += len(written)

@@ -88,7 +88,11 @@ def test_a_completions_server_writes_x_and_every_one_is_paid_for_once(tiny_lm_di
         assert code == 0, err
         proposals = [r for r in server.requests if r.get("seed") is not None]
         assert sorted(r["seed"] for r in proposals) == list(range(6))  # 2 an epoch, each its own seed
-        assert all(r["prompt"] == "" and r["temperature"] == 1.0 and r["max_tokens"] == 6 for r in proposals)
+        # x opens the plain raw text, so the prompt is the document start (llama.cpp's server fails on "")
+        tokenizer = load_causal_lm(tiny_lm_dir)[1]
+        start = tokenizer.decode([document_start_id(tokenizer)])
+        assert start == "<|endoftext|>"
+        assert all(r["prompt"] == start and r["temperature"] == 1.0 and r["max_tokens"] == 6 for r in proposals)
         assert all(count == 1 for count in server.billed.values())
         billed = server.billed_total()
     samples = read_jsonl(tmp_path / "samples_raw.jsonl")
@@ -98,7 +102,7 @@ def test_a_completions_server_writes_x_and_every_one_is_paid_for_once(tiny_lm_di
     replies = [
         "".join(
             chat_response_tokens(
-                "gpt-4o-mini", [{"role": "user", "content": ""}, {"role": "seed", "content": str(seed)}], 6
+                "gpt-4o-mini", [{"role": "user", "content": start}, {"role": "seed", "content": str(seed)}], 6
             )[0]
         )
         for seed in range(6)
@@ -119,7 +123,7 @@ def test_with_a_fixed_target_an_oracle_x_is_cut_where_it_goes_on_with_the_target
     written = [[2, 3, 0, 1, 3], [0, 1, 2, 2, 2], [3, 3, 3, 3, 3, 3], [2, 0, 1]]
     asked = []
 
-    def propose(num, max_new_tokens, first_seed=0):
+    def propose(num, max_new_tokens):
         asked.append(max_new_tokens)
         return written[:num]
 
