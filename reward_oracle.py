@@ -134,6 +134,11 @@ class Oracle(Protocol):
 ORACLE_FORMATS = ("auto", "chat", "plain")
 
 
+def first_index(ids: list[int], stops: set[int]) -> int:
+    """The position of the first id in `stops`, or len(ids): where a written text is cut."""
+    return next((j for j, t in enumerate(ids) if t in stops), len(ids))
+
+
 class HFResponseOracle:
     """A local Hugging Face causal LM as the LLM: samples y ~ p(.|x) at `temperature` (greedy when 0),
     and returns log p(y|x) under the untempered model, including the end-of-turn token when y ends with one
@@ -220,19 +225,19 @@ class HFResponseOracle:
         """Propose by best-first search (`BranchSearch`) instead of sampling from now on."""
         self.search = BranchSearch(self.model, self.prompt_before, self.eos_ids, self.tokenizer.pad_token_id, width)
 
-    def propose(self, num: int, max_new_tokens: int) -> list[list[int]]:
+    def propose(self, num: int, max_new_tokens: int, first_seed: int = 0, start_text: str = "") -> list[list[int]]:
         """x written by this model itself: `num` samples at temperature 1 of what it puts where x goes in its
         prompt (continuing the prompt's part before x: for plain raw text, the document start), up to
         max_new_tokens of its own ids each, cut before its first end token. A model that has memorised text
         writes it here (Carlini et al. 2021 sample the target model itself), so these are exploration proposals
         no prior-initialised policy would make. Sampled from torch's RNG, or, after `start_search`, the search's
-        next branches."""
+        next branches; first_seed and start_text are for API oracles (its prompt has its own document start)."""
         if self.search is not None:
             return self.search.next(num, max_new_tokens)
         generated, _ = generate_with_logprobs(
             self.model, [self.prompt_before] * num, max_new_tokens, self.eos_ids, self.tokenizer.pad_token_id, 1.0
         )
-        return [ids[: next((j for j, t in enumerate(ids) if t in self.eos_ids), len(ids))] for ids in generated]
+        return [ids[: first_index(ids, self.eos_ids)] for ids in generated]
 
     def score(self, texts: list[str], token_ids: list[list[int]] | None = None) -> list[OracleResult]:
         """Score each x; with `token_ids` (same vocabulary as this oracle) the ids are used and texts ignored."""
@@ -319,7 +324,7 @@ class BranchSearch:
         for row, (negative, prefix) in enumerate(popped):
             room = max_new_tokens - len(prefix)
             path = generated[row][: max(room, 0)]
-            end = next((j for j, t in enumerate(path) if t in self.end_ids), len(path))
+            end = first_index(path, self.end_ids)
             log_p = -negative
             for j in range(min(end + 1, len(path))):  # alternatives up to and including the end token
                 top = torch.topk(step_lp[row, j], self.width + 1)
@@ -492,10 +497,11 @@ class RewardModel:
         self.reward_calls = self.oracle_calls = 0
         self.known_likelihoods.clear()
 
-    def count(self, num_rewards: int, num_oracle: int) -> None:
+    def count(self, num_rewards: int, num_oracle: int, num_proposals: int = 0) -> None:
         with self.counter_lock:
             self.reward_calls += num_rewards
             self.oracle_calls += num_oracle
+            self.proposal_calls += num_proposals
 
     def query_oracle(self, tokens: torch.Tensor, lengths: torch.Tensor, texts: list[str]) -> list[OracleResult]:
         """The oracle's results for these x (token ids for a local oracle with our vocabulary, else texts).
@@ -551,14 +557,10 @@ class RewardModel:
         target = list(getattr(self.oracle, "target_ids", None) or []) if self.oracle_takes_ids else []
         # with a target, room to write its first tokens after an opening of max_len
         room = max_len + min(TARGET_MATCH_TOKENS, len(target))
-        if isinstance(self.oracle, HFResponseOracle):  # its prompt opens with its own document start
-            written = self.oracle.propose(num, room)
-        else:  # an API: seeded requests, the prior's document start as the prompt when x opens the text
-            start_text = self.tokenizer.decode([document_start_id(self.tokenizer)])
-            written = self.oracle.propose(num, room, first_seed=self.proposal_calls, start_text=start_text)
-        self.count(len(written), len(written))  # a search may run out of branches
-        with self.counter_lock:
-            self.proposal_calls += len(written)
+        # an API's requests are seeded, and prompted with the prior's document start when x opens the text
+        start_text = self.tokenizer.decode([document_start_id(self.tokenizer)])
+        written = self.oracle.propose(num, room, first_seed=self.proposal_calls, start_text=start_text)
+        self.count(len(written), len(written), num_proposals=len(written))  # a search may run out of branches
         if written and isinstance(written[0], str):  # an API's text
             written = self.tokenizer(written, add_special_tokens=False)["input_ids"]
         elif not self.oracle_takes_ids:
@@ -567,7 +569,7 @@ class RewardModel:
             ]
         rows, searching = [], getattr(self.oracle, "search", None) is not None
         for ids in written:
-            ids = list(ids)[: next((j for j, t in enumerate(ids) if t in banned), len(ids))]
+            ids = list(ids)[: first_index(ids, banned)]
             start = target_start(ids, target, max(min_len, 1), max_len)
             ids = ids[:start] if start is not None else ids[:max_len]
             if len(ids) < max(min_len, 1):

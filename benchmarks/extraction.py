@@ -598,26 +598,19 @@ def invert_by_search(
     spends half its calls on its own x, so at 2x these calls it gets about these proposals."""
     import torch
 
-    from hf_models import (
-        continuation_log_likelihoods,
-        document_end_id,
-        document_start_id,
-        end_token_ids,
-        load_causal_lm,
-    )
-    from reward_oracle import TARGET_MATCH_TOKENS, BranchSearch, target_start
+    from hf_models import continuation_log_likelihoods, document_start_id, load_causal_lm
+    from reward_oracle import TARGET_MATCH_TOKENS, TASKS, HFResponseOracle, target_start
 
     data = data or load_secrets()
     victim_model, tokenizer = load_causal_lm(victim)
     base_model, _ = load_causal_lm(base)
     start = document_start_id(tokenizer)
-    end_ids = end_token_ids(victim_model, tokenizer) | {document_end_id(tokenizer)}  # as the plain oracle's
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else start
-    search = BranchSearch(victim_model, [start], end_ids, pad)
+    oracle = HFResponseOracle(victim_model, tokenizer, TASKS["raw"], prompt_format="plain")  # as train.py's
+    oracle.start_search()
     written = []
     with torch.no_grad():
         while len(written) < calls // 2:
-            written += search.next(min(batch, calls // 2 - len(written)), max_len + TARGET_MATCH_TOKENS)
+            written += oracle.propose(min(batch, calls // 2 - len(written)), max_len + TARGET_MATCH_TOKENS)
     rows = []
     for index, secret in enumerate(data["secrets"]):
         secret_words = secret.split()

@@ -123,7 +123,7 @@ def test_with_a_fixed_target_an_oracle_x_is_cut_where_it_goes_on_with_the_target
     written = [[2, 3, 0, 1, 3], [0, 1, 2, 2, 2], [3, 3, 3, 3, 3, 3], [2, 0, 1]]
     asked = []
 
-    def propose(num, max_new_tokens):
+    def propose(num, max_new_tokens, first_seed=0, start_text=""):
         asked.append(max_new_tokens)
         return written[:num]
 
