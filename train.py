@@ -152,16 +152,31 @@ def train(args: argparse.Namespace, on_start=None, on_epoch=None) -> dict:
 def check_server(run: build.Run, batch, unreachable_batches: int, completed_epoch: int, start_epoch: int) -> int:
     """A server that went away fails every request after its retries: after --max-unreachable-batches such
     batches in a row, checkpoint and stop with one line instead of skipping epochs. Returns the new count."""
-    results = batch.rewards.oracle_results
-    unreachable_batches = unreachable_batches + 1 if results and all(r.unreachable for r in results) else 0
+    sent = sent_requests(batch.rewards.oracle_results)
+    unreachable_batches = unreachable_batches_after(sent, unreachable_batches)
     if distributed.any_rank(unreachable_batches >= run.args.max_unreachable_batches, run.dist_info):
         last_saved = save_run(run, completed_epoch) if completed_epoch > start_epoch else None
+        reason = sent[0].error if sent else "no request sent"
         raise UserError(
             f"the oracle server stopped answering: every request of the last {unreachable_batches} "
-            f"batches failed ({results[0].error}); "
+            f"batches failed ({reason}); "
             + (f"saved {last_saved}" if last_saved else "nothing trained since the start")
         )
     return unreachable_batches
+
+
+def sent_requests(results: list) -> list:
+    """The results the server was asked for: a response-cache hit says nothing about whether it is up."""
+    return [r for r in results if not r.usage.get("cached_response")]
+
+
+def unreachable_batches_after(sent: list, unreachable_batches: int) -> int:
+    """The count of batches in a row whose every sent request found no server: +1 when all of this batch's did,
+    unchanged when it sent none (all from the cache: a dead server would otherwise be kept alive by repeats,
+    as one was on 2026-12-02), else 0."""
+    if not sent:
+        return unreachable_batches
+    return unreachable_batches + 1 if all(r.unreachable for r in sent) else 0
 
 
 def objective_step(run: build.Run, objective, batch, tokens, lengths, log_reward, temperature: float):

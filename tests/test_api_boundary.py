@@ -135,6 +135,46 @@ def test_a_server_that_goes_away_stops_the_run_with_exit_2_and_a_checkpoint(tiny
     assert time.monotonic() - started < 60
 
 
+def test_repeats_from_the_response_cache_do_not_keep_a_dead_server_alive(word_lm_dirs, tmp_path, server):
+    # x of one or two words over a 4-word vocabulary repeat from the first batches on: once the server is gone,
+    # every batch mixes cache hits (fine) with sent requests (all failed). The run must still stop.
+    prior, _ = word_lm_dirs
+    answered = {"n": 0}
+
+    def dies_after_two_batches(request):
+        if request.path != "/v1/chat/completions":
+            return None
+        answered["n"] += 1
+        return drop_connection()(request) if answered["n"] > 8 else None
+
+    server.fail_always(dies_after_two_batches)
+    flags = api_flags(
+        prior, tmp_path, server.base_url, "--epochs", "40", "--save-every", "1000", "--max-attempts", "2",
+        "--max-unreachable-batches", "2", "--no-prefetch", "--max-len", "2", "--min-len", "1", "--batch-size", "8",
+    )  # fmt: skip
+    code, err = run_main(flags)
+    assert code == 2, err
+    assert err.strip().splitlines()[-1].startswith("error: the oracle server stopped answering")
+    rows = [json.loads(line) for line in open(tmp_path / "samples_raw.jsonl")]
+    epochs = {row["epoch"] for row in rows}
+    hits = {row["epoch"] for row in rows if (row.get("usage") or {}).get("cached_response")}
+    dead = {row["epoch"] for row in rows if (row.get("error") or "").startswith("unreachable")}
+    assert hits & dead  # a batch had both: the case that kept the run going under the old rule
+    assert max(epochs) < 10
+
+
+def test_unreachable_count_ignores_cache_hits_and_batches_that_sent_nothing():
+    from reward_oracle import OracleResult
+    from train import sent_requests, unreachable_batches_after
+
+    dead = OracleResult.failed("unreachable: failed after 2 attempts: APIConnectionError", unreachable=True)
+    hit = OracleResult("y", -1.0, 1, usage={"cached_response": True})
+    answered = OracleResult("y", -1.0, 1)
+    assert unreachable_batches_after(sent_requests([dead, hit, dead]), 1) == 2
+    assert unreachable_batches_after(sent_requests([hit, hit]), 1) == 1
+    assert unreachable_batches_after(sent_requests([dead, answered]), 1) == 0
+
+
 def ledger_dollars(path) -> float:
     with sqlite3.connect(str(path)) as db:
         return db.execute("SELECT COALESCE(SUM(dollars), 0) FROM spend").fetchone()[0]
