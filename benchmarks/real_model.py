@@ -12,6 +12,10 @@ log R per training step. Prints one JSON object.
   python benchmarks/real_model.py                                   # the run in BENCHMARKS.md
   python benchmarks/real_model.py --plot benchmarks/real_model.png  # also the log R during training plot
   python benchmarks/real_model.py --model PATH --quick              # seconds, on any small local chat model
+  python benchmarks/real_model.py --train-flags "--replay-fraction 0.9 --updates-per-batch 4"   # more train.py flags
+
+With `--oracle-proposal-fraction f` among the train flags, each written x is one more oracle call, so the run
+has fewer epochs: budget // (batch + round(f * batch)).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import io
 import json
 import os
 import platform
+import shlex
 import statistics
 import sys
 import tempfile
@@ -97,6 +102,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--plot", default=None, help="PNG of log R per training step (needs matplotlib)")
+    parser.add_argument("--train-flags", default="", help="more train.py flags, one string (quoted)")
     args = parser.parse_args()
     if args.quick:
         args.budget, args.batch_size, args.eval_samples, args.max_len = 8, 4, 4, 6
@@ -105,6 +111,9 @@ def main() -> None:
 
     import train
 
+    extra = shlex.split(args.train_flags)
+    written = round(train.build_parser().parse_args(extra).oracle_proposal_fraction * args.batch_size)
+    epochs = args.budget // (args.batch_size + written)  # a written x costs a call to write it and one to score it
     argv = [
         "--prior-model",
         model,
@@ -119,7 +128,7 @@ def main() -> None:
         "--batch-size",
         str(args.batch_size),
         "--epochs",
-        str(args.budget // args.batch_size),
+        str(epochs),
         "--max-len",
         str(args.max_len),
         "--max-response-tokens",
@@ -133,6 +142,7 @@ def main() -> None:
         str(args.seed),
         "--save-every",
         "1000000",
+        *extra,
     ]
     baseline: list[dict] = []
 
@@ -164,6 +174,7 @@ def main() -> None:
         "batch_size": args.batch_size,
         "max_len": args.max_len,
         "lr": args.lr,
+        "train_flags": args.train_flags,
         "seconds_including_prior_baseline": round(seconds, 1),
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
