@@ -10,6 +10,7 @@ the same script measures an older commit too (run it from a worktree of that com
   python benchmarks/throughput.py                 # the run in BENCHMARKS.md (CPU here; the same script on CUDA)
   python benchmarks/throughput.py --quick         # seconds
   python benchmarks/throughput.py --bookkeeping   # the loop's own overhead per epoch
+  python benchmarks/throughput.py --bookkeeping --train-flags "--replay-fraction 0.9 --updates-per-batch 4"
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import json
 import os
 import platform
 import resource
+import shlex
 import sys
 import time
 
@@ -143,7 +145,13 @@ class Stopwatch:
 
 
 def bookkeeping_numbers(
-    epochs: int, batch_size: int, max_len: int, prior: str | None = None, oracle: str | None = None, policy: str = ""
+    epochs: int,
+    batch_size: int,
+    max_len: int,
+    prior: str | None = None,
+    oracle: str | None = None,
+    policy: str = "",
+    train_flags: str = "",
 ) -> dict:
     """Per-epoch wall time of train.train and the part of it spent on bookkeeping (see the module docstring):
     a tiny random GPT-2 (BPE vocabulary of the test fixtures) is the prior and the local oracle, the policy a
@@ -182,7 +190,7 @@ def bookkeeping_numbers(
         argv += ["--max-len", str(max_len), "--batch-size", str(batch_size)]
         argv += ["--max-response-tokens", "16" if oracle else "4"]
         argv += ["--epochs", str(epochs), "--save-every", str(epochs), "--output-dir", os.path.join(folder, "run")]
-        argv += ["--device", "cpu", "--seed", "0"]
+        argv += ["--device", "cpu", "--seed", "0", *shlex.split(train_flags)]
         args = train.build_parser().parse_args(argv)
         started = time.perf_counter()
         with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
@@ -197,6 +205,7 @@ def bookkeeping_numbers(
     oracle_ms = oracle_watch.seconds.get("oracle", 0.0) / epochs * 1000
     return {
         "prior": prior or "tiny random GPT-2",
+        "train_flags": train_flags,
         "oracle_ms_per_epoch": round(oracle_ms, 2),
         "tool_ms_per_epoch": round(sum(epoch_seconds) / epochs * 1000 - oracle_ms, 2),
         "epochs": epochs,
@@ -219,6 +228,7 @@ def main() -> None:
     parser.add_argument("--oracle-model", help="--bookkeeping: a real local oracle (plain text, greedy y)")
     parser.add_argument("--policy", default="", help="--bookkeeping: e.g. lora")
     parser.add_argument("--epochs", type=int, default=None, help="--bookkeeping: epochs to run")
+    parser.add_argument("--train-flags", default="", help="--bookkeeping: more train.py flags, one string")
     args = parser.parse_args()
     if args.bookkeeping:
         epochs = args.epochs or (10 if args.quick else 200)
@@ -227,7 +237,7 @@ def main() -> None:
             "date": time.strftime("%Y-%m-%d"),
             "commit": os.popen(f"git -C {ROOT} rev-parse --short HEAD").read().strip(),
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}",
-            **bookkeeping_numbers(epochs, 16, 8, args.prior_model, args.oracle_model, args.policy),
+            **bookkeeping_numbers(epochs, 16, 8, args.prior_model, args.oracle_model, args.policy, args.train_flags),
         }
         print(json.dumps(result, indent=2))
         return
