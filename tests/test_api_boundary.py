@@ -99,16 +99,21 @@ def test_misaligned_echo_logprobs_are_refused_and_aligned_ones_pass(server):
         preflight("gpt-4o-mini", server.base_url, 60.0, target_response=" Paris.")
 
 
-def test_a_server_that_goes_away_stops_the_run_with_exit_2_and_a_checkpoint(tiny_lm_dir, tmp_path, server):
+def dies_after(answers: int):
+    """A server rule: answer the first `answers` chat requests, then drop every connection (a dead server)."""
     answered = {"n": 0}
 
-    def dies_after_three_batches(request):
+    def rule(request):
         if request.path != "/v1/chat/completions":
             return None
         answered["n"] += 1
-        return drop_connection()(request) if answered["n"] > 12 else None
+        return drop_connection()(request) if answered["n"] > answers else None
 
-    server.fail_always(dies_after_three_batches)
+    return rule
+
+
+def test_a_server_that_goes_away_stops_the_run_with_exit_2_and_a_checkpoint(tiny_lm_dir, tmp_path, server):
+    server.fail_always(dies_after(12))  # three batches of 4
     started = time.monotonic()
     code, err = run_main(
         api_flags(
@@ -139,15 +144,7 @@ def test_repeats_from_the_response_cache_do_not_keep_a_dead_server_alive(word_lm
     # x of one or two words over a 4-word vocabulary repeat from the first batches on: once the server is gone,
     # every batch mixes cache hits (fine) with sent requests (all failed). The run must still stop.
     prior, _ = word_lm_dirs
-    answered = {"n": 0}
-
-    def dies_after_two_batches(request):
-        if request.path != "/v1/chat/completions":
-            return None
-        answered["n"] += 1
-        return drop_connection()(request) if answered["n"] > 8 else None
-
-    server.fail_always(dies_after_two_batches)
+    server.fail_always(dies_after(8))
     flags = api_flags(
         prior, tmp_path, server.base_url, "--epochs", "40", "--save-every", "1000", "--max-attempts", "2",
         "--max-unreachable-batches", "2", "--no-prefetch", "--max-len", "2", "--min-len", "1", "--batch-size", "8",
