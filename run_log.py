@@ -215,12 +215,7 @@ def step_metrics(
         "train/epoch_seconds": time.time() - started,
         "train/updates": run.args.updates_per_batch,
         "train/num_replayed": len(lengths) - num_fresh,
-        **{
-            f"eval/{k}": v
-            for k, v in batch_metrics(
-                log_reward[fresh].detach().cpu(), log_pf[fresh].cpu(), batch.log_q[valid.to(batch.log_q.device)].cpu()
-            ).items()
-        },
+        **importance_metrics(batch, log_reward[fresh].detach().cpu(), log_pf[fresh].cpu()),
         **{
             f"eval/{k}": v
             for k, v in sample_metrics(
@@ -229,6 +224,20 @@ def step_metrics(
         },
         **({f"api/{k}": v for k, v in run.api.stats().items()} if run.api is not None else {}),
     }
+
+
+def importance_metrics(batch, log_reward, log_pf) -> dict:
+    """eval/* importance estimates over the valid fresh rows the policy drew itself: an x the oracle wrote has no
+    proposal density we know (its log_q would be the policy's, not the oracle's), so it would bias them. None
+    when the oracle wrote every row."""
+    valid = batch.rewards.valid.cpu()
+    drawn = torch.ones(int(valid.sum()), dtype=torch.bool)
+    if batch.written_by_oracle is not None:
+        drawn = ~batch.written_by_oracle.cpu()[valid]
+    if not drawn.any():
+        return {}
+    log_q = batch.log_q.cpu()[valid][drawn]
+    return {f"eval/{k}": v for k, v in batch_metrics(log_reward[drawn], log_pf[drawn], log_q).items()}
 
 
 def postfix(metrics: dict, paid: bool) -> dict:

@@ -1,6 +1,7 @@
 """--oracle-proposal-fraction: x written by the local oracle itself, as off-policy exploration proposals."""
 
 import itertools
+import math
 import sqlite3
 
 import pytest
@@ -183,3 +184,28 @@ def test_a_run_with_search_proposals_resumes_where_the_search_was(tiny_lm_dir, t
     assert [s["x"] for s in resumed] == [s["x"] for s in straight]
     code, err = run_main(tiny_flags(tiny_lm_dir, tmp_path / "c", "--oracle", "openai", "--model", "m", *flags))
     assert code == 2 and "--oracle-proposals search needs" in err
+
+
+def test_importance_estimates_leave_out_the_x_the_oracle_wrote():
+    from types import SimpleNamespace
+
+    from evaluation import importance_log_z
+    from run_log import importance_metrics
+
+    # rows: written, written, drawn (invalid), drawn, drawn; the training batch holds the 4 valid ones in order
+    valid = torch.tensor([True, True, False, True, True])
+    written = torch.tensor([True, True, False, False, False])
+    log_q = torch.tensor([-1.0, -2.0, -3.0, -4.0, -5.0])
+    batch = SimpleNamespace(rewards=SimpleNamespace(valid=valid), written_by_oracle=written, log_q=log_q)
+    log_reward, log_pf = torch.tensor([0.0, 1.0, -2.0, -3.0]), torch.tensor([-1.0, -2.0, -4.0, -5.0])
+    metrics = importance_metrics(batch, log_reward, log_pf)
+    # naive: log mean exp(log R - log q) over the two drawn rows only
+    naive = math.log((math.exp(-2.0 + 4.0) + math.exp(-3.0 + 5.0)) / 2)
+    assert metrics["eval/log_Z_importance"] == pytest.approx(naive, abs=1e-9)
+    assert importance_log_z(log_reward, log_q[valid]) != pytest.approx(naive, abs=1e-3)  # all rows: biased
+    batch.written_by_oracle = torch.tensor([True, True, True, True, True])
+    assert importance_metrics(batch, log_reward, log_pf) == {}
+    batch.written_by_oracle = None  # no proposals: every valid row
+    assert importance_metrics(batch, log_reward, log_pf)["eval/log_Z_importance"] == pytest.approx(
+        importance_log_z(log_reward, log_q[valid]), abs=1e-9
+    )
