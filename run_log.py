@@ -228,7 +228,7 @@ def step_metrics(
 
 def importance_metrics(batch, log_reward, log_pf) -> dict:
     """eval/* importance estimates over the valid fresh rows the policy drew itself: an x the oracle wrote has no
-    proposal density we know (its log_q would be the policy's, not the oracle's), so it would bias them. None
+    proposal density we know (its log_q would be the policy's, not the oracle's), so it would bias them. Empty
     when the oracle wrote every row."""
     valid = batch.rewards.valid.cpu()
     drawn = torch.ones(int(valid.sum()), dtype=torch.bool)
