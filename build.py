@@ -81,7 +81,14 @@ def build_reward_model(
 ) -> RewardModel:
     prior = PriorScorer(prior_model, tokenizer, include_eos=args.prior_include_eos)
     oracle = build_oracle(args, device) if with_oracle and args.llm_weight != 0 else None
-    return RewardModel(tokenizer, prior, oracle, prior_weight=args.prior_weight, llm_weight=args.llm_weight)
+    return RewardModel(
+        tokenizer,
+        prior,
+        oracle,
+        prior_weight=args.prior_weight,
+        llm_weight=args.llm_weight,
+        reference_weight=getattr(args, "reference_weight", 0.0),  # checkpoints from before the flag
+    )
 
 
 def uses_remote_oracle(args: argparse.Namespace) -> bool:

@@ -80,6 +80,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--prior-weight", type=float, default=1.0, help="w_prior in log R")
     g.add_argument("--llm-weight", type=float, default=1.0, help="w_llm in log R (0 = prior only, no oracle calls)")
     g.add_argument(
+        "--reference-weight",
+        type=float,
+        default=0.0,
+        help="w_ref: subtract w_ref * log p_prior(y|x) from log R, the prior LM as a reference model (Carlini et al. "
+        "2021's ratio): text the oracle finds likely but the prior does not (memorised) stands out from text every LM "
+        "continues confidently (repetition). Scored locally, no extra oracle call (default 0)",
+    )
+    g.add_argument(
         "--dtype",
         default="float32",
         choices=["float32", "bfloat16", "float16"],
@@ -350,6 +358,12 @@ def validate_args(args: argparse.Namespace) -> None:
             or (args.oracle == "hf" and args.target_response is not None),
             "--loss modified-subtb scores every prefix of x: use --llm-weight 0, or --oracle hf with --target-response",
         ),
+        (
+            args.reference_weight == 0 or (args.llm_weight != 0 and args.loss != "modified-subtb"),
+            "--reference-weight scores the oracle's answer y under the prior: it needs the oracle (--llm-weight != 0) "
+            "and a whole-x loss (not --loss modified-subtb)",
+        ),
+        (args.reference_weight == 0 or args.task != "contradiction", "--task contradiction has no --reference-weight"),
         (args.batch_size >= 1, "--batch-size must be >= 1"),
         (args.epochs >= 0, "--epochs must be >= 0"),
         (args.lr > 0 and args.lr_z >= 0, "--lr must be > 0 and --lr-z >= 0"),

@@ -17,7 +17,14 @@ from typing import Callable, Protocol
 import torch
 
 from errors import UserError
-from hf_models import document_end_id, document_start_id, end_token_ids, generate_with_logprobs, without_adapters
+from hf_models import (
+    continuation_log_likelihoods,
+    document_end_id,
+    document_start_id,
+    end_token_ids,
+    generate_with_logprobs,
+    without_adapters,
+)
 from tasks import TASKS, Task  # noqa: F401  (TASKS re-exported: the oracles' table)
 
 # ------------------------------------------------------------------------------------------------ results
@@ -450,10 +457,16 @@ class RewardModel:
     prefixes (the full x among them) are never scored twice."""
 
     def __init__(
-        self, tokenizer, prior: PriorScorer, oracle=None, prior_weight: float = 1.0, llm_weight: float = 1.0
+        self,
+        tokenizer,
+        prior: PriorScorer,
+        oracle=None,
+        prior_weight: float = 1.0,
+        llm_weight: float = 1.0,
+        reference_weight: float = 0.0,
     ) -> None:
         self.tokenizer, self.prior, self.oracle = tokenizer, prior, oracle
-        self.prior_weight, self.llm_weight = prior_weight, llm_weight
+        self.prior_weight, self.llm_weight, self.reference_weight = prior_weight, llm_weight, reference_weight
         self._takes_ids: tuple[object, bool] = (None, False)  # (oracle, decision), see oracle_takes_ids
         self.known_likelihoods: dict[tuple[int, ...], float] = {}
         self.reward_calls = 0
@@ -463,8 +476,10 @@ class RewardModel:
 
     @property
     def formula(self) -> WeightedSum:
-        """The reward formula, in one place: log R = w_prior * log p(x) + w_llm * log p(y|x)."""
-        return WeightedSum((("log_prior", self.prior_weight), ("log_likelihood", self.llm_weight)))
+        """The reward formula, in one place: log R = w_prior * log p(x) + w_llm * log p(y|x), minus
+        w_ref * log p_prior(y|x) (the `log_reference` term) when a reference weight is set."""
+        weights = (("log_prior", self.prior_weight), ("log_likelihood", self.llm_weight))
+        return WeightedSum(weights + ((("log_reference", -self.reference_weight),) if self.reference_weight else ()))
 
     def decode(self, tokens: torch.Tensor, lengths: torch.Tensor) -> list[str]:
         return [self.tokenizer.decode(ids) for ids in token_id_lists(tokens, lengths)]
@@ -590,8 +605,27 @@ class RewardModel:
             search.load_state_dict(state)
 
     def can_score_prefixes(self) -> bool:
-        """Prefix rewards need a deterministic oracle: none, or a local model with a fixed target."""
-        return not self.uses_oracle or self.deterministic_oracle
+        """Prefix rewards need a deterministic oracle: none, or a local model with a fixed target (and no
+        reference term, which needs each prefix's own y)."""
+        return not self.uses_oracle or (self.deterministic_oracle and not self.reference_weight)
+
+    def reference_log_likelihoods(
+        self, tokens: torch.Tensor, lengths: torch.Tensor, results: list[OracleResult]
+    ) -> torch.Tensor:
+        """(B,) float64 log p_prior(y|x): the oracle's answer y scored by the prior after x (teacher-forced, adapters
+        off). y is the oracle's own token ids when it shares the prior's vocabulary, else its text re-encoded. A
+        failed answer scores NaN (its row is invalid anyway)."""
+        if self.oracle_takes_ids:
+            answers = [list(r.token_ids or []) for r in results]
+        else:
+            encoded = self.tokenizer([r.response for r in results], add_special_tokens=False)["input_ids"]
+            answers = [list(ids) for ids in encoded]
+        scores = continuation_log_likelihoods(
+            self.prior.model, self.prior.start_id, token_id_lists(tokens, lengths), answers
+        )
+        return torch.tensor(
+            [score if result.valid else float("nan") for score, result in zip(scores, results)], dtype=torch.float64
+        )
 
     @torch.no_grad()
     def prefix_log_rewards(self, tokens: torch.Tensor, lengths: torch.Tensor, min_len: int = 1) -> torch.Tensor:
@@ -632,6 +666,8 @@ class RewardModel:
             log_likelihood = torch.zeros(len(texts), dtype=torch.float64)
             valid = torch.ones(len(texts), dtype=torch.bool)
         terms = {"log_prior": log_prior, "log_likelihood": log_likelihood}
+        if self.reference_weight and self.uses_oracle:
+            terms["log_reference"] = self.reference_log_likelihoods(tokens, lengths, results)
         log_reward = self.formula(terms)
         valid &= torch.isfinite(log_reward)
         ids = token_id_lists(tokens, lengths)

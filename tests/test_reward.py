@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 
+from conftest import bpe_tokenizer, save_tiny_gpt2
 from errors import UserError
 from hf_models import document_start_id, load_causal_lm
 from reward_oracle import TASKS, HFResponseOracle, OracleResult, PriorScorer, RewardModel, sum_token_logprobs
@@ -114,6 +115,45 @@ def test_reward_model_weights_components_and_marks_failures_invalid(tiny_lm_dir)
     assert batch.texts[0] == tokenizer.decode(tokens[0, : lengths[0]].tolist())
     prior_only = RewardModel(tokenizer, prior, None, llm_weight=0.0)(tokens, lengths)
     assert torch.allclose(prior_only.log_reward, log_prior)
+
+
+def test_reference_term_is_the_priors_log_likelihood_of_y_after_x(tiny_lm_dir, tmp_path):
+    """--reference-weight: log R = w_prior log p(x) + w_llm log p(y|x) - w_ref log p_prior(y|x), with
+    log p_prior(y|x) checked against a naive float64 teacher-forced score of [start] + x + y under the prior.
+    The oracle here is a different model with the same vocabulary (y scored as its own ids), then a text oracle
+    (y re-encoded by the prior's tokenizer); a failed answer stays invalid."""
+    prior_model, tokenizer = load_causal_lm(tiny_lm_dir)
+    oracle_model, oracle_tokenizer = load_causal_lm(save_tiny_gpt2(str(tmp_path / "oracle"), bpe_tokenizer(), seed=5))
+    start = document_start_id(tokenizer)
+    prior = PriorScorer(prior_model, tokenizer)
+    oracle = HFResponseOracle(oracle_model, oracle_tokenizer, TASKS["raw"], temperature=1.0, max_new_tokens=4)
+    tokens, lengths = random_batch(len(tokenizer) - 1, 5, 4, seed=2)
+    torch.manual_seed(0)
+    batch = RewardModel(tokenizer, prior, oracle, prior_weight=0.5, llm_weight=2.0, reference_weight=1.5)(
+        tokens, lengths
+    )
+    assert batch.valid.all()
+    for i, result in enumerate(batch.oracle_results):
+        x = tokens[i, : lengths[i]].tolist()
+        expected = naive_log_prob(prior_model, [start] + x + result.token_ids) - naive_log_prob(
+            prior_model, [start] + x
+        )
+        assert batch.terms["log_reference"][i].item() == pytest.approx(expected, abs=1e-6)
+        log_prior = naive_log_prob(prior_model, [start] + x)
+        assert batch.log_reward[i].item() == pytest.approx(
+            0.5 * log_prior + 2.0 * result.log_likelihood - 1.5 * expected, abs=1e-4
+        )
+    # a text oracle (an API): y is the response re-encoded with the prior's tokenizer; failures stay NaN
+    text_oracle = FixedOracle([OracleResult(" the question.", -2.0, 3), OracleResult.failed("HTTP 500")])
+    tokens, lengths = random_batch(len(tokenizer) - 1, 5, 2, seed=3)
+    batch = RewardModel(tokenizer, prior, text_oracle, reference_weight=1.0)(tokens, lengths)
+    y = tokenizer(" the question.", add_special_tokens=False)["input_ids"]
+    x = tokens[0, : lengths[0]].tolist()
+    expected = naive_log_prob(prior_model, [start] + x + y) - naive_log_prob(prior_model, [start] + x)
+    assert batch.terms["log_reference"][0].item() == pytest.approx(expected, abs=1e-6)
+    assert batch.valid.tolist() == [True, False] and torch.isnan(batch.log_reward[1])
+    # without the flag the term is absent and the formula unchanged
+    assert "log_reference" not in RewardModel(tokenizer, prior, text_oracle)(tokens, lengths).terms
 
 
 def test_sentinel_is_detected_not_summed():
