@@ -366,7 +366,7 @@ def validate_args(args: argparse.Namespace) -> None:
         (args.reference_weight == 0 or args.task != "contradiction", "--task contradiction has no --reference-weight"),
         (args.batch_size >= 1, "--batch-size must be >= 1"),
         (args.epochs >= 0, "--epochs must be >= 0"),
-        (args.lr > 0 and args.lr_z >= 0, "--lr must be > 0 and --lr-z >= 0"),
+        (args.lr >= 0 and args.lr_z >= 0, "--lr and --lr-z must be >= 0 (--lr 0 --lr-z 0: the policy frozen)"),
         (0 <= args.lr_min_factor <= 1, "--lr-min-factor must be in [0, 1]"),
         (args.lr_warmup_epochs >= 0, "--lr-warmup-epochs must be >= 0"),
         (args.temperature > 0, "--temperature must be > 0"),

@@ -343,6 +343,9 @@ def sample_and_rank(
     batch_size: int = 16,
     seed: int = 0,
     x_from: str = "prior",
+    extra_flags: list[str] = (),
+    min_len: int = 3,
+    cut: bool = False,
 ) -> None:
     """x ~ the base model (x_from "prior": plain text after the document start, temperature 1, no top-k, up to
     max_len tokens, ended by the document end) or ~ the victim itself (x_from "victim", Carlini et al.'s
@@ -350,7 +353,9 @@ def sample_and_rank(
     the same reward model train.py uses; log p_base(y|x) for the reference ratio. A victim-written row is counted
     as one call, not two (generous to the baseline: one generation could write x and y). Rows are appended as
     they are paid for; an existing file is continued (its rows count towards `calls`, and the RNG is seeded
-    from how many there are: the samples are i.i.d. either way)."""
+    from how many there are: the samples are i.i.d. either way). `extra_flags`: train.py flags on top of
+    base_flags (the reward's); `cut`: each prior x cut to a length drawn uniformly from [min_len, its length], as
+    the victim's written x are."""
     import torch
 
     from hf_models import continuation_log_likelihoods, document_start_id
@@ -358,16 +363,18 @@ def sample_and_rank(
 
     done = len(read_samples(out)) if os.path.exists(out) else 0
     torch.manual_seed(seed + done)
-    reward_model, base_model, tokenizer = reward_model_for(victim, base, max_len, proposal_flags(x_from))
+    reward_model, base_model, tokenizer = reward_model_for(
+        victim, base, max_len, list(extra_flags) + proposal_flags(x_from)
+    )
     start = document_start_id(tokenizer)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "a", encoding="utf-8") as f:
         for first in range(done, calls, batch_size):
             size = min(batch_size, calls - first)
             if x_from != "prior":
-                tokens, lengths = victim_x(reward_model, size, 3, max_len)
+                tokens, lengths = victim_x(reward_model, size, min_len, max_len)
             else:
-                tokens, lengths = sample_prior_x(base_model, tokenizer, size, max_len)
+                tokens, lengths = sample_prior_x(base_model, tokenizer, size, max_len, min_len if cut else None)
             rewards = reward_model(tokens, lengths)
             xs, ys = token_id_lists(tokens, lengths), [r.token_ids or [] for r in rewards.oracle_results]
             references = continuation_log_likelihoods(base_model, start, xs, ys)
@@ -388,9 +395,10 @@ def sample_and_rank(
             f.flush()
 
 
-def sample_prior_x(base_model, tokenizer, n: int, max_len: int):
+def sample_prior_x(base_model, tokenizer, n: int, max_len: int, cut_from: int | None = None):
     """(tokens, lengths) of n x from the base model: plain text after the document start at temperature 1, no
-    top-k, up to max_len tokens or the document end (an x that ends at once borrows another row's first token)."""
+    top-k, up to max_len tokens or the document end (an x that ends at once borrows another row's first token);
+    with `cut_from`, each cut to a length drawn uniformly from [cut_from, its length] (torch's RNG)."""
     import torch
 
     from hf_models import document_end_id, document_start_id
@@ -412,6 +420,8 @@ def sample_prior_x(base_model, tokenizer, n: int, max_len: int):
     rows = [row[: row.index(end)] if end in row else row for row in generated.tolist()]
     fallback = next((row[:1] for row in rows if row), [start])
     rows = [row or fallback for row in rows]
+    if cut_from is not None:
+        rows = [row[: int(torch.randint(min(cut_from, len(row)), len(row) + 1, ()).item())] for row in rows]
     lengths = torch.tensor([len(r) for r in rows])
     tokens = torch.full((n, int(lengths.max())), end)
     for i, row in enumerate(rows):
@@ -473,9 +483,18 @@ def score_texts(victim: str, base: str, max_len: int, texts: list[str], extra_fl
 
 
 def gflownet_flags(
-    victim: str, base: str, calls: int, max_len: int, output_dir: str, config: str, seed: int = 0, batch_size: int = 16
+    victim: str,
+    base: str,
+    calls: int,
+    max_len: int,
+    output_dir: str,
+    config: str,
+    seed: int = 0,
+    batch_size: int = 16,
+    extra_flags: list[str] = (),
 ) -> list[str]:
-    extra = CONFIGS[config]
+    """train.py's flags for a configuration; `extra_flags` go last (argparse: the last value of a flag wins)."""
+    extra = CONFIGS[config] + list(extra_flags)
     # an x the victim wrote costs a call more (its writing): the epochs that spend about `calls`
     fraction = (
         float(extra[extra.index("--oracle-proposal-fraction") + 1]) if "--oracle-proposal-fraction" in extra else 0
@@ -488,16 +507,26 @@ def gflownet_flags(
         "--save-every", str(epochs),
         "--no-progress",
         "--seed", str(seed),
-        *CONFIGS[config],
+        *extra,
     ]  # fmt: skip
 
 
-def run_gflownet(victim: str, base: str, calls: int, max_len: int, output_dir: str, config: str, seed: int = 0) -> str:
+def run_gflownet(
+    victim: str,
+    base: str,
+    calls: int,
+    max_len: int,
+    output_dir: str,
+    config: str,
+    seed: int = 0,
+    extra_flags: list[str] = (),
+) -> str:
     import train
 
     err = io.StringIO()
+    flags = gflownet_flags(victim, base, calls, max_len, output_dir, config, seed, extra_flags=extra_flags)
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
-        code = train.main(gflownet_flags(victim, base, calls, max_len, output_dir, config, seed))
+        code = train.main(flags)
     if code != 0:
         raise SystemExit(f"train.py failed: {err.getvalue()[-1000:]}")
     return os.path.join(output_dir, "samples_raw.jsonl")

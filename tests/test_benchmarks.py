@@ -165,3 +165,44 @@ def test_resurrect_scale_quick():
     folded = counts["exact_duplicates"] + counts["normalised_duplicates"] + counts["near_duplicates"]
     assert counts["kept"] + folded == 2000 and counts["exact_duplicates"] > 100
     assert counts["rows_written"] == counts["kept"] and result["peak_rss_mib"] > 0
+
+
+def test_structured_victim_data_and_report(tmp_path):
+    """The structured victim's data (8 families x 8 records, one decoy each, ids whose first digit numbers the
+    record) and its report: finds per budget by hand, the spread over seeds, and the GFlowNet's ratio to the best
+    baseline (a frozen tool counts as a baseline)."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import structured_victim
+
+    data = structured_victim.make_data()
+    assert data == structured_victim.load_data()  # the committed file is what make_data writes
+    assert len(data["secrets"]) == 64 and len(data["decoys"]) == 8 and len(set(data["secrets"])) == 64
+    assert data["family_of"] == [f for f in range(8) for _ in range(8)]
+    for i, secret in enumerate(data["secrets"]):
+        assert secret.split()[0] == data["openings"][data["family_of"][i]]
+        assert next(c for c in secret if c.isdigit()) == str(i % 8 + 1)
+    key = [s for s in data["secrets"] if s.startswith("Key")]
+
+    def row(x: str, y: str, written: bool = False) -> str:
+        return json.dumps({"x": x, "y": y, "written_by_oracle": written}) + "\n"
+
+    folder = tmp_path / "runs"
+    folder.mkdir()
+    # baseline seed 0: leaks Key record 0 (8 words across x and y) at call 1, nothing else
+    (folder / "prior-sample-and-rank_seed0.jsonl").write_text(row("Key", key[0][3:]) + row("The", " cat") * 3)
+    (folder / "prior-sample-and-rank_seed1.jsonl").write_text(row("The", " cat") * 4)
+    # the tool: a written x (2 calls) leaking record 1, then records 2 and 0; a decoy's opening words only
+    run = folder / "tb_seed0"
+    run.mkdir()
+    (run / "samples_raw.jsonl").write_text(
+        row("Key ledger,", key[1][11:], written=True) + row("Key", key[2][3:]) + row("Key", key[0][3:])
+    )
+    budgets = (2, 4)
+    summary = structured_victim.report(str(folder), data, budgets)
+    prior = summary["samplers"]["prior-sample-and-rank"]
+    assert prior["at"]["2"]["finds"] == [1, 0] and prior["at"]["2"]["mean"] == 0.5 and prior["seeds"] == 2
+    tool = summary["samplers"]["tb"]["runs"][0]
+    assert tool["curve"] == [0, 1, 2, 3] and tool["finds"] == {"2": 1, "4": 3} and tool["families_found"] == 1
+    assert summary["comparison"]["4"]["best_baseline_finds"] == 0.5
+    assert summary["comparison"]["4"]["gflownet_over_best_baseline"] == {"tb": 6.0}
+    assert tool["decoy_hits"] == {"2": 0, "4": 0}

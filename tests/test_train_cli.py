@@ -67,6 +67,22 @@ def test_learning_rate_warm_up_rises_linearly_for_the_policy_only(tiny_lm_dir, t
     assert [group["lr"] for group in state["optimizer"]["param_groups"]] == pytest.approx([1e-3, 0.1])
 
 
+def test_learning_rate_zero_freezes_the_policy_and_log_z(tiny_lm_dir, tmp_path):
+    """--lr 0 --lr-z 0 (the benchmarks' frozen-policy baseline): the run samples, scores and logs as usual, and the
+    policy and log Z end exactly where they started; a learning run from the same seed moves both."""
+    frozen, learning = tmp_path / "frozen", tmp_path / "learning"
+    flags = ("--epochs", "3", "--save-every", "1", "--replay-fraction", "0.5")
+    assert run_main(tiny_flags(tiny_lm_dir, frozen, *flags, "--lr", "0", "--lr-z", "0"))[0] == 0
+    assert run_main(tiny_flags(tiny_lm_dir, learning, *flags, "--lr", "1e-3"))[0] == 0
+    first, last = (load_checkpoint(str(frozen / f"checkpoint_gfn_raw_epoch{e}.pt")) for e in (1, 3))
+    moved = load_checkpoint(str(learning / "checkpoint_gfn_raw_epoch3.pt"))
+    for name, value in first["policy"].items():
+        assert torch.equal(value, last["policy"][name]), name
+    assert any(not torch.equal(value, moved["policy"][name]) for name, value in first["policy"].items())
+    assert torch.equal(first["log_z"]["values"], last["log_z"]["values"])
+    assert len(read_jsonl(str(frozen / "samples_raw.jsonl"))) == 3 * 4
+
+
 def test_checkpoints_are_named_and_complete(tiny_lm_dir, tmp_path):
     assert run_main(tiny_flags(tiny_lm_dir, tmp_path, "--epochs", "5", "--save-every", "2"))[0] == 0
     names = sorted(os.path.basename(p) for p in glob.glob(str(tmp_path / "checkpoint_*.pt")))
