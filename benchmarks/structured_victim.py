@@ -286,7 +286,9 @@ TOOL_FLAGS = {
         "--reference-weight", "1", "--replay-fraction", "0.5", "--updates-per-batch", "2",
         "--oracle-proposal-fraction", "0.25",
     ],
-    "tb-ref-replay-lr": ["--reference-weight", "1", "--replay-fraction", "0.5", "--updates-per-batch", "2", "--lr", "2e-3"],
+    "tb-ref-replay-lr": [
+        "--reference-weight", "1", "--replay-fraction", "0.5", "--updates-per-batch", "2", "--lr", "2e-3",
+    ],
 }  # fmt: skip
 FROZEN = ["--lr", "0", "--lr-z", "0"]
 
