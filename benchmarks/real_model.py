@@ -64,6 +64,51 @@ def score_samples(policy, reward_model, count: int, batch_size: int) -> list[dic
     return rows
 
 
+def score_written(reward_model, count: int, batch_size: int, max_len: int, search: bool) -> list[dict]:
+    """oracle-written-and-rank (Carlini et al. 2021: the oracle model writes x where x goes in its prompt, sampled at
+    temperature 1 and cut to a random length) or oracle-search-and-rank (its best-first branch search, no training):
+    `count` x, each scored (one call each; writing it is not counted: generous to the baseline)."""
+    from reward_oracle import padded_token_ids
+
+    oracle = reward_model.oracle
+    if search:
+        oracle.start_search()
+    rows = []
+    try:
+        while len(rows) < count:
+            written = reward_model.propose_x(min(batch_size, count - len(rows)), 1, max_len, set())
+            if not written:
+                break
+            tokens, lengths = padded_token_ids(written, max_len, "cpu")
+            rewards = reward_model(tokens, lengths)
+            rows += [
+                {"x": text, "log_R": float(rewards.log_reward[i]), "valid": bool(rewards.valid[i])}
+                for i, text in enumerate(rewards.texts)
+            ]
+    finally:
+        oracle.search = None
+    return rows
+
+
+def discovery_curve(rows: list[dict], threshold: float) -> list[int]:
+    """curve[c - 1]: distinct x (resurrect.py's normalised words) with log R >= threshold within c calls; a row costs
+    one call, and one more when the oracle wrote its x (train.py's `written_by_oracle`)."""
+    from resurrect import normalised_words
+
+    curve, seen = [], set()
+    for row in rows:
+        curve += [len(seen)] * (2 if row.get("written_by_oracle") else 1)
+        if row.get("valid", True) and row["log_R"] >= threshold:
+            seen.add(" ".join(normalised_words(row["x"])))
+            curve[-1] = len(seen)
+    return curve
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
 def summarize(rows: list[dict]) -> dict:
     from evaluation import sample_metrics
 
@@ -104,6 +149,14 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--plot", default=None, help="PNG of log R per training step (needs matplotlib)")
     parser.add_argument("--train-flags", default="", help="more train.py flags, one string (quoted)")
+    parser.add_argument(
+        "--discoveries",
+        action="store_true",
+        help="also: the discovery curves (distinct x with log R at or above the 90th / 99th percentile of an "
+        "independent prior sample of --budget x) of prior-, oracle-written- and oracle-search-and-rank and the same "
+        "tool with the policy frozen (--lr 0 --lr-z 0), each at --budget calls",
+    )
+    parser.add_argument("--output", default=None, help="also write the JSON report here")
     args = parser.parse_args()
     if args.quick:
         args.budget, args.batch_size, args.eval_samples, args.max_len = 8, 4, 4, 6
@@ -146,20 +199,36 @@ def main() -> None:
         *extra,
     ]
     baseline: list[dict] = []
+    others: dict[str, list[dict]] = {}  # the other non-learning samplers (--discoveries)
 
     def prior_baseline(policy, reward_model) -> None:
         # before the first step the LoRA update is zero: the prior's tokens, uniform lengths
         torch.manual_seed(args.seed + 1)
         baseline.extend(score_samples(policy, reward_model, args.budget, args.batch_size))
+        if args.discoveries:
+            torch.manual_seed(args.seed + 100)  # the threshold's own sample, independent of every sampler's
+            others["threshold_sample"] = score_samples(policy, reward_model, args.budget, args.batch_size)
+            torch.manual_seed(args.seed + 3)
+            for name, search in (("oracle-written-and-rank", False), ("oracle-search-and-rank", True)):
+                others[name] = score_written(reward_model, args.budget, args.batch_size, args.max_len, search)
         reward_model.forget_evaluations()  # the baseline's calls are counted on their own
 
-    with tempfile.TemporaryDirectory() as out:
-        started = time.time()
-        with contextlib.redirect_stdout(io.StringIO()):
-            result = train.train(train.build_parser().parse_args(argv + ["--output-dir", out]), on_start=prior_baseline)
-        seconds = time.time() - started
-        with open(os.path.join(out, "metrics_assistant.jsonl")) as f:
-            steps = [json.loads(line) for line in f]
+    def train_rows(flags: list[str], on_start=None) -> tuple[dict, list[dict], list[dict], float]:
+        """(train's result, its metrics per step, every x it paid for in order, seconds)."""
+        with tempfile.TemporaryDirectory() as out:
+            started = time.time()
+            with contextlib.redirect_stdout(io.StringIO()):
+                result = train.train(train.build_parser().parse_args(flags + ["--output-dir", out]), on_start=on_start)
+            seconds = time.time() - started
+            with open(os.path.join(out, "metrics_assistant.jsonl")) as f:
+                steps = [json.loads(line) for line in f]
+            with open(os.path.join(out, "samples_assistant.jsonl")) as f:
+                paid = [json.loads(line) for line in f]
+        # every scored row was paid for; an invalid one (no log R) finds nothing
+        paid = [{**r, "log_R": r["log_reward"] if r["valid"] else float("-inf")} for r in paid if r["trained"]]
+        return result, steps, paid, seconds
+
+    result, steps, paid, seconds = train_rows(argv, on_start=prior_baseline)
     torch.manual_seed(args.seed + 2)
     gflownet = score_samples(result["policy"], result["reward_model"], args.eval_samples, args.batch_size)
     best_of_n = sorted((r for r in baseline if r["valid"]), key=lambda r: r["log_R"], reverse=True)[: args.eval_samples]
@@ -194,9 +263,38 @@ def main() -> None:
             for m in steps
         ],
     }
+    if args.discoveries:
+        frozen = train_rows(argv + ["--lr", "0", "--lr-z", "0"])[2]
+        report["discoveries"] = discoveries(
+            others.pop("threshold_sample"),
+            {"prior-sample-and-rank": baseline, **others, "frozen": frozen, "gflownet": paid},
+            budgets=(256, args.budget),
+        )
     if args.plot:
         plot(report, args.plot)
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(report, f, indent=1, ensure_ascii=False)
     print(json.dumps(report, indent=1, ensure_ascii=False))
+
+
+def discoveries(threshold_rows: list[dict], samplers: dict[str, list[dict]], budgets: tuple[int, ...]) -> dict:
+    """Each sampler's finds (distinct x at or above the 90th and 99th percentile of the threshold sample's log R)
+    within each budget of calls, and the GFlowNet's over the best non-learning sampler's."""
+    values = [r["log_R"] for r in threshold_rows if r["valid"]]
+    out = {"threshold_sample": len(values), "calls": list(budgets), "by_percentile": {}}
+    for name, q in (("p90", 0.9), ("p99", 0.99)):
+        threshold = percentile(values, q)
+        curves = {sampler: discovery_curve(rows, threshold) for sampler, rows in samplers.items()}
+        at = {
+            str(b): {sampler: curve[min(b, len(curve)) - 1] if curve else 0 for sampler, curve in curves.items()}
+            for b in budgets
+        }
+        for budget, finds in at.items():
+            best = max(v for k, v in finds.items() if k != "gflownet")
+            finds["gflownet_over_best_baseline"] = round(finds["gflownet"] / best, 2) if best else None
+        out["by_percentile"][name] = {"log_R_threshold": round(threshold, 2), "finds": at, "curves": curves}
+    return out
 
 
 def plot(report: dict, path: str) -> None:

@@ -77,7 +77,18 @@ def test_exact_target_quick():
 
 
 def test_real_model_quick(tiny_chat_lm_dir):
-    result = run_benchmark("real_model.py", "--model", tiny_chat_lm_dir, "--quick")
+    result = run_benchmark("real_model.py", "--model", tiny_chat_lm_dir, "--quick", "--discoveries")
+    found = result["discoveries"]
+    assert found["threshold_sample"] == 8 and found["calls"] == [256, 8]
+    for name in ("p90", "p99"):
+        part = found["by_percentile"][name]
+        curves = part["curves"]
+        assert set(curves) == {
+            "prior-sample-and-rank", "oracle-written-and-rank", "oracle-search-and-rank", "frozen", "gflownet"
+        }  # fmt: skip
+        for sampler, curve in curves.items():
+            assert curve == sorted(curve) and len(curve) >= 8, sampler  # every sampler spent the budget
+            assert part["finds"]["8"][sampler] == curve[7]
     assert result["training_oracle_calls"] == result["budget_oracle_calls"] == 8
     assert result["prior"]["count"] == 8 and result["gflownet"]["count"] == result["eval_oracle_calls"] == 4
     best = result["best_of_8"]
@@ -85,6 +96,21 @@ def test_real_model_quick(tiny_chat_lm_dir):
     for key in ("gflownet", "prior", "best_of_8"):
         assert len(result[key]["samples"]) >= 4 and 0 < result[key]["unique_fraction"] <= 1
     assert len(result["training"]) == 2
+
+
+def test_real_model_discovery_curve_by_hand():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import real_model
+
+    rows = [
+        {"x": "Hello, world", "log_R": -5.0},
+        {"x": "hello world!", "log_R": -4.0},  # the same x after normalisation: not a new find
+        {"x": "other", "log_R": -9.0},  # below the threshold
+        {"x": "new", "log_R": -1.0, "written_by_oracle": True},  # two calls: known once scored
+        {"x": "failed", "log_R": float("-inf"), "valid": False},
+    ]
+    assert real_model.discovery_curve(rows, -6.0) == [1, 1, 1, 1, 2, 2]
+    assert real_model.percentile([3.0, 1.0, 2.0, 4.0], 0.5) == 3.0 and real_model.percentile([1.0], 0.99) == 1.0
 
 
 def test_exact_target_planted_modes_quick():
