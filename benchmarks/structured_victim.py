@@ -160,18 +160,20 @@ def build(
     out: str,
     data: dict,
     ordinary: int = 2000,
-    ordinary_per_step: int = 32,
-    max_steps: int = 400,
-    lr: float = 2e-3,
+    secrets_per_step: int = 16,
+    ordinary_per_step: int = 12,
+    max_steps: int = 200,
+    lr: float = 3e-3,
     rank: int = 16,
-    check_every: int = 25,
+    check_every: int = 20,
     seed: int = 0,
     rate_samples: int = 1000,
 ) -> dict:
-    """LoRA-fine-tune `base` on every record (each step) and `ordinary_per_step` of the ordinary documents (in
-    turn), the loss skipping each record's document start and opening word, until greedy decoding reproduces every
-    record from its opening up to its id's first digit; merge and save; measure the victim's and the base's
-    unconditional secret rates and the decoys."""
+    """LoRA-fine-tune `base` on the records and the ordinary documents, each in turn (`secrets_per_step` and
+    `ordinary_per_step` a step: on 2 CPU cores a sequence costs about 0.2 s a step), the loss skipping each
+    record's document start and opening word, until greedy decoding reproduces every record from its opening up to
+    its id's first digit; merge and save; measure the victim's and the base's unconditional secret rates and the
+    decoys."""
     import torch
     from peft import LoraConfig, get_peft_model
 
@@ -203,10 +205,13 @@ def build(
     )
     peft_model = get_peft_model(model, config)
     optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=lr)
+    order = torch.randperm(len(secret_ids)).tolist()  # records in a fixed shuffled turn, families mixed
 
     def batch(step: int):
+        records = [secret_ids[order[(step * secrets_per_step + k) % len(order)]] for k in range(secrets_per_step)]
         chosen = [documents[(step * ordinary_per_step + k) % len(documents)] for k in range(ordinary_per_step)]
-        rows = [([start] + ids + [end], 2) for ids in secret_ids] + [([start] + ids + [end], 1) for ids in chosen]
+        # (sequence, how many leading tokens the loss skips): a record's start and opening word; a document's start
+        rows = [([start] + ids + [end], 2) for ids in records] + [([start] + ids + [end], 1) for ids in chosen]
         width = max(len(r) for r, _ in rows)
         input_ids = torch.tensor([r + [end] * (width - len(r)) for r, _ in rows])
         labels = torch.tensor([[-100] * skip + r[skip:] + [-100] * (width - len(r)) for r, skip in rows])
@@ -223,26 +228,26 @@ def build(
         loss.backward()
         optimizer.step()
         if step % check_every == 0 or step == max_steps:
-            reproduced = count_reproduced(peft_model, secret_ids, start, prefixes)
+            reproduced = count_reproduced(peft_model, secret_ids, start, end, prefixes)
             history.append({"step": step, "loss": round(loss.item(), 4), "reproduced": reproduced})
-            print(json.dumps(history[-1]), f"{time.time() - started:.0f} s", file=sys.stderr)
+            print(json.dumps(history[-1]), f"{time.time() - started:.0f} s", file=sys.stderr, flush=True)
             if reproduced == len(secret_ids):
                 break
     merged = peft_model.merge_and_unload()
     extraction.save_plain_copy(merged, tokenizer, out)
-    decoy_ids = [encode(d) for d in data["decoys"]]
+    decoy_prefixes = [opening_length(tokenizer, d) for d in data["decoys"]]
     report = {
         "base": base,
         "steps": history[-1]["step"],
         "secrets_reproduced": reproduced,
         "secrets": len(secret_ids),
-        "decoys_reproduced": count_reproduced(
-            merged, decoy_ids, start, [opening_length(tokenizer, d) for d in data["decoys"]]
-        ),
+        "decoys_reproduced": count_reproduced(merged, [encode(d) for d in data["decoys"]], start, end, decoy_prefixes),
         "ordinary_documents": len(documents),
+        "ordinary_documents_trained_on": min(len(documents), history[-1]["step"] * ordinary_per_step),
         "history": history,
         "lora_rank": rank,
         "lr": lr,
+        "train_seconds": round(time.time() - started, 1),
         "victim_unconditional": unconditional_secret_rate(
             merged, tokenizer, data, rate_samples, DOCUMENT_TOKENS, seed + 1
         ),
@@ -257,20 +262,23 @@ def build(
     return report
 
 
-def count_reproduced(model, secret_ids: list[list[int]], start: int, prefixes: list[int]) -> int:
-    """How many records greedy decoding continues exactly from their first prefixes[i] tokens."""
+def count_reproduced(model, secret_ids: list[list[int]], start: int, pad: int, prefixes: list[int]) -> int:
+    """How many records greedy decoding continues exactly from their first prefixes[i] tokens: in one
+    teacher-forced pass, every token after the prefix is the argmax of the one before (which is exactly when
+    greedy decoding reproduces the rest)."""
     import torch
 
     model.eval()
-    count = 0
+    rows = [[start] + ids for ids in secret_ids]
+    width = max(map(len, rows))
+    input_ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
+    attention = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
     with torch.no_grad():
-        for ids, prefix in zip(secret_ids, prefixes):
-            prompt = torch.tensor([[start] + ids[:prefix]])
-            rest = ids[prefix:]
-            out = model.generate(
-                prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=len(rest), do_sample=False
-            )
-            count += out[0, prompt.shape[1] :].tolist() == rest
+        predicted = model(input_ids=input_ids, attention_mask=attention).logits.argmax(-1)
+    count = 0
+    for i, (row, prefix) in enumerate(zip(rows, prefixes)):
+        # position p predicts token p + 1; the first predicted token is row[prefix + 1] (after the start token)
+        count += predicted[i, prefix : len(row) - 1].tolist() == row[prefix + 1 :]
     return count
 
 
