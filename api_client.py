@@ -467,16 +467,69 @@ UNREACHABLE = (openai.APITimeoutError, openai.APIConnectionError, httpx2.Transpo
 UNREACHABLE_PREFIX = "unreachable: "
 
 
+def connection_refused(exc: BaseException) -> bool:
+    """The connection could not be opened at all (nothing listens on the port, or the host is unknown): the
+    openai client's APIConnectionError raised from the HTTP library's ConnectError. A slow server times out and
+    an overloaded one answers 429/503; neither is this."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, httpx2.ConnectError):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+class RefusalClock:
+    """How long the server has been refusing connections, shared by every request of an oracle. A server that
+    refuses is down; retrying each request's full backoff against it kept a run going for minutes per batch. Once
+    refusals have lasted `grace_s` with no answer in between, each request gives up at its next refusal, so a dead
+    server fails whole batches within seconds and train.py's --max-unreachable-batches stops the run; a server
+    that restarts within the grace, or is merely slow (timeouts), is retried as before. Any answer resets it."""
+
+    def __init__(self, grace_s: float = 10.0, clock=time.monotonic) -> None:
+        self.grace_s, self.clock = grace_s, clock
+        self.since: float | None = None
+        self.lock = threading.Lock()
+
+    def refused(self) -> bool:
+        """Record a refusal; True once refusals have lasted the grace (give up now)."""
+        with self.lock:
+            now = self.clock()
+            if self.since is None:
+                self.since = now
+            return now - self.since >= self.grace_s
+
+    def answered(self) -> None:
+        with self.lock:
+            self.since = None
+
+    def remaining(self) -> float:
+        """Seconds of grace left (a retry need not sleep past the moment it would give up)."""
+        with self.lock:
+            return self.grace_s if self.since is None else max(0.0, self.since + self.grace_s - self.clock())
+
+
 def call_with_retries(
-    attempt_fn, policy: RetryPolicy, model: str, limiter: RateLimiter | None = None, sleep=time.sleep, on_retry=None
+    attempt_fn,
+    policy: RetryPolicy,
+    model: str,
+    limiter: RateLimiter | None = None,
+    sleep=time.sleep,
+    on_retry=None,
+    refusals: RefusalClock | None = None,
 ):
-    """Run attempt_fn until it succeeds. Returns (value, None) or (None, reason) after the last attempt;
-    raises FatalAPIError for errors retrying cannot fix."""
+    """Run attempt_fn until it succeeds. Returns (value, None) or (None, reason) after the last attempt (or at a
+    refusal once `refusals` says the server has been refusing for its grace); raises FatalAPIError for errors
+    retrying cannot fix."""
     last_reason = "no attempt made"
     unreachable = False
     for attempt in range(policy.max_attempts):
         try:
-            return attempt_fn(), None
+            value = attempt_fn()
+            if refusals is not None:
+                refusals.answered()
+            return value, None
         except OracleError:
             raise
         except Exception as exc:  # classified below; anything unknown is fatal, never swallowed
@@ -485,16 +538,21 @@ def call_with_retries(
                 raise FatalAPIError(fatal_message(exc, model)) from None
             last_reason = f"HTTP {exc.status_code}" if isinstance(exc, openai.APIStatusError) else type(exc).__name__
             unreachable = isinstance(exc, UNREACHABLE)
+            if refusals is not None and connection_refused(exc) and refusals.refused():
+                last_reason = f"connection refused for {refusals.grace_s:g} s or more"
+                break
             if attempt + 1 == policy.max_attempts:
                 break
             delay = policy.delay(attempt, retry_after)
+            if refusals is not None and connection_refused(exc):
+                delay = min(delay, refusals.remaining())
             if retry_after is not None and limiter is not None:
                 limiter.pause_for(retry_after)  # a 429's retry-after applies to every worker, not just this one
             if on_retry is not None:
                 on_retry(last_reason)
             sleep(delay)
     prefix = UNREACHABLE_PREFIX if unreachable else ""
-    return None, f"{prefix}failed after {policy.max_attempts} attempts: {last_reason}"
+    return None, f"{prefix}failed after {attempt + 1} attempts: {last_reason}"
 
 
 # --------------------------------------------------------------------------------------- request building
@@ -652,6 +710,7 @@ class OpenAIChatOracle:
             http_client=openai.DefaultHttpxClient(limits=limits, timeout=timeout_s),
         )
         self.retry = retry or RetryPolicy()
+        self.refusals = RefusalClock()  # a server that stops accepting connections fails fast after 10 s
         self.limiter = RateLimiter(rpm, tpm)
         self.cache = ResponseCache(cache_path, store_responses=store_responses) if cache_path else None
         self.run_id = uuid.uuid4().hex  # tags this run's rows in the spend ledger; a resumed run takes its own back
@@ -758,7 +817,9 @@ class OpenAIChatOracle:
             check(reply)  # a reply we cannot parse is retried too
             return reply
 
-        reply, failure = call_with_retries(attempt, self.retry, self.model, self.limiter, on_retry=self._count_retry)
+        reply, failure = call_with_retries(
+            attempt, self.retry, self.model, self.limiter, on_retry=self._count_retry, refusals=self.refusals
+        )
         if failure is not None:
             self.cost.count("failed")
             return None, failure, False

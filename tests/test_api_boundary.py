@@ -140,6 +140,74 @@ def test_a_server_that_goes_away_stops_the_run_with_exit_2_and_a_checkpoint(tiny
     assert time.monotonic() - started < 60
 
 
+def test_a_server_process_that_dies_mid_run_stops_it_within_a_minute_with_default_flags(tiny_lm_dir, tmp_path, server):
+    """The server closes its port after 8 answers (a crashed process: connections are refused). With the default
+    8 attempts per request and 3 unreachable batches, each refused request used to wait out its whole backoff,
+    about a minute a batch; the shared refusal clock gives up after 10 s of refusals, so the run stops with exit 2,
+    one line and a checkpoint well within 60 s."""
+    import threading
+
+    answered = {"n": 0}
+
+    def crash_after_8(request):
+        if request.path != "/v1/chat/completions":
+            return None
+        answered["n"] += 1
+        if answered["n"] > 8:
+            threading.Thread(target=server.stop, daemon=True).start()  # the process is gone: the port closes
+            return drop_connection()(request)
+        return None
+
+    server.fail_always(crash_after_8)
+    started = time.monotonic()
+    code, err = run_main(api_flags(tiny_lm_dir, tmp_path, server.base_url, "--epochs", "1000", "--no-prefetch"))
+    elapsed = time.monotonic() - started
+    assert code == 2, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: the oracle server stopped answering: every request of the last 3 batches")
+    assert "checkpoint_gfn_raw_epoch" in last and elapsed < 45, (elapsed, last)
+    rows = [json.loads(line) for line in open(tmp_path / "samples_raw.jsonl")]
+    assert any("connection refused for 10 s" in (row.get("error") or "") for row in rows)
+
+
+def test_refusal_clock_gives_up_only_after_the_grace_and_resets_on_an_answer():
+    from api_client import RefusalClock, RetryPolicy, call_with_retries
+
+    now = {"t": 0.0}
+    clock = RefusalClock(grace_s=10.0, clock=lambda: now["t"])
+    assert not clock.refused()  # first refusal at t=0
+    now["t"] = 9.9
+    assert not clock.refused()
+    clock.answered()  # the server came back: the count starts again
+    now["t"] = 15.0
+    assert not clock.refused()
+    now["t"] = 25.0
+    assert clock.refused()
+
+    import httpx2
+    import openai
+
+    request = httpx2.Request("POST", "http://127.0.0.1:9/v1/chat/completions")
+
+    def refuse():
+        try:
+            raise httpx2.ConnectError("[Errno 111] Connection refused", request=request)
+        except httpx2.ConnectError as exc:
+            raise openai.APIConnectionError(request=request) from exc
+
+    def time_out():
+        raise openai.APITimeoutError(request=request)
+
+    slept = []
+    # a refusing server already past its grace: one attempt, no sleeping
+    value, failure = call_with_retries(refuse, RetryPolicy(max_attempts=8), "m", sleep=slept.append, refusals=clock)
+    assert value is None and failure.startswith("unreachable: failed after 1 attempts: connection refused")
+    assert slept == []
+    # a slow server (timeouts) is retried to the last attempt whatever the clock says
+    _, failure = call_with_retries(time_out, RetryPolicy(max_attempts=4), "m", sleep=slept.append, refusals=clock)
+    assert failure == "unreachable: failed after 4 attempts: APITimeoutError" and len(slept) == 3
+
+
 def test_repeats_from_the_response_cache_do_not_keep_a_dead_server_alive(word_lm_dirs, tmp_path, server):
     # x of one or two words over a 4-word vocabulary repeat from the first batches on: once the server is gone,
     # every batch mixes cache hits (fine) with sent requests (all failed). The run must still stop.
