@@ -40,8 +40,8 @@ def point_name(point: tuple[tuple[str, str], ...]) -> str:
 
 def summarise(output_dir: str, task: str, tail: int) -> dict:
     """The last `tail` epochs' means of the losses, every reward term and the diversity metrics; for the
-    contradiction task also the rates of evaluation.py over the questions of the first and of the last `tail`
-    epochs (the trend within the run)."""
+    contradiction task also the rates of `sample.py --task contradiction` over the questions of the first and of
+    the last `tail` epochs (the trend within the run)."""
     with open(os.path.join(output_dir, f"metrics_{task}.jsonl")) as f:
         metrics = [json.loads(line) for line in f if line.strip()]
     trained = [m for m in metrics if "train/loss" in m][-tail:]
@@ -62,7 +62,7 @@ def summarise(output_dir: str, task: str, tail: int) -> dict:
         def rate(rows: list[dict], test) -> float:
             return sum(map(test, rows)) / len(rows) if rows else float("nan")
 
-        def on_topic(s: dict) -> bool:  # as evaluation.py
+        def on_topic(s: dict) -> bool:  # as the contradiction evaluation
             return is_on_topic(s["x"], s.get("subject", ""), s.get("log_related", 0.0))
 
         def on_topic_contradiction(s: dict) -> bool:
