@@ -396,6 +396,7 @@ def sample_prior_x(base_model, tokenizer, n: int, max_len: int, cut_from: int | 
     import torch
 
     from hf_models import document_end_id, document_start_id
+    from reward_oracle import padded_token_ids
 
     start, end = document_start_id(tokenizer), document_end_id(tokenizer)
     prompt = torch.full((n, 1), start)
@@ -416,11 +417,7 @@ def sample_prior_x(base_model, tokenizer, n: int, max_len: int, cut_from: int | 
     rows = [row or fallback for row in rows]
     if cut_from is not None:
         rows = [row[: int(torch.randint(min(cut_from, len(row)), len(row) + 1, ()).item())] for row in rows]
-    lengths = torch.tensor([len(r) for r in rows])
-    tokens = torch.full((n, int(lengths.max())), end)
-    for i, row in enumerate(rows):
-        tokens[i, : len(row)] = torch.tensor(row)
-    return tokens, lengths
+    return padded_token_ids(rows, max(map(len, rows)), "cpu")
 
 
 X_SOURCES = ("prior", "victim", "victim-search")  # who writes sample-and-rank's x: the base model, or the victim
@@ -465,14 +462,11 @@ def prior_samples_scored(
 
 def score_texts(victim: str, base: str, max_len: int, texts: list[str], extra_flags: list[str]) -> list[float]:
     """log R of given x texts under the reward these flags build (an evaluation, outside any budget)."""
-    import torch
+    from reward_oracle import padded_token_ids
 
     reward_model, _, tokenizer = reward_model_for(victim, base, max_len, extra_flags)
     rows = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
-    lengths = torch.tensor([len(r) for r in rows])
-    tokens = torch.zeros(len(rows), int(lengths.max()), dtype=torch.long)
-    for i, row in enumerate(rows):
-        tokens[i, : len(row)] = torch.tensor(row)
+    tokens, lengths = padded_token_ids(rows, max(map(len, rows)), "cpu")
     return reward_model(tokens, lengths).log_reward.tolist()
 
 
