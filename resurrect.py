@@ -33,6 +33,7 @@ import os
 import re
 import shutil
 import sqlite3
+import string
 import sys
 import tempfile
 import unicodedata
@@ -62,6 +63,7 @@ PROVENANCE = {
     "source": "string",
     "line": "int64",
 }
+REPORT_TEMPLATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates", "resurrect_report.html")
 SECRET_NAMES = re.compile(r"key|secret|token|password", re.IGNORECASE)  # settings never shown, whatever they hold
 
 
@@ -525,29 +527,20 @@ def report_html(summary: dict, top_rows: list[dict], figures: list[tuple[str, st
     problems = "".join(
         f"<li>{esc(p['file'])}:{p['line']}: {esc(p['reason'])}</li>" for p in summary["malformed_lines"][:50]
     )
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>Resurrected dataset</title>
-<style>
-body {{ font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }}
-table {{ border-collapse: collapse; font-size: 13px; }}
-td, th {{ border: 1px solid #ccc; padding: 3px 6px; vertical-align: top; text-align: left; }}
-td.num {{ text-align: right; white-space: nowrap; font-variant-numeric: tabular-nums; }}
-td.text {{ white-space: pre-wrap; font-family: ui-monospace, monospace; max-width: 28em; }}
-figure {{ display: inline-block; margin: 0.5em; }}
-</style></head><body>
-<h1>Resurrected dataset</h1>
-<p>Ranked by <b>{esc(summary["rank_by"])}</b> (higher = looks more memorised); reference model:
-{esc(str(summary["reference_model"]))}. Runs: {esc(", ".join(summary["runs"]))}.</p>
-<table>{counts}</table>
-<h2>Top {len(top_rows)} rows</h2>
-<table id=top-rows><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>
-<h2>Distributions and training</h2>
-{images}
-<h2>Run settings</h2>
-{runs}
-{f"<h2>Malformed lines (skipped)</h2><ul>{problems}</ul>" if problems else ""}
-</body></html>
-"""
+    with open(REPORT_TEMPLATE, encoding="utf-8") as f:
+        template = string.Template(f.read())
+    return template.substitute(
+        rank_by=esc(summary["rank_by"]),
+        reference_model=esc(str(summary["reference_model"])),
+        runs=esc(", ".join(summary["runs"])),
+        counts=counts,
+        top_count=len(top_rows),
+        head=head,
+        body=body,
+        images=images,
+        settings=runs,
+        problems=f"<h2>Malformed lines (skipped)</h2><ul>{problems}</ul>" if problems else "",
+    )
 
 
 def write_dataset(collection: Collection, rank_by: str, top: int | None, term_names: list[str], out: str) -> int:

@@ -307,6 +307,10 @@ TOOL_FLAGS = {
         "--reference-weight", "1", "--replay-fraction", "0.5", "--updates-per-batch", "2",
         "--oracle-proposal-fraction", "0.25",
     ],
+    "tb-ref-replay-proposals-lr": [
+        "--reference-weight", "1", "--replay-fraction", "0.5", "--updates-per-batch", "2",
+        "--oracle-proposal-fraction", "0.5", "--lr", "1e-3",
+    ],
     "tb-ref-replay-lr": [
         "--reference-weight", "1", "--replay-fraction", "0.5", "--updates-per-batch", "2", "--lr", "2e-3",
     ],

@@ -228,7 +228,27 @@ def test_html_report_opens_in_a_real_browser_with_its_images(resurrected):
         images = page.eval_on_selector_all("img", "els => els.map(e => [e.alt, e.complete, e.naturalWidth])")
         rows = page.eval_on_selector_all("#top-rows tbody tr", "els => els.length")
         first_x = page.inner_text("#top-rows tbody tr:first-child td.text")
+        # sort and filter in the page (plain JavaScript, no network): the x column, then a rank column
+        xs = "els => els.filter(e => !e.closest('tr').hidden).map(e => e.innerText)"
+        x_cells = "#top-rows tbody tr td:nth-child(2)"
+        page.click("#top-rows thead th:nth-child(2)")  # x, descending first
+        descending = page.eval_on_selector_all(x_cells, xs)
+        page.click("#top-rows thead th:nth-child(2)")
+        ascending = page.eval_on_selector_all(x_cells, xs)
+        page.click("#top-rows thead th:nth-child(1)")  # rank, numeric: 4, 3, 2, 1
+        ranks = page.eval_on_selector_all("#top-rows tbody tr td:nth-child(1)", "els => els.map(e => e.innerText)")
+        page.fill("#filter", first_x[:6].upper())  # case-insensitive, over x and y
+        filtered = page.eval_on_selector_all(
+            "#top-rows tbody tr",
+            "rows => rows.filter(r => !r.hidden).map(r => [...r.querySelectorAll('td.text')].map(c => c.innerText)"
+            ".join(' '))",
+        )
+        shown = page.inner_text("#shown")
         browser.close()
+    assert ascending == sorted(ascending, key=str.lower) and descending == ascending[::-1] and len(ascending) == 4
+    assert ranks == ["4", "3", "2", "1"]
+    assert 1 <= len(filtered) < 4 and all(first_x[:6].lower() in text.lower() for text in filtered)
+    assert shown == f"{len(filtered)} of 4 rows shown"
     names = [alt for alt, _, _ in images]
     for signal in resurrect.SIGNALS:
         assert f"histogram of {signal}" in names
