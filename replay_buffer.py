@@ -232,13 +232,15 @@ def _log_rewards(formula: LogRewardFormula, rows: list[dict[str, float]]) -> lis
     return values
 
 
-def _checked_add_args(items: list[ReplayItem], condition: str, log_reward: LogRewardFormula) -> list[ReplayItem]:
-    """The argument checks both backends' add() share; returns the normalised items."""
+def _checked_add_args(
+    items: list[ReplayItem], condition: str, log_reward: LogRewardFormula
+) -> tuple[list[ReplayItem], list[float]]:
+    """The argument checks both backends' add() share; returns the normalised items and their log rewards (the
+    formula's, checked before anything is stored, and computed once: _admit takes them)."""
     items = [_normalised(item) for item in items]
     _check_condition(condition)
     _check_formula(log_reward)
-    _log_rewards(log_reward, [item.terms for item in items])  # before anything is stored
-    return items
+    return items, _log_rewards(log_reward, [item.terms for item in items])
 
 
 def _check_formula(log_reward: object) -> None:
@@ -256,18 +258,18 @@ def _admit(
     entries: dict[str, _Entry],
     index: dict[tuple, set[str]] | None,
     items: list[ReplayItem],
+    new_scores: list[float],
     next_seq: int,
     log_reward: LogRewardFormula,
     capacity: int,
     near_duplicate_threshold: float,
 ) -> tuple[int, int]:
     """Rules 1-3 for one condition, one item at a time: updates `entries` (item id -> entry) and `index` (its
-    `_gram_index`, None when near duplicates are off) in place. Returns (how many items were stored or replaced,
-    the next insertion number)."""
+    `_gram_index`, None when near duplicates are off) in place. `new_scores` are the items' log rewards (from
+    _checked_add_args); the stored items' are recomputed with this add's formula. Returns (how many items were
+    stored or replaced, the next insertion number)."""
     stored_ids = list(entries)
-    all_scores = _log_rewards(log_reward, [entries[i].item.terms for i in stored_ids] + [x.terms for x in items])
-    score = dict(zip(stored_ids, all_scores))
-    new_scores = all_scores[len(stored_ids) :]
+    score = dict(zip(stored_ids, _log_rewards(log_reward, [entries[i].item.terms for i in stored_ids])))
     # Eviction order: lowest score first, and among equal scores the latest inserted. Replaced or evicted entries
     # stay in the heap and are skipped when they surface (their id is gone or carries a newer seq).
     heap = [(s, -entries[i].seq, i) for i, s in score.items()]
@@ -365,7 +367,7 @@ class MemoryReplayBuffer(_Settings):
         self.lock = threading.Lock()  # so threads sharing one buffer see the same rules as Redis writers
 
     def add(self, items: list[ReplayItem], condition: str = "", log_reward: LogRewardFormula = sum_of_terms) -> int:
-        items = _checked_add_args(items, condition, log_reward)
+        items, new_scores = _checked_add_args(items, condition, log_reward)
         if not items:
             return 0
         with self.lock:
@@ -375,6 +377,7 @@ class MemoryReplayBuffer(_Settings):
                 entries,
                 index,
                 items,
+                new_scores,
                 self.next_seq.get(condition, 0),
                 log_reward,
                 self.capacity,
@@ -532,7 +535,7 @@ class RedisReplayBuffer(_Settings):
         return entries
 
     def add(self, items: list[ReplayItem], condition: str = "", log_reward: LogRewardFormula = sum_of_terms) -> int:
-        items = _checked_add_args(items, condition, log_reward)
+        items, new_scores = _checked_add_args(items, condition, log_reward)
         if not items:
             return 0
         items_key, seq_key = self._key(condition, "items"), self._key(condition, "next_seq")
@@ -549,6 +552,7 @@ class RedisReplayBuffer(_Settings):
                 entries,
                 index,
                 items,
+                new_scores,
                 int(pipe.get(seq_key) or 0),
                 log_reward,
                 self.capacity,

@@ -140,6 +140,23 @@ def test_capacity_evicts_the_minimum(make) -> None:
     assert buffer.size() == 3 and len(buffer) == 3
 
 
+def test_each_add_computes_the_formula_once_per_item(make) -> None:
+    """One add: the new items' log rewards once (checked before anything is stored, then used to admit them) and
+    the stored items' once (recomputed with this add's formula)."""
+    buffer = make(10)
+    seen: list[str] = []
+
+    def counting(rows):
+        seen.extend(f"{row['log_prior']:g}" for row in rows)
+        return [row["log_prior"] for row in rows]
+
+    buffer.add([item(distinct(i), float(i)) for i in (1, 2, 3)], log_reward=counting)
+    assert sorted(seen) == ["1", "2", "3"]
+    seen.clear()
+    buffer.add([item(distinct(i), float(i)) for i in (4, 5)], log_reward=counting)
+    assert sorted(seen) == ["1", "2", "3", "4", "5"]
+
+
 def test_eviction_uses_the_weights_given_to_add(make) -> None:
     for weights, survivor in (((1.0, 0.0), "llm-heavy"), ((0.0, 1.0), "prior-heavy")):
         buffer = make(2)
