@@ -5,23 +5,20 @@
 - The SDK's own retries are off; `call_with_retries` retries 408/409/429/5xx, timeouts, dropped connections and
   malformed replies with full-jitter exponential backoff that honours `retry-after-ms` / `retry-after`, and stops
   the run on errors retrying cannot fix (400/401/403/404/422, 429 insufficient_quota).
-- A token bucket for requests and tokens per minute, which also pauses when the server's
-  `x-ratelimit-remaining-*` headers say the account is nearly out.
-- A SQLite response cache keyed by the canonical request, so a repeated x at temperature 0, a resumed run or a
-  re-run never pays twice; each logical request also carries one Idempotency-Key across its retries.
-- Token and dollar accounting from each reply's `usage`.
+- Per-minute limits on requests and tokens (rate_limits.py) and an adaptive limit on requests in flight
+  (concurrency.py).
+- The response cache and spend ledger (spend_ledger.py), keyed by the canonical request, so a repeated x at
+  temperature 0, a resumed run or a re-run never pays twice; each logical request also carries one
+  Idempotency-Key across its retries.
 The API key comes from the environment only: it is never written to the cache, logs, checkpoints or errors.
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import os
 import random
-import re
-import sqlite3
 import threading
 import time
 import uuid
@@ -33,7 +30,9 @@ import openai
 
 from concurrency import AdaptiveConcurrency
 from errors import OracleError, UserError
+from rate_limits import RateLimiter
 from reward_oracle import OracleResult, Task, sum_token_logprobs
+from spend_ledger import PRICES_PER_MILLION, CostTracker, ResponseCache
 
 DEFAULT_TIMEOUT_S = 60.0
 
@@ -47,316 +46,6 @@ def api_key_from_env(base_url: str | None) -> str:
     if base_url:
         return "EMPTY"
     raise UserError("OPENAI_API_KEY is not set: export it, or use --oracle hf for a local model")
-
-
-# ---------------------------------------------------------------------------------------------------- cost
-
-# US dollars per 1M tokens: (input, cached input, output). Batch API requests cost half. Override or extend with
-# --prices FILE.json: {"model-name": {"input": 0.15, "cached_input": 0.075, "output": 0.6}}.
-PRICES_PER_MILLION: dict[str, dict[str, float]] = {
-    "gpt-4o-mini": {"input": 0.15, "cached_input": 0.075, "output": 0.60},
-    "gpt-4o": {"input": 2.50, "cached_input": 1.25, "output": 10.00},
-    "gpt-4.1": {"input": 2.00, "cached_input": 0.50, "output": 8.00},
-    "gpt-4.1-mini": {"input": 0.40, "cached_input": 0.10, "output": 1.60},
-    "gpt-4.1-nano": {"input": 0.10, "cached_input": 0.025, "output": 0.40},
-    "gpt-3.5-turbo": {"input": 0.50, "cached_input": 0.50, "output": 1.50},
-}
-
-
-def load_prices(path: str | None) -> dict[str, dict[str, float]]:
-    prices = {k: dict(v) for k, v in PRICES_PER_MILLION.items()}
-    if path is None:
-        return prices
-    try:
-        with open(path, encoding="utf-8") as f:
-            custom = json.load(f)
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UserError(f"cannot read --prices {path}: {exc}") from None
-    if not isinstance(custom, dict):
-        raise UserError(f"--prices {path}: expected an object mapping model names to prices")
-    for model, entry in custom.items():
-        if (
-            not isinstance(entry, dict)
-            or not {"input", "output"} <= set(entry)
-            or not all(isinstance(v, (int, float)) and v >= 0 for v in entry.values())
-        ):
-            raise UserError(
-                f"--prices {path}: {model!r} needs non-negative numbers 'input' and 'output' "
-                "(and optionally 'cached_input')"
-            )
-        prices[model] = {
-            "input": float(entry["input"]),
-            "output": float(entry["output"]),
-            "cached_input": float(entry.get("cached_input", entry["input"])),
-        }
-    return prices
-
-
-def price_for(model: str, prices: dict[str, dict[str, float]]) -> dict[str, float] | None:
-    """Exact name first, then the longest known prefix (dated snapshots such as gpt-4o-mini-2024-07-18)."""
-    if model in prices:
-        return prices[model]
-    matches = [name for name in prices if model.startswith(name + "-")]
-    return prices[max(matches, key=len)] if matches else None
-
-
-class CostTracker:
-    """Thread-safe running totals of requests, tokens and dollars actually paid (cache hits are free)."""
-
-    def __init__(self, model: str, prices: dict[str, dict[str, float]], discount: float = 1.0) -> None:
-        self.price = price_for(model, prices)
-        self.discount = discount
-        self.lock = threading.Lock()
-        self.totals = {
-            "requests": 0,
-            "cache_hits": 0,
-            "failed": 0,
-            "retries": 0,
-            "prompt_tokens": 0,
-            "cached_tokens": 0,
-            "completion_tokens": 0,
-            "dollars": 0.0,
-        }
-
-    def charge(self, usage: dict, discount: float | None = None) -> dict:
-        """One paid request's row of the spend ledger: its tokens and dollars (not yet added to the totals)."""
-        prompt = int(usage.get("prompt_tokens") or 0)
-        completion = int(usage.get("completion_tokens") or 0)
-        cached = int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
-        dollars = 0.0
-        if self.price is not None:
-            dollars = (
-                (
-                    (prompt - cached) * self.price["input"]
-                    + cached * self.price["cached_input"]
-                    + completion * self.price["output"]
-                )
-                / 1e6
-                * (self.discount if discount is None else discount)
-            )
-        return {
-            "requests": 1,
-            "prompt_tokens": prompt,
-            "cached_tokens": cached,
-            "completion_tokens": completion,
-            "dollars": dollars,
-        }
-
-    def add(self, charge: dict) -> None:
-        with self.lock:
-            for name in LEDGER_COLUMNS:
-                self.totals[name] += charge[name]
-
-    def add_usage(self, usage: dict, discount: float | None = None) -> float:
-        charge = self.charge(usage, discount)
-        self.add(charge)
-        return charge["dollars"]
-
-    def count(self, key: str) -> None:
-        with self.lock:
-            self.totals[key] += 1
-
-    def snapshot(self) -> dict:
-        with self.lock:
-            return dict(self.totals)
-
-    def restore(self, totals: dict) -> None:
-        with self.lock:
-            self.totals.update({k: totals[k] for k in self.totals if k in totals})
-
-
-# ------------------------------------------------------------------------------------------ rate limiting
-
-
-def parse_reset(value: str | None) -> float | None:
-    """OpenAI's reset durations: '1s', '6m0s', '20ms', '1h2m3.5s' -> seconds."""
-    if not value:
-        return None
-    total, matched = 0.0, False
-    for number, unit in re.findall(r"([\d.]+)(ms|h|m|s)", value):
-        matched = True
-        total += float(number) * {"ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}[unit]
-    if matched:
-        return total
-    try:
-        return float(value)
-    except ValueError:
-        return None
-
-
-class TokenBucket:
-    """Continuous-refill token bucket: `per_minute` units a minute, bursts of at most `burst` units."""
-
-    def __init__(self, per_minute: float, burst: float | None = None, clock=time.monotonic) -> None:
-        self.rate = per_minute / 60.0
-        self.capacity = max(1.0, burst if burst is not None else self.rate)  # one second's worth by default
-        self.level = self.capacity
-        self.clock = clock
-        self.updated = clock()
-
-    def wait_time(self, amount: float) -> float:
-        """Seconds until `amount` is available (0 if it is now). Caller holds the limiter's lock."""
-        now = self.clock()
-        self.level = min(self.capacity, self.level + (now - self.updated) * self.rate)
-        self.updated = now
-        amount = min(amount, self.capacity)  # a request larger than the burst still goes, once the bucket is full
-        return 0.0 if self.level >= amount else (amount - self.level) / self.rate
-
-    def take(self, amount: float) -> None:
-        self.level -= min(amount, self.capacity)
-
-
-class RateLimiter:
-    """Requests-per-minute and tokens-per-minute buckets plus a pause driven by the server's headers."""
-
-    def __init__(
-        self, rpm: float | None = None, tpm: float | None = None, clock=time.monotonic, sleep=time.sleep
-    ) -> None:
-        self.requests = TokenBucket(rpm) if rpm else None
-        self.tokens = TokenBucket(tpm, burst=tpm / 60.0 * 5) if tpm else None  # 5 s of tokens: requests are large
-        self.paused_until = 0.0
-        self.clock, self.sleep = clock, sleep
-        self.lock = threading.Lock()
-
-    def acquire(self, estimated_tokens: int) -> None:
-        while True:
-            with self.lock:
-                wait = max(0.0, self.paused_until - self.clock())
-                if self.requests is not None:
-                    wait = max(wait, self.requests.wait_time(1))
-                if self.tokens is not None:
-                    wait = max(wait, self.tokens.wait_time(estimated_tokens))
-                if wait <= 0:
-                    if self.requests is not None:
-                        self.requests.take(1)
-                    if self.tokens is not None:
-                        self.tokens.take(estimated_tokens)
-                    return
-            self.sleep(min(wait, 1.0))
-
-    def settle_tokens(self, estimated: int, actual: int) -> None:
-        """Correct the token bucket once the real usage is known."""
-        if self.tokens is not None:
-            with self.lock:
-                self.tokens.level -= actual - estimated
-
-    def observe_headers(self, headers, in_flight_hint: int = 1) -> None:
-        """Pause new requests until the window resets when the server says almost none are left."""
-
-        def header(name):
-            return headers.get(name) if headers is not None else None
-
-        pause = 0.0
-        remaining_requests = header("x-ratelimit-remaining-requests")
-        if (
-            remaining_requests is not None
-            and remaining_requests.isdigit()
-            and int(remaining_requests) <= in_flight_hint
-        ):
-            pause = max(pause, parse_reset(header("x-ratelimit-reset-requests")) or 1.0)
-        remaining_tokens = header("x-ratelimit-remaining-tokens")
-        limit_tokens = header("x-ratelimit-limit-tokens")
-        if (
-            remaining_tokens
-            and limit_tokens
-            and remaining_tokens.isdigit()
-            and limit_tokens.isdigit()
-            and int(remaining_tokens) < 0.02 * int(limit_tokens)
-        ):
-            pause = max(pause, parse_reset(header("x-ratelimit-reset-tokens")) or 1.0)
-        if pause > 0:
-            with self.lock:
-                self.paused_until = max(self.paused_until, self.clock() + pause)
-
-    def pause_for(self, seconds: float) -> None:
-        with self.lock:
-            self.paused_until = max(self.paused_until, self.clock() + seconds)
-
-
-# -------------------------------------------------------------------------------------------------- cache
-
-
-LEDGER_COLUMNS = ("requests", "prompt_tokens", "cached_tokens", "completion_tokens", "dollars")
-
-
-class ResponseCache:
-    """SQLite (WAL) map from a request hash to the server's JSON reply, and the spend ledger: one row per paid
-    request, tagged with the run that paid for it. A reply and its ledger row are written in one transaction,
-    so after a crash (even kill -9) the ledger holds exactly the requests whose answers were kept, and a resumed
-    run's spending restarts from the ledger, not from its last checkpoint. `store_responses=False` (--no-cache)
-    keeps the ledger but neither stores nor serves replies."""
-
-    def __init__(self, path: str, store_responses: bool = True) -> None:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        self.path = path
-        self.store_responses = store_responses
-        self.lock = threading.Lock()
-        try:
-            self.db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=NORMAL")  # durable across process crashes in WAL mode
-            self.db.execute(
-                "CREATE TABLE IF NOT EXISTS responses (key TEXT PRIMARY KEY, request TEXT NOT NULL, "
-                "response TEXT NOT NULL, created REAL NOT NULL)"
-            )
-            self.db.execute(
-                "CREATE TABLE IF NOT EXISTS spend (id INTEGER PRIMARY KEY, run_id TEXT NOT NULL, "
-                "key TEXT NOT NULL, requests INTEGER NOT NULL, prompt_tokens INTEGER NOT NULL, "
-                "cached_tokens INTEGER NOT NULL, completion_tokens INTEGER NOT NULL, dollars REAL NOT NULL, "
-                "created REAL NOT NULL)"
-            )
-        except sqlite3.DatabaseError as exc:
-            raise UserError(
-                f"response cache {path} is not a usable SQLite database ({exc}); move it away or use --no-cache"
-            ) from None
-
-    def put_paid(self, key: str, request: dict, response: dict, run_id: str, charge: dict) -> None:
-        """Store a paid reply and its ledger row atomically."""
-        with self.lock:
-            self.db.execute("BEGIN IMMEDIATE")
-            try:
-                if self.store_responses:
-                    self.db.execute(
-                        "INSERT OR REPLACE INTO responses VALUES (?, ?, ?, ?)",
-                        (key, json.dumps(request, ensure_ascii=False), json.dumps(response), time.time()),
-                    )
-                self.db.execute(
-                    "INSERT INTO spend (run_id, key, requests, prompt_tokens, cached_tokens, completion_tokens, "
-                    "dollars, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (run_id, key, *(charge[name] for name in LEDGER_COLUMNS), time.time()),
-                )
-                self.db.execute("COMMIT")
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
-
-    def spent(self, run_id: str) -> dict:
-        """The ledger's totals for one run."""
-        with self.lock:
-            row = self.db.execute(
-                f"SELECT {', '.join(f'COALESCE(SUM({c}), 0)' for c in LEDGER_COLUMNS)} FROM spend WHERE run_id = ?",
-                (run_id,),
-            ).fetchone()
-        return dict(zip(LEDGER_COLUMNS, row))
-
-    @staticmethod
-    def key(request: dict) -> str:
-        return hashlib.sha256(json.dumps(request, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
-
-    def get(self, key: str) -> dict | None:
-        if not self.store_responses:
-            return None
-        with self.lock:
-            row = self.db.execute("SELECT response FROM responses WHERE key = ?", (key,)).fetchone()
-        return json.loads(row[0]) if row else None
-
-    def __len__(self) -> int:
-        with self.lock:
-            return self.db.execute("SELECT COUNT(*) FROM responses").fetchone()[0]
-
-    def close(self) -> None:
-        with self.lock:
-            self.db.close()
 
 
 # ------------------------------------------------------------------------------------------------ retries

@@ -20,13 +20,14 @@ import torch
 
 import contradiction_task
 import distributed
-from api_client import OpenAIChatOracle, RetryPolicy, api_key_from_env, load_prices, preflight, price_for
+from api_client import OpenAIChatOracle, RetryPolicy, api_key_from_env, preflight
 from batch_pipeline import BatchAPIBatches, BatchSource, PrefetchBatches, SyncBatches, exploration_settings
 from errors import UserError
 from gflownet_policy import AutoregressivePolicy, LogZ, PolicyConfig, TransformerPolicy, make_lora_policy
 from hf_models import describe_special_tokens, document_end_id, document_start_id, load_causal_lm, resolve_device
 from replay_buffer import ReplayBuffer, make_replay_buffer
 from reward_oracle import TASKS, HFResponseOracle, PriorScorer, RewardModel
+from spend_ledger import load_prices, price_for
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

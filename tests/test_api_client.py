@@ -6,17 +6,7 @@ import time
 
 import pytest
 
-from api_client import (
-    CostTracker,
-    OpenAIChatOracle,
-    RateLimiter,
-    ResponseCache,
-    RetryPolicy,
-    TokenBucket,
-    load_prices,
-    parse_reset,
-    price_for,
-)
+from api_client import OpenAIChatOracle, RetryPolicy
 from batch_api import collect_results, submit_batch, wait_for_batch
 from errors import OracleError, UserError
 from openai_test_server import (
@@ -30,7 +20,9 @@ from openai_test_server import (
     server_error,
     slow,
 )
+from rate_limits import RateLimiter, TokenBucket, parse_reset
 from reward_oracle import TASKS
+from spend_ledger import CostTracker, ResponseCache, load_prices, price_for
 
 FAST_RETRY = dict(max_attempts=5, base_delay_s=0.01, max_delay_s=0.05)
 
