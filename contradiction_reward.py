@@ -400,6 +400,11 @@ def passes_threshold(config: ContradictionRewardConfig, terms: dict[str, torch.T
     return passes
 
 
+def contradicts(log_contradiction: float) -> bool:
+    """What evaluation and sweep.py call a contradicting answer: the judge's P(contradiction) > 0.5."""
+    return log_contradiction > math.log(0.5)
+
+
 def on_topic(question: str, subject: str, log_related: float) -> bool:
     """What evaluation and sweep.py call on topic: the question names the subject and the judge calls the answer
     related to the fact (P(neutral) < 0.5)."""

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import math
 import os
 import statistics
 import sys
@@ -27,6 +26,7 @@ from contradiction_reward import (
     NLIScorer,
     PhaseFormula,
 )
+from contradiction_reward import contradicts as is_contradiction
 from contradiction_reward import on_topic as is_on_topic
 from convert_data import load_examples
 from durable_files import atomic_write
@@ -215,7 +215,6 @@ def evaluate(state: dict, policy, tokenizer, reward, samples_per_subject: int, o
     run_args = argparse.Namespace(**state["args"])
     examples = load_dataset(run_args.data)
     prompt = question_prompt(run_args, tokenizer)
-    half = math.log(0.5)
     rows, records = [], []
     for example in examples:
         context = context_ids(tokenizer, example["subject"], policy.device, prompt)
@@ -223,7 +222,7 @@ def evaluate(state: dict, policy, tokenizer, reward, samples_per_subject: int, o
         questions = [tokenizer.decode(row[:n].tolist()) for row, n in zip(tokens.cpu(), lengths.cpu().tolist())]
         scored = score_questions(reward, example, questions, step=reward.config.penalized_steps)
         terms = scored.terms
-        contradicts = (terms["log_contradiction"] > half).tolist()
+        contradicts = [is_contradiction(float(c)) for c in terms["log_contradiction"]]
         on_topic = [is_on_topic(q, example["subject"], float(r)) for q, r in zip(questions, terms["log_related"])]
         for i, question in enumerate(questions):
             records.append(

@@ -16,7 +16,6 @@ import contextlib
 import io
 import itertools
 import json
-import math
 import os
 import statistics
 import sys
@@ -51,13 +50,13 @@ def summarise(output_dir: str, task: str, tail: int) -> dict:
         values = [m[key] for m in trained if key in m]
         summary[key] = statistics.mean(values) if values else float("nan")
     if task == "contradiction":
-        from contradiction_reward import on_topic as is_on_topic  # lazily: torch
+        from contradiction_reward import contradicts  # lazily: torch
+        from contradiction_reward import on_topic as is_on_topic
 
         with open(os.path.join(output_dir, "samples_contradiction.jsonl")) as f:
             samples = [json.loads(line) for line in f if line.strip()]
         first = [s for s in samples if s["epoch"] <= tail]
         last = [s for s in samples if s["epoch"] > summary["epochs"] - tail]
-        half = math.log(0.5)
 
         def rate(rows: list[dict], test) -> float:
             return sum(map(test, rows)) / len(rows) if rows else float("nan")
@@ -66,9 +65,9 @@ def summarise(output_dir: str, task: str, tail: int) -> dict:
             return is_on_topic(s["x"], s.get("subject", ""), s.get("log_related", 0.0))
 
         def on_topic_contradiction(s: dict) -> bool:
-            return on_topic(s) and s["log_contradiction"] > half
+            return on_topic(s) and contradicts(s["log_contradiction"])
 
-        summary["contradiction_rate"] = rate(last, lambda s: s["log_contradiction"] > half)
+        summary["contradiction_rate"] = rate(last, lambda s: contradicts(s["log_contradiction"]))
         summary["on_topic_rate"] = rate(last, on_topic)
         summary["first_on_topic_contradiction_rate"] = rate(first, on_topic_contradiction)
         summary["on_topic_contradiction_rate"] = rate(last, on_topic_contradiction)
