@@ -389,31 +389,41 @@ def sample_and_rank(
             f.flush()
 
 
-def sample_prior_x(base_model, tokenizer, n: int, max_len: int, cut_from: int | None = None):
-    """(tokens, lengths) of n x from the base model: plain text after the document start at temperature 1, no
-    top-k, up to max_len tokens or the document end (an x that ends at once borrows another row's first token);
-    with `cut_from`, each cut to a length drawn uniformly from [cut_from, its length] (torch's RNG)."""
+def unconditional_samples(model, tokenizer, n: int, max_new_tokens: int) -> list[list[int]]:
+    """n texts the model writes from the document start at temperature 1, no top-k, up to max_new_tokens or its
+    document end: token ids, without the start and end tokens (possibly empty)."""
     import torch
 
     from hf_models import document_end_id, document_start_id
-    from reward_oracle import padded_token_ids
 
     start, end = document_start_id(tokenizer), document_end_id(tokenizer)
     prompt = torch.full((n, 1), start)
     with torch.no_grad():
-        generated = base_model.generate(
+        generated = model.generate(
             prompt,
             attention_mask=torch.ones_like(prompt),
             do_sample=True,
             temperature=1.0,
             top_k=0,
             top_p=1.0,
-            max_new_tokens=max_len,
+            max_new_tokens=max_new_tokens,
             eos_token_id=end,
             pad_token_id=end,
         )[:, 1:]
-    rows = [row[: row.index(end)] if end in row else row for row in generated.tolist()]
-    fallback = next((row[:1] for row in rows if row), [start])
+    return [row[: row.index(end)] if end in row else row for row in generated.tolist()]
+
+
+def sample_prior_x(base_model, tokenizer, n: int, max_len: int, cut_from: int | None = None):
+    """(tokens, lengths) of n x from the base model (unconditional_samples; an x that ends at once borrows another
+    row's first token); with `cut_from`, each cut to a length drawn uniformly from [cut_from, its length] (torch's
+    RNG)."""
+    import torch
+
+    from hf_models import document_start_id
+    from reward_oracle import padded_token_ids
+
+    rows = unconditional_samples(base_model, tokenizer, n, max_len)
+    fallback = next((row[:1] for row in rows if row), [document_start_id(tokenizer)])
     rows = [row or fallback for row in rows]
     if cut_from is not None:
         rows = [row[: int(torch.randint(min(cut_from, len(row)), len(row) + 1, ()).item())] for row in rows]

@@ -106,30 +106,14 @@ def load_data(path: str = DATA_FILE) -> dict:
 
 
 def ordinary_documents(model, tokenizer, count: int, tokens: int, seed: int, batch: int = 50) -> list[list[int]]:
-    """`count` documents of up to `tokens` tokens: the model's own samples from the document start (temperature 1,
-    no top-k), ended at the document end if it writes one. Token ids, without the start and end tokens."""
+    """`count` documents of up to `tokens` tokens: the model's own samples from the document start
+    (extraction.unconditional_samples), seeded. Token ids, without the start and end tokens."""
     import torch
 
-    from hf_models import document_end_id, document_start_id
-
-    start, end = document_start_id(tokenizer), document_end_id(tokenizer)
     torch.manual_seed(seed)
     documents = []
-    with torch.no_grad():
-        while len(documents) < count:
-            prompt = torch.full((min(batch, count - len(documents)), 1), start)
-            out = model.generate(
-                prompt,
-                attention_mask=torch.ones_like(prompt),
-                do_sample=True,
-                temperature=1.0,
-                top_k=0,
-                top_p=1.0,
-                max_new_tokens=tokens,
-                eos_token_id=end,
-                pad_token_id=end,
-            )[:, 1:].tolist()
-            documents += [row[: row.index(end)] if end in row else row for row in out]
+    while len(documents) < count:
+        documents += extraction.unconditional_samples(model, tokenizer, min(batch, count - len(documents)), tokens)
     return documents
 
 
