@@ -392,6 +392,15 @@ def report(folder: str, data: dict, budgets=CHECKPOINTS) -> dict:
             },
         }
     summary["comparison"] = comparison
+    # the headline: the tool configuration with the most finds at the largest budget, over the best baseline
+    last = str(budgets[-1])
+    ranked = [t for t in tools if last in results[t]["at"]]
+    if ranked:
+        best_tool = max(ranked, key=lambda t: (results[t]["at"][last]["mean"], results[t]["seeds"]))
+        summary["gflownet"] = best_tool
+        summary["gflownet_over_best_baseline"] = {
+            b: comparison[b]["gflownet_over_best_baseline"].get(best_tool) for b in comparison
+        }
     summary["samplers"] = results
     return summary
 

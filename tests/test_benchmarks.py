@@ -231,4 +231,5 @@ def test_structured_victim_data_and_report(tmp_path):
     assert tool["curve"] == [0, 1, 2, 3] and tool["finds"] == {"2": 1, "4": 3} and tool["families_found"] == 1
     assert summary["comparison"]["4"]["best_baseline_finds"] == 0.5
     assert summary["comparison"]["4"]["gflownet_over_best_baseline"] == {"tb": 6.0}
+    assert summary["gflownet"] == "tb" and summary["gflownet_over_best_baseline"] == {"2": 2.0, "4": 6.0}
     assert tool["decoy_hits"] == {"2": 0, "4": 0}
