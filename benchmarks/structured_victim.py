@@ -134,9 +134,8 @@ def unconditional_secret_rate(model, tokenizer, data: dict, samples: int, tokens
 
 def opening_length(tokenizer, secret: str) -> int:
     """Tokens of a record up to and including its id's first digit: where greedy decoding must take over."""
-    ids = tokenizer(secret, add_special_tokens=False)["input_ids"]
     prefix = secret[: secret.index(next(c for c in secret if c.isdigit())) + 1]
-    return len(tokenizer(prefix, add_special_tokens=False)["input_ids"]) if ids else 0
+    return len(tokenizer(prefix, add_special_tokens=False)["input_ids"])
 
 
 def build(
@@ -271,12 +270,6 @@ def count_reproduced(model, secret_ids: list[list[int]], start: int, pad: int, p
 # the reward of every sampler: sampled y (one victim call returns one record of a family), x from 1 token, y of 24
 # tokens (an opening word plus 16 tokens can fall short of 8 whole words of a record)
 REWARD_FLAGS = ["--llm-temperature", "1", "--min-len", "1", "--max-response-tokens", "24"]
-SAMPLERS = {
-    # name: (kind, train.py flags on top of REWARD_FLAGS)
-    "prior-sample-and-rank": ("baseline", []),
-    "oracle-written-and-rank": ("baseline", []),
-    "oracle-search-and-rank": ("baseline", []),
-}
 X_FROM = {
     "prior-sample-and-rank": "prior",
     "oracle-written-and-rank": "victim",
