@@ -23,12 +23,17 @@ from __future__ import annotations
 
 import argparse
 import base64
+import collections
+import ctypes
+import dataclasses
 import glob
 import hashlib
 import html
 import io
+import itertools
 import json
 import math
+import multiprocessing
 import os
 import re
 import shutil
@@ -123,24 +128,18 @@ def samples_files(path: str) -> list[str]:
     return files
 
 
-def read_rows(path: str, problems: Problems, progress=None) -> Iterator[tuple[int, dict]]:
-    """(line number, row) for every well-formed line of a samples file, streamed."""
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
-            if progress is not None:
-                progress.update(len(raw))
-            if not raw.strip():
-                continue
-            try:
-                row = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                truncated = not raw.endswith(b"\n")
-                problems.report(path, number, ("truncated line: " if truncated else "not JSON: ") + exc.msg)
-                continue
-            if not isinstance(row, dict) or not isinstance(row.get("x"), str):
-                problems.report(path, number, "not a sample record (no text x)")
-                continue
-            yield number, row
+def parse_line(raw: bytes) -> tuple[dict | None, str]:
+    """(row, its JSON text) of one samples-file line, or (None, why it is not a sample record)."""
+    try:
+        text = raw.decode("utf-8")
+        row = json.loads(text)
+    except UnicodeDecodeError as exc:
+        return None, f"not UTF-8: {exc.reason}"
+    except json.JSONDecodeError as exc:
+        return None, ("not JSON: " if raw.endswith(b"\n") else "truncated line: ") + exc.msg
+    if not isinstance(row, dict) or not isinstance(row.get("x"), str):
+        return None, "not a sample record (no text x)"
+    return row, text
 
 
 def is_valid(row: dict) -> bool:
@@ -216,76 +215,381 @@ def word_grams(words: list[str], n: int) -> set[str]:
     return {" ".join(words[i : i + n]) for i in range(len(words) - n + 1)}
 
 
+def lsh_bands(threshold: float, num_perm: int) -> tuple[int, int]:
+    """(bands, rows per band) for MinHash LSH at a Jaccard threshold: the split of num_perm that minimises the
+    area of false positives below the threshold plus 9x that of false negatives above it (datasketch weighs them
+    equally, which at 0.8 and 64 permutations finds a pair of similarity 0.85 only 60% of the time; here 97%:
+    a false positive only costs comparing two signatures). A pair of similarity s shares at least one band with
+    probability 1 - (1 - s^rows)^bands."""
+    import numpy as np
+
+    def error(bands: int, rows: int) -> float:
+        below, above = np.linspace(0, threshold, 101), np.linspace(threshold, 1, 101)
+        p_below, p_above = 1 - (1 - below**rows) ** bands, 1 - (1 - above**rows) ** bands
+        return float(0.1 * np.trapezoid(p_below, below) + 0.9 * np.trapezoid(1 - p_above, above))
+
+    pairs = [(b, r) for b in range(1, num_perm + 1) for r in range(1, num_perm // b + 1)]
+    return min(pairs, key=lambda pair: error(*pair))
+
+
+class MinHasher:
+    """MinHash signatures of word n-gram sets, a batch of texts at a time in numpy: each word hashed once (crc32),
+    each n-gram a wrapping polynomial of its words' hashes, each of num_perm hash functions a multiply-shift
+    ((a h + b) mod 2^64) >> 32 with odd 64-bit a, and the minimum per text by one reduceat. The same text has the
+    same signature in any process (the workers that hash for `collect`)."""
+
+    def __init__(self, num_perm: int = 64, ngram: int = 3, seed: int = 1) -> None:
+        import numpy as np
+
+        rng = np.random.default_rng(seed)
+        self.num_perm, self.ngram = num_perm, ngram
+        self.a = rng.integers(0, 1 << 63, num_perm, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+        self.b = rng.integers(0, 1 << 63, num_perm, dtype=np.uint64)
+        self.word_weights = rng.integers(0, 1 << 63, ngram, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+
+    def signatures(self, texts: list[list[str]]):
+        """(len(texts), num_perm) uint32: one signature per text, a list of words (an empty text is one empty
+        word, so one gram, as in word_grams)."""
+        import numpy as np
+
+        texts = [words or [""] for words in texts]
+        lengths = np.fromiter(map(len, texts), np.int64, len(texts))
+        words = np.fromiter(map(zlib.crc32, map(str.encode, itertools.chain.from_iterable(texts))), np.uint64)
+        text_start = np.repeat(np.cumsum(lengths) - lengths, lengths)
+        offset = np.arange(len(words)) - text_start  # each word's position in its text
+        length = np.repeat(lengths, lengths)
+        padded = np.concatenate([words, np.zeros(self.ngram, np.uint64)])
+        grams = np.zeros(len(words), np.uint64)
+        with np.errstate(over="ignore"):  # every product and sum wraps modulo 2^64 on purpose
+            for k in range(self.ngram):  # the gram starting at each word: its next n words within its text
+                inside = (offset + k < length).astype(np.uint64)
+                grams += padded[k : k + len(words)] * inside * self.word_weights[k]
+            # a text of n words or more has len - n + 1 grams; a shorter one, one gram of all its words
+            starts_gram = offset <= np.maximum(length - self.ngram, 0)
+            grams = grams[starts_gram]
+            permuted = self.a[:, None] * grams[None, :]  # (num_perm, grams): reduceat runs along contiguous rows
+            permuted += self.b[:, None]
+        permuted >>= np.uint64(32)
+        counts = np.maximum(lengths - self.ngram + 1, 1)
+        return np.minimum.reduceat(permuted, np.cumsum(counts) - counts, axis=1).T.astype(np.uint32)
+
+
+def digest64(text: str) -> int:
+    """A 64-bit key of a text (blake2b), as SQLite's signed INTEGER."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little", signed=True)
+
+
+class BandIndex:
+    """LSH band key -> the kept rows that have it, for millions of rows in little memory: an open-addressing hash
+    table in numpy (linear probing; 8 bytes a slot: the key's low 32 bits, made non-zero, and a row id; grown x2
+    past 60% full), looked up and filled a batch at a time. Keys that agree on those 32 bits match each other
+    (about 1 in 4 billion per probe): every candidate is confirmed on its MinHash signature anyway. Several rows
+    may share a key; a lookup returns every match on the key's probe path."""
+
+    def __init__(self, bits: int = 16) -> None:
+        import numpy as np
+
+        self.bits = bits
+        self.stored = np.zeros(1 << bits, np.uint32)  # 0: an empty slot
+        self.ids = np.zeros(1 << bits, np.int32)
+        self.size = 0
+
+    @staticmethod
+    def fingerprints(keys):
+        import numpy as np
+
+        return (np.asarray(keys, np.int64).view(np.uint64) & np.uint64(0xFFFFFFFF)).astype(np.uint32) | np.uint32(1)
+
+    def _home(self, fingerprints):
+        import numpy as np
+
+        with np.errstate(over="ignore"):  # Fibonacci hashing: the top bits of a wrapping product
+            return (fingerprints.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(64 - self.bits)
+
+    def lookup(self, keys) -> tuple:
+        """(position in keys, row id) of every stored entry that matches one of the keys."""
+        import numpy as np
+
+        fingerprints = self.fingerprints(keys)
+        mask = np.uint64(len(self.ids) - 1)
+        active, slots = np.arange(len(fingerprints)), self._home(fingerprints)
+        found_at, found_ids = [np.zeros(0, np.int64)], [np.zeros(0, np.int32)]
+        while len(active):
+            stored = self.stored[slots]
+            hit = stored == fingerprints[active]
+            found_at.append(active[hit])
+            found_ids.append(self.ids[slots[hit]])
+            going = stored != 0  # an empty slot ends a probe path
+            active, slots = active[going], (slots[going] + np.uint64(1)) & mask
+        return np.concatenate(found_at), np.concatenate(found_ids)
+
+    def insert(self, keys, ids) -> None:
+        import numpy as np
+
+        fingerprints, ids = self.fingerprints(keys), np.asarray(ids, np.int32)
+        if (self.size + len(ids)) * 5 > len(self.ids) * 3:
+            used = self.stored != 0
+            old_stored, old_ids = self.stored[used], self.ids[used]
+            while (self.size + len(ids)) * 5 > (1 << self.bits) * 3:
+                self.bits += 1
+            self.stored, self.ids = np.zeros(1 << self.bits, np.uint32), np.zeros(1 << self.bits, np.int32)
+            self._place(old_stored, old_ids)
+        self._place(fingerprints, ids)
+        self.size += len(ids)
+
+    def _place(self, fingerprints, ids) -> None:
+        import numpy as np
+
+        mask = np.uint64(len(self.ids) - 1)
+        slots = self._home(fingerprints)
+        while len(ids):
+            empty = self.stored[slots] == 0
+            # of the entries aiming at one empty slot, the first takes it; every other entry probes on
+            aims = np.where(empty, slots, np.uint64(len(self.ids)))
+            _, first = np.unique(aims, return_index=True)
+            takes = np.zeros(len(ids), bool)
+            takes[first] = True
+            takes &= empty
+            self.stored[slots[takes]] = fingerprints[takes]
+            self.ids[slots[takes]] = ids[takes]
+            left = ~takes
+            fingerprints, ids, slots = fingerprints[left], ids[left], (slots[left] + np.uint64(1)) & mask
+
+
+@dataclasses.dataclass
+class Prepared:
+    """A batch of valid rows, hashed and scored, ready to be folded into a Collection in order: all the per-row
+    work that does not depend on the rows kept so far (so worker processes can do it)."""
+
+    texts: list[str]  # each row's JSON, stored as it is
+    lines: list  # line numbers (None: not from a file)
+    exact_keys: list[int]  # digest64 of x and y
+    normal_keys: list[int]  # digest64 of the normalised words
+    signals: list[tuple]  # ranking_signals, in SIGNALS order
+    scores: list[float]  # the dedup score (the best-scored copy of a group is the one kept)
+    signatures: object = None  # (rows, num_perm) uint32 MinHash signatures, None when near dedup is off
+    band_keys: object = None  # (rows, bands) int64: each row's LSH band keys
+
+
+class RowHasher:
+    """What `Prepared` holds, for a batch of rows: the two digests, the MinHash signature and its LSH band keys
+    (`lsh_bands` for the threshold), every ranking signal and the dedup score."""
+
+    NUM_PERM = 64
+
+    def __init__(self, dedup_by: str, near_threshold: float = 0.8, ngram: int = 3) -> None:
+        self.dedup_by, self.near_threshold = dedup_by, near_threshold
+        self.near = near_threshold <= 1
+        self.minhasher = MinHasher(self.NUM_PERM, ngram)
+        self.num_bands, self.band_rows = lsh_bands(near_threshold, self.NUM_PERM) if self.near else (0, 0)
+
+    def prepare(self, rows: list[dict], texts: list[str] | None = None, lines: list | None = None) -> Prepared:
+        import numpy as np
+
+        words = [normalised_words(row["x"] + " " + (row.get("y") or "")) for row in rows]
+        signals = [ranking_signals(row, row.get("log_reference")) for row in rows]
+        prepared = Prepared(
+            texts=texts or [json.dumps(row) for row in rows],
+            lines=lines or [None] * len(rows),
+            exact_keys=[digest64(f"{row['x']}\x00{row.get('y') or ''}") for row in rows],
+            normal_keys=[digest64(" ".join(w)) for w in words],
+            signals=[tuple(values[name] for name in SIGNALS) for values in signals],
+            scores=[
+                row["log_reward"] if values.get(self.dedup_by) is None else values[self.dedup_by]
+                for row, values in zip(rows, signals)
+            ],
+        )
+        if self.near and rows:
+            signatures = self.minhasher.signatures(words)
+            with np.errstate(over="ignore"):  # a wrapping polynomial of each band's values: its LSH key
+                weights = self.minhasher.word_weights[0] ** np.arange(1, self.band_rows + 1, dtype=np.uint64)
+                used = signatures[:, : self.num_bands * self.band_rows].astype(np.uint64)
+                keys = (used.reshape(len(rows), self.num_bands, self.band_rows) * weights).sum(axis=2)
+                keys += np.arange(self.num_bands, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)  # bands apart
+            prepared.signatures = signatures
+            prepared.band_keys = keys.view(np.int64)
+        return prepared
+
+
+def prepare_lines(hasher: RowHasher, numbered: list[tuple[int, bytes]]) -> dict:
+    """Parse, check and prepare a chunk of a samples file's (line number, line): what `collect` needs of it. A
+    top-level function, so that worker processes can run it."""
+    problems, valid = [], []
+    counts = {"rows_read": 0, "invalid": 0}
+    term_names: list[str] = []
+    has_likelihood = False
+    known = {"x", "y", "epoch", "log_reward", "valid", "log_reference", *SIGNALS}
+    for number, raw in numbered:
+        if not raw.strip():
+            continue
+        row, text = parse_line(raw)
+        if row is None:
+            problems.append((number, text))
+            continue
+        counts["rows_read"] += 1
+        if not is_valid(row):
+            counts["invalid"] += 1
+            continue
+        for name, value in row.items():
+            is_term = name.startswith("log_") and isinstance(value, (int, float)) and name not in known
+            if is_term and name not in term_names:
+                term_names.append(name)
+        has_likelihood = has_likelihood or row.get("log_likelihood") is not None
+        valid.append((number, row, text))
+    prepared = hasher.prepare([r for _, r, _ in valid], [t for _, _, t in valid], [n for n, _, _ in valid])
+    return {"prepared": prepared, "problems": problems, "counts": counts, "term_names": term_names,
+            "has_likelihood": has_likelihood}  # fmt: skip
+
+
 class Collection:
     """The kept rows, one per group of duplicates, in SQLite: exact duplicates (same x and y), normalised
     duplicates (same words after `normalised_words`) and near duplicates (Jaccard similarity of word n-gram sets
-    >= threshold, found by MinHash LSH from `datasketch` and confirmed on the MinHash estimate). The best-scored
-    copy (by `dedup_by`) is kept; `copies` counts the group."""
+    >= threshold, found by MinHash LSH over `MinHasher` signatures and confirmed on the MinHash estimate). The
+    best-scored copy (by `dedup_by`) is kept; `copies` counts the group. The digests and the signatures are
+    SQLite tables beside the rows and the LSH bands a `BandIndex` (8 bytes a band), so a million rows need a few
+    hundred MiB. `add_prepared` folds a batch that a `RowHasher` prepared, looking its keys up a batch at a time."""
 
     def __init__(self, db_path: str, dedup_by: str, near_threshold: float = 0.8, ngram: int = 3) -> None:
-        from datasketch import MinHash, MinHashLSH
-
         self.db = sqlite3.connect(db_path)
-        self.db.execute(
-            "CREATE TABLE rows (id INTEGER PRIMARY KEY, record TEXT NOT NULL, dedup_score REAL, copies INTEGER)"
+        # a scratch file, removed when the command ends: no journal, no fsync, 64 MiB of page cache
+        self.db.executescript("PRAGMA journal_mode = OFF; PRAGMA synchronous = OFF; PRAGMA cache_size = -65536;")
+        signal_columns = ", ".join(f"{name} REAL" for name in SIGNALS)
+        self.db.executescript(
+            f"""
+            CREATE TABLE rows (id INTEGER PRIMARY KEY, record TEXT NOT NULL, source INTEGER, line INTEGER,
+                               dedup_score REAL, copies INTEGER, signature BLOB, {signal_columns});
+            CREATE TABLE exact_keys (key INTEGER PRIMARY KEY, id INTEGER) WITHOUT ROWID;
+            CREATE TABLE normal_keys (key INTEGER PRIMARY KEY, id INTEGER) WITHOUT ROWID;
+            """
         )
-        self.dedup_by, self.near_threshold, self.ngram = dedup_by, near_threshold, ngram
-        self.exact: dict[bytes, int] = {}
-        self.normalised: dict[bytes, int] = {}
-        self.signatures: dict[int, bytes] = {}
-        self.num_perm = 64
-        template = MinHash(num_perm=self.num_perm, seed=1)  # its permutations are made once: costly per row
-        self.make_minhash = lambda: MinHash(
-            num_perm=self.num_perm, seed=1, permutations=template.permutations, scheme=template.scheme
-        )
-        self.lsh = MinHashLSH(threshold=near_threshold, num_perm=self.num_perm) if near_threshold <= 1 else None
+        self.bands = BandIndex()
+        self.hasher = RowHasher(dedup_by, near_threshold, ngram)
+        self.near_threshold = near_threshold
+        self.next_id = 1
+        self.sources: list[dict] = [{}]  # the provenance the rows of each file share (index 0: none given)
         self.counts = {"kept": 0, "exact_duplicates": 0, "normalised_duplicates": 0, "near_duplicates": 0}
 
     def add(self, row: dict) -> str:
         """Store a valid row or fold it into its duplicate group; returns which: kept / exact / normalised / near."""
+        return self.add_many([row])[0]
+
+    def add_many(self, rows: list[dict]) -> list[str]:
+        """`add` for a batch of rows, in order (a row may duplicate an earlier one of the same batch)."""
+        return self.add_prepared(self.hasher.prepare(rows))
+
+    def _known(self, table: str, keys: list[int]) -> dict[int, int]:
+        """key -> kept row id of the keys the table holds (one query)."""
+        found: dict[int, int] = {}
+        for first in range(0, len(keys), 30000):  # SQLite's limit on bound parameters is 32,766
+            part = keys[first : first + 30000]
+            query = f"SELECT key, id FROM {table} WHERE key IN ({', '.join('?' * len(part))})"
+            found.update(self.db.execute(query, part).fetchall())
+        return found
+
+    def add_prepared(self, batch: Prepared, where: dict | None = None) -> list[str]:
+        """Fold a prepared batch in order; `where`: the provenance its rows share (stored once, merged into each
+        row by `rows` and `ranked`). Returns each row's kind: kept / exact / normalised / near."""
         import numpy as np
 
-        y = row.get("y") or ""
-        score = ranking_signals(row).get(self.dedup_by)
-        score = row["log_reward"] if score is None else score
-        exact_key = hashlib.blake2b(f"{row['x']}\x00{y}".encode(), digest_size=16).digest()
-        words = normalised_words(row["x"] + " " + y)
-        normal_key = hashlib.blake2b(" ".join(words).encode(), digest_size=16).digest()
-        if exact_key in self.exact:
-            return self._fold(self.exact[exact_key], row, score, "exact")
-        if normal_key in self.normalised:
-            self.exact[exact_key] = self.normalised[normal_key]
-            return self._fold(self.normalised[normal_key], row, score, "normalised")
-        signature = None
-        if self.lsh is not None:
-            minhash = self.make_minhash()
-            minhash.update_batch([g.encode() for g in word_grams(words, self.ngram)])
-            signature = minhash.hashvalues.astype(np.uint32)
-            best = None
-            for candidate in self.lsh.query(minhash):
-                other = np.frombuffer(self.signatures[candidate], dtype=np.uint32)
-                similarity = float(np.mean(other == signature))
-                if similarity >= self.near_threshold and (best is None or similarity > best[0]):
-                    best = (similarity, candidate)
-            if best is not None:
-                self.exact[exact_key] = self.normalised[normal_key] = best[1]
-                return self._fold(best[1], row, score, "near")
-        cursor = self.db.execute(
-            "INSERT INTO rows (record, dedup_score, copies) VALUES (?, ?, 1)", (json.dumps(row), score)
+        source = 0
+        if where:
+            if where is not self.sources[-1]:
+                self.sources.append(where)
+            source = len(self.sources) - 1
+        exact, normal = self._known("exact_keys", batch.exact_keys), self._known("normal_keys", batch.normal_keys)
+        near = batch.signatures is not None
+        if near:
+            kept_before, earlier, signatures = self._band_candidates(batch.band_keys)
+        kept_ids: dict[int, int] = {}  # row of this batch -> its id, for the rows kept
+        new_exact, new_normal, kinds = [], [], []
+        insert = (
+            f"INSERT INTO rows (id, record, source, line, dedup_score, copies, signature, {', '.join(SIGNALS)}) "
+            f"VALUES (?, ?, ?, ?, ?, 1, ?, {', '.join('?' * len(SIGNALS))})"
         )
-        row_id = cursor.lastrowid
-        self.exact[exact_key] = self.normalised[normal_key] = row_id
-        if signature is not None:
-            self.signatures[row_id] = signature.tobytes()
-            self.lsh.insert(row_id, minhash)
-        self.counts["kept"] += 1
-        return "kept"
+        for i, exact_key in enumerate(batch.exact_keys):
+            normal_key = batch.normal_keys[i]
+            kind, group = "exact", exact.get(exact_key)
+            if group is None:
+                kind, group = "normalised", normal.get(normal_key)
+            if group is None and near and (i in kept_before or i in earlier):
+                candidates = kept_before.get(i, set()) | {kept_ids[j] for j in earlier.get(i, ()) if j in kept_ids}
+                kind, group = "near", self._nearest(batch.signatures[i], candidates, signatures)
+            if group is not None:
+                if kind != "exact":
+                    exact[exact_key] = group
+                    new_exact.append((exact_key, group))
+                if kind == "near":
+                    normal[normal_key] = group
+                    new_normal.append((normal_key, group))
+                kinds.append(self._fold(group, kind, batch, i, source))
+                continue
+            row_id, self.next_id = self.next_id, self.next_id + 1
+            signature = batch.signatures[i].tobytes() if near else None
+            self.db.execute(
+                insert, (row_id, batch.texts[i], source, batch.lines[i], batch.scores[i], signature, *batch.signals[i])
+            )
+            exact[exact_key] = normal[normal_key] = kept_ids[i] = row_id
+            new_exact.append((exact_key, row_id))
+            new_normal.append((normal_key, row_id))
+            if near:
+                signatures[row_id] = batch.signatures[i]
+            self.counts["kept"] += 1
+            kinds.append("kept")
+        self.db.executemany("INSERT OR IGNORE INTO exact_keys VALUES (?, ?)", new_exact)
+        self.db.executemany("INSERT OR IGNORE INTO normal_keys VALUES (?, ?)", new_normal)
+        if near and kept_ids:
+            rows, ids = list(kept_ids), list(kept_ids.values())
+            self.bands.insert(batch.band_keys[rows].ravel(), np.repeat(ids, batch.band_keys.shape[1]))
+        return kinds
 
-    def _fold(self, row_id: int, row: dict, score: float, kind: str) -> str:
+    def _band_candidates(self, band_keys) -> tuple[dict[int, set[int]], dict[int, list[int]], dict[int, object]]:
+        """For a batch's (rows, bands) band keys: row -> ids of kept rows sharing a band (from earlier batches),
+        row -> the earlier rows of this batch sharing a band, and kept id -> signature for the former."""
+        import numpy as np
+
+        num_bands = band_keys.shape[1]
+        flat = band_keys.ravel()
+        at, ids = self.bands.lookup(flat)
+        kept_before: dict[int, set[int]] = {}
+        for position, row_id in zip((at // num_bands).tolist(), ids.tolist()):
+            kept_before.setdefault(position, set()).add(row_id)
+        order = np.argsort(flat, kind="stable")  # equal keys side by side, in row order
+        same = flat[order][1:] == flat[order][:-1]
+        earlier: dict[int, list[int]] = {}
+        # each run of equal keys (rare: rows of a batch that share a band), from its first pair on
+        for start in np.flatnonzero(same & ~np.concatenate([[False], same[:-1]])).tolist():
+            end = start + 1
+            while end < len(same) and same[end]:
+                end += 1
+            rows = [int(order[k]) // num_bands for k in range(start, end + 1)]  # a run of equal keys, in row order
+            for k, later_row in enumerate(rows):
+                earlier.setdefault(later_row, []).extend(row for row in rows[:k] if row != later_row)
+        signatures = {}
+        wanted = sorted({row_id for group in kept_before.values() for row_id in group})
+        for first in range(0, len(wanted), 30000):  # SQLite's limit on bound parameters is 32,766
+            part = wanted[first : first + 30000]
+            query = f"SELECT id, signature FROM rows WHERE id IN ({', '.join('?' * len(part))})"
+            signatures.update((i, np.frombuffer(blob, dtype=np.uint32)) for i, blob in self.db.execute(query, part))
+        return kept_before, earlier, signatures
+
+    def _nearest(self, signature, candidates: set[int], signatures: dict) -> int | None:
+        """The kept row most similar to this signature (MinHash estimate >= threshold) among the candidates."""
+        import numpy as np
+
+        best = None
+        for candidate in sorted(candidates):
+            similarity = float(np.mean(signatures[candidate] == signature))
+            if similarity >= self.near_threshold and (best is None or similarity > best[0]):
+                best = (similarity, candidate)
+        return None if best is None else best[1]
+
+    def _fold(self, row_id: int, kind: str, batch: Prepared, i: int, source: int) -> str:
+        """Count a copy in the group; the copy replaces the kept row (record and signals) when it scores better."""
+        self.db.execute("UPDATE rows SET copies = copies + 1 WHERE id = ?", (row_id,))
         self.db.execute(
-            "UPDATE rows SET copies = copies + 1, record = CASE WHEN ? > dedup_score THEN ? ELSE record END, "
-            "dedup_score = MAX(dedup_score, ?) WHERE id = ?",
-            (score, json.dumps(row), score, row_id),
+            f"UPDATE rows SET record = ?, source = ?, line = ?, dedup_score = ?, "
+            f"{', '.join(f'{n} = ?' for n in SIGNALS)} WHERE id = ? AND ? > dedup_score",
+            (batch.texts[i], source, batch.lines[i], batch.scores[i], *batch.signals[i], row_id, batch.scores[i]),
         )
         self.counts[f"{kind}_duplicates"] += 1
         return kind
@@ -295,35 +599,41 @@ class Collection:
         last = 0
         while True:
             part = self.db.execute(
-                "SELECT id, record, copies FROM rows WHERE id > ? ORDER BY id LIMIT ?", (last, batch)
+                "SELECT id, record, source, line, copies FROM rows WHERE id > ? ORDER BY id LIMIT ?", (last, batch)
             ).fetchall()
             if not part:
                 return
-            for row_id, record, copies in part:
-                yield row_id, json.loads(record), copies
+            for row_id, record, source, line, copies in part:
+                yield row_id, self._row(record, source, line), copies
             last = part[-1][0]
 
+    def _row(self, record: str, source: int, line: int | None) -> dict:
+        """A stored row with its file's provenance and its line number."""
+        row = {**json.loads(record), **self.sources[source]}
+        if line is not None:
+            row["line"] = line
+        return row
+
     def finish(self, log_references: dict[int, float]) -> None:
-        """Compute every signal of every kept row into columns, so ranking is one ORDER BY."""
-        for name in SIGNALS:
-            self.db.execute(f"ALTER TABLE rows ADD COLUMN {name} REAL")
-        updates = []
-        for row_id, row, _ in self.rows():
-            signals = ranking_signals(row, log_references.get(row_id, row.get("log_reference")))
-            updates.append((*(signals[name] for name in SIGNALS), row_id))
-        self.db.executemany(f"UPDATE rows SET {', '.join(f'{n} = ?' for n in SIGNALS)} WHERE id = ?", updates)
+        """Set the reference ratio of the rows scored by the reference model (the other signals were computed as
+        the rows came in), and drop the dedup indexes."""
+        self.db.executemany(
+            "UPDATE rows SET reference_ratio = log_likelihood - ? WHERE id = ? AND log_likelihood IS NOT NULL",
+            [(log_reference, row_id) for row_id, log_reference in log_references.items()],
+        )
+        self.db.executescript("DROP TABLE exact_keys; DROP TABLE normal_keys;")
+        self.bands = BandIndex()  # the indexes are done with
         self.db.commit()
-        self.exact, self.normalised, self.signatures, self.lsh = {}, {}, {}, None  # the indexes are done with
 
     def ranked(self, signal: str, top: int | None = None) -> Iterator[dict]:
         """Kept rows by `signal`, best first (rows without it last, by log R), each with its signals and copies."""
         limit = -1 if top is None else int(top)
         query = (
-            f"SELECT record, copies, {', '.join(SIGNALS)} FROM rows "
+            f"SELECT record, source, line, copies, {', '.join(SIGNALS)} FROM rows "
             f"ORDER BY {signal} IS NULL, {signal} DESC, log_reward DESC, id LIMIT ?"
         )
-        for record, copies, *values in self.db.execute(query, (limit,)):
-            yield {**json.loads(record), "copies": copies, **dict(zip(SIGNALS, values))}
+        for record, source, line, copies, *values in self.db.execute(query, (limit,)):
+            yield {**self._row(record, source, line), "copies": copies, **dict(zip(SIGNALS, values))}
 
     def signal_values(self, signal: str) -> list[float]:
         return [v for (v,) in self.db.execute(f"SELECT {signal} FROM rows WHERE {signal} IS NOT NULL")]
@@ -385,9 +695,7 @@ def rank_rows(rows: list[dict], signals: tuple[str, ...] = SIGNALS, top: int | N
     """signal -> the deduplicated valid rows, best first (in memory; rows carry `log_reference` already when the
     reference ratio is wanted). What the extraction benchmark ranks its samples with."""
     collection = Collection(":memory:", "log_reward", **dedup)
-    for row in rows:
-        if is_valid(row):
-            collection.add(row)
+    collection.add_many([row for row in rows if is_valid(row)])
     collection.finish({})
     ranked = {signal: list(collection.ranked(signal, top)) for signal in signals if collection.count_with(signal)}
     collection.db.close()
@@ -563,12 +871,8 @@ def write_dataset(collection: Collection, rank_by: str, top: int | None, term_na
         jsonl = os.path.join(out, "dataset.jsonl")
         atomic_write(jsonl, write_jsonl)
 
-        def generate():
-            with open(jsonl, encoding="utf-8") as f:
-                for line in f:
-                    yield json.loads(line)
-
-        dataset = Dataset.from_generator(generate, features=columns, cache_dir=os.path.join(scratch, "cache"))
+        # Arrow's JSON reader parses the file in blocks (C++), straight into a memory-mapped cache
+        dataset = Dataset.from_json(jsonl, features=columns, cache_dir=os.path.join(scratch, "cache"))
         dataset.to_parquet(os.path.join(scratch, "dataset.parquet"))
         os.replace(os.path.join(scratch, "dataset.parquet"), os.path.join(out, "dataset.parquet"))
         dataset.save_to_disk(os.path.join(scratch, "hf_dataset"))
@@ -582,30 +886,65 @@ def write_dataset(collection: Collection, rank_by: str, top: int | None, term_na
 # ------------------------------------------------------------------------------------------------ command
 
 
-def collect(collection: Collection, files: list[tuple[str, str]], settings: dict, problems: Problems, quiet: bool):
-    """Stream every samples file into the collection. Returns (counts, the reward terms seen, whether any row has
+def numbered_chunks(path: str, progress, size: int = 2048) -> Iterator[list[tuple[int, bytes]]]:
+    """A samples file's (line number, line) in chunks, read as they are asked for."""
+    chunk = []
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            progress.update(len(raw))
+            chunk.append((number, raw))
+            if len(chunk) == size:
+                yield chunk
+                chunk = []
+    if chunk:
+        yield chunk
+
+
+def prepared_chunks(pool, hasher: RowHasher, chunks: Iterator) -> Iterator[dict]:
+    """prepare_lines of each chunk, in order: in this process (pool None), or by the pool's workers with a few
+    chunks in flight (not the whole file: memory stays flat)."""
+    if pool is None:
+        yield from (prepare_lines(hasher, chunk) for chunk in chunks)
+        return
+    pending: collections.deque = collections.deque()
+    for chunk in chunks:
+        pending.append(pool.submit(prepare_lines, hasher, chunk))
+        if len(pending) > 2 * pool._max_workers:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+def collect(
+    collection: Collection, files: list[tuple[str, str]], settings: dict, problems: Problems, quiet: bool, workers: int
+):
+    """Stream every samples file into the collection: `workers` processes parse, hash and score the lines (0: this
+    process), this one folds them in file order. Returns (counts, the reward terms seen, whether any row has
     log p(y|x))."""
+    from concurrent.futures import ProcessPoolExecutor
+
     from tqdm import tqdm
 
     counts = {"rows_read": 0, "invalid": 0}
     term_names: list[str] = []
-    known = {"x", "y", "epoch", "log_reward", "valid", "log_reference", *SIGNALS}
     has_likelihood = False
     total = sum(os.path.getsize(path) for _, path in files)
-    with tqdm(total=total, unit="B", unit_scale=True, desc="reading", disable=quiet) as bar:
-        for run, path in files:
-            where = provenance(run, path, settings[run])
-            for line, row in read_rows(path, problems, bar):
-                counts["rows_read"] += 1
-                if not is_valid(row):
-                    counts["invalid"] += 1
-                    continue
-                for name, value in row.items():
-                    is_term = name.startswith("log_") and isinstance(value, (int, float)) and name not in known
-                    if is_term and name not in term_names:
-                        term_names.append(name)
-                has_likelihood = has_likelihood or row.get("log_likelihood") is not None
-                collection.add({**row, **where, "line": line})
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) if workers else None
+    try:
+        with tqdm(total=total, unit="B", unit_scale=True, desc="reading", disable=quiet) as bar:
+            for run, path in files:
+                where = provenance(run, path, settings[run])
+                for result in prepared_chunks(pool, collection.hasher, numbered_chunks(path, bar)):
+                    for number, reason in result["problems"]:
+                        problems.report(path, number, reason)
+                    for name in result["counts"]:
+                        counts[name] += result["counts"][name]
+                    term_names += [name for name in result["term_names"] if name not in term_names]
+                    has_likelihood = has_likelihood or result["has_likelihood"]
+                    collection.add_prepared(result["prepared"], where)
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
     return counts, term_names, has_likelihood
 
 
@@ -636,7 +975,11 @@ def resurrect(args: argparse.Namespace) -> dict:
     collection = Collection(db_path, dedup_by, args.near_duplicate, args.ngram)
     problems = Problems(quiet=args.quiet)
     try:
-        counts, term_names, has_likelihood = collect(collection, files, settings, problems, args.quiet)
+        workers = args.workers
+        if workers is None:  # workers pay off once there are more than a few thousand rows
+            small = sum(os.path.getsize(path) for _, path in files) < 4 << 20
+            workers = 0 if small else min(4, os.cpu_count() or 1)
+        counts, term_names, has_likelihood = collect(collection, files, settings, problems, args.quiet, workers)
         rank_by = args.rank_by
         if rank_by == "auto":
             rank_by = "reference_ratio" if has_likelihood and not args.no_reference else "log_reward"
@@ -696,8 +1039,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--report-rows", type=int, default=50, help="rows shown in report.html")
     parser.add_argument("--batch-size", type=int, default=16, help="reference scoring batch")
     parser.add_argument("--device", default="auto")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="processes that parse and hash the samples (0: none; default: up to 4 once the input is over 4 MiB)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bars or per-line warnings")
     return parser
+
+
+def keep_freed_heap() -> None:
+    """Stop glibc from handing the top of the heap back to the OS whenever more than 128 KiB of it is free: every
+    zlib.compress (the zlib signals, twice a row) allocates and frees 256 KiB of state, and paging it back in made
+    each call ~65 us instead of ~6 (measured on this project's 2-core VM). Up to 64 MiB stays with the process."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").mallopt(-1, 64 << 20)  # M_TRIM_THRESHOLD
+        except (OSError, AttributeError):  # not glibc (musl): nothing to tune
+            pass
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -705,12 +1065,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.top is not None and args.top < 1:
         parser.error("--top must be at least 1")
+    if args.workers is not None and args.workers < 0:
+        parser.error("--workers must be >= 0")
     if args.ngram < 1 or args.near_duplicate <= 0:
         parser.error("--ngram must be >= 1 and --near-duplicate > 0")
     if args.no_reference and args.rank_by == "reference_ratio":
         parser.error("--rank-by reference_ratio needs the reference model: drop --no-reference")
 
     def body() -> None:
+        keep_freed_heap()
+        if args.quiet:
+            import datasets
+
+            datasets.disable_progress_bars()
         summary = resurrect(args)
         c = summary["counts"]
         print(

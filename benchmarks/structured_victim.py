@@ -295,6 +295,19 @@ TOOL_FLAGS = {
     "tb-ref-replay-lr": [
         "--reference-weight", "1", "--replay-fraction", "0.5", "--updates-per-batch", "2", "--lr", "2e-3",
     ],
+    # local search around finds: a quarter of each batch re-writes the last 2 tokens of a replayed high-reward x
+    "tb-ref-replay-search-lr-local": [
+        "--reference-weight", "1", "--replay-fraction", "0.5", "--updates-per-batch", "2",
+        "--oracle-proposal-fraction", "0.5", "--oracle-proposals", "search", "--lr", "1e-3",
+        "--local-search-fraction", "0.25", "--local-search-back", "2",
+    ],
+    # tempered reward: log R / 2, so that families whose openings differ by tens of nats all keep mass
+    "tb-ref-replay-search-lr-local-t2": [
+        "--reference-weight", "1", "--replay-fraction", "0.5", "--updates-per-batch", "2",
+        "--oracle-proposal-fraction", "0.5", "--oracle-proposals", "search", "--lr", "1e-3",
+        "--local-search-fraction", "0.25", "--local-search-back", "2",
+        "--reward-temp-start", "2", "--reward-temp-end", "2",
+    ],
 }  # fmt: skip
 FROZEN = ["--lr", "0", "--lr-z", "0"]
 
