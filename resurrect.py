@@ -44,6 +44,7 @@ import tempfile
 import unicodedata
 import zlib
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 
 from durable_files import atomic_write
 from errors import OneLineErrorParser, UserError, run_cli
@@ -356,6 +357,18 @@ class BandIndex:
             fingerprints, ids, slots = fingerprints[left], ids[left], (slots[left] + np.uint64(1)) & mask
 
 
+def stored_row(record: str, where: dict, line: int | None) -> dict:
+    """A stored row with its file's provenance and its line number."""
+    row = {**json.loads(record), **where}
+    if line is not None:
+        row["line"] = line
+    return row
+
+
+def ranked_row(record: str, where: dict, line: int | None, copies: int, values) -> dict:
+    return {**stored_row(record, where, line), "copies": copies, **dict(zip(SIGNALS, values))}
+
+
 @dataclasses.dataclass
 class Prepared:
     """A batch of valid rows, hashed and scored, ready to be folded into a Collection in order: all the per-row
@@ -608,11 +621,7 @@ class Collection:
             last = part[-1][0]
 
     def _row(self, record: str, source: int, line: int | None) -> dict:
-        """A stored row with its file's provenance and its line number."""
-        row = {**json.loads(record), **self.sources[source]}
-        if line is not None:
-            row["line"] = line
-        return row
+        return stored_row(record, self.sources[source], line)
 
     def finish(self, log_references: dict[int, float]) -> None:
         """Set the reference ratio of the rows scored by the reference model (the other signals were computed as
@@ -633,10 +642,25 @@ class Collection:
             f"ORDER BY {signal} IS NULL, {signal} DESC, log_reward DESC, id LIMIT ?"
         )
         for record, source, line, copies, *values in self.db.execute(query, (limit,)):
-            yield {**self._row(record, source, line), "copies": copies, **dict(zip(SIGNALS, values))}
+            yield ranked_row(record, self.sources[source], line, copies, values)
 
-    def signal_values(self, signal: str) -> list[float]:
-        return [v for (v,) in self.db.execute(f"SELECT {signal} FROM rows WHERE {signal} IS NOT NULL")]
+    def ranked_records(self, signal: str, top: int | None = None, chunk: int = 2048) -> Iterator[list[tuple]]:
+        """`ranked`'s rows still as stored, in chunks: (record, provenance, line, copies, signal values)."""
+        limit = -1 if top is None else int(top)
+        query = (
+            f"SELECT record, source, line, copies, {', '.join(SIGNALS)} FROM rows "
+            f"ORDER BY {signal} IS NULL, {signal} DESC, log_reward DESC, id LIMIT ?"
+        )
+        cursor = self.db.execute(query, (limit,))
+        while part := cursor.fetchmany(chunk):
+            yield [(record, self.sources[source], line, copies, values) for record, source, line, copies, *values in part]
+
+    def signal_values(self, signal: str):
+        """A signal's values over the kept rows that have it, as a float64 array (histograms of a million rows)."""
+        import numpy as np
+
+        cursor = self.db.execute(f"SELECT {signal} FROM rows WHERE {signal} IS NOT NULL")
+        return np.fromiter((value for (value,) in cursor), np.float64)
 
     def count_with(self, signal: str) -> int:
         return self.db.execute(f"SELECT COUNT(*) FROM rows WHERE {signal} IS NOT NULL").fetchone()[0]
@@ -726,6 +750,31 @@ def output_row(rank: int, row: dict, feature_names: list[str]) -> dict:
     return out
 
 
+def output_lines(first_rank: int, records: list[tuple], feature_names: list[str]) -> bytes:
+    """dataset.jsonl's lines for a chunk of `Collection.ranked_records`, ranked from first_rank. A top-level
+    function, so that worker processes can run it."""
+    lines = [
+        json.dumps(output_row(rank, ranked_row(*record), feature_names), ensure_ascii=False)
+        for rank, record in enumerate(records, start=first_rank)
+    ]
+    return ("\n".join(lines) + "\n").encode("utf-8")
+
+
+def in_order(pool, function, jobs: Iterator[tuple]) -> Iterator:
+    """function(*job) of each job, in order: in this process (pool None), or by the pool's workers with a few jobs
+    in flight (never all of them: memory stays flat)."""
+    if pool is None:
+        yield from (function(*job) for job in jobs)
+        return
+    pending: collections.deque = collections.deque()
+    for job in jobs:
+        pending.append(pool.submit(function, *job))
+        if len(pending) > 2 * pool._max_workers:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
 def figure_png(draw) -> str:
     """A matplotlib figure drawn by draw(axes) as a base64 PNG, for embedding in the report."""
     import matplotlib
@@ -742,7 +791,7 @@ def figure_png(draw) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def histogram(values: list[float], name: str):
+def histogram(values, name: str):
     def draw(ax) -> None:
         ax.hist(values, bins=min(50, max(5, int(len(values) ** 0.5))), color="#4472c4")
         ax.set_xlabel(name)
@@ -851,9 +900,12 @@ def report_html(summary: dict, top_rows: list[dict], figures: list[tuple[str, st
     )
 
 
-def write_dataset(collection: Collection, rank_by: str, top: int | None, term_names: list[str], out: str) -> int:
+def write_dataset(
+    collection: Collection, rank_by: str, top: int | None, term_names: list[str], out: str, pool=None
+) -> int:
     """dataset.jsonl, dataset.parquet and hf_dataset/ (datasets.save_to_disk): the ranked rows, each written to a
-    temporary name and moved into place, so a crash never leaves half a file. Returns the number of rows."""
+    temporary name and moved into place, so a crash never leaves half a file. The pool's workers (if any) write
+    the JSON lines. Returns the number of rows."""
     from datasets import Dataset
 
     columns = features(term_names)
@@ -864,9 +916,15 @@ def write_dataset(collection: Collection, rank_by: str, top: int | None, term_na
 
         def write_jsonl(f) -> None:
             nonlocal count
-            for rank, row in enumerate(collection.ranked(rank_by, top), start=1):
-                f.write((json.dumps(output_row(rank, row, names), ensure_ascii=False) + "\n").encode("utf-8"))
-                count = rank
+
+            def jobs():
+                nonlocal count
+                for records in collection.ranked_records(rank_by, top):
+                    yield count + 1, records, names
+                    count += len(records)
+
+            for lines in in_order(pool, output_lines, jobs()):
+                f.write(lines)
 
         jsonl = os.path.join(out, "dataset.jsonl")
         atomic_write(jsonl, write_jsonl)
@@ -900,51 +958,30 @@ def numbered_chunks(path: str, progress, size: int = 2048) -> Iterator[list[tupl
         yield chunk
 
 
-def prepared_chunks(pool, hasher: RowHasher, chunks: Iterator) -> Iterator[dict]:
-    """prepare_lines of each chunk, in order: in this process (pool None), or by the pool's workers with a few
-    chunks in flight (not the whole file: memory stays flat)."""
-    if pool is None:
-        yield from (prepare_lines(hasher, chunk) for chunk in chunks)
-        return
-    pending: collections.deque = collections.deque()
-    for chunk in chunks:
-        pending.append(pool.submit(prepare_lines, hasher, chunk))
-        if len(pending) > 2 * pool._max_workers:
-            yield pending.popleft().result()
-    while pending:
-        yield pending.popleft().result()
-
-
 def collect(
-    collection: Collection, files: list[tuple[str, str]], settings: dict, problems: Problems, quiet: bool, workers: int
+    collection: Collection, files: list[tuple[str, str]], settings: dict, problems: Problems, quiet: bool, pool=None
 ):
-    """Stream every samples file into the collection: `workers` processes parse, hash and score the lines (0: this
-    process), this one folds them in file order. Returns (counts, the reward terms seen, whether any row has
-    log p(y|x))."""
-    from concurrent.futures import ProcessPoolExecutor
-
+    """Stream every samples file into the collection: the pool's processes parse, hash and score the lines (no
+    pool: this process), this one folds them in file order. Returns (counts, the reward terms seen, whether any
+    row has log p(y|x))."""
     from tqdm import tqdm
 
     counts = {"rows_read": 0, "invalid": 0}
     term_names: list[str] = []
     has_likelihood = False
     total = sum(os.path.getsize(path) for _, path in files)
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) if workers else None
-    try:
-        with tqdm(total=total, unit="B", unit_scale=True, desc="reading", disable=quiet) as bar:
-            for run, path in files:
-                where = provenance(run, path, settings[run])
-                for result in prepared_chunks(pool, collection.hasher, numbered_chunks(path, bar)):
-                    for number, reason in result["problems"]:
-                        problems.report(path, number, reason)
-                    for name in result["counts"]:
-                        counts[name] += result["counts"][name]
-                    term_names += [name for name in result["term_names"] if name not in term_names]
-                    has_likelihood = has_likelihood or result["has_likelihood"]
-                    collection.add_prepared(result["prepared"], where)
-    finally:
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)
+    with tqdm(total=total, unit="B", unit_scale=True, desc="reading", disable=quiet) as bar:
+        for run, path in files:
+            where = provenance(run, path, settings[run])
+            jobs = ((collection.hasher, chunk) for chunk in numbered_chunks(path, bar))
+            for result in in_order(pool, prepare_lines, jobs):
+                for number, reason in result["problems"]:
+                    problems.report(path, number, reason)
+                for name in result["counts"]:
+                    counts[name] += result["counts"][name]
+                term_names += [name for name in result["term_names"] if name not in term_names]
+                has_likelihood = has_likelihood or result["has_likelihood"]
+                collection.add_prepared(result["prepared"], where)
     return counts, term_names, has_likelihood
 
 
@@ -952,7 +989,7 @@ def write_report(collection: Collection, summary: dict, settings: dict, runs: li
     figures = [
         (f"histogram of {name}", figure_png(histogram(values, name)))
         for name in SIGNALS
-        if (values := collection.signal_values(name))
+        if len(values := collection.signal_values(name))
     ]
     figures += [(title, figure_png(draw)) for title, draw in training_curves(runs)]
     top_rows = [{**row, "rank": rank} for rank, row in enumerate(collection.ranked(summary["rank_by"], rows), 1)]
@@ -974,12 +1011,15 @@ def resurrect(args: argparse.Namespace) -> dict:
         os.unlink(db_path)
     collection = Collection(db_path, dedup_by, args.near_duplicate, args.ngram)
     problems = Problems(quiet=args.quiet)
+    pool = None
     try:
         workers = args.workers
         if workers is None:  # workers pay off once there are more than a few thousand rows
             small = sum(os.path.getsize(path) for _, path in files) < 4 << 20
             workers = 0 if small else min(4, os.cpu_count() or 1)
-        counts, term_names, has_likelihood = collect(collection, files, settings, problems, args.quiet, workers)
+        if workers:
+            pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+        counts, term_names, has_likelihood = collect(collection, files, settings, problems, args.quiet, pool)
         rank_by = args.rank_by
         if rank_by == "auto":
             rank_by = "reference_ratio" if has_likelihood and not args.no_reference else "log_reward"
@@ -1000,7 +1040,7 @@ def resurrect(args: argparse.Namespace) -> dict:
         if collection.counts["kept"] and collection.count_with(rank_by) == 0:
             tasks = sorted({str(s.get("task")) for s in settings.values()})
             raise UserError(f"no row has {rank_by} (rows of task(s) {', '.join(tasks)})")
-        written = write_dataset(collection, rank_by, args.top, term_names, args.output)
+        written = write_dataset(collection, rank_by, args.top, term_names, args.output, pool)
         summary = {
             "runs": args.runs,
             "rank_by": rank_by,
@@ -1013,6 +1053,8 @@ def resurrect(args: argparse.Namespace) -> dict:
         text = json.dumps({**summary, "settings": settings}, indent=1, ensure_ascii=False) + "\n"
         atomic_write(os.path.join(args.output, "summary.json"), lambda f: f.write(text.encode("utf-8")))
     finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
         collection.db.close()
         if os.path.exists(db_path):
             os.unlink(db_path)

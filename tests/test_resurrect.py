@@ -291,6 +291,19 @@ def test_rows_are_ranked_by_the_chosen_signal_and_cut(fixture_runs, tmp_path):
     assert by_reward == ["Once upon a time", "Hello there", "the quick brown fox!"]
 
 
+def test_worker_processes_write_what_one_process_writes(fixture_runs, tmp_path):
+    """--workers 2 (spawned processes parse, hash and write the JSON lines, in small chunks) against --workers 0:
+    the same rows, ranks, copies, signals and counts, the malformed lines reported at the same places."""
+    outputs = {}
+    for workers in ("0", "2"):
+        code, _, err = resurrect_into(tmp_path / workers, *fixture_runs, "--workers", workers, "--no-reference")
+        assert code == 0, err
+        summary = json.load(open(tmp_path / workers / "summary.json"))
+        outputs[workers] = (read_jsonl(tmp_path / workers / "dataset.jsonl"), summary["counts"],
+                            summary["malformed_lines"])  # fmt: skip
+    assert outputs["0"] == outputs["2"] and len(outputs["0"][0]) == 4
+
+
 def test_parquet_and_hf_dataset_hold_every_column(resurrected):
     import pyarrow.parquet as pq
     from datasets import load_from_disk
