@@ -46,6 +46,8 @@ import zlib
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 
+import orjson
+
 from durable_files import atomic_write
 from errors import OneLineErrorParser, UserError, run_cli
 
@@ -133,11 +135,15 @@ def parse_line(raw: bytes) -> tuple[dict | None, str]:
     """(row, its JSON text) of one samples-file line, or (None, why it is not a sample record)."""
     try:
         text = raw.decode("utf-8")
-        row = json.loads(text)
     except UnicodeDecodeError as exc:
         return None, f"not UTF-8: {exc.reason}"
-    except json.JSONDecodeError as exc:
-        return None, ("not JSON: " if raw.endswith(b"\n") else "truncated line: ") + exc.msg
+    try:
+        row = orjson.loads(raw)  # 4x json's speed; it refuses NaN and Infinity, which Python's json wrote
+    except orjson.JSONDecodeError:
+        try:
+            row = json.loads(text)
+        except json.JSONDecodeError as exc:
+            return None, ("not JSON: " if raw.endswith(b"\n") else "truncated line: ") + exc.msg
     if not isinstance(row, dict) or not isinstance(row.get("x"), str):
         return None, "not a sample record (no text x)"
     return row, text
@@ -359,7 +365,10 @@ class BandIndex:
 
 def stored_row(record: str, where: dict, line: int | None) -> dict:
     """A stored row with its file's provenance and its line number."""
-    row = {**json.loads(record), **where}
+    try:
+        row = {**orjson.loads(record), **where}
+    except orjson.JSONDecodeError:  # NaN or Infinity in it (see parse_line)
+        row = {**json.loads(record), **where}
     if line is not None:
         row["line"] = line
     return row
@@ -463,7 +472,7 @@ class Collection:
     hundred MiB. `add_prepared` folds a batch that a `RowHasher` prepared, looking its keys up a batch at a time."""
 
     def __init__(self, db_path: str, dedup_by: str, near_threshold: float = 0.8, ngram: int = 3) -> None:
-        self.db = sqlite3.connect(db_path)
+        self.db_path, self.db = db_path, sqlite3.connect(db_path)
         # a scratch file, removed when the command ends: no journal, no fsync, 64 MiB of page cache
         self.db.executescript("PRAGMA journal_mode = OFF; PRAGMA synchronous = OFF; PRAGMA cache_size = -65536;")
         signal_columns = ", ".join(f"{name} REAL" for name in SIGNALS)
@@ -644,16 +653,11 @@ class Collection:
         for record, source, line, copies, *values in self.db.execute(query, (limit,)):
             yield ranked_row(record, self.sources[source], line, copies, values)
 
-    def ranked_records(self, signal: str, top: int | None = None, chunk: int = 2048) -> Iterator[list[tuple]]:
-        """`ranked`'s rows still as stored, in chunks: (record, provenance, line, copies, signal values)."""
+    def ranked_ids(self, signal: str, top: int | None = None) -> list[int]:
+        """The ids of `ranked`'s rows, in its order (the sort moves ids, not records)."""
         limit = -1 if top is None else int(top)
-        query = (
-            f"SELECT record, source, line, copies, {', '.join(SIGNALS)} FROM rows "
-            f"ORDER BY {signal} IS NULL, {signal} DESC, log_reward DESC, id LIMIT ?"
-        )
-        cursor = self.db.execute(query, (limit,))
-        while part := cursor.fetchmany(chunk):
-            yield [(record, self.sources[source], line, copies, values) for record, source, line, copies, *values in part]
+        query = f"SELECT id FROM rows ORDER BY {signal} IS NULL, {signal} DESC, log_reward DESC, id LIMIT ?"
+        return [row_id for (row_id,) in self.db.execute(query, (limit,))]
 
     def signal_values(self, signal: str):
         """A signal's values over the kept rows that have it, as a float64 array (histograms of a million rows)."""
@@ -750,14 +754,22 @@ def output_row(rank: int, row: dict, feature_names: list[str]) -> dict:
     return out
 
 
-def output_lines(first_rank: int, records: list[tuple], feature_names: list[str]) -> bytes:
-    """dataset.jsonl's lines for a chunk of `Collection.ranked_records`, ranked from first_rank. A top-level
-    function, so that worker processes can run it."""
-    lines = [
-        json.dumps(output_row(rank, ranked_row(*record), feature_names), ensure_ascii=False)
-        for rank, record in enumerate(records, start=first_rank)
-    ]
-    return ("\n".join(lines) + "\n").encode("utf-8")
+def output_lines(db_path: str, first_rank: int, ids: list[int], sources: list[dict], feature_names: list[str]) -> bytes:
+    """dataset.jsonl's lines for the kept rows `ids` (in rank order from first_rank), read from the collection's
+    SQLite file: a top-level function, so that worker processes read and write them."""
+    db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    try:
+        query = f"SELECT id, record, source, line, copies, {', '.join(SIGNALS)} FROM rows WHERE id IN ({', '.join('?' * len(ids))})"
+        stored = {row_id: rest for row_id, *rest in db.execute(query, ids)}
+    finally:
+        db.close()
+    lines = []
+    for rank, row_id in enumerate(ids, start=first_rank):
+        record, source, line, copies, *values = stored[row_id]
+        row = ranked_row(record, sources[source], line, copies, values)
+        # orjson: 20x json's speed, the same shortest round-trip text for floats; NaN is written as null
+        lines.append(orjson.dumps(output_row(rank, row, feature_names), option=orjson.OPT_APPEND_NEWLINE))
+    return b"".join(lines)
 
 
 def in_order(pool, function, jobs: Iterator[tuple]) -> Iterator:
@@ -917,13 +929,13 @@ def write_dataset(
         def write_jsonl(f) -> None:
             nonlocal count
 
-            def jobs():
-                nonlocal count
-                for records in collection.ranked_records(rank_by, top):
-                    yield count + 1, records, names
-                    count += len(records)
-
-            for lines in in_order(pool, output_lines, jobs()):
+            ids = collection.ranked_ids(rank_by, top)
+            count = len(ids)
+            jobs = (
+                (collection.db_path, first + 1, ids[first : first + 2048], collection.sources, names)
+                for first in range(0, len(ids), 2048)
+            )
+            for lines in in_order(pool, output_lines, jobs):
                 f.write(lines)
 
         jsonl = os.path.join(out, "dataset.jsonl")
@@ -1018,7 +1030,9 @@ def resurrect(args: argparse.Namespace) -> dict:
             small = sum(os.path.getsize(path) for _, path in files) < 4 << 20
             workers = 0 if small else min(4, os.cpu_count() or 1)
         if workers:
-            pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+            pool = ProcessPoolExecutor(
+                workers, mp_context=multiprocessing.get_context("spawn"), initializer=keep_freed_heap
+            )
         counts, term_names, has_likelihood = collect(collection, files, settings, problems, args.quiet, pool)
         rank_by = args.rank_by
         if rank_by == "auto":
