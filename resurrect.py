@@ -286,44 +286,51 @@ def digest64(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little", signed=True)
 
 
-class BandIndex:
-    """LSH band key -> the kept rows that have it, for millions of rows in little memory: an open-addressing hash
-    table in numpy (linear probing; 8 bytes a slot: the key's low 32 bits, made non-zero, and a row id; grown x2
-    past 60% full), looked up and filled a batch at a time. Keys that agree on those 32 bits match each other
-    (about 1 in 4 billion per probe): every candidate is confirmed on its MinHash signature anyway. Several rows
-    may share a key; a lookup returns every match on the key's probe path."""
+class KeyIndex:
+    """64-bit key -> the kept rows stored under it, for millions of rows in little memory: an open-addressing hash
+    table in numpy (linear probing, grown x2 past 60% full), looked up and filled a batch at a time. A lookup
+    returns every entry on the key's probe path that matches it (several rows may share a key).
 
-    def __init__(self, bits: int = 16) -> None:
+    `full_keys`: each slot holds the whole key (12 bytes a slot), for the exact and normalised digests, where a
+    false match would fold two different texts. Otherwise a slot holds the key's low 32 bits (8 bytes a slot),
+    for the LSH bands: keys that agree on them match each other (about 1 in 4 billion per probe), and every
+    candidate is confirmed on its MinHash signature anyway."""
+
+    def __init__(self, full_keys: bool = False, bits: int = 16) -> None:
         import numpy as np
 
-        self.bits = bits
-        self.stored = np.zeros(1 << bits, np.uint32)  # 0: an empty slot
+        self.full_keys, self.bits = full_keys, bits
+        self.dtype = np.uint64 if full_keys else np.uint32
+        self.stored = np.zeros(1 << bits, self.dtype)  # 0: an empty slot (keys are made non-zero)
         self.ids = np.zeros(1 << bits, np.int32)
         self.size = 0
 
-    @staticmethod
-    def fingerprints(keys):
+    def stored_keys(self, keys):
+        """What a slot holds for each key: the key or its low 32 bits, with the lowest bit set (never 0)."""
         import numpy as np
 
-        return (np.asarray(keys, np.int64).view(np.uint64) & np.uint64(0xFFFFFFFF)).astype(np.uint32) | np.uint32(1)
+        keys = np.asarray(keys, np.int64).view(np.uint64)
+        if not self.full_keys:
+            keys = (keys & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+        return keys | self.dtype(1)
 
-    def _home(self, fingerprints):
+    def _home(self, stored):
         import numpy as np
 
         with np.errstate(over="ignore"):  # Fibonacci hashing: the top bits of a wrapping product
-            return (fingerprints.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(64 - self.bits)
+            return (stored.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(64 - self.bits)
 
     def lookup(self, keys) -> tuple:
         """(position in keys, row id) of every stored entry that matches one of the keys."""
         import numpy as np
 
-        fingerprints = self.fingerprints(keys)
+        wanted = self.stored_keys(keys)
         mask = np.uint64(len(self.ids) - 1)
-        active, slots = np.arange(len(fingerprints)), self._home(fingerprints)
+        active, slots = np.arange(len(wanted)), self._home(wanted)
         found_at, found_ids = [np.zeros(0, np.int64)], [np.zeros(0, np.int32)]
         while len(active):
             stored = self.stored[slots]
-            hit = stored == fingerprints[active]
+            hit = stored == wanted[active]
             found_at.append(active[hit])
             found_ids.append(self.ids[slots[hit]])
             going = stored != 0  # an empty slot ends a probe path
@@ -333,34 +340,31 @@ class BandIndex:
     def insert(self, keys, ids) -> None:
         import numpy as np
 
-        fingerprints, ids = self.fingerprints(keys), np.asarray(ids, np.int32)
+        stored, ids = self.stored_keys(keys), np.asarray(ids, np.int32)
         if (self.size + len(ids)) * 5 > len(self.ids) * 3:
             used = self.stored != 0
             old_stored, old_ids = self.stored[used], self.ids[used]
             while (self.size + len(ids)) * 5 > (1 << self.bits) * 3:
                 self.bits += 1
-            self.stored, self.ids = np.zeros(1 << self.bits, np.uint32), np.zeros(1 << self.bits, np.int32)
+            self.stored, self.ids = np.zeros(1 << self.bits, self.dtype), np.zeros(1 << self.bits, np.int32)
             self._place(old_stored, old_ids)
-        self._place(fingerprints, ids)
+        self._place(stored, ids)
         self.size += len(ids)
 
-    def _place(self, fingerprints, ids) -> None:
+    def _place(self, stored, ids) -> None:
         import numpy as np
 
         mask = np.uint64(len(self.ids) - 1)
-        slots = self._home(fingerprints)
+        slots = self._home(stored)
         while len(ids):
-            empty = self.stored[slots] == 0
-            # of the entries aiming at one empty slot, the first takes it; every other entry probes on
-            aims = np.where(empty, slots, np.uint64(len(self.ids)))
-            _, first = np.unique(aims, return_index=True)
-            takes = np.zeros(len(ids), bool)
-            takes[first] = True
-            takes &= empty
-            self.stored[slots[takes]] = fingerprints[takes]
-            self.ids[slots[takes]] = ids[takes]
-            left = ~takes
-            fingerprints, ids, slots = fingerprints[left], ids[left], (slots[left] + np.uint64(1)) & mask
+            empty = np.flatnonzero(self.stored[slots] == 0)
+            # entries aiming at one empty slot: the last write wins it (read back below); the others probe on
+            self.ids[slots[empty]] = empty
+            won = empty[self.ids[slots[empty]] == empty]
+            self.stored[slots[won]], self.ids[slots[won]] = stored[won], ids[won]
+            left = np.ones(len(ids), bool)
+            left[won] = False
+            stored, ids, slots = stored[left], ids[left], (slots[left] + np.uint64(1)) & mask
 
 
 def stored_row(record: str, where: dict, line: int | None) -> dict:
@@ -467,9 +471,10 @@ class Collection:
     """The kept rows, one per group of duplicates, in SQLite: exact duplicates (same x and y), normalised
     duplicates (same words after `normalised_words`) and near duplicates (Jaccard similarity of word n-gram sets
     >= threshold, found by MinHash LSH over `MinHasher` signatures and confirmed on the MinHash estimate). The
-    best-scored copy (by `dedup_by`) is kept; `copies` counts the group. The digests and the signatures are
-    SQLite tables beside the rows and the LSH bands a `BandIndex` (8 bytes a band), so a million rows need a few
-    hundred MiB. `add_prepared` folds a batch that a `RowHasher` prepared, looking its keys up a batch at a time."""
+    best-scored copy (by `dedup_by`) is kept; `copies` counts the group. The rows and their signatures are in
+    SQLite, the two digests and the LSH bands in `KeyIndex` hash tables (12 bytes a digest, 8 a band), so a
+    million rows need a few hundred MiB. `add_prepared` folds a batch that a `RowHasher` prepared, looking its keys
+    up a batch at a time."""
 
     def __init__(self, db_path: str, dedup_by: str, near_threshold: float = 0.8, ngram: int = 3) -> None:
         self.db_path, self.db = db_path, sqlite3.connect(db_path)
@@ -480,11 +485,9 @@ class Collection:
             f"""
             CREATE TABLE rows (id INTEGER PRIMARY KEY, record TEXT NOT NULL, source INTEGER, line INTEGER,
                                dedup_score REAL, copies INTEGER, signature BLOB, {signal_columns});
-            CREATE TABLE exact_keys (key INTEGER PRIMARY KEY, id INTEGER) WITHOUT ROWID;
-            CREATE TABLE normal_keys (key INTEGER PRIMARY KEY, id INTEGER) WITHOUT ROWID;
             """
         )
-        self.bands = BandIndex()
+        self.exact_index, self.normal_index, self.bands = KeyIndex(full_keys=True), KeyIndex(full_keys=True), KeyIndex()
         self.hasher = RowHasher(dedup_by, near_threshold, ngram)
         self.near_threshold = near_threshold
         self.next_id = 1
@@ -499,14 +502,11 @@ class Collection:
         """`add` for a batch of rows, in order (a row may duplicate an earlier one of the same batch)."""
         return self.add_prepared(self.hasher.prepare(rows))
 
-    def _known(self, table: str, keys: list[int]) -> dict[int, int]:
-        """key -> kept row id of the keys the table holds (one query)."""
-        found: dict[int, int] = {}
-        for first in range(0, len(keys), 30000):  # SQLite's limit on bound parameters is 32,766
-            part = keys[first : first + 30000]
-            query = f"SELECT key, id FROM {table} WHERE key IN ({', '.join('?' * len(part))})"
-            found.update(self.db.execute(query, part).fetchall())
-        return found
+    @staticmethod
+    def _known(index: KeyIndex, keys: list[int]) -> dict[int, int]:
+        """key -> kept row id of the keys the index holds."""
+        positions, ids = index.lookup(keys)
+        return {keys[position]: row_id for position, row_id in zip(positions.tolist(), ids.tolist())}
 
     def add_prepared(self, batch: Prepared, where: dict | None = None) -> list[str]:
         """Fold a prepared batch in order; `where`: the provenance its rows share (stored once, merged into each
@@ -518,16 +518,13 @@ class Collection:
             if where is not self.sources[-1]:
                 self.sources.append(where)
             source = len(self.sources) - 1
-        exact, normal = self._known("exact_keys", batch.exact_keys), self._known("normal_keys", batch.normal_keys)
+        exact, normal = self._known(self.exact_index, batch.exact_keys), self._known(self.normal_index, batch.normal_keys)
         near = batch.signatures is not None
         if near:
             kept_before, earlier, signatures = self._band_candidates(batch.band_keys)
         kept_ids: dict[int, int] = {}  # row of this batch -> its id, for the rows kept
+        pending: dict[int, list] = {}  # id -> the columns of a row kept in this batch (inserted at its end)
         new_exact, new_normal, kinds = [], [], []
-        insert = (
-            f"INSERT INTO rows (id, record, source, line, dedup_score, copies, signature, {', '.join(SIGNALS)}) "
-            f"VALUES (?, ?, ?, ?, ?, 1, ?, {', '.join('?' * len(SIGNALS))})"
-        )
         for i, exact_key in enumerate(batch.exact_keys):
             normal_key = batch.normal_keys[i]
             kind, group = "exact", exact.get(exact_key)
@@ -543,13 +540,11 @@ class Collection:
                 if kind == "near":
                     normal[normal_key] = group
                     new_normal.append((normal_key, group))
-                kinds.append(self._fold(group, kind, batch, i, source))
+                kinds.append(self._fold(group, kind, batch, i, source, pending))
                 continue
             row_id, self.next_id = self.next_id, self.next_id + 1
             signature = batch.signatures[i].tobytes() if near else None
-            self.db.execute(
-                insert, (row_id, batch.texts[i], source, batch.lines[i], batch.scores[i], signature, *batch.signals[i])
-            )
+            pending[row_id] = [batch.texts[i], source, batch.lines[i], batch.scores[i], 1, signature, *batch.signals[i]]
             exact[exact_key] = normal[normal_key] = kept_ids[i] = row_id
             new_exact.append((exact_key, row_id))
             new_normal.append((normal_key, row_id))
@@ -557,8 +552,14 @@ class Collection:
                 signatures[row_id] = batch.signatures[i]
             self.counts["kept"] += 1
             kinds.append("kept")
-        self.db.executemany("INSERT OR IGNORE INTO exact_keys VALUES (?, ?)", new_exact)
-        self.db.executemany("INSERT OR IGNORE INTO normal_keys VALUES (?, ?)", new_normal)
+        self.db.executemany(
+            f"INSERT INTO rows (id, record, source, line, dedup_score, copies, signature, {', '.join(SIGNALS)}) "
+            f"VALUES (?, ?, ?, ?, ?, ?, ?, {', '.join('?' * len(SIGNALS))})",
+            [(row_id, *columns) for row_id, columns in pending.items()],
+        )
+        for index, new in ((self.exact_index, new_exact), (self.normal_index, new_normal)):
+            if new:
+                index.insert([key for key, _ in new], [row_id for _, row_id in new])
         if near and kept_ids:
             rows, ids = list(kept_ids), list(kept_ids.values())
             self.bands.insert(batch.band_keys[rows].ravel(), np.repeat(ids, batch.band_keys.shape[1]))
@@ -605,15 +606,23 @@ class Collection:
                 best = (similarity, candidate)
         return None if best is None else best[1]
 
-    def _fold(self, row_id: int, kind: str, batch: Prepared, i: int, source: int) -> str:
-        """Count a copy in the group; the copy replaces the kept row (record and signals) when it scores better."""
+    def _fold(self, row_id: int, kind: str, batch: Prepared, i: int, source: int, pending: dict) -> str:
+        """Count a copy in the group; the copy replaces the kept row (record and signals) when it scores better.
+        A row kept in this same batch is still in `pending`: it is updated there."""
+        self.counts[f"{kind}_duplicates"] += 1
+        if row_id in pending:
+            kept = pending[row_id]
+            kept[4] += 1  # copies
+            if batch.scores[i] > kept[3]:
+                kept[:4] = [batch.texts[i], source, batch.lines[i], batch.scores[i]]
+                kept[6:] = batch.signals[i]
+            return kind
         self.db.execute("UPDATE rows SET copies = copies + 1 WHERE id = ?", (row_id,))
         self.db.execute(
             f"UPDATE rows SET record = ?, source = ?, line = ?, dedup_score = ?, "
             f"{', '.join(f'{n} = ?' for n in SIGNALS)} WHERE id = ? AND ? > dedup_score",
             (batch.texts[i], source, batch.lines[i], batch.scores[i], *batch.signals[i], row_id, batch.scores[i]),
         )
-        self.counts[f"{kind}_duplicates"] += 1
         return kind
 
     def rows(self, batch: int = 1000) -> Iterator[tuple[int, dict, int]]:
@@ -639,8 +648,7 @@ class Collection:
             "UPDATE rows SET reference_ratio = log_likelihood - ? WHERE id = ? AND log_likelihood IS NOT NULL",
             [(log_reference, row_id) for row_id, log_reference in log_references.items()],
         )
-        self.db.executescript("DROP TABLE exact_keys; DROP TABLE normal_keys;")
-        self.bands = BandIndex()  # the indexes are done with
+        self.bands = self.exact_index = self.normal_index = None  # the indexes are done with
         self.db.commit()
 
     def ranked(self, signal: str, top: int | None = None) -> Iterator[dict]:

@@ -161,16 +161,18 @@ def test_lsh_bands_find_pairs_just_above_the_threshold():
     assert found(0.85) > 0.95 and found(0.3) < 0.01
 
 
-def test_band_index_returns_every_row_stored_under_a_key_as_it_grows():
-    """The numpy hash table against a dict of lists, through several doublings, with keys stored under several
-    rows: every true match is returned, and anything else only shares the key's stored 32 bits."""
+@pytest.mark.parametrize("full_keys", [False, True])
+def test_key_index_returns_every_row_stored_under_a_key_as_it_grows(full_keys):
+    """The numpy hash table against a dict of sets, through several doublings, with keys stored under several
+    rows: every true match is returned; with 32-bit slots anything else only shares the key's stored bits, with
+    full keys nothing else."""
     import collections
 
     import numpy as np
 
     rng = np.random.default_rng(0)
-    index = resurrect.BandIndex(bits=4)
-    by_key, by_fingerprint = collections.defaultdict(set), collections.defaultdict(set)
+    index = resurrect.KeyIndex(full_keys=full_keys, bits=4)
+    by_key, by_stored = collections.defaultdict(set), collections.defaultdict(set)
     next_id = 0
     for _ in range(30):
         keys = rng.integers(-(2**63), 2**63 - 1, 400)
@@ -181,15 +183,17 @@ def test_band_index_returns_every_row_stored_under_a_key_as_it_grows():
         found = collections.defaultdict(set)
         for position, row_id in zip(positions.tolist(), ids.tolist()):
             found[position].add(row_id)
-        fingerprints = resurrect.BandIndex.fingerprints(queries).tolist()
+        stored = index.stored_keys(queries).tolist()
         for position, key in enumerate(queries.tolist()):
-            assert by_key[key] <= found[position] == by_fingerprint[fingerprints[position]]
+            assert by_key[key] <= found[position] == by_stored[stored[position]]
+            if full_keys:
+                assert found[position] == by_key[key]
         ids = np.arange(next_id, next_id + len(keys))
         next_id += len(keys)
         index.insert(keys, ids)
-        for key, fingerprint, row_id in zip(keys.tolist(), resurrect.BandIndex.fingerprints(keys).tolist(), ids):
+        for key, stored_key, row_id in zip(keys.tolist(), index.stored_keys(keys).tolist(), ids):
             by_key[key].add(int(row_id))
-            by_fingerprint[fingerprint].add(int(row_id))
+            by_stored[stored_key].add(int(row_id))
     assert index.size == next_id and index.bits > 4 and (index.stored != 0).sum() == next_id
 
 
