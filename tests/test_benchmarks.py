@@ -184,9 +184,10 @@ def test_extraction_quick():
 
 
 def test_resurrect_scale_quick():
-    result = run_benchmark("resurrect_scale.py", "--quick")
+    result = run_benchmark("resurrect_scale.py", "--quick", "--workers", "2")
     counts = result["counts"]
     assert result["rows"] == counts["rows_read"] == 2000 and counts["malformed_lines"] == 0
+    assert result["workers"] == 2 and result["peak_total_pss_mib"] > 0  # resurrect and its 2 workers, summed
     # every copy is folded into its group: kept + folded = rows; at least the exact copies are found
     folded = counts["exact_duplicates"] + counts["normalised_duplicates"] + counts["near_duplicates"]
     assert counts["kept"] + folded == 2000 and counts["exact_duplicates"] > 100
