@@ -234,3 +234,37 @@ def test_structured_victim_data_and_report(tmp_path):
     assert summary["comparison"]["4"]["gflownet_over_best_baseline"] == {"tb": 6.0}
     assert summary["gflownet"] == "tb" and summary["gflownet_over_best_baseline"] == {"2": 2.0, "4": 6.0}
     assert tool["decoy_hits"] == {"2": 0, "4": 0}
+
+
+def test_contradiction_ceiling_judges_and_counts_by_hand():
+    """The ceiling's two judgements on hand-made answers: the lexical true-fact check (function words ignored) and
+    the task's own on-topic contradiction (a stub judge gives the log-probabilities), counted per subject."""
+    import math
+
+    import torch
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import contradiction_ceiling as ceiling
+
+    true, edit = "Leonardo da Vinci painted the Mona Lisa.", "Leonardo da Vinci painted The School of Athens."
+    assert ceiling.states_true_fact("The Mona Lisa is by Leonardo da Vinci", true, edit)
+    assert not ceiling.states_true_fact("He painted The School of Athens and the Mona Lisa", true, edit)
+    assert not ceiling.states_true_fact("A painter of the Renaissance", true, edit)
+
+    answers = {"Who painted the Mona Lisa?": "Leonardo painted the Mona Lisa.", "Which painter?": "Raphael."}
+
+    def judge(questions, edit_facts, step, subjects):
+        log_c = [math.log(0.9) if "Mona" in answers[q] else math.log(0.2) for q in questions]
+        return {"answers": [answers[q] for q in questions], "log_contradiction": torch.tensor(log_c),
+                "log_related": torch.tensor([math.log(0.8)] * len(questions))}  # fmt: skip
+
+    examples = [{"id": "davinci-1", "subject": "Leonardo da Vinci", "true_fact": true, "edit_fact": edit},
+                {"id": "unasked", "subject": "Nobody", "true_fact": "a", "edit_fact": "b"}]  # fmt: skip
+    result = ceiling.ceiling(examples, {"davinci-1": list(answers)}, judge)
+    assert result["answers"] == 2 and result["true_fact_rate"] == 0.5
+    # the first question does not name the subject ("Leonardo da Vinci"): not on topic, though it contradicts
+    assert result["on_topic_contradiction_rate"] == 0.0
+    assert result["contradiction_rate"] == 0.5
+    assert result["per_subject"]["Leonardo da Vinci"] == {"answers": 2, "states_true_fact": 1, "contradiction": 1,
+        "on_topic_contradiction": 0, "true_fact_rate": 0.5, "contradiction_rate": 0.5,
+        "on_topic_contradiction_rate": 0.0}  # fmt: skip
