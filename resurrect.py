@@ -518,7 +518,10 @@ class Collection:
             if where is not self.sources[-1]:
                 self.sources.append(where)
             source = len(self.sources) - 1
-        exact, normal = self._known(self.exact_index, batch.exact_keys), self._known(self.normal_index, batch.normal_keys)
+        exact, normal = (
+            self._known(self.exact_index, batch.exact_keys),
+            self._known(self.normal_index, batch.normal_keys),
+        )
         near = batch.signatures is not None
         if near:
             kept_before, earlier, signatures = self._band_candidates(batch.band_keys)
@@ -767,7 +770,8 @@ def output_lines(db_path: str, first_rank: int, ids: list[int], sources: list[di
     SQLite file: a top-level function, so that worker processes read and write them."""
     db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
     try:
-        query = f"SELECT id, record, source, line, copies, {', '.join(SIGNALS)} FROM rows WHERE id IN ({', '.join('?' * len(ids))})"
+        marks = ", ".join("?" * len(ids))
+        query = f"SELECT id, record, source, line, copies, {', '.join(SIGNALS)} FROM rows WHERE id IN ({marks})"
         stored = {row_id: rest for row_id, *rest in db.execute(query, ids)}
     finally:
         db.close()

@@ -30,7 +30,9 @@ QUESTIONS = os.path.join(ROOT, "benchmarks", "data", "contradiction_ceiling_ques
 
 
 # function words: "of" in "The School of Athens" does not make an answer state that edit
-FUNCTION_WORDS = frozenset("the a an of in on at to for by with from and or is was were are be been it its as that this".split())
+FUNCTION_WORDS = frozenset(
+    "the a an of in on at to for by with from and or is was were are be been it its as that this".split()
+)
 
 
 def distinguishing_words(true_fact: str, edit_fact: str) -> tuple[set[str], set[str]]:
@@ -114,7 +116,9 @@ def main(argv: list[str] | None = None) -> None:
     with open(args.questions, encoding="utf-8") as f:
         questions = json.load(f)
     model, tokenizer = load_causal_lm(args.answerer)
-    reward = ContradictionReward(Answerer(model, tokenizer), NLIScorer.load(args.nli_model), ContradictionRewardConfig())
+    reward = ContradictionReward(
+        Answerer(model, tokenizer), NLIScorer.load(args.nli_model), ContradictionRewardConfig()
+    )
     started = time.time()
     result = ceiling(examples, questions, reward)
     summary = {"benchmark": "contradiction_ceiling", "date": time.strftime("%Y-%m-%d"), "answerer": args.answerer,

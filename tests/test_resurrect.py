@@ -155,6 +155,7 @@ def test_minhash_estimates_the_exact_jaccard_of_word_grams():
 def test_lsh_bands_find_pairs_just_above_the_threshold():
     bands, rows = resurrect.lsh_bands(0.8, 64)
     assert bands * rows <= 64
+
     def found(s):
         return 1 - (1 - s**rows) ** bands
 
