@@ -282,7 +282,7 @@ class MinHasher:
 
 
 def digest64(text: str) -> int:
-    """A 64-bit key of a text (blake2b), as SQLite's signed INTEGER."""
+    """A 64-bit key of a text (blake2b), as a signed int (what KeyIndex takes)."""
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little", signed=True)
 
 
@@ -481,15 +481,12 @@ class Collection:
         # a scratch file, removed when the command ends: no journal, no fsync, 64 MiB of page cache
         self.db.executescript("PRAGMA journal_mode = OFF; PRAGMA synchronous = OFF; PRAGMA cache_size = -65536;")
         signal_columns = ", ".join(f"{name} REAL" for name in SIGNALS)
-        self.db.executescript(
-            f"""
-            CREATE TABLE rows (id INTEGER PRIMARY KEY, record TEXT NOT NULL, source INTEGER, line INTEGER,
-                               dedup_score REAL, copies INTEGER, signature BLOB, {signal_columns});
-            """
+        self.db.execute(
+            "CREATE TABLE rows (id INTEGER PRIMARY KEY, record TEXT NOT NULL, source INTEGER, line INTEGER, "
+            f"dedup_score REAL, copies INTEGER, signature BLOB, {signal_columns})"
         )
         self.exact_index, self.normal_index, self.bands = KeyIndex(full_keys=True), KeyIndex(full_keys=True), KeyIndex()
         self.hasher = RowHasher(dedup_by, near_threshold, ngram)
-        self.near_threshold = near_threshold
         self.next_id = 1
         self.sources: list[dict] = [{}]  # the provenance the rows of each file share (index 0: none given)
         self.counts = {"kept": 0, "exact_duplicates": 0, "normalised_duplicates": 0, "near_duplicates": 0}
@@ -605,7 +602,7 @@ class Collection:
         best = None
         for candidate in sorted(candidates):
             similarity = float(np.mean(signatures[candidate] == signature))
-            if similarity >= self.near_threshold and (best is None or similarity > best[0]):
+            if similarity >= self.hasher.near_threshold and (best is None or similarity > best[0]):
                 best = (similarity, candidate)
         return None if best is None else best[1]
 
@@ -654,21 +651,24 @@ class Collection:
         self.bands = self.exact_index = self.normal_index = None  # the indexes are done with
         self.db.commit()
 
+    @staticmethod
+    def _best_first(signal: str, top: int | None) -> tuple[str, tuple[int]]:
+        """The ORDER BY and LIMIT of a ranking by `signal` (rows without it last, then by log R), and the limit."""
+        return f"ORDER BY {signal} IS NULL, {signal} DESC, log_reward DESC, id LIMIT ?", (
+            -1 if top is None else int(top),
+        )
+
     def ranked(self, signal: str, top: int | None = None) -> Iterator[dict]:
         """Kept rows by `signal`, best first (rows without it last, by log R), each with its signals and copies."""
-        limit = -1 if top is None else int(top)
-        query = (
-            f"SELECT record, source, line, copies, {', '.join(SIGNALS)} FROM rows "
-            f"ORDER BY {signal} IS NULL, {signal} DESC, log_reward DESC, id LIMIT ?"
-        )
-        for record, source, line, copies, *values in self.db.execute(query, (limit,)):
+        order, limit = self._best_first(signal, top)
+        query = f"SELECT record, source, line, copies, {', '.join(SIGNALS)} FROM rows {order}"
+        for record, source, line, copies, *values in self.db.execute(query, limit):
             yield ranked_row(record, self.sources[source], line, copies, values)
 
     def ranked_ids(self, signal: str, top: int | None = None) -> list[int]:
         """The ids of `ranked`'s rows, in its order (the sort moves ids, not records)."""
-        limit = -1 if top is None else int(top)
-        query = f"SELECT id FROM rows ORDER BY {signal} IS NULL, {signal} DESC, log_reward DESC, id LIMIT ?"
-        return [row_id for (row_id,) in self.db.execute(query, (limit,))]
+        order, limit = self._best_first(signal, top)
+        return [row_id for (row_id,) in self.db.execute(f"SELECT id FROM rows {order}", limit)]
 
     def signal_values(self, signal: str):
         """A signal's values over the kept rows that have it, as a float64 array (histograms of a million rows)."""
