@@ -33,7 +33,9 @@ class ScoredBatch:
     rewards: RewardBatch
     condition: str = ""  # which log Z (and replay heap) the batch belongs to; "" when unconditional
     context: torch.Tensor | None = None  # prompt ids the policy was conditioned on
-    written_by_oracle: torch.Tensor | None = None  # (B,) bool: x the oracle wrote itself (each one more call)
+    written_by_oracle: torch.Tensor | None = None  # (B,) bool: x the oracle wrote itself
+    # the oracle answered each x it wrote in the same generation (one call), else a written x cost one call more
+    answered_when_written: bool = False
 
     def to(self, device: torch.device | str) -> "ScoredBatch":
         return dataclasses.replace(
@@ -108,6 +110,7 @@ class SyncBatches:
         self.local_search_fraction, self.local_search_back = local_search_fraction, local_search_back
         self.oracle_proposal_fraction = oracle_proposal_fraction
         self.num_written_by_oracle = 0
+        self.proposal_answers: list = []  # the oracle's answers to the x it wrote for the batch being sampled
         self.replay, self.replay_rng = replay, replay_rng
 
     def sample(self, size: int | None = None, context: torch.Tensor | None = None):
@@ -143,9 +146,16 @@ class SyncBatches:
     @torch.no_grad()
     def oracle_proposals(self, size: int, context: torch.Tensor | None = None):
         """(tokens, lengths, log_q) of up to `size` x written by the oracle itself (RewardModel.propose_x, each a
-        counted oracle call), or None when none was long enough; log_q is the policy's log P_F of them."""
+        counted oracle call), or None when none was long enough; log_q is the policy's log P_F of them. When the
+        oracle answers what it writes (RewardModel.answers_proposals), its answers are kept for `next` in
+        `self.proposal_answers`: those x are not sent again."""
         config = self.policy.config
-        rows = self.reward_model.propose_x(size, config.min_len, config.max_len, set(config.banned_token_ids))
+        bounds = (size, config.min_len, config.max_len, set(config.banned_token_ids))
+        self.proposal_answers = []
+        if self.reward_model.answers_proposals:
+            rows, self.proposal_answers = self.reward_model.propose_answered(*bounds)
+        else:
+            rows = self.reward_model.propose_x(*bounds)
         if not rows:
             return None
         tokens, lengths = padded_token_ids(rows, config.max_len, self.policy.device)
@@ -170,9 +180,12 @@ class SyncBatches:
         after this one (the last epoch), so nothing may be sampled or paid for ahead of it."""
         if not self.may_spend():
             return None
+        self.proposal_answers = []
         tokens, lengths, log_q = self.sample()
         written = torch.arange(len(lengths)) < self.num_written_by_oracle if self.oracle_proposal_fraction else None
-        return ScoredBatch(tokens, lengths, log_q, self.reward_model(tokens, lengths), written_by_oracle=written)
+        rewards = self.reward_model(tokens, lengths, answered=self.proposal_answers)
+        answered = bool(self.proposal_answers)
+        return ScoredBatch(tokens, lengths, log_q, rewards, written_by_oracle=written, answered_when_written=answered)
 
     def drain(self) -> list[ScoredBatch]:
         """Scored batches that were paid for but not handed over when training stops (none here)."""

@@ -82,7 +82,7 @@ def build_reward_model(
 ) -> RewardModel:
     prior = PriorScorer(prior_model, tokenizer, include_eos=args.prior_include_eos)
     oracle = build_oracle(args, device) if with_oracle and args.llm_weight != 0 else None
-    return RewardModel(
+    reward_model = RewardModel(
         tokenizer,
         prior,
         oracle,
@@ -90,6 +90,8 @@ def build_reward_model(
         llm_weight=args.llm_weight,
         reference_weight=getattr(args, "reference_weight", 0.0),  # checkpoints from before the flag
     )
+    reward_model.answer_proposals_in_place = not getattr(args, "separate_proposal_answers", False)
+    return reward_model
 
 
 def uses_remote_oracle(args: argparse.Namespace) -> bool:

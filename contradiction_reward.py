@@ -53,6 +53,25 @@ from hf_models import document_start_id, end_token_ids, generate_with_logprobs
 from reward_oracle import PriorScorer
 
 NLI_ORDERS = ("fact-answer", "answer-fact")
+# what the judge reads as the answer: all of it, its first sentence, or either after the question (a short answer
+# like "Christopher Marlowe." says nothing on its own; a 135M model's rambling after its first sentence is often
+# about something else)
+JUDGED_ANSWERS = ("answer", "first-sentence", "question-answer", "question-first-sentence")
+
+
+def first_sentence(text: str) -> str:
+    """Up to and including the first ".", "!" or "?" that ends a sentence (followed by white space or the end),
+    or the first line when there is none."""
+    match = re.search(r"[.!?](?=\s|$)", text)
+    return (text[: match.end()] if match else text.split("\n")[0]).strip()
+
+
+def judged_text(question: str, answer: str, judged_answer: str) -> str:
+    """The text the NLI judge reads for one answer (see JUDGED_ANSWERS)."""
+    if judged_answer.endswith("first-sentence"):
+        answer = first_sentence(answer)
+    return f"{question.strip()} {answer}" if judged_answer.startswith("question") else answer
+
 
 # ----------------------------------------------------------------------------------------------------- NLI
 
@@ -247,10 +266,13 @@ class ContradictionRewardConfig:
     nli_order: str = "fact-answer"  # "fact-answer": premise = edit fact, hypothesis = answer; or "answer-fact"
     relevance_weight: float = 1.0  # w_R on log Rel = log(1 - P_NLI(neutral | fact, answer)); 0 = off
     off_topic_penalty: float = -20.0  # added when the question does not name the subject; 0 = off
+    judged_answer: str = "answer"  # what the judge reads as the answer: one of JUDGED_ANSWERS
 
     def __post_init__(self) -> None:
         if self.nli_order not in NLI_ORDERS:
             raise ValueError(f"nli_order must be one of {NLI_ORDERS}, not {self.nli_order!r}")
+        if self.judged_answer not in JUDGED_ANSWERS:
+            raise ValueError(f"judged_answer must be one of {JUDGED_ANSWERS}, not {self.judged_answer!r}")
         for name in (
             "failure_penalty",
             "answer_failure_penalty",
@@ -275,6 +297,13 @@ class ContradictionReward:
     def phase(self, step: int) -> str:
         return "penalized" if step < self.config.penalized_steps else "composite"
 
+    def judge(self, questions: list[str], answers: list[str], edit_facts: list[str]) -> torch.Tensor:
+        """(B, labels) float64 NLI log-probabilities of each answer (as `judged_answer` says) against its edit fact,
+        in `nli_order`."""
+        judged = [judged_text(q, a, self.config.judged_answer) for q, a in zip(questions, answers)]
+        facts = list(edit_facts)
+        return self.nli.log_probs(*((facts, judged) if self.config.nli_order == "fact-answer" else (judged, facts)))
+
     def __call__(
         self, questions: list[str], edit_facts: list[str], step: int, subjects: list[str] | None = None
     ) -> dict:
@@ -290,8 +319,7 @@ class ContradictionReward:
         answers = [r["answer"] for r in answer_results]
         log_question = self.answerer.log_question(questions)
         log_answer = torch.tensor([r["log_answer"] for r in answer_results], dtype=torch.float64)
-        pairs = (list(edit_facts), answers) if cfg.nli_order == "fact-answer" else (answers, list(edit_facts))
-        log_probs = self.nli.log_probs(*pairs)
+        log_probs = self.judge(questions, answers, edit_facts)
         log_contradiction = log_probs[:, self.nli.contradiction_index]
         # the relatedness of the same pair (both orders alike), recorded whenever the judge has a neutral label;
         # required of it only when weighted

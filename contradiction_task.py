@@ -99,6 +99,7 @@ def build_task_reward(args: argparse.Namespace, prior_model, tokenizer, device: 
         answer_failure_penalty=args.answer_failure_penalty,
         relevance_weight=getattr(args, "relevance_weight", 0.0),  # runs saved before these existed had neither
         off_topic_penalty=getattr(args, "off_topic_penalty", 0.0),
+        judged_answer=getattr(args, "judged_answer", "answer"),  # runs saved before the flag judged the answer
     )
     return ContradictionReward(answerer, nli, config)
 

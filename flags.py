@@ -153,6 +153,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="added to log R of a question that does not name the subject (0 = off)",
     )
     g.add_argument(
+        "--judged-answer",
+        default="answer",
+        choices=["answer", "first-sentence", "question-answer", "question-first-sentence"],
+        help="what the NLI judge reads as the answer: all of it, its first sentence, or either after the question",
+    )
+    g.add_argument(
         "--question-prompt",
         default="auto",
         choices=["auto", "chat", "plain"],
@@ -305,6 +311,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=["sample", "search"],
         help="how the oracle writes its x: sample (i.i.d. from the model, cut to random lengths) or search "
         "(best-first over its greedy paths' branches: each text once, the most probable first; --oracle hf)",
+    )
+    g.add_argument(
+        "--separate-proposal-answers",
+        action="store_true",
+        help="score each x the oracle writes with a call of its own, as any other x; by default a local oracle "
+        "(--oracle hf, sampled y, the prior's vocabulary) answers the x it writes in the same generation: one "
+        "call, not two (an API oracle or --target-response always uses two)",
     )
     g.add_argument("--replay-capacity", type=int, default=1000)
     g.add_argument("--replay-backend", default="memory", choices=["memory", "redis"])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -187,6 +188,111 @@ def generate_with_logprobs(
     if step_log_probs:
         return generated.tolist(), token_log_probs, log_probs
     return generated.tolist(), token_log_probs
+
+
+@dataclass
+class WrittenAndAnswered:
+    """One row of `write_then_answer`: the x the model wrote (after its prompt), the raw log-probability of each
+    x token, the (V,) log-softmax at each step where it chose an x token or stopped writing (with
+    keep_x_log_probs), and y: its ids (the end token included when it ended), their raw log-probabilities, and
+    whether it stopped at max_answer_tokens. `answer` is None when x stopped short of its minimum length."""
+
+    x: list[int]
+    x_log_probs: list[float]
+    x_step_log_probs: list[torch.Tensor]
+    answer: list[int] | None
+    answer_log_probs: list[float]
+    truncated: bool
+
+
+@torch.no_grad()
+def write_then_answer(
+    model,
+    prompts: list[list[int]],
+    x_limits: list[int],
+    x_minimums: list[int],
+    x_stops: set[int],
+    bridge: list[int],
+    max_answer_tokens: int,
+    answer_end_ids: set[int],
+    pad_id: int,
+    x_temperature: float,
+    answer_temperature: float,
+    keep_x_log_probs: bool = False,
+) -> list[WrittenAndAnswered]:
+    """One generation per prompt that first writes x and then answers it, the way one sampling call of a
+    memorising model writes an opening and its continuation: x is written (greedy at x_temperature 0, else
+    sampled) until x_limits[i] tokens or a token in x_stops (not kept: x ends before it); then the `bridge` ids (the
+    prompt's part after x, e.g. a chat template's end of user turn) are read, and y is sampled at
+    answer_temperature (greedy at 0) until a token in answer_end_ids or max_answer_tokens. One forward pass per
+    position, with the KV cache: no token is read twice. Log-probabilities are under the raw, untempered model
+    (as generate_with_logprobs reports them). A row whose x stops before x_minimums[i] tokens is not answered.
+    Runs the pretrained model, adapters off."""
+    device = next(model.parameters()).device
+    width = max(map(len, prompts))
+    input_ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
+    attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    rows = [WrittenAndAnswered([], [], [], None, [], False) for _ in prompts]
+    # each row's phase: "x" (writing x), then its bridge ids still to read, then "y" (answering), then "done"
+    phase = ["x"] * len(prompts)
+    pending = [list(bridge) for _ in prompts]
+
+    def sample(logits: torch.Tensor, temperature: float) -> int:
+        if temperature <= 0:
+            return int(logits.argmax())
+        return int(torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1))
+
+    def next_input(i: int, logits: torch.Tensor, log_probs: torch.Tensor) -> int | None:
+        """Row i's next id to read given the model's output at its last one, or None when the row is done."""
+        row = rows[i]
+        if phase[i] == "x":
+            if len(row.x) < x_limits[i]:
+                choice = sample(logits, x_temperature)
+                if keep_x_log_probs:
+                    row.x_step_log_probs.append(log_probs.cpu())
+                if choice not in x_stops:
+                    row.x.append(choice)
+                    row.x_log_probs.append(float(log_probs[choice]))
+                    return choice
+            if len(row.x) < x_minimums[i]:  # x stopped too soon: nothing to answer
+                phase[i] = "done"
+                return None
+            phase[i] = "bridge"
+        if phase[i] == "bridge":
+            if pending[i]:
+                return pending[i].pop(0)
+            phase[i], row.answer = "y", []
+        if phase[i] == "y":
+            if len(row.answer) >= max_answer_tokens:
+                phase[i], row.truncated = "done", True
+                return None
+            choice = sample(logits, answer_temperature)
+            row.answer.append(choice)
+            row.answer_log_probs.append(float(log_probs[choice]))
+            if choice in answer_end_ids:
+                phase[i] = "done"
+                return None
+            return choice
+        return None
+
+    past = None
+    with without_adapters(model):
+        while True:
+            positions = (attention.cumsum(-1) - 1).clamp(min=0)
+            out = model(
+                input_ids=input_ids,
+                attention_mask=attention,
+                position_ids=positions[:, -input_ids.shape[1] :],
+                past_key_values=past,
+                use_cache=True,
+            )
+            past, logits = out.past_key_values, out.logits[:, -1].float()
+            log_probs = torch.log_softmax(logits, dim=-1)
+            next_ids = [next_input(i, logits[i], log_probs[i]) for i in range(len(rows))]
+            if all(token is None for token in next_ids):
+                return rows
+            input_ids = torch.tensor([[pad_id if t is None else t] for t in next_ids], device=device)
+            attention = torch.cat([attention, torch.ones_like(input_ids)], dim=1)
 
 
 # ------------------------------------------------------------------------------------------------ scoring

@@ -24,6 +24,7 @@ from hf_models import (
     end_token_ids,
     generate_with_logprobs,
     without_adapters,
+    write_then_answer,
 )
 from tasks import TASKS, Task  # noqa: F401  (TASKS re-exported: the oracles' table)
 
@@ -246,6 +247,59 @@ class HFResponseOracle:
         )
         return [ids[: first_index(ids, self.eos_ids)] for ids in generated]
 
+    def write_and_answer(
+        self, num: int, min_len: int, max_len: int, x_stops: set[int]
+    ) -> list[tuple[list[int], OracleResult | None]]:
+        """`propose` and `score` in one generation each: this model writes x where x goes in its prompt (the
+        search's next branch continued greedily up to max_len tokens, or, without a search, a sample at
+        temperature 1 up to a length drawn uniformly from [min_len, max_len], torch's RNG), ending it before an end
+        token or a token in `x_stops`, then reads the prompt's part after x and answers it as `score` would (y at
+        this oracle's temperature, log p(y|x) under the untempered model). What one sampling call of a memorising
+        model returns: its opening and what it goes on to write. Returns (x ids, the result), the result None
+        for an x shorter than min_len (the call is spent all the same)."""
+        minimum = max(min_len, 1)
+        stops = self.eos_ids | set(x_stops)
+        if self.search is not None:
+            popped = self.search.pop(num)
+            prefixes = [list(prefix) for _, prefix in popped]
+            limits = [max_len - len(prefix) for prefix in prefixes]
+        else:
+            prefixes = [[] for _ in range(num)]
+            limits = [int(torch.randint(minimum, max_len + 1, ()).item()) for _ in range(num)]
+        written = []
+        for start in range(0, len(prefixes), self.batch_size):
+            part = range(start, min(start + self.batch_size, len(prefixes)))
+            written += write_then_answer(
+                self.model,
+                [self.prompt_before + prefixes[i] for i in part],
+                [limits[i] for i in part],
+                [minimum - len(prefixes[i]) for i in part],
+                stops,
+                self.prompt_after,
+                self.max_new_tokens,
+                self.eos_ids,
+                self.tokenizer.pad_token_id,
+                x_temperature=0.0 if self.search is not None else 1.0,
+                answer_temperature=self.temperature,
+                keep_x_log_probs=self.search is not None,
+            )
+        results = []
+        for i, row in enumerate(written):
+            if self.search is not None:
+                log_p, prefix = popped[i]
+                self.search.expand(log_p, prefix, row.x, row.x_step_log_probs, row.x_log_probs, max_len, stops)
+            answer = None
+            if row.answer is not None:
+                answer = OracleResult(
+                    response=self.tokenizer.decode(row.answer),
+                    log_likelihood=math.fsum(row.answer_log_probs),
+                    num_tokens=len(row.answer),
+                    truncated=row.truncated,
+                    token_ids=row.answer,
+                )
+            results.append((prefixes[i] + row.x, answer))
+        return results
+
     def score(self, texts: list[str], token_ids: list[list[int]] | None = None) -> list[OracleResult]:
         """Score each x; with `token_ids` (same vocabulary as this oracle) the ids are used and texts ignored."""
         inputs = token_ids if token_ids is not None else texts
@@ -317,10 +371,44 @@ class BranchSearch:
         self.model, self.prompt, self.end_ids, self.pad_id, self.width = model, list(prompt), end_ids, pad_id, width
         self.frontier: list[tuple[float, tuple[int, ...]]] = [(0.0, ())]  # heap of (-log p(prefix), prefix)
 
+    def pop(self, num: int) -> list[tuple[float, tuple[int, ...]]]:
+        """The `num` most probable unexplored branches, as (log p(prefix), prefix)."""
+        return [
+            (-negative, prefix)
+            for negative, prefix in (heapq.heappop(self.frontier) for _ in range(min(num, len(self.frontier))))
+        ]
+
+    def expand(
+        self,
+        log_p: float,
+        prefix: tuple[int, ...],
+        path: list[int],
+        step_log_probs,
+        token_log_probs,
+        limit: int,
+        skip: set[int],
+    ) -> None:
+        """Push the branches off one greedy `path` written after `prefix`: at each position j with a next-token
+        distribution step_log_probs[j] (the path's token there is its greedy choice, or a stop token in `skip`
+        past its end), the `width` most probable other tokens not in `skip`, for prefixes of at most `limit`."""
+        for j, step in enumerate(step_log_probs):
+            if len(prefix) + j >= limit:
+                break
+            chosen = path[j] if j < len(path) else None
+            top = torch.topk(step, self.width + 1)
+            for value, token in zip(top.values.tolist(), top.indices.tolist()):
+                if token != chosen and token not in skip:
+                    heapq.heappush(self.frontier, (-(log_p + value), prefix + tuple(path[:j]) + (token,)))
+            if j < len(path):
+                log_p += float(token_log_probs[j])
+        if len(self.frontier) > 2 * self.MAX_FRONTIER:
+            self.frontier = heapq.nsmallest(self.MAX_FRONTIER, self.frontier)
+            heapq.heapify(self.frontier)
+
     @torch.no_grad()
     def next(self, num: int, max_new_tokens: int) -> list[list[int]]:
         """The next `num` branches' texts (ids after the prompt, up to max_new_tokens, cut before an end token)."""
-        popped = [heapq.heappop(self.frontier) for _ in range(min(num, len(self.frontier)))]
+        popped = self.pop(num)
         if not popped:
             return []
         prompts = [self.prompt + list(prefix) for _, prefix in popped]
@@ -328,21 +416,14 @@ class BranchSearch:
             self.model, prompts, max_new_tokens, self.end_ids, self.pad_id, 0.0, step_log_probs=True
         )
         written = []
-        for row, (negative, prefix) in enumerate(popped):
-            room = max_new_tokens - len(prefix)
-            path = generated[row][: max(room, 0)]
+        for row, (log_p, prefix) in enumerate(popped):
+            path = generated[row][: max(max_new_tokens - len(prefix), 0)]
             end = first_index(path, self.end_ids)
-            log_p = -negative
-            for j in range(min(end + 1, len(path))):  # alternatives up to and including the end token
-                top = torch.topk(step_lp[row, j], self.width + 1)
-                for value, token in zip(top.values.tolist(), top.indices.tolist()):
-                    if token != path[j] and token not in self.end_ids and len(prefix) + j < max_new_tokens:
-                        heapq.heappush(self.frontier, (-(log_p + value), prefix + tuple(path[:j]) + (token,)))
-                log_p += float(token_lp[row, j])
+            reached = min(end + 1, len(path))  # alternatives up to and including the end token
+            self.expand(
+                log_p, prefix, path[:reached], step_lp[row, :reached], token_lp[row], max_new_tokens, self.end_ids
+            )
             written.append(list(prefix) + path[:end])
-        if len(self.frontier) > 2 * self.MAX_FRONTIER:
-            self.frontier = heapq.nsmallest(self.MAX_FRONTIER, self.frontier)
-            heapq.heapify(self.frontier)
         return written
 
     def state_dict(self) -> dict:
@@ -472,6 +553,7 @@ class RewardModel:
         self.reward_calls = 0
         self.oracle_calls = 0
         self.proposal_calls = 0  # x written by the oracle itself (propose_x); also in both counts above
+        self.answer_proposals_in_place = True  # see answers_proposals
         self.counter_lock = threading.Lock()  # the prefetch thread queries the oracle too
 
     @property
@@ -484,9 +566,21 @@ class RewardModel:
     def decode(self, tokens: torch.Tensor, lengths: torch.Tensor) -> list[str]:
         return [self.tokenizer.decode(ids) for ids in token_id_lists(tokens, lengths)]
 
-    def __call__(self, tokens: torch.Tensor, lengths: torch.Tensor, texts: list[str] | None = None) -> RewardBatch:
+    def __call__(
+        self,
+        tokens: torch.Tensor,
+        lengths: torch.Tensor,
+        texts: list[str] | None = None,
+        answered: list[OracleResult] = (),
+    ) -> RewardBatch:
+        """log R of each x; `answered`: the oracle's results for the first rows, already paid for
+        (propose_answered), so only the rest are sent."""
         texts = self.decode(tokens, lengths) if texts is None else texts
-        results = self.query_oracle(tokens, lengths, texts) if self.uses_oracle else None
+        results = None
+        if self.uses_oracle:
+            known = len(answered)
+            rest = self.query_oracle(tokens[known:], lengths[known:], texts[known:]) if known < len(texts) else []
+            results = list(answered) + rest
         return self.combine(tokens, lengths, texts, results)
 
     @property
@@ -593,6 +687,30 @@ class RewardModel:
                 ids = ids[: int(torch.randint(max(min_len, 1), len(ids) + 1, ()).item())]
             rows.append(ids)
         return rows
+
+    @property
+    def answers_proposals(self) -> bool:
+        """The oracle answers the x it writes in the same generation (`propose_answered`, one call each): a local
+        oracle with the prior's vocabulary and a sampled y, unless --separate-proposal-answers."""
+        return (
+            self.answer_proposals_in_place
+            and self.can_propose
+            and self.oracle_takes_ids
+            and not self.deterministic_oracle
+            and hasattr(self.oracle, "write_and_answer")
+        )
+
+    def propose_answered(
+        self, num: int, min_len: int, max_len: int, banned: set[int]
+    ) -> tuple[list[list[int]], list[OracleResult]]:
+        """Up to `num` x written by the oracle and its answer to each, from one generation each
+        (HFResponseOracle.write_and_answer): what `propose_x` and scoring them would give, for one call instead of
+        two. Each generation is counted in `oracle_calls` and `proposal_calls`; the reward evaluations are counted
+        when the rows are combined (`__call__` with `answered`). x shorter than min_len are dropped."""
+        written = self.oracle.write_and_answer(num, min_len, max_len, banned)
+        self.count(0, len(written), num_proposals=len(written))
+        kept = [(x, result) for x, result in written if result is not None]
+        return [x for x, _ in kept], [result for _, result in kept]
 
     def proposal_state(self) -> dict | None:
         """What a checkpoint keeps of the oracle's proposals (a search's frontier), so a resumed run goes on."""

@@ -132,7 +132,11 @@ def sample_records(epoch: int, batch, trained: bool = True) -> list[dict]:
                 "usage": result.usage or None,
                 "trained": trained,
                 **(
-                    {"written_by_oracle": bool(batch.written_by_oracle[i])}
+                    {
+                        "written_by_oracle": bool(batch.written_by_oracle[i]),
+                        # what this row cost the oracle: its answer, and its writing when that was a call apart
+                        "oracle_calls": 2 if batch.written_by_oracle[i] and not batch.answered_when_written else 1,
+                    }
                     if batch.written_by_oracle is not None
                     else {}
                 ),

@@ -58,28 +58,41 @@ RATES = {"states_true_fact": "true_fact_rate", "contradiction": "contradiction_r
          "on_topic_contradiction": "on_topic_contradiction_rate"}  # fmt: skip
 
 
-def ceiling(examples: list[dict], questions: dict[str, list[str]], reward) -> dict:
-    """Per example and per subject: the fraction of answers stating the true fact and the fraction that are on-topic
-    contradictions of the edit, with every question and answer."""
-    from contradiction_reward import contradicts, on_topic
-
+def answer_rows(examples: list[dict], questions: dict[str, list[str]], answer) -> list[dict]:
+    """One row per asked question: its example, the answerer's answer (`answer(questions) -> texts`) and whether
+    it states the true fact."""
     rows = []
     for example in examples:
         asked = questions.get(example["id"], [])
-        if not asked:
-            continue
-        out = reward(asked, [example["edit_fact"]] * len(asked), step=10**9, subjects=[example["subject"]] * len(asked))
-        for i, question in enumerate(asked):
-            answer = out["answers"][i]
+        for question, text in zip(asked, answer(asked) if asked else []):
             rows.append({
-                "id": example["id"], "subject": example["subject"], "question": question, "answer": answer,
-                "states_true_fact": states_true_fact(answer, example["true_fact"], example["edit_fact"]),
-                "contradiction": contradicts(float(out["log_contradiction"][i])),
-                "on_topic_contradiction": contradicts(float(out["log_contradiction"][i]))
-                and on_topic(question, example["subject"], float(out["log_related"][i])),
+                "id": example["id"], "subject": example["subject"], "question": question, "answer": text,
+                "edit_fact": example["edit_fact"],
+                "states_true_fact": states_true_fact(text, example["true_fact"], example["edit_fact"]),
             })  # fmt: skip
+    return rows
+
+
+def ceiling(rows: list[dict], judge) -> dict:
+    """Per subject and overall: the fraction of answers stating the true fact and the fraction that are (on-topic)
+    contradictions of the edit by `judge(questions, answers, edit_facts) -> (log P(contradiction), log P(related))`,
+    with every row; and how the judge treats answers that state the true fact (each one contradicts the edit) and
+    the others."""
+    from contradiction_reward import contradicts, on_topic
+
+    log_c, log_related = judge(
+        [r["question"] for r in rows], [r["answer"] for r in rows], [r["edit_fact"] for r in rows]
+    )
+    judged_rows = []
+    for i, row in enumerate(rows):
+        judged_rows.append({
+            **{k: v for k, v in row.items() if k != "edit_fact"},
+            "contradiction": contradicts(float(log_c[i])),
+            "on_topic_contradiction": contradicts(float(log_c[i])) and on_topic(row["question"], row["subject"],
+                                                                                float(log_related[i])),
+        })  # fmt: skip
     per_subject: dict[str, dict] = {}
-    for row in rows:
+    for row in judged_rows:
         entry = per_subject.setdefault(row["subject"], {"answers": 0, **{judged: 0 for judged in JUDGED}})
         entry["answers"] += 1
         for judged in JUDGED:
@@ -87,15 +100,24 @@ def ceiling(examples: list[dict], questions: dict[str, list[str]], reward) -> di
     for entry in per_subject.values():
         for judged in JUDGED:
             entry[RATES[judged]] = round(entry[judged] / entry["answers"], 3)
-    total = len(rows) or 1
+    total = len(judged_rows) or 1
+    true_rows = [r for r in judged_rows if r["states_true_fact"]]
+    other_rows = [r for r in judged_rows if not r["states_true_fact"]]
     return {
-        "answers": len(rows),
-        **{RATES[judged]: round(sum(r[judged] for r in rows) / total, 3) for judged in JUDGED},
+        "answers": len(judged_rows),
+        **{RATES[judged]: round(sum(r[judged] for r in judged_rows) / total, 3) for judged in JUDGED},
+        # a judge that works accepts the first and rejects the second
+        "true_fact_answers_accepted": round(
+            sum(r["on_topic_contradiction"] for r in true_rows) / max(len(true_rows), 1), 3
+        ),
+        "other_answers_accepted": round(
+            sum(r["on_topic_contradiction"] for r in other_rows) / max(len(other_rows), 1), 3
+        ),
         "subjects_with_ceiling_at_least_half": sorted(
             s for s, e in per_subject.items() if e["on_topic_contradiction_rate"] >= 0.5
         ),
         "per_subject": per_subject,
-        "rows": rows,
+        "rows": judged_rows,
     }
 
 
@@ -105,10 +127,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--nli-model", required=True)
     parser.add_argument("--data", default=os.path.join(ROOT, "data", "contradiction_example.jsonl"))
     parser.add_argument("--questions", default=QUESTIONS)
+    parser.add_argument("--answer-max-tokens", type=int, default=32, help="the task's --answer-max-tokens")
     parser.add_argument("--output", default=None, help="JSON file (default: print)")
     args = parser.parse_args(argv)
 
-    from contradiction_reward import Answerer, ContradictionReward, ContradictionRewardConfig, NLIScorer
+    from contradiction_reward import (
+        JUDGED_ANSWERS,
+        NLI_ORDERS,
+        Answerer,
+        ContradictionReward,
+        ContradictionRewardConfig,
+        NLIScorer,
+    )
     from hf_models import load_causal_lm
 
     with open(args.data, encoding="utf-8") as f:
@@ -116,18 +146,38 @@ def main(argv: list[str] | None = None) -> None:
     with open(args.questions, encoding="utf-8") as f:
         questions = json.load(f)
     model, tokenizer = load_causal_lm(args.answerer)
-    reward = ContradictionReward(
-        Answerer(model, tokenizer), NLIScorer.load(args.nli_model), ContradictionRewardConfig()
-    )
+    answerer = Answerer(model, tokenizer, answer_max_tokens=args.answer_max_tokens)
+    nli = NLIScorer.load(args.nli_model)
     started = time.time()
-    result = ceiling(examples, questions, reward)
+    rows = answer_rows(examples, questions, lambda asked: [r["answer"] for r in answerer.answer(asked)])
+    answered_s = time.time() - started
+    judges = {}
+    for judged_answer in JUDGED_ANSWERS:
+        for order in NLI_ORDERS:
+            reward = ContradictionReward(
+                answerer, nli, ContradictionRewardConfig(judged_answer=judged_answer, nli_order=order)
+            )
+
+            def judge(asked, answers, facts, reward=reward):
+                log_probs = reward.judge(asked, answers, facts)
+                return log_probs[:, nli.contradiction_index], nli.log_related(log_probs)
+
+            judges[f"{judged_answer}/{order}"] = ceiling(rows, judge)
+    # the task's judge as configured by default, then the one that best separates true-fact answers from others
+    default = judges["answer/fact-answer"]
+    best = max(judges, key=lambda k: judges[k]["true_fact_answers_accepted"] - judges[k]["other_answers_accepted"])
     summary = {"benchmark": "contradiction_ceiling", "date": time.strftime("%Y-%m-%d"), "answerer": args.answerer,
-               "nli_model": args.nli_model, "seconds": round(time.time() - started, 1), **result}  # fmt: skip
+               "nli_model": args.nli_model, "answer_max_tokens": args.answer_max_tokens,
+               "answer_seconds": round(answered_s, 1), "seconds": round(time.time() - started, 1),
+               "best_judge": best, **default, "best": {k: v for k, v in judges[best].items() if k != "rows"},
+               "judges": {k: {m: v for m, v in j.items() if m not in ("rows", "per_subject")}
+                          for k, j in judges.items()}}  # fmt: skip
+    summary["best"]["rows"] = judges[best]["rows"]
     text = json.dumps(summary, indent=1) + "\n"
     if args.output:
         with open(args.output, "w", encoding="utf-8") as f:
             f.write(text)
-    compact = {k: v for k, v in summary.items() if k not in ("rows", "per_subject")}
+    compact = {k: v for k, v in summary.items() if k not in ("rows", "per_subject", "best")}
     print(json.dumps(compact, indent=1))
 
 

@@ -153,7 +153,8 @@ def score_samples(rows: list[dict], secrets: list[str], decoys: list[str], check
 
 
 def row_calls(row: dict) -> int:
-    return 2 if row.get("written_by_oracle") else 1
+    """The oracle calls a row cost: as train.py recorded it, else (older files) two for a victim-written x."""
+    return row.get("oracle_calls", 2 if row.get("written_by_oracle") else 1)
 
 
 def subsampled_leaks(rows: list[dict], secrets: list[str], budget: int, draws: int = 500, seed: int = 0) -> dict:
@@ -493,11 +494,13 @@ def gflownet_flags(
 ) -> list[str]:
     """train.py's flags for a configuration; `extra_flags` go last (argparse: the last value of a flag wins)."""
     extra = CONFIGS[config] + list(extra_flags)
-    # an x the victim wrote costs a call more (its writing): the epochs that spend about `calls`
+    # with --separate-proposal-answers an x the victim wrote costs a call more (its writing; otherwise the victim
+    # answers it in the same generation): the epochs that spend about `calls`
     fraction = (
         float(extra[extra.index("--oracle-proposal-fraction") + 1]) if "--oracle-proposal-fraction" in extra else 0
     )
-    epochs = max(1, -(-calls // (batch_size + round(fraction * batch_size))))  # ceil: at least `calls`
+    per_epoch = batch_size + (round(fraction * batch_size) if "--separate-proposal-answers" in extra else 0)
+    epochs = max(1, -(-calls // per_epoch))  # ceil: at least `calls`
     return base_flags(victim, base, max_len, output_dir) + [
         "--policy", "lora",
         "--batch-size", str(batch_size),

@@ -37,6 +37,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.environ.setdefault("WANDB_MODE", "disabled")
 
+from extraction import row_calls  # noqa: E402  (same folder)
 from policy_comparison import smollm2_path  # noqa: E402  (same folder)
 
 
@@ -92,12 +93,12 @@ def score_written(reward_model, count: int, batch_size: int, max_len: int, searc
 
 def discovery_curve(rows: list[dict], threshold: float) -> list[int]:
     """curve[c - 1]: distinct x (resurrect.py's normalised words) with log R >= threshold within c calls; a row costs
-    one call, and one more when the oracle wrote its x (train.py's `written_by_oracle`)."""
+    what train.py recorded (`oracle_calls`), else one call, and one more when the oracle wrote its x."""
     from resurrect import normalised_words
 
     curve, seen = [], set()
     for row in rows:
-        curve += [len(seen)] * (2 if row.get("written_by_oracle") else 1)
+        curve += [len(seen)] * row_calls(row)
         if row.get("valid", True) and row["log_R"] >= threshold:
             seen.add(" ".join(normalised_words(row["x"])))
             curve[-1] = len(seen)

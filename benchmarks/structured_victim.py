@@ -278,6 +278,9 @@ X_FROM = {
 # the tool's configurations (the GFlowNet and the same flags with the policy frozen)
 # each configuration is the one before it plus one change, so an ablation is one list away
 REF_REPLAY = ["--reference-weight", "1", "--replay-fraction", "0.5", "--updates-per-batch", "2"]
+# the configurations measured before the victim answered the x it writes in the same generation: each written x
+# cost them two calls (its writing, then its answer); kept so that their rows can be re-run as they were
+SEPARATE = ["--separate-proposal-answers"]
 SEARCH_LR = REF_REPLAY + ["--oracle-proposal-fraction", "0.5", "--oracle-proposals", "search", "--lr", "1e-3"]
 # local search around finds: a quarter of each batch re-writes the last 2 tokens of a replayed high-reward x
 SEARCH_LR_LOCAL = SEARCH_LR + ["--local-search-fraction", "0.25", "--local-search-back", "2"]
@@ -285,13 +288,17 @@ TOOL_FLAGS = {
     "tb": [],
     "tb-ref": ["--reference-weight", "1"],
     "tb-ref-replay": REF_REPLAY,
-    "tb-ref-replay-proposals": REF_REPLAY + ["--oracle-proposal-fraction", "0.25"],
-    "tb-ref-replay-proposals-lr": REF_REPLAY + ["--oracle-proposal-fraction", "0.5", "--lr", "1e-3"],
-    "tb-ref-replay-search-lr": SEARCH_LR,
+    "tb-ref-replay-proposals": REF_REPLAY + ["--oracle-proposal-fraction", "0.25"] + SEPARATE,
+    "tb-ref-replay-proposals-lr": REF_REPLAY + ["--oracle-proposal-fraction", "0.5", "--lr", "1e-3"] + SEPARATE,
+    "tb-ref-replay-search-lr": SEARCH_LR + SEPARATE,
     "tb-ref-replay-lr": REF_REPLAY + ["--lr", "2e-3"],
-    "tb-ref-replay-search-lr-local": SEARCH_LR_LOCAL,
+    "tb-ref-replay-search-lr-local": SEARCH_LR_LOCAL + SEPARATE,
     # tempered reward: log R / 2, so that families whose openings differ by tens of nats all keep mass
-    "tb-ref-replay-search-lr-local-t2": SEARCH_LR_LOCAL + ["--reward-temp-start", "2", "--reward-temp-end", "2"],
+    "tb-ref-replay-search-lr-local-t2": SEARCH_LR_LOCAL
+    + ["--reward-temp-start", "2", "--reward-temp-end", "2"]
+    + SEPARATE,
+    # the same as -local, each x the victim writes answered in the same generation: one call, as the baselines
+    "tb-ref-replay-search-lr-local-one-call": SEARCH_LR_LOCAL,
 }
 FROZEN = ["--lr", "0", "--lr-z", "0"]
 

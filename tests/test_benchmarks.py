@@ -253,18 +253,20 @@ def test_contradiction_ceiling_judges_and_counts_by_hand():
 
     answers = {"Who painted the Mona Lisa?": "Leonardo painted the Mona Lisa.", "Which painter?": "Raphael."}
 
-    def judge(questions, edit_facts, step, subjects):
-        log_c = [math.log(0.9) if "Mona" in answers[q] else math.log(0.2) for q in questions]
-        return {"answers": [answers[q] for q in questions], "log_contradiction": torch.tensor(log_c),
-                "log_related": torch.tensor([math.log(0.8)] * len(questions))}  # fmt: skip
+    def judge(questions, answers_given, edit_facts):
+        assert edit_facts == [edit] * len(questions)
+        log_c = [math.log(0.9) if "Mona" in a else math.log(0.2) for a in answers_given]
+        return torch.tensor(log_c), torch.tensor([math.log(0.8)] * len(questions))
 
     examples = [{"id": "davinci-1", "subject": "Leonardo da Vinci", "true_fact": true, "edit_fact": edit},
                 {"id": "unasked", "subject": "Nobody", "true_fact": "a", "edit_fact": "b"}]  # fmt: skip
-    result = ceiling.ceiling(examples, {"davinci-1": list(answers)}, judge)
+    rows = ceiling.answer_rows(examples, {"davinci-1": list(answers)}, lambda asked: [answers[q] for q in asked])
+    result = ceiling.ceiling(rows, judge)
     assert result["answers"] == 2 and result["true_fact_rate"] == 0.5
     # the first question does not name the subject ("Leonardo da Vinci"): not on topic, though it contradicts
     assert result["on_topic_contradiction_rate"] == 0.0
     assert result["contradiction_rate"] == 0.5
+    assert result["true_fact_answers_accepted"] == 0.0 and result["other_answers_accepted"] == 0.0
     assert result["per_subject"]["Leonardo da Vinci"] == {"answers": 2, "states_true_fact": 1, "contradiction": 1,
         "on_topic_contradiction": 0, "true_fact_rate": 0.5, "contradiction_rate": 0.5,
         "on_topic_contradiction_rate": 0.0}  # fmt: skip

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from contradiction_reward import Answerer, ContradictionReward, ContradictionRewardConfig, NLIScorer
+from contradiction_reward import Answerer, ContradictionReward, ContradictionRewardConfig, NLIScorer, first_sentence
 from errors import UserError
 from hf_models import document_start_id, load_causal_lm
 
@@ -391,6 +391,13 @@ def test_order_option_swaps_the_nli_pair_and_bad_configs_are_refused(answerer, n
     assert not torch.allclose(out["log_contradiction"], nli.log_contradiction(facts, out["answers"]), atol=1e-3)
     with pytest.raises(ValueError, match="nli_order"):
         ContradictionRewardConfig(nli_order="premise-first")
+    # the judge reads the question and the answer's first sentence
+    config = ContradictionRewardConfig(judged_answer="question-first-sentence")
+    out = ContradictionReward(answerer, nli, config)(QUESTIONS, facts, 0)
+    judged = [f"{q.strip()} {first_sentence(a)}" for q, a in zip(QUESTIONS, out["answers"])]
+    assert torch.equal(out["log_contradiction"], nli.log_contradiction(facts, judged))
+    with pytest.raises(ValueError, match="judged_answer"):
+        ContradictionRewardConfig(judged_answer="the question")
     with pytest.raises(ValueError, match="failure_penalty"):
         ContradictionRewardConfig(failure_penalty=float("-inf"))
     with pytest.raises(ValueError, match="edit facts"):
@@ -493,3 +500,25 @@ def test_a_judge_without_a_neutral_label_needs_relevance_off(tmp_path, answerer)
         QUESTIONS[:2], FACTS, 0
     )
     assert torch.equal(out["log_related"], torch.zeros(2, dtype=torch.float64)) and out["valid"].all()
+
+
+def test_the_judge_reads_the_answer_as_configured():
+    """judged_answer: all of the answer, its first sentence, or either after the question; flags.py offers the same
+    choices (it cannot import this module: flags answer before torch loads)."""
+    import flags
+    from contradiction_reward import JUDGED_ANSWERS, first_sentence, judged_text
+
+    answer = "Christopher Marlowe wrote it in 1601. He was also a spy!\nMore text"
+    assert first_sentence(answer) == "Christopher Marlowe wrote it in 1601."
+    assert first_sentence("Version 2.5 of it. Then") == "Version 2.5 of it."  # a "." inside a number ends nothing
+    assert first_sentence("no stop here\nsecond line") == "no stop here"
+    question = "Who wrote Hamlet? "
+    assert judged_text(question, answer, "answer") == answer
+    assert judged_text(question, answer, "first-sentence") == "Christopher Marlowe wrote it in 1601."
+    assert judged_text(question, "Marlowe.", "question-answer") == "Who wrote Hamlet? Marlowe."
+    assert judged_text(question, answer, "question-first-sentence") == (
+        "Who wrote Hamlet? Christopher Marlowe wrote it in 1601."
+    )
+    parser = flags.build_parser()
+    choices = next(a.choices for a in parser._actions if a.dest == "judged_answer")
+    assert tuple(choices) == JUDGED_ANSWERS

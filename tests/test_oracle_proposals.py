@@ -54,15 +54,22 @@ def test_proposals_need_a_local_oracle(word_lm_dirs):
         reward_model.propose_x(4, 1, 2, set())
 
 
-def test_training_marks_the_oracles_x_and_counts_two_calls_for_each(tiny_lm_dir, tmp_path):
-    flags = ["--epochs", "3", "--oracle-proposal-fraction", "0.5"]
+@pytest.mark.parametrize("separate", [False, True])
+def test_training_marks_the_oracles_x_and_counts_its_calls(tiny_lm_dir, tmp_path, separate):
+    """By default the local oracle answers the x it writes in the same generation (one call each); with
+    --separate-proposal-answers its writing is a call and its answer another. Each row records what it cost,
+    and the rows' costs add up to the oracle's own counter."""
+    flags = ["--epochs", "3", "--oracle-proposal-fraction", "0.5"] + (["--separate-proposal-answers"] * separate)
     code, err = run_main(tiny_flags(tiny_lm_dir, tmp_path, *flags))
     assert code == 0, err
     samples = read_jsonl(tmp_path / "samples_raw.jsonl")
     metrics = read_jsonl(tmp_path / "metrics_raw.jsonl")
     assert len(samples) == 12  # batch 4 x 3 epochs: proposals too short to use are made up by the policy
     assert metrics[-1]["train/proposal_calls"] == 6  # 2 asked for per epoch, each one an oracle call
-    assert metrics[-1]["train/reward_calls"] == metrics[-1]["train/oracle_calls"] == 12 + 6
+    assert metrics[-1]["train/oracle_calls"] == 12 + 6 * separate
+    assert metrics[-1]["train/reward_calls"] == 12 + 6 * separate  # the rows scored, and separate writings
+    assert sum(s["oracle_calls"] for s in samples) == metrics[-1]["train/oracle_calls"]
+    assert {s["oracle_calls"] for s in samples if s["written_by_oracle"]} == {2 if separate else 1}
     for epoch in (1, 2, 3):
         written = [s["written_by_oracle"] for s in samples if s["epoch"] == epoch]
         assert written == sorted(written, reverse=True) and sum(written) <= 2  # the batch's first rows
@@ -209,3 +216,94 @@ def test_importance_estimates_leave_out_the_x_the_oracle_wrote():
     assert importance_metrics(batch, log_reward, log_pf)["eval/log_Z_importance"] == pytest.approx(
         importance_log_z(log_reward, log_q[valid]), abs=1e-9
     )
+
+
+def naive_log_probs(model, ids: list[int]) -> torch.Tensor:
+    """(len(ids) - 1, V) float64 log-softmax after each prefix of ids: one unpadded forward pass, no cache."""
+    with torch.no_grad():
+        return torch.log_softmax(model(torch.tensor([ids])).logits[0, :-1].double(), dim=-1)
+
+
+@pytest.mark.parametrize("x_temperature", [0.0, 1.0])
+def test_writing_then_answering_in_one_generation_matches_a_naive_forward_pass(word_lm_dirs, x_temperature):
+    """write_then_answer against teacher forcing, row by row: prompts of different lengths (left padding and the
+    KV cache), a bridge read between x and y, x stopped at its limit or before a stop token, y ended by an end
+    token or max_answer_tokens. Every x and y log-probability, and every x step's distribution, is the naive
+    one; a greedy x is the argmax at every step."""
+    from hf_models import write_then_answer
+
+    _, oracle_dir = word_lm_dirs
+    model, _ = load_causal_lm(oracle_dir)
+    start, end, bridge = 4, 4, [2, 3]
+    prompts = [[start], [start, 0, 1], [start, 3], [start, 2, 2, 2, 0]] * 4
+    limits = [3, 1, 4, 0] * 4
+    torch.manual_seed(0)
+    rows = write_then_answer(
+        model, prompts, limits, [0] * len(prompts), {end, 1}, bridge, 5, {end}, end, x_temperature, 1.0, True
+    )
+    stopped_early = truncated = ended = 0
+    for prompt, limit, row in zip(prompts, limits, rows):
+        assert len(row.x) <= limit and not {end, 1} & set(row.x)
+        full = prompt + row.x + bridge + row.answer
+        reference = naive_log_probs(model, full)
+        x_at = range(len(prompt) - 1, len(prompt) - 1 + len(row.x))
+        assert row.x_log_probs == pytest.approx([float(reference[p, t]) for p, t in zip(x_at, row.x)], abs=1e-5)
+        steps = len(row.x) + (len(row.x) < limit)  # a step that chose a stop token is kept too
+        assert len(row.x_step_log_probs) == steps
+        for j, step in enumerate(row.x_step_log_probs):
+            assert torch.allclose(step.double(), reference[len(prompt) - 1 + j], atol=1e-5)
+        if x_temperature == 0:
+            assert [int(step.argmax()) for step in row.x_step_log_probs[: len(row.x)]] == row.x
+        if len(row.x) < limit:
+            stopped_early += 1
+            assert int(row.x_step_log_probs[-1].argmax()) in {end, 1} or x_temperature > 0
+        y_at = range(len(prompt + row.x + bridge) - 1, len(full) - 1)
+        assert row.answer_log_probs == pytest.approx(
+            [float(reference[p, t]) for p, t in zip(y_at, row.answer)], abs=1e-5
+        )
+        assert row.truncated == (len(row.answer) == 5 and row.answer[-1] != end)
+        truncated += row.truncated
+        ended += bool(row.answer) and row.answer[-1] == end
+        assert end not in row.answer[:-1]
+    assert stopped_early and truncated and ended  # every way of stopping occurred: the test can fail
+
+
+def test_a_row_whose_x_stops_short_is_not_answered(word_lm_dirs):
+    from hf_models import write_then_answer
+
+    _, oracle_dir = word_lm_dirs
+    model, _ = load_causal_lm(oracle_dir)
+    every_word = {0, 1, 2, 3, 4}  # x must stop at once
+    rows = write_then_answer(model, [[4], [4, 0]], [3, 3], [1, 0], every_word, [], 4, {4}, 4, 1.0, 1.0)
+    assert rows[0].x == [] and rows[0].answer is None  # shorter than its minimum of 1
+    assert rows[1].x == [] and rows[1].answer is not None and len(rows[1].answer) >= 1
+
+
+def test_search_proposals_answered_in_the_same_generation_are_the_separate_ones(word_lm_dirs):
+    """A search whose proposals are answered in place writes the same x, in the same order, as one whose
+    proposals are scored apart, and each answer (greedy y) is the one `score` gives for that x; one call each."""
+    reward_models = [word_reward_model(word_lm_dirs) for _ in range(2)]
+    for reward_model in reward_models:
+        reward_model.oracle.target_ids = None  # y sampled (greedy: temperature 0), not a fixed target
+        reward_model.oracle.deterministic = False
+        reward_model.oracle.temperature = 0.0
+        reward_model.oracle.start_search(width=4)
+    fused, separate = reward_models
+    assert fused.answers_proposals
+    separate.answer_proposals_in_place = False
+    assert not separate.answers_proposals
+    written, answers = [], []
+    for _ in range(6):
+        rows, results = fused.propose_answered(5, 1, 4, set())
+        written += rows
+        answers += results
+    expected = []
+    for _ in range(6):
+        expected += separate.propose_x(5, 1, 4, set())
+    # the greedy text from the document start is empty (its first choice is to end): dropped, its call spent
+    assert written == expected and len(set(map(tuple, written))) == len(written) == 24
+    scored = separate.oracle.score([], token_ids=written)
+    assert [a.token_ids for a in answers] == [s.token_ids for s in scored]
+    assert [a.log_likelihood for a in answers] == pytest.approx([s.log_likelihood for s in scored], abs=1e-5)
+    assert fused.oracle_calls == fused.proposal_calls == 25 and fused.reward_calls == 0  # rows not combined yet
+    assert separate.oracle_calls == 25  # the writing alone; scoring them is 24 more
