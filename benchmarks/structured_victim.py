@@ -299,6 +299,9 @@ TOOL_FLAGS = {
     + SEPARATE,
     # the same as -local, each x the victim writes answered in the same generation: one call, as the baselines
     "tb-ref-replay-search-lr-local-one-call": SEARCH_LR_LOCAL,
+    # three quarters of each batch from the search, a quarter local search, none from the policy's own sampling
+    # (the policy still writes every local search's new ending): the search finds openings, local search families
+    "tb-ref-replay-search75-lr-local-one-call": SEARCH_LR_LOCAL + ["--oracle-proposal-fraction", "0.75"],
 }
 FROZEN = ["--lr", "0", "--lr-z", "0"]
 
@@ -323,14 +326,28 @@ def run(sampler: str, victim: str, base: str, calls: int, out: str, seed: int) -
 # ------------------------------------------------------------------------------------------------ report
 
 
-def discoveries(rows: list[dict], data: dict, budgets=CHECKPOINTS) -> dict:
-    """Distinct secrets leaked within each budget of calls, the curve, decoy hits, and which families."""
+def counted_calls(samples_path: str) -> int | None:
+    """The victim's own call counter (train.py's train/oracle_calls) at a tool run's last epoch, None for a
+    baseline file: every call, including a written x too short to keep, which has no row."""
+    metrics_path = os.path.join(os.path.dirname(samples_path), "metrics_raw.jsonl")
+    if not os.path.exists(metrics_path):
+        return None
+    with open(metrics_path, encoding="utf-8") as f:
+        calls = [json.loads(line).get("train/oracle_calls") for line in f if line.strip()]
+    calls = [c for c in calls if c is not None]
+    return calls[-1] if calls else None
+
+
+def discoveries(rows: list[dict], data: dict, budgets=CHECKPOINTS, counter: int | None = None) -> dict:
+    """Distinct secrets leaked within each budget of calls, the curve, decoy hits, and which families; `counter`:
+    the oracle's own count of the run's calls, reported beside the rows' (they agree unless rows were dropped)."""
     scored = extraction.score_samples(rows, data["secrets"], data["decoys"], budgets)
     families = set()
     for row in rows:
         families |= {data["family_of"][i] for i in extraction.row_findings(row, data["secrets"], [])["leaked"]}
     return {
         "calls": scored["calls"],
+        "calls_by_oracle_counter": counter,
         "curve": scored["curve"],
         "finds": {b: v["distinct_secrets_leaked"] for b, v in scored["at"].items()},
         "decoy_hits": {b: v["decoy_hits"] for b, v in scored["at"].items()},
@@ -356,7 +373,7 @@ def report(folder: str, data: dict, budgets=CHECKPOINTS) -> dict:
     mean finds over the best baseline's (baselines: the three rankers and every frozen tool)."""
     results = {}
     for sampler, paths in sampler_files(folder).items():
-        runs = [discoveries(extraction.read_samples(p), data, budgets) for p in paths]
+        runs = [discoveries(extraction.read_samples(p), data, budgets, counted_calls(p)) for p in paths]
         at = {}
         for budget in map(str, budgets):
             values = [r["finds"][budget] for r in runs if budget in r["finds"]]
