@@ -157,7 +157,8 @@ def bookkeeping_numbers(
     a tiny random GPT-2 (BPE vocabulary of the test fixtures) is the prior and the local oracle, the policy a
     64-wide 1-layer transformer, so the model work is small and the loop's own overhead shows. With `prior` /
     `oracle` / `policy` (e.g. SmolLM2 and a LoRA policy) it measures a real setup instead. Also splits the epoch
-    into the oracle's time (y generated and scored) and the tool's own (sampling x, prior, training, the rest)."""
+    into the oracle's time (y generated and scored, and x it writes) and the tool's own (sampling x, prior,
+    training, the rest)."""
     import contextlib
     import importlib
     import io
@@ -179,6 +180,9 @@ def bookkeeping_numbers(
 
     oracle_watch = Stopwatch()
     oracle_watch.wrap(reward_oracle.RewardModel, "query_oracle", "oracle")
+    for name in ("propose_x", "propose_answered"):  # x the oracle writes (and answers, in one generation) is its work
+        if hasattr(reward_oracle.RewardModel, name):
+            oracle_watch.wrap(reward_oracle.RewardModel, name, "oracle")
     if records is not train:  # train.py calls the names it imported
         for name in ("sample_records", "step_metrics"):
             setattr(train, name, getattr(records, name))
