@@ -64,6 +64,26 @@ CONFIGS = {
     "tb-oracle-proposals": ["--oracle-proposal-fraction", "0.5"],
     "tb-replay-oracle-proposals": ["--oracle-proposal-fraction", "0.5", "--replay-fraction", "0.5"],
     "tb-oracle-search": ["--oracle-proposal-fraction", "0.5", "--oracle-proposals", "search"],
+    # the structured victim's best (benchmarks/structured_victim.py): three quarters of each batch from the victim's
+    # search (each answered in the same generation: one call), a quarter local search around replayed finds
+    "tb-ref-replay-search75-lr-local": [
+        "--reference-weight",
+        "1",
+        "--replay-fraction",
+        "0.5",
+        "--updates-per-batch",
+        "2",
+        "--lr",
+        "1e-3",
+        "--oracle-proposal-fraction",
+        "0.75",
+        "--oracle-proposals",
+        "search",
+        "--local-search-fraction",
+        "0.25",
+        "--local-search-back",
+        "2",
+    ],  # fmt: skip
     "tb-replay-ls": ["--replay-fraction", "0.5", "--local-search-fraction", "0.25", "--local-search-back", "3"],
     "tb-k2-replay-ls": [
         "--updates-per-batch",

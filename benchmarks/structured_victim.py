@@ -395,16 +395,20 @@ def report(folder: str, data: dict, budgets=CHECKPOINTS) -> dict:
     tools = [s for s in results if s not in baselines]
     comparison = {}
     for budget in map(str, budgets):
-        best = max((results[b]["at"][budget]["mean"], b) for b in baselines if budget in results[b]["at"])
-        comparison[budget] = {
-            "best_baseline": best[1],
-            "best_baseline_finds": best[0],
-            "gflownet_over_best_baseline": {
-                t: round(results[t]["at"][budget]["mean"] / best[0], 2) if best[0] else None
-                for t in tools
-                if budget in results[t]["at"]
-            },
-        }
+        comparison[budget] = {}
+        # every baseline (the rankers and every frozen tool), then the rankers alone (the samplers that are not this
+        # tool: the learning's share is the first ratio, the tool's proposals and local search the second's rest)
+        for name, pool in (("best_baseline", baselines), ("best_ranker", [b for b in baselines if b in X_FROM])):
+            best = max((results[b]["at"][budget]["mean"], b) for b in pool if budget in results[b]["at"])
+            comparison[budget].update({
+                name: best[1],
+                f"{name}_finds": best[0],
+                f"gflownet_over_{name}": {
+                    t: round(results[t]["at"][budget]["mean"] / best[0], 2) if best[0] else None
+                    for t in tools
+                    if budget in results[t]["at"]
+                },
+            })  # fmt: skip
     summary["comparison"] = comparison
     # the headline: the tool configuration with the most finds at the largest budget, over the best baseline
     last = str(budgets[-1])
@@ -412,9 +416,10 @@ def report(folder: str, data: dict, budgets=CHECKPOINTS) -> dict:
     if ranked:
         best_tool = max(ranked, key=lambda t: (results[t]["at"][last]["mean"], results[t]["seeds"]))
         summary["gflownet"] = best_tool
-        summary["gflownet_over_best_baseline"] = {
-            b: comparison[b]["gflownet_over_best_baseline"].get(best_tool) for b in comparison
-        }
+        for name in ("best_baseline", "best_ranker"):
+            summary[f"gflownet_over_{name}"] = {
+                b: comparison[b][f"gflownet_over_{name}"].get(best_tool) for b in comparison
+            }
     summary["samplers"] = results
     return summary
 
