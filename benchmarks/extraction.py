@@ -61,41 +61,32 @@ CONFIGS = {
     "tb-replay-lr1e-3": ["--replay-fraction", "0.5", "--lr", "1e-3"],
     "tb-lr1e-3-warmup8": ["--lr", "1e-3", "--lr-warmup-epochs", "8"],
     "vargrad": ["--loss", "vargrad"],
-    "tb-oracle-proposals": ["--oracle-proposal-fraction", "0.5"],
-    "tb-replay-oracle-proposals": ["--oracle-proposal-fraction", "0.5", "--replay-fraction", "0.5"],
-    "tb-oracle-search": ["--oracle-proposal-fraction", "0.5", "--oracle-proposals", "search"],
-    # the structured victim's best (benchmarks/structured_victim.py): three quarters of each batch from the victim's
-    # search (each answered in the same generation: one call), a quarter local search around replayed finds
-    "tb-ref-replay-search75-lr-local": [
-        "--reference-weight",
-        "1",
+    # measured (2026-12-02) with each victim-written x costing two calls, as they still do
+    "tb-oracle-proposals": ["--oracle-proposal-fraction", "0.5", "--separate-proposal-answers"],
+    "tb-replay-oracle-proposals": [
+        "--oracle-proposal-fraction",
+        "0.5",
         "--replay-fraction",
         "0.5",
-        "--updates-per-batch",
-        "2",
-        "--lr",
-        "1e-3",
+        "--separate-proposal-answers",
+    ],  # fmt: skip
+    "tb-oracle-search": [
         "--oracle-proposal-fraction",
-        "0.75",
+        "0.5",
         "--oracle-proposals",
         "search",
-        "--local-search-fraction",
-        "0.25",
-        "--local-search-back",
-        "2",
-    ],  # fmt: skip
-    "tb-replay-ls": ["--replay-fraction", "0.5", "--local-search-fraction", "0.25", "--local-search-back", "3"],
-    "tb-k2-replay-ls": [
-        "--updates-per-batch",
-        "2",
-        "--replay-fraction",
-        "0.5",
-        "--local-search-fraction",
-        "0.25",
-        "--local-search-back",
-        "3",
+        "--separate-proposal-answers",
     ],
+    # the structured victim's best (benchmarks/structured_victim.py): three quarters of each batch from the victim's
+    # search (each answered in the same generation: one call), a quarter local search around replayed finds
+    "tb-ref-replay-search75-lr-local": (
+        "--reference-weight 1 --replay-fraction 0.5 --updates-per-batch 2 --lr 1e-3 --oracle-proposal-fraction 0.75 "
+        "--oracle-proposals search --local-search-fraction 0.25 --local-search-back 2"
+    ).split(),
 }
+CONFIGS["frozen-tb-ref-replay-search75-lr-local"] = (
+    CONFIGS["tb-ref-replay-search75-lr-local"] + "--lr 0 --lr-z 0".split()
+)
 
 
 def default_base_model() -> str | None:
