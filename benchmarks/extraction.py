@@ -62,21 +62,15 @@ CONFIGS = {
     "tb-lr1e-3-warmup8": ["--lr", "1e-3", "--lr-warmup-epochs", "8"],
     "vargrad": ["--loss", "vargrad"],
     # measured (2026-12-02) with each victim-written x costing two calls, as they still do
-    "tb-oracle-proposals": ["--oracle-proposal-fraction", "0.5", "--separate-proposal-answers"],
-    "tb-replay-oracle-proposals": [
-        "--oracle-proposal-fraction",
-        "0.5",
-        "--replay-fraction",
-        "0.5",
-        "--separate-proposal-answers",
-    ],  # fmt: skip
-    "tb-oracle-search": [
-        "--oracle-proposal-fraction",
-        "0.5",
-        "--oracle-proposals",
-        "search",
-        "--separate-proposal-answers",
-    ],
+    "tb-oracle-proposals": "--oracle-proposal-fraction 0.5 --separate-proposal-answers".split(),
+    "tb-replay-oracle-proposals": (
+        "--oracle-proposal-fraction 0.5 --replay-fraction 0.5 --separate-proposal-answers".split()
+    ),
+    "tb-oracle-search": "--oracle-proposal-fraction 0.5 --oracle-proposals search --separate-proposal-answers".split(),
+    "tb-replay-ls": ["--replay-fraction", "0.5", "--local-search-fraction", "0.25", "--local-search-back", "3"],
+    "tb-k2-replay-ls": (
+        "--updates-per-batch 2 --replay-fraction 0.5 --local-search-fraction 0.25 --local-search-back 3".split()
+    ),
     # the structured victim's best (benchmarks/structured_victim.py): three quarters of each batch from the victim's
     # search (each answered in the same generation: one call), a quarter local search around replayed finds
     "tb-ref-replay-search75-lr-local": (
