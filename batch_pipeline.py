@@ -151,7 +151,6 @@ class SyncBatches:
         `self.proposal_answers`: those x are not sent again."""
         config = self.policy.config
         bounds = (size, config.min_len, config.max_len, set(config.banned_token_ids))
-        self.proposal_answers = []
         if self.reward_model.answers_proposals:
             rows, self.proposal_answers = self.reward_model.propose_answered(*bounds)
         else:
@@ -180,7 +179,7 @@ class SyncBatches:
         after this one (the last epoch), so nothing may be sampled or paid for ahead of it."""
         if not self.may_spend():
             return None
-        self.proposal_answers = []
+        self.proposal_answers = []  # filled by oracle_proposals when the oracle answers what it writes
         tokens, lengths, log_q = self.sample()
         written = torch.arange(len(lengths)) < self.num_written_by_oracle if self.oracle_proposal_fraction else None
         rewards = self.reward_model(tokens, lengths, answered=self.proposal_answers)
