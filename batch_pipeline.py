@@ -108,7 +108,8 @@ class SyncBatches:
         self.may_spend = may_spend
         self.tempered_fraction, self.temperature_range = tempered_fraction, temperature_range
         self.local_search_fraction, self.local_search_back = local_search_fraction, local_search_back
-        self.oracle_proposal_fraction = oracle_proposal_fraction
+        self.oracle_proposal_fraction = oracle_proposal_fraction  # train.py may move it on a schedule
+        self.marks_written = oracle_proposal_fraction > 0  # rows say who wrote them, also once the share is 0
         self.num_written_by_oracle = 0
         self.proposal_answers: list = []  # the oracle's answers to the x it wrote for the batch being sampled
         self.replay, self.replay_rng = replay, replay_rng
@@ -181,7 +182,7 @@ class SyncBatches:
             return None
         self.proposal_answers = []  # filled by oracle_proposals when the oracle answers what it writes
         tokens, lengths, log_q = self.sample()
-        written = torch.arange(len(lengths)) < self.num_written_by_oracle if self.oracle_proposal_fraction else None
+        written = torch.arange(len(lengths)) < self.num_written_by_oracle if self.marks_written else None
         rewards = self.reward_model(tokens, lengths, answered=self.proposal_answers)
         answered = bool(self.proposal_answers)
         return ScoredBatch(tokens, lengths, log_q, rewards, written_by_oracle=written, answered_when_written=answered)

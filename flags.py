@@ -306,6 +306,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "its memorised text is (--oracle hf, or --oracle openai --oracle-format plain; no prefetching)",
     )
     g.add_argument(
+        "--oracle-proposal-fraction-end",
+        type=float,
+        default=None,
+        help="move the oracle's share of each batch linearly from --oracle-proposal-fraction to this over "
+        "--oracle-proposal-anneal's epochs; the rest goes to the policy's own samples (default: no schedule)",
+    )
+    g.add_argument(
+        "--oracle-proposal-anneal",
+        type=int,
+        nargs=2,
+        default=[1, 1],
+        metavar=("FROM", "TO"),
+        help="the epochs between which the oracle's share moves to --oracle-proposal-fraction-end",
+    )
+    g.add_argument(
         "--oracle-proposals",
         default="sample",
         choices=["sample", "search"],
@@ -447,6 +462,15 @@ def validate_args(args: argparse.Namespace) -> None:
             "--task contradiction does not support --local-search-fraction",
         ),
         (0 <= args.oracle_proposal_fraction <= 1, "--oracle-proposal-fraction must be in [0, 1]"),
+        (
+            args.oracle_proposal_fraction_end is None
+            or (args.oracle_proposal_fraction > 0 and 0 <= args.oracle_proposal_fraction_end <= 1),
+            "--oracle-proposal-fraction-end needs --oracle-proposal-fraction > 0 and must be in [0, 1]",
+        ),
+        (
+            1 <= args.oracle_proposal_anneal[0] <= args.oracle_proposal_anneal[1],
+            "--oracle-proposal-anneal needs 1 <= FROM <= TO",
+        ),
         (
             args.oracle_proposals == "sample" or args.oracle == "hf",
             "--oracle-proposals search needs the full next-token distributions of a local oracle: --oracle hf",

@@ -82,6 +82,8 @@ def train(args: argparse.Namespace, on_start=None, on_epoch=None) -> dict:
             for group, base_lr, warm in zip(run.optimizer.param_groups, (args.lr, args.lr_z), (True, False)):
                 group["lr"] = base_lr * learning_rate_factor(args, epoch, warm)
 
+            if run.source is not None and args.oracle_proposal_fraction_end is not None:
+                run.source.oracle_proposal_fraction = oracle_proposal_fraction(args, epoch)
             # 1. a scored batch from the exploration policy (every scored sample is written before anything can
             # fail); None when the budget is spent
             batch = run.source.next(more=epoch < args.epochs) if run.source is not None else None
@@ -321,6 +323,18 @@ def reward_temperature(args: argparse.Namespace, epoch: int) -> float:
         return args.reward_temp_start
     progress = min(1.0, (epoch - 1) / args.reward_temp_horizon)
     return args.reward_temp_start + progress * (args.reward_temp_end - args.reward_temp_start)
+
+
+def oracle_proposal_fraction(args: argparse.Namespace, epoch: int) -> float:
+    """The oracle's share of the batch at `epoch`: --oracle-proposal-fraction until the first epoch of
+    --oracle-proposal-anneal, linearly to --oracle-proposal-fraction-end at its last. The oracle's search finds
+    the regions it answers confidently early and then dries up; the policy, trained on its finds, takes over. A
+    function of the epoch alone, so a resumed run continues the schedule."""
+    first, last = args.oracle_proposal_anneal
+    start, end = args.oracle_proposal_fraction, args.oracle_proposal_fraction_end
+    if end is None or epoch <= first:
+        return start
+    return end if epoch >= last else start + (end - start) * (epoch - first) / (last - first)
 
 
 def learning_rate_factor(args: argparse.Namespace, epoch: int, warm_up: bool = True) -> float:

@@ -284,6 +284,8 @@ SEPARATE = ["--separate-proposal-answers"]
 SEARCH_LR = REF_REPLAY + ["--oracle-proposal-fraction", "0.5", "--oracle-proposals", "search", "--lr", "1e-3"]
 # local search around finds: a quarter of each batch re-writes the last 2 tokens of a replayed high-reward x
 SEARCH_LR_LOCAL = SEARCH_LR + ["--local-search-fraction", "0.25", "--local-search-back", "2"]
+SEARCH75_LOCAL = SEARCH_LR_LOCAL + ["--oracle-proposal-fraction", "0.75"]
+HANDOFF = ["--oracle-proposal-fraction-end", "0", "--oracle-proposal-anneal"]
 TOOL_FLAGS = {
     "tb": [],
     "tb-ref": ["--reference-weight", "1"],
@@ -301,7 +303,12 @@ TOOL_FLAGS = {
     "tb-ref-replay-search-lr-local-one-call": SEARCH_LR_LOCAL,
     # three quarters of each batch from the search, a quarter local search, none from the policy's own sampling
     # (the policy still writes every local search's new ending): the search finds openings, local search families
-    "tb-ref-replay-search75-lr-local-one-call": SEARCH_LR_LOCAL + ["--oracle-proposal-fraction", "0.75"],
+    "tb-ref-replay-search75-lr-local-one-call": SEARCH75_LOCAL,
+    # the same, the search's share handed to the policy's own samples once the search has found what it finds
+    # (epochs 8 to 16 = calls 128 to 256, or 32 to 40 = calls 512 to 640; 64 epochs make 1,024 calls): a policy
+    # that learned the openings writes them itself, where the frozen one writes the prior's text
+    "tb-ref-replay-search75-lr-local-handoff8": SEARCH75_LOCAL + HANDOFF + ["8", "16"],
+    "tb-ref-replay-search75-lr-local-handoff32": SEARCH75_LOCAL + HANDOFF + ["32", "40"],
 }
 FROZEN = ["--lr", "0", "--lr-z", "0"]
 

@@ -85,6 +85,46 @@ def test_training_marks_the_oracles_x_and_counts_its_calls(tiny_lm_dir, tmp_path
     assert code == 2 and "must be in [0, 1]" in err
 
 
+def test_the_oracles_share_of_the_batch_moves_to_the_policy_on_schedule(tiny_lm_dir, tmp_path):
+    """--oracle-proposal-fraction-end with --oracle-proposal-anneal FROM TO: the oracle writes its start share up to
+    epoch FROM, then a share falling linearly to the end share at TO, and the policy samples the rest."""
+    import argparse
+
+    from train import oracle_proposal_fraction
+
+    args = argparse.Namespace(
+        oracle_proposal_fraction=0.75, oracle_proposal_fraction_end=0.25, oracle_proposal_anneal=[3, 7]
+    )
+    shares = [oracle_proposal_fraction(args, epoch) for epoch in range(1, 10)]
+    assert shares == pytest.approx([0.75, 0.75, 0.75, 0.625, 0.5, 0.375, 0.25, 0.25, 0.25])
+    args.oracle_proposal_fraction_end = None  # no schedule: the start share throughout
+    assert {oracle_proposal_fraction(args, epoch) for epoch in range(1, 10)} == {0.75}
+
+    flags = ["--epochs", "5", "--batch-size", "4", "--oracle-proposal-fraction", "1", "--oracle-proposals", "search"]
+    schedule = ["--oracle-proposal-fraction-end", "0", "--oracle-proposal-anneal", "2", "4"]
+    code, err = run_main(tiny_flags(tiny_lm_dir, tmp_path, *flags, *schedule))
+    assert code == 0, err
+    samples = read_jsonl(tmp_path / "samples_raw.jsonl")
+    metrics = read_jsonl(tmp_path / "metrics_raw.jsonl")
+    # written per epoch by the oracle's counter: 4, 4, 2, 0, 0 asked for (the search's first epoch has only its
+    # root's greedy path to give); rows kept are those long enough, the batch's first ones
+    asked = [m["train/proposal_calls"] for m in metrics]
+    assert [b - a for a, b in zip([0] + asked, asked)] == [1, 4, 2, 0, 0]
+    written = [[s["written_by_oracle"] for s in samples if s["epoch"] == e] for e in range(1, 6)]
+    assert all(w == sorted(w, reverse=True) for w in written)
+    assert [sum(w) for w in written][3:] == [0, 0] and sum(written[2]) <= 2 and sum(written[1]) >= 3
+    assert (
+        sum(s["oracle_calls"] for s in samples) == metrics[-1]["train/oracle_calls"] == 20
+    )  # one per row, written or not
+    for bad, message in (
+        (["--oracle-proposal-fraction-end", "0.5"], "needs --oracle-proposal-fraction > 0"),
+        (["--oracle-proposal-fraction", "0.5", "--oracle-proposal-fraction-end", "2"], "must be in [0, 1]"),
+        (["--oracle-proposal-anneal", "5", "2"], "needs 1 <= FROM <= TO"),
+    ):
+        code, err = run_main(tiny_flags(tiny_lm_dir, tmp_path / "bad", *bad))
+        assert code == 2 and message in err and "Traceback" not in err, err
+
+
 def test_a_completions_server_writes_x_and_every_one_is_paid_for_once(tiny_lm_dir, tmp_path, monkeypatch):
     """--oracle openai --oracle-format plain: the served model writes x through its completions endpoint, one
     seeded request each (so they differ and are cached apart), in the spend ledger like any answer."""
