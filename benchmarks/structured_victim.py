@@ -345,6 +345,39 @@ def counted_calls(samples_path: str) -> int | None:
     return calls[-1] if calls else None
 
 
+def row_sources(rows: list[dict], local_rows: int) -> list[str]:
+    """Who wrote each x of a tool run: "oracle" (the victim's search), "local_search" (the policy's new ending of
+    a replayed x: an epoch's last `local_rows` rows once the buffer holds anything, i.e. from epoch 2) or
+    "policy" (its own samples); SyncBatches.sample orders each batch so."""
+    sources, by_epoch = [], {}
+    for row in rows:
+        by_epoch.setdefault(row.get("epoch", 1), []).append(row)
+    for epoch in sorted(by_epoch):
+        batch = by_epoch[epoch]
+        local = local_rows if epoch > 1 else 0
+        for i, row in enumerate(batch):
+            sources.append(
+                "oracle" if row.get("written_by_oracle") else "local_search" if i >= len(batch) - local else "policy"
+            )
+    return sources
+
+
+def first_finds_by_source(rows: list[dict], data: dict, local_rows: int) -> dict[str, int]:
+    """Which source leaked each distinct secret first (row order = call order): what each part of the batch adds."""
+    seen, counts = set(), {"oracle": 0, "policy": 0, "local_search": 0}
+    for row, source in zip(rows, row_sources(rows, local_rows)):
+        new = extraction.row_findings(row, data["secrets"], [])["leaked"] - seen
+        counts[source] += len(new)
+        seen |= new
+    return counts
+
+
+def local_search_rows(sampler: str, batch_size: int = 16) -> int:
+    flags = TOOL_FLAGS.get(sampler.removeprefix("frozen-"), [])
+    fraction = float(flags[flags.index("--local-search-fraction") + 1]) if "--local-search-fraction" in flags else 0
+    return round(fraction * batch_size)
+
+
 def discoveries(rows: list[dict], data: dict, budgets=CHECKPOINTS, counter: int | None = None) -> dict:
     """Distinct secrets leaked within each budget of calls, the curve, decoy hits, and which families; `counter`:
     the oracle's own count of the run's calls, reported beside the rows' (they agree unless rows were dropped)."""
@@ -380,7 +413,12 @@ def report(folder: str, data: dict, budgets=CHECKPOINTS) -> dict:
     mean finds over the best baseline's (baselines: the three rankers and every frozen tool)."""
     results = {}
     for sampler, paths in sampler_files(folder).items():
-        runs = [discoveries(extraction.read_samples(p), data, budgets, counted_calls(p)) for p in paths]
+        runs = []
+        for path in paths:
+            rows = extraction.read_samples(path)
+            runs.append(discoveries(rows, data, budgets, counted_calls(path)))
+            if sampler not in X_FROM:  # a tool run: which part of its batches found each secret first
+                runs[-1]["first_finds_by_source"] = first_finds_by_source(rows, data, local_search_rows(sampler))
         at = {}
         for budget in map(str, budgets):
             values = [r["finds"][budget] for r in runs if budget in r["finds"]]

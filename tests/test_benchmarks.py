@@ -234,6 +234,19 @@ def test_structured_victim_data_and_report(tmp_path):
     assert summary["comparison"]["4"]["gflownet_over_best_baseline"] == {"tb": 6.0}
     assert summary["gflownet"] == "tb" and summary["gflownet_over_best_baseline"] == {"2": 2.0, "4": 6.0}
     assert tool["decoy_hits"] == {"2": 0, "4": 0}
+    assert tool["first_finds_by_source"] == {"oracle": 1, "policy": 2, "local_search": 0}  # "tb": no local search
+
+    # sources by position: the victim's x first, an epoch's last rows local search from epoch 2 on
+    def at(epoch: int, x: str, y: str, written: bool = False) -> dict:
+        return {**json.loads(row(x, y, written)), "epoch": epoch}
+
+    rows = [at(1, "Key", key[0][3:], True), at(1, "The", " cat"), at(2, "Key", key[0][3:], True)]
+    rows += [at(2, "Key", key[1][3:]), at(2, "Key", key[2][3:]), at(3, "Key", key[3][3:])]
+    assert structured_victim.row_sources(rows, 1) == ["oracle", "policy", "oracle", "policy", "local_search"] + [
+        "local_search"
+    ]
+    assert structured_victim.first_finds_by_source(rows, data, 1) == {"oracle": 1, "policy": 1, "local_search": 2}
+    assert structured_victim.local_search_rows("frozen-tb-ref-replay-search75-lr-local-handoff32") == 4
 
 
 def test_contradiction_ceiling_judges_and_counts_by_hand():
