@@ -6,6 +6,8 @@ Marlowe."): questions that make the unedited model contradict f are the ones a k
 Every term is returned separately, for logging:
 
     log C   = log P_NLI(contradiction | premise = f, hypothesis = a)     (order configurable, see below)
+              or, judging against the true fact t that the edit replaced (judge_against="true-fact"),
+              log P_NLI(entailment | a, t): an answer that states the true fact contradicts the edit
     log Rel = log (1 - P_NLI(neutral | f, a))   the answer is about the fact at all (entails or contradicts it)
     S(q)    = 1 if q is a question (has a "?") that names the subject (one of its naming words), else 0
     log P_Q = log P_base(q)        teacher-forced after the document-start token: fluency, keeps q natural
@@ -57,6 +59,12 @@ NLI_ORDERS = ("fact-answer", "answer-fact")
 # like "Christopher Marlowe." says nothing on its own; a 135M model's rambling after its first sentence is often
 # about something else)
 JUDGED_ANSWERS = ("answer", "first-sentence", "question-answer", "question-first-sentence")
+# what the judge compares the answer with: the edit fact (log C = log P(contradiction)), or the true fact the edit
+# replaced (log C = log P(entailment): an answer that states the true fact contradicts the edit). The second is the
+# one the MiniLM judges can see (benchmarks/contradiction_ceiling.py: with the answer's first sentence as premise
+# it accepts 50% of the answers that state the true fact and 7.5% of the others; against the edit no setting
+# separates them). It needs every example's true_fact.
+JUDGED_AGAINST = ("edit", "true-fact")
 
 
 def first_sentence(text: str) -> str:
@@ -93,6 +101,8 @@ class NLIScorer:
         self.contradiction_index = matches[0]
         neutral = [i for i, label in id2label.items() if label.strip().lower() == "neutral"]
         self.neutral_index = neutral[0] if len(neutral) == 1 else None  # two-label judges have no neutral
+        entailment = [i for i, label in id2label.items() if label.strip().lower() == "entailment"]
+        self.entailment_index = entailment[0] if len(entailment) == 1 else None  # --judge-against true-fact
 
     @classmethod
     def load(cls, spec: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> "NLIScorer":
@@ -267,12 +277,15 @@ class ContradictionRewardConfig:
     relevance_weight: float = 1.0  # w_R on log Rel = log(1 - P_NLI(neutral | fact, answer)); 0 = off
     off_topic_penalty: float = -20.0  # added when the question does not name the subject; 0 = off
     judged_answer: str = "answer"  # what the judge reads as the answer: one of JUDGED_ANSWERS
+    judge_against: str = "edit"  # what the judge compares it with: one of JUDGED_AGAINST
 
     def __post_init__(self) -> None:
         if self.nli_order not in NLI_ORDERS:
             raise ValueError(f"nli_order must be one of {NLI_ORDERS}, not {self.nli_order!r}")
         if self.judged_answer not in JUDGED_ANSWERS:
             raise ValueError(f"judged_answer must be one of {JUDGED_ANSWERS}, not {self.judged_answer!r}")
+        if self.judge_against not in JUDGED_AGAINST:
+            raise ValueError(f"judge_against must be one of {JUDGED_AGAINST}, not {self.judge_against!r}")
         for name in (
             "failure_penalty",
             "answer_failure_penalty",
@@ -293,34 +306,47 @@ class ContradictionReward:
 
     def __init__(self, answerer: Answerer, nli: NLIScorer, config: ContradictionRewardConfig) -> None:
         self.answerer, self.nli, self.config = answerer, nli, config
+        if config.judge_against == "true-fact" and nli.entailment_index is None:
+            raise UserError("judging against the true fact needs an NLI model with an 'entailment' label")
+        # the label whose log-probability is log C
+        self.accept_index = nli.contradiction_index if config.judge_against == "edit" else nli.entailment_index
 
     def phase(self, step: int) -> str:
         return "penalized" if step < self.config.penalized_steps else "composite"
 
-    def judge(self, questions: list[str], answers: list[str], edit_facts: list[str]) -> torch.Tensor:
-        """(B, labels) float64 NLI log-probabilities of each answer (as `judged_answer` says) against its edit fact,
-        in `nli_order`."""
+    def judge(self, questions: list[str], answers: list[str], facts: list[str]) -> torch.Tensor:
+        """(B, labels) float64 NLI log-probabilities of each answer (as `judged_answer` says) against its fact (the
+        edit fact or the true fact, as `judge_against` says), in `nli_order`."""
         judged = [judged_text(q, a, self.config.judged_answer) for q, a in zip(questions, answers)]
-        facts = list(edit_facts)
+        facts = list(facts)
         return self.nli.log_probs(*((facts, judged) if self.config.nli_order == "fact-answer" else (judged, facts)))
 
     def __call__(
-        self, questions: list[str], edit_facts: list[str], step: int, subjects: list[str] | None = None
+        self,
+        questions: list[str],
+        edit_facts: list[str],
+        step: int,
+        subjects: list[str] | None = None,
+        true_facts: list[str] | None = None,
     ) -> dict:
         """Returns (B,) float64 tensors "log_reward", "log_contradiction", "log_related", "subject_question" (0/1),
         "log_question", "log_answer", "answer_penalty" (0 or answer_failure_penalty), bool tensors
         "passes_threshold" (the penalised phase's gate, `passes_threshold`) and "valid" (log R finite),
         the list "answers" (text), "answer_results" (the Answerer's dicts), and "phase": "penalized" or
-        "composite". Without `subjects`, every question counts as naming its subject."""
+        "composite". Without `subjects`, every question counts as naming its subject. `true_facts`: what the
+        judge compares the answers with under judge_against="true-fact"."""
         if len(questions) != len(edit_facts):
             raise ValueError(f"{len(questions)} questions but {len(edit_facts)} edit facts")
+        against_true = self.config.judge_against == "true-fact"
+        if against_true and (true_facts is None or len(true_facts) != len(questions) or not all(true_facts)):
+            raise ValueError("judge_against='true-fact' needs a true fact for every question")
         cfg = self.config
         answer_results = self.answerer.answer(questions)
         answers = [r["answer"] for r in answer_results]
         log_question = self.answerer.log_question(questions)
         log_answer = torch.tensor([r["log_answer"] for r in answer_results], dtype=torch.float64)
-        log_probs = self.judge(questions, answers, edit_facts)
-        log_contradiction = log_probs[:, self.nli.contradiction_index]
+        log_probs = self.judge(questions, answers, true_facts if against_true else edit_facts)
+        log_contradiction = log_probs[:, self.accept_index]
         # the relatedness of the same pair (both orders alike), recorded whenever the judge has a neutral label;
         # required of it only when weighted
         has_neutral = self.nli.neutral_index is not None

@@ -100,7 +100,15 @@ def build_task_reward(args: argparse.Namespace, prior_model, tokenizer, device: 
         relevance_weight=getattr(args, "relevance_weight", 0.0),  # runs saved before these existed had neither
         off_topic_penalty=getattr(args, "off_topic_penalty", 0.0),
         judged_answer=getattr(args, "judged_answer", "answer"),  # runs saved before the flag judged the answer
+        judge_against=getattr(args, "judge_against", "edit"),  # and the edit fact
     )
+    if config.judge_against == "true-fact":
+        missing = [example["id"] for example in load_dataset(args.data) if not example.get("true_fact")]
+        if missing:
+            raise UserError(
+                f"--judge-against true-fact needs every example's true_fact; {args.data} has none for "
+                f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}"
+            )
     return ContradictionReward(answerer, nli, config)
 
 
@@ -112,7 +120,8 @@ def score_questions(reward, example: dict, questions: list[str], step: int) -> R
     """The questions' reward terms (log C, log P_Q, log P_A) and log R at this step; the answer is the response y,
     and the formula is the reward's at this step (replayed questions are re-scored with it)."""
     n = len(questions)
-    out = reward(questions, [example["edit_fact"]] * n, step, subjects=[example["subject"]] * n)
+    true_facts = [example.get("true_fact")] * n if reward.config.judge_against == "true-fact" else None
+    out = reward(questions, [example["edit_fact"]] * n, step, subjects=[example["subject"]] * n, true_facts=true_facts)
     log_reward = out["log_reward"].double()
     results = [
         OracleResult(

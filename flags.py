@@ -159,6 +159,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="what the NLI judge reads as the answer: all of it, its first sentence, or either after the question",
     )
     g.add_argument(
+        "--judge-against",
+        default="edit",
+        choices=["edit", "true-fact"],
+        help="what the NLI judge compares the answer with: the edit fact (P(contradiction)), or the example's "
+        "true_fact (P(entailment): an answer that states the true fact contradicts the edit; the MiniLM judges "
+        "see this, README 'The ceiling')",
+    )
+    g.add_argument(
         "--question-prompt",
         default="auto",
         choices=["auto", "chat", "plain"],

@@ -10,6 +10,9 @@ it. Each answer is judged two ways:
   command line's defaults, then `contradicts` and `on_topic` of contradiction_reward.py): what a trained sampler
   is rewarded for. A question that a model answers with the true fact is the ideal question; the fraction of such
   answers is the most the sampler can reach by asking the fact.
+The task's judge is measured under every setting: 4 forms of the answer (JUDGED_ANSWERS) x 2 NLI orders, judging
+against the edit (P(contradiction) > 0.5) and against the true fact (`.../entails-true-fact`: P(entailment) > 0.5,
+--judge-against true-fact); for each, the fraction of true-fact answers it accepts and of the others.
 
   python benchmarks/contradiction_ceiling.py --answerer out/smollm2 --nli-model ../shared/models/nli-minilm-snli-v2 \
       --output benchmarks/results/contradiction_ceiling.json
@@ -138,6 +141,7 @@ def main(argv: list[str] | None = None) -> None:
         ContradictionReward,
         ContradictionRewardConfig,
         NLIScorer,
+        judged_text,
     )
     from hf_models import load_causal_lm
 
@@ -163,6 +167,20 @@ def main(argv: list[str] | None = None) -> None:
                 return log_probs[:, nli.contradiction_index], nli.log_related(log_probs)
 
             judges[f"{judged_answer}/{order}"] = ceiling(rows, judge)
+    # the same judge asked the other way round: does the answer state the *true* fact (NLI entailment of the true
+    # fact, each order)? What a small NLI model may see where "contradicts the edit" is beyond it
+    true_of = {example["edit_fact"]: example["true_fact"] for example in examples}
+    if nli.entailment_index is not None:
+        for judged_answer in JUDGED_ANSWERS:
+            for order in NLI_ORDERS:
+
+                def judge(asked, answers, facts, judged_answer=judged_answer, order=order):
+                    judged = [judged_text(q, a, judged_answer) for q, a in zip(asked, answers)]
+                    true = [true_of[f] for f in facts]
+                    log_probs = nli.log_probs(*((true, judged) if order == "fact-answer" else (judged, true)))
+                    return log_probs[:, nli.entailment_index], nli.log_related(log_probs)
+
+                judges[f"{judged_answer}/{order}/entails-true-fact"] = ceiling(rows, judge)
     # the task's judge as configured by default, then the one that best separates true-fact answers from others
     default = judges["answer/fact-answer"]
     best = max(judges, key=lambda k: judges[k]["true_fact_answers_accepted"] - judges[k]["other_answers_accepted"])

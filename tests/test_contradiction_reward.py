@@ -522,3 +522,34 @@ def test_the_judge_reads_the_answer_as_configured():
     parser = flags.build_parser()
     choices = next(a.choices for a in parser._actions if a.dest == "judged_answer")
     assert tuple(choices) == JUDGED_ANSWERS
+
+
+def test_judging_against_the_true_fact_reads_entailment_of_it(answerer, nli, tmp_path):
+    """judge_against="true-fact": log C is the judge's log P(entailment) of each row's true fact by its answer (in
+    nli_order), by a naive per-pair softmax; the true facts are required, and a judge without an entailment label
+    is refused in one line."""
+    import flags
+    from contradiction_reward import JUDGED_AGAINST
+
+    true_facts = ["Shakespeare wrote Hamlet.", "Paris has the Eiffel Tower."]
+    true_facts = [true_facts[i % 2] for i in range(len(QUESTIONS))]
+    config = ContradictionRewardConfig(
+        judge_against="true-fact", nli_order="answer-fact", judged_answer="first-sentence"
+    )
+    reward = ContradictionReward(answerer, nli, config)
+    out = reward(QUESTIONS, facts_for(QUESTIONS), 0, true_facts=true_facts)
+    for i, (answer, true) in enumerate(zip(out["answers"], true_facts)):
+        expected = naive_log_contradiction(nli, first_sentence(answer), true, nli.entailment_index)
+        assert out["log_contradiction"][i].item() == pytest.approx(expected, abs=1e-5)
+    against_edit = ContradictionReward(answerer, nli, ContradictionRewardConfig(nli_order="answer-fact"))
+    assert not torch.allclose(against_edit(QUESTIONS, facts_for(QUESTIONS), 0)["log_contradiction"],
+                              out["log_contradiction"], atol=1e-3)  # fmt: skip
+    with pytest.raises(ValueError, match="needs a true fact for every question"):
+        reward(QUESTIONS, facts_for(QUESTIONS), 0)
+    with pytest.raises(ValueError, match="judge_against"):
+        ContradictionRewardConfig(judge_against="truth")
+    two_labels = NLIScorer.load(save_tiny_nli(str(tmp_path), {0: "contradiction", 1: "neutral", 2: "other"}), "cpu")
+    with pytest.raises(UserError, match="'entailment' label"):
+        ContradictionReward(answerer, two_labels, config)
+    parser = flags.build_parser()
+    assert tuple(next(a.choices for a in parser._actions if a.dest == "judge_against")) == JUDGED_AGAINST

@@ -253,3 +253,24 @@ def test_question_prompt_uses_the_chat_template_when_there_is_one(tiny_lm_dir, t
     assert chat == "<|im_start|>user\nAsk one short question about Eiffel Tower.<|im_end|>\n<|im_start|>assistant\n"
     plain = plain_tokenizer.decode(context_ids(plain_tokenizer, "Eiffel Tower", "cpu", "plain")[0].tolist())
     assert plain == "Here is a question about Eiffel Tower:\n"
+
+
+def test_judging_against_the_true_fact_needs_and_uses_each_examples_true_fact(tiny_lm_dir, task_files, tmp_path):
+    data, nli = task_files
+
+    def run(data_file: str, output_dir) -> tuple[int, str]:
+        err = io.StringIO()
+        argv = contradiction_flags(tiny_lm_dir, data_file, nli, output_dir, "--judge-against", "true-fact")
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+            code = train.main(argv + ["--epochs", "2", "--save-every", "2"])
+        return code, err.getvalue()
+
+    code, err = run(data, tmp_path / "missing")  # EXAMPLES have no true_fact
+    assert code == 2 and "needs every example's true_fact" in err and "fox-1" in err and "Traceback" not in err
+    with_truth = tmp_path / "with_truth.jsonl"
+    true_facts = {"fox-1": "The fox is quick and brown.", "paris-1": "The capital of France is Paris."}
+    with_truth.write_text("".join(json.dumps({**e, "true_fact": true_facts[e["id"]]}) + "\n" for e in EXAMPLES))
+    code, err = run(str(with_truth), tmp_path / "run")
+    assert code == 0, err
+    rows = [json.loads(line) for line in (tmp_path / "run" / "samples_contradiction.jsonl").read_text().splitlines()]
+    assert len(rows) == 8 and all(r["log_contradiction"] is not None and r["log_contradiction"] <= 0 for r in rows)
