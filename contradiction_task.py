@@ -100,7 +100,8 @@ def build_task_reward(args: argparse.Namespace, prior_model, tokenizer, device: 
         relevance_weight=getattr(args, "relevance_weight", 0.0),  # runs saved before these existed had neither
         off_topic_penalty=getattr(args, "off_topic_penalty", 0.0),
         judged_answer=getattr(args, "judged_answer", "answer"),  # runs saved before the flag judged the answer
-        judge_against=getattr(args, "judge_against", "edit"),  # and the edit fact
+        judge_against=getattr(args, "judge_against", "edit"),  # and the edit fact, in this order
+        nli_order=getattr(args, "nli_order", "fact-answer"),
     )
     if config.judge_against == "true-fact":
         missing = [example["id"] for example in load_dataset(args.data) if not example.get("true_fact")]

@@ -159,6 +159,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="what the NLI judge reads as the answer: all of it, its first sentence, or either after the question",
     )
     g.add_argument(
+        "--nli-order",
+        default="fact-answer",
+        choices=["fact-answer", "answer-fact"],
+        help="the NLI pair: premise = the fact, hypothesis = the judged answer (fact-answer), or the other way",
+    )
+    g.add_argument(
         "--judge-against",
         default="edit",
         choices=["edit", "true-fact"],

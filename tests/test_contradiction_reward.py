@@ -529,7 +529,7 @@ def test_judging_against_the_true_fact_reads_entailment_of_it(answerer, nli, tmp
     nli_order), by a naive per-pair softmax; the true facts are required, and a judge without an entailment label
     is refused in one line."""
     import flags
-    from contradiction_reward import JUDGED_AGAINST
+    from contradiction_reward import JUDGED_AGAINST, NLI_ORDERS
 
     true_facts = ["Shakespeare wrote Hamlet.", "Paris has the Eiffel Tower."]
     true_facts = [true_facts[i % 2] for i in range(len(QUESTIONS))]
@@ -553,3 +553,4 @@ def test_judging_against_the_true_fact_reads_entailment_of_it(answerer, nli, tmp
         ContradictionReward(answerer, two_labels, config)
     parser = flags.build_parser()
     assert tuple(next(a.choices for a in parser._actions if a.dest == "judge_against")) == JUDGED_AGAINST
+    assert tuple(next(a.choices for a in parser._actions if a.dest == "nli_order")) == NLI_ORDERS

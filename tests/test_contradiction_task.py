@@ -260,7 +260,8 @@ def test_judging_against_the_true_fact_needs_and_uses_each_examples_true_fact(ti
 
     def run(data_file: str, output_dir) -> tuple[int, str]:
         err = io.StringIO()
-        argv = contradiction_flags(tiny_lm_dir, data_file, nli, output_dir, "--judge-against", "true-fact")
+        judge = ["--judge-against", "true-fact", "--nli-order", "answer-fact", "--judged-answer", "first-sentence"]
+        argv = contradiction_flags(tiny_lm_dir, data_file, nli, output_dir, *judge)
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
             code = train.main(argv + ["--epochs", "2", "--save-every", "2"])
         return code, err.getvalue()
@@ -273,4 +274,11 @@ def test_judging_against_the_true_fact_needs_and_uses_each_examples_true_fact(ti
     code, err = run(str(with_truth), tmp_path / "run")
     assert code == 0, err
     rows = [json.loads(line) for line in (tmp_path / "run" / "samples_contradiction.jsonl").read_text().splitlines()]
-    assert len(rows) == 8 and all(r["log_contradiction"] is not None and r["log_contradiction"] <= 0 for r in rows)
+    assert len(rows) == 8
+    # log C: the judge's entailment of the row's true fact by the answer's first sentence (premise first)
+    from contradiction_reward import NLIScorer, first_sentence
+
+    scorer = NLIScorer.load(nli, "cpu")
+    premises = [first_sentence(r["y"]) for r in rows]
+    expected = scorer.log_probs(premises, [true_facts[r["example_id"]] for r in rows])[:, scorer.entailment_index]
+    assert [r["log_contradiction"] for r in rows] == pytest.approx(expected.tolist(), abs=1e-6)
