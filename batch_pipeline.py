@@ -129,6 +129,7 @@ class SyncBatches:
         if proposed is not None:
             parts.append(proposed)
         num_proposed = 0 if proposed is None else len(proposed[1])  # the policy makes up proposals too short to use
+        num_local = min(num_local, size - num_proposed)  # shares moved on a schedule may round to one row too many
         self.num_written_by_oracle = num_proposed  # the batch's first rows (ScoredBatch.written_by_oracle)
         num_tempered = round(self.tempered_fraction * (size - num_local - num_proposed))
         num_policy = size - num_local - num_tempered - num_proposed

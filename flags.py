@@ -335,6 +335,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="the epochs between which the oracle's share moves to --oracle-proposal-fraction-end",
     )
     g.add_argument(
+        "--oracle-proposal-handoff",
+        default="policy",
+        choices=["policy", "local-search"],
+        help="where the share the oracle gives up goes: the policy's own samples, or local search around replayed "
+        "x (on top of --local-search-fraction)",
+    )
+    g.add_argument(
         "--oracle-proposals",
         default="sample",
         choices=["sample", "search"],
@@ -480,6 +487,10 @@ def validate_args(args: argparse.Namespace) -> None:
             args.oracle_proposal_fraction_end is None
             or (args.oracle_proposal_fraction > 0 and 0 <= args.oracle_proposal_fraction_end <= 1),
             "--oracle-proposal-fraction-end needs --oracle-proposal-fraction > 0 and must be in [0, 1]",
+        ),
+        (
+            args.oracle_proposal_handoff == "policy" or args.replay_fraction > 0,
+            "--oracle-proposal-handoff local-search re-completes x from the replay buffer: set --replay-fraction > 0",
         ),
         (
             1 <= args.oracle_proposal_anneal[0] <= args.oracle_proposal_anneal[1],

@@ -83,7 +83,12 @@ def train(args: argparse.Namespace, on_start=None, on_epoch=None) -> dict:
                 group["lr"] = base_lr * learning_rate_factor(args, epoch, warm)
 
             if run.source is not None and args.oracle_proposal_fraction_end is not None:
-                run.source.oracle_proposal_fraction = oracle_proposal_fraction(args, epoch)
+                share = oracle_proposal_fraction(args, epoch)
+                run.source.oracle_proposal_fraction = share
+                if args.oracle_proposal_handoff == "local-search":  # what the oracle gives up, local search takes
+                    run.source.local_search_fraction = (
+                        args.local_search_fraction + args.oracle_proposal_fraction - share
+                    )
             # 1. a scored batch from the exploration policy (every scored sample is written before anything can
             # fail); None when the budget is spent
             batch = run.source.next(more=epoch < args.epochs) if run.source is not None else None

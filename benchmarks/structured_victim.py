@@ -309,6 +309,10 @@ TOOL_FLAGS = {
     # that learned the openings writes them itself, where the frozen one writes the prior's text
     "tb-ref-replay-search75-lr-local-handoff8": SEARCH75_LOCAL + HANDOFF + ["8", "16"],
     "tb-ref-replay-search75-lr-local-handoff32": SEARCH75_LOCAL + HANDOFF + ["32", "40"],
+    # the search's share handed to local search instead (the policy's new endings of replayed finds)
+    "tb-ref-replay-search75-lr-local-to-local32": SEARCH75_LOCAL
+    + HANDOFF
+    + ["32", "40", "--oracle-proposal-handoff", "local-search"],
 }
 FROZEN = ["--lr", "0", "--lr-z", "0"]
 

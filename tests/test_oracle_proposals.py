@@ -85,7 +85,7 @@ def test_training_marks_the_oracles_x_and_counts_its_calls(tiny_lm_dir, tmp_path
     assert code == 2 and "must be in [0, 1]" in err
 
 
-def test_the_oracles_share_of_the_batch_moves_to_the_policy_on_schedule(tiny_lm_dir, tmp_path):
+def test_the_oracles_share_of_the_batch_moves_to_the_policy_on_schedule(tiny_lm_dir, tmp_path, monkeypatch):
     """--oracle-proposal-fraction-end with --oracle-proposal-anneal FROM TO: the oracle writes its start share up to
     epoch FROM, then a share falling linearly to the end share at TO, and the policy samples the rest."""
     import argparse
@@ -116,10 +116,26 @@ def test_the_oracles_share_of_the_batch_moves_to_the_policy_on_schedule(tiny_lm_
     assert (
         sum(s["oracle_calls"] for s in samples) == metrics[-1]["train/oracle_calls"] == 20
     )  # one per row, written or not
+    # handed to local search instead: its rows per epoch rise by what the oracle gives up (none in epoch 1: the
+    # replay buffer is empty), and the policy's own samples stay at none
+    import batch_pipeline
+
+    local_rows, original = [], batch_pipeline.SyncBatches.local_search
+
+    def counting(self, size, context=None):
+        local_rows.append(size)
+        return original(self, size, context)
+
+    monkeypatch.setattr(batch_pipeline.SyncBatches, "local_search", counting)
+    handoff = ["--replay-fraction", "0.5", "--oracle-proposal-handoff", "local-search"]
+    code, err = run_main(tiny_flags(tiny_lm_dir, tmp_path / "local", *flags, *schedule, *handoff))
+    assert code == 0, err
+    assert local_rows == [2, 4, 4]  # epochs 3, 4, 5: shares 0.5 and 1 of the batch (epoch 2: the oracle's 4 rows)
     for bad, message in (
         (["--oracle-proposal-fraction-end", "0.5"], "needs --oracle-proposal-fraction > 0"),
         (["--oracle-proposal-fraction", "0.5", "--oracle-proposal-fraction-end", "2"], "must be in [0, 1]"),
         (["--oracle-proposal-anneal", "5", "2"], "needs 1 <= FROM <= TO"),
+        (["--oracle-proposal-handoff", "local-search"], "set --replay-fraction > 0"),
     ):
         code, err = run_main(tiny_flags(tiny_lm_dir, tmp_path / "bad", *bad))
         assert code == 2 and message in err and "Traceback" not in err, err
