@@ -20,6 +20,8 @@ Every term is returned separately, for logging:
                                                       where log C >= contradiction_threshold and S(q) = 1
                                                       (the S(q) condition only with an off_topic_penalty)
                                                 log R = failure_penalty + A(q) + T(q) elsewhere
+    with a failure margin m (failure_margin):   log R = max(w_L * log P_Q + A(q) + T(q), failure_penalty + m)
+                                                      where it passes; failure_penalty alone elsewhere
 
 Why relevance: an NLI judge can call an unrelated answer a contradiction ("The sky is blue." against "Hamlet was
 written by Christopher Marlowe.": 0.82 from the v1 MiniLM judge), and a policy then learns to ask off-topic
@@ -269,6 +271,11 @@ class ContradictionRewardConfig:
     # a token, so -60 to -100 for a 20-30 token question), or a short failure outranks a long success.
     failure_penalty: float = -100.0
     penalized_steps: int = 150  # penalised phase length, in training steps
+    # Penalised phase, when set: a failing question's log R is failure_penalty alone (no fluency, answer or relevance
+    # term can lift it), and a passing one's is at least failure_penalty + failure_margin, so every failure sits
+    # below the worst pass by the margin. Without it (None) a fluent failure can outrank a rambling pass, and with
+    # passes rare the answer terms alone steer the sampler (away from questions: README "Relevance sweep").
+    failure_margin: float | None = None
     # the defaults of the command line, picked by the relevance sweep (README)
     answer_quality_weight: float = 0.5  # w_A on log P_A (0 = off)
     answer_quality_threshold: float | None = -25.0  # if set: log P_A below it adds answer_failure_penalty
@@ -297,6 +304,8 @@ class ContradictionRewardConfig:
         ):
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"{name} must be finite, not {getattr(self, name)}")
+        if self.failure_margin is not None and not (math.isfinite(self.failure_margin) and self.failure_margin > 0):
+            raise ValueError(f"failure_margin must be a finite number > 0, not {self.failure_margin}")
         if self.penalized_steps < 0:
             raise ValueError(f"penalized_steps must be >= 0, not {self.penalized_steps}")
 
@@ -442,6 +451,9 @@ class PhaseFormula:
         if self.step >= cfg.penalized_steps:  # the composite phase
             return log_contradiction + cfg.likelihood_weight * log_question + answer_term
         failure = torch.full_like(log_question, cfg.failure_penalty)
+        if cfg.failure_margin is not None:  # failures flat, every pass above them by the margin
+            passing = torch.clamp(cfg.likelihood_weight * log_question + answer_term, min=failure + cfg.failure_margin)
+            return torch.where(passes_threshold(cfg, terms), passing, failure)
         return torch.where(passes_threshold(cfg, terms), cfg.likelihood_weight * log_question, failure) + answer_term
 
 

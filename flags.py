@@ -130,6 +130,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--likelihood-weight", type=float, default=1.0, help="w_L on log P_Q (question fluency)")
     g.add_argument("--contradiction-threshold", type=float, default=-6.0)
     g.add_argument("--failure-penalty", type=float, default=-100.0)
+    g.add_argument(
+        "--failure-margin",
+        type=float,
+        default=None,
+        help="penalised phase: a failing question scores --failure-penalty alone and every passing one at least "
+        "this much more (default: none, failures keep their answer and relevance terms)",
+    )
     g.add_argument("--penalized-steps", type=int, default=150)
     # defaults from the SmolLM2 sweep in README ("Relevance sweep"): the only setting that kept questions questions
     g.add_argument("--answer-quality-weight", type=float, default=0.5, help="w_A on log P_A (answer fluency)")
