@@ -20,8 +20,8 @@ Every term is returned separately, for logging:
                                                       where log C >= contradiction_threshold and S(q) = 1
                                                       (the S(q) condition only with an off_topic_penalty)
                                                 log R = failure_penalty + A(q) + T(q) elsewhere
-    with a failure margin m (failure_margin):   log R = max(w_L * log P_Q + A(q) + T(q), failure_penalty + m)
-                                                      where it passes; failure_penalty alone elsewhere
+                                                (failure_mode="add": failure_penalty + w_L * log P_Q + A(q)
+                                                + T(q) elsewhere: the penalty tilts the base model's questions)
 
 Why relevance: an NLI judge can call an unrelated answer a contradiction ("The sky is blue." against "Hamlet was
 written by Christopher Marlowe.": 0.82 from the v1 MiniLM judge), and a policy then learns to ask off-topic
@@ -67,6 +67,7 @@ JUDGED_ANSWERS = ("answer", "first-sentence", "question-answer", "question-first
 # it accepts 50% of the answers that state the true fact and 7.5% of the others; against the edit no setting
 # separates them). It needs every example's true_fact.
 JUDGED_AGAINST = ("edit", "true-fact")
+FAILURE_MODES = ("replace", "add")  # how the penalised phase's failure penalty enters log R (see the config)
 
 
 def first_sentence(text: str) -> str:
@@ -271,11 +272,13 @@ class ContradictionRewardConfig:
     # a token, so -60 to -100 for a 20-30 token question), or a short failure outranks a long success.
     failure_penalty: float = -100.0
     penalized_steps: int = 150  # penalised phase length, in training steps
-    # Penalised phase, when set: a failing question's log R is failure_penalty alone (no fluency, answer or relevance
-    # term can lift it), and a passing one's is at least failure_penalty + failure_margin, so every failure sits
-    # below the worst pass by the margin. Without it (None) a fluent failure can outrank a rambling pass, and with
-    # passes rare the answer terms alone steer the sampler (away from questions: README "Relevance sweep").
-    failure_margin: float | None = None
+    # Penalised phase: "replace": a failing question's log R is failure_penalty + A + T, without its fluency term, so
+    # among failures (nearly every question at first) rambling text costs nothing and the sampler drifts to it
+    # (README "Relevance sweep": question rate 0.30 -> 0.02). "add": failure_penalty is added to the full log R of a
+    # pass, w_L log P_Q + A + T: the target is the base model's own questions tilted by exp(-failure_penalty)
+    # toward passing ones, so a failure carries at most exp(failure_penalty) / P(pass) of the mass, and the
+    # sampler keeps the base model's fluency while it learns what passes.
+    failure_mode: str = "replace"
     # the defaults of the command line, picked by the relevance sweep (README)
     answer_quality_weight: float = 0.5  # w_A on log P_A (0 = off)
     answer_quality_threshold: float | None = -25.0  # if set: log P_A below it adds answer_failure_penalty
@@ -304,8 +307,8 @@ class ContradictionRewardConfig:
         ):
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"{name} must be finite, not {getattr(self, name)}")
-        if self.failure_margin is not None and not (math.isfinite(self.failure_margin) and self.failure_margin > 0):
-            raise ValueError(f"failure_margin must be a finite number > 0, not {self.failure_margin}")
+        if self.failure_mode not in FAILURE_MODES:
+            raise ValueError(f"failure_mode must be one of {FAILURE_MODES}, not {self.failure_mode!r}")
         if self.penalized_steps < 0:
             raise ValueError(f"penalized_steps must be >= 0, not {self.penalized_steps}")
 
@@ -451,9 +454,8 @@ class PhaseFormula:
         if self.step >= cfg.penalized_steps:  # the composite phase
             return log_contradiction + cfg.likelihood_weight * log_question + answer_term
         failure = torch.full_like(log_question, cfg.failure_penalty)
-        if cfg.failure_margin is not None:  # failures flat, every pass above them by the margin
-            passing = torch.clamp(cfg.likelihood_weight * log_question + answer_term, min=failure + cfg.failure_margin)
-            return torch.where(passes_threshold(cfg, terms), passing, failure)
+        if cfg.failure_mode == "add":
+            failure = failure + cfg.likelihood_weight * log_question
         return torch.where(passes_threshold(cfg, terms), cfg.likelihood_weight * log_question, failure) + answer_term
 
 

@@ -93,7 +93,7 @@ def build_task_reward(args: argparse.Namespace, prior_model, tokenizer, device: 
         likelihood_weight=args.likelihood_weight,
         contradiction_threshold=args.contradiction_threshold,
         failure_penalty=args.failure_penalty,
-        failure_margin=getattr(args, "failure_margin", None),  # runs saved before the flag had none
+        failure_mode=getattr(args, "failure_mode", "replace"),  # runs saved before the flag replaced
         penalized_steps=args.penalized_steps,
         answer_quality_weight=args.answer_quality_weight,
         answer_quality_threshold=args.answer_quality_threshold,

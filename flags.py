@@ -131,11 +131,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--contradiction-threshold", type=float, default=-6.0)
     g.add_argument("--failure-penalty", type=float, default=-100.0)
     g.add_argument(
-        "--failure-margin",
-        type=float,
-        default=None,
-        help="penalised phase: a failing question scores --failure-penalty alone and every passing one at least "
-        "this much more (default: none, failures keep their answer and relevance terms)",
+        "--failure-mode",
+        default="replace",
+        choices=["replace", "add"],
+        help="penalised phase: the failure penalty replaces a failing question's fluency term (replace), or is added "
+        "to its full log R (add: the target is the base model's questions tilted toward passing ones)",
     )
     g.add_argument("--penalized-steps", type=int, default=150)
     # defaults from the SmolLM2 sweep in README ("Relevance sweep"): the only setting that kept questions questions

@@ -556,30 +556,36 @@ def test_judging_against_the_true_fact_reads_entailment_of_it(answerer, nli, tmp
     assert tuple(next(a.choices for a in parser._actions if a.dest == "nli_order")) == NLI_ORDERS
 
 
-def test_with_a_failure_margin_every_failure_is_below_every_pass_by_the_margin(answerer, nli):
-    """failure_margin m: in the penalised phase a failing question scores failure_penalty alone and a passing one
-    max(w_L log P_Q + A + T, failure_penalty + m), by a naive per-row float64 reference; the composite phase is
-    unchanged."""
+def test_an_added_failure_penalty_tilts_the_full_reward(answerer, nli):
+    """failure_mode="add": in the penalised phase a failing question scores failure_penalty + w_L log P_Q + A + T and
+    a passing one w_L log P_Q + A + T, by a naive per-row float64 reference; "replace" drops a failure's fluency
+    term; the composite phase is the same in both; flags.py offers the same modes."""
+    import flags
+    from contradiction_reward import FAILURE_MODES
+
     facts = facts_for(QUESTIONS)
     probe = ContradictionReward(answerer, nli, ContradictionRewardConfig())(QUESTIONS, facts, step=0)
     threshold = probe["log_contradiction"].median().item()
     settings = dict(contradiction_threshold=threshold, penalized_steps=10, answer_quality_weight=0.5)
-    for penalty in (-5.0, -300.0):  # a penalty above some passes' own terms: the margin lifts those
-        config = ContradictionRewardConfig(failure_penalty=penalty, failure_margin=7.0, **settings)
+    settings.update(failure_penalty=-37.0, likelihood_weight=0.8)
+    rewards = {}
+    for mode in FAILURE_MODES:
+        config = ContradictionRewardConfig(failure_mode=mode, **settings)
         out = ContradictionReward(answerer, nli, config)(QUESTIONS, facts, step=3)
         passes = out["passes_threshold"].tolist()
         assert any(passes) and not all(passes)
         for i, passed in enumerate(passes):
-            answer_term = 0.5 * out["log_answer"][i].item() + out["answer_penalty"][i].item()
-            terms = out["log_question"][i].item() + answer_term + out["log_related"][i].item()
-            terms -= 20.0 * (1 - out["subject_question"][i].item())
-            expected = max(terms, penalty + 7.0) if passed else penalty
+            rest = 0.5 * out["log_answer"][i].item() + out["answer_penalty"][i].item() + out["log_related"][i].item()
+            rest -= 20.0 * (1 - out["subject_question"][i].item())
+            fluency = 0.8 * out["log_question"][i].item()
+            if passed:
+                expected = fluency + rest
+            else:
+                expected = -37.0 + rest + (fluency if mode == "add" else 0.0)
             assert out["log_reward"][i].item() == pytest.approx(expected, abs=1e-9)
-        worst_pass = min(r for r, p in zip(out["log_reward"].tolist(), passes) if p)
-        assert worst_pass >= max(r for r, p in zip(out["log_reward"].tolist(), passes) if not p) + 7.0
-        composite = ContradictionReward(answerer, nli, config)(QUESTIONS, facts, step=10)
-        plain = ContradictionReward(answerer, nli, ContradictionRewardConfig(failure_penalty=penalty, **settings))
-        assert torch.equal(composite["log_reward"], plain(QUESTIONS, facts, step=10)["log_reward"])
-    for bad in (0.0, -1.0, float("inf")):
-        with pytest.raises(ValueError, match="failure_margin"):
-            ContradictionRewardConfig(failure_margin=bad)
+        rewards[mode] = ContradictionReward(answerer, nli, config)(QUESTIONS, facts, step=10)["log_reward"]
+    assert torch.equal(rewards["add"], rewards["replace"])  # the composite phase
+    with pytest.raises(ValueError, match="failure_mode"):
+        ContradictionRewardConfig(failure_mode="flat")
+    parser = flags.build_parser()
+    assert tuple(next(a.choices for a in parser._actions if a.dest == "failure_mode")) == FAILURE_MODES
