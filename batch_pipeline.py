@@ -36,6 +36,7 @@ class ScoredBatch:
     written_by_oracle: torch.Tensor | None = None  # (B,) bool: x the oracle wrote itself
     # the oracle answered each x it wrote in the same generation (one call), else a written x cost one call more
     answered_when_written: bool = False
+    local_search: torch.Tensor | None = None  # (B,) bool: x re-completed by local search from a replayed one
 
     def to(self, device: torch.device | str) -> "ScoredBatch":
         return dataclasses.replace(
@@ -45,6 +46,7 @@ class ScoredBatch:
             log_q=self.log_q.to(device),
             context=None if self.context is None else self.context.to(device),
             written_by_oracle=None if self.written_by_oracle is None else self.written_by_oracle.to(device),
+            local_search=None if self.local_search is None else self.local_search.to(device),
         )
 
     def __getitem__(self, part: slice) -> "ScoredBatch":
@@ -55,6 +57,7 @@ class ScoredBatch:
             log_q=self.log_q[part],
             rewards=self.rewards[part],
             written_by_oracle=None if self.written_by_oracle is None else self.written_by_oracle[part],
+            local_search=None if self.local_search is None else self.local_search[part],
         )
 
 
@@ -110,6 +113,8 @@ class SyncBatches:
         self.local_search_fraction, self.local_search_back = local_search_fraction, local_search_back
         self.oracle_proposal_fraction = oracle_proposal_fraction  # train.py may move it on a schedule
         self.marks_written = oracle_proposal_fraction > 0  # rows say who wrote them, also once the share is 0
+        self.marks_local = self.marks_written or local_search_fraction > 0
+        self.num_local_search = 0
         self.num_written_by_oracle = 0
         self.proposal_answers: list = []  # the oracle's answers to the x it wrote for the batch being sampled
         self.replay, self.replay_rng = replay, replay_rng
@@ -130,6 +135,7 @@ class SyncBatches:
             parts.append(proposed)
         num_proposed = 0 if proposed is None else len(proposed[1])  # the policy makes up proposals too short to use
         num_local = min(num_local, size - num_proposed)  # shares moved on a schedule may round to one row too many
+        self.num_local_search = num_local  # the batch's last rows (ScoredBatch.local_search)
         self.num_written_by_oracle = num_proposed  # the batch's first rows (ScoredBatch.written_by_oracle)
         num_tempered = round(self.tempered_fraction * (size - num_local - num_proposed))
         num_policy = size - num_local - num_tempered - num_proposed
@@ -186,7 +192,17 @@ class SyncBatches:
         written = torch.arange(len(lengths)) < self.num_written_by_oracle if self.marks_written else None
         rewards = self.reward_model(tokens, lengths, answered=self.proposal_answers)
         answered = bool(self.proposal_answers)
-        return ScoredBatch(tokens, lengths, log_q, rewards, written_by_oracle=written, answered_when_written=answered)
+        size = len(lengths)
+        local = torch.arange(size) >= size - self.num_local_search if self.marks_local else None
+        return ScoredBatch(
+            tokens,
+            lengths,
+            log_q,
+            rewards,
+            written_by_oracle=written,
+            answered_when_written=answered,
+            local_search=local,
+        )
 
     def drain(self) -> list[ScoredBatch]:
         """Scored batches that were paid for but not handed over when training stops (none here)."""

@@ -140,6 +140,7 @@ def sample_records(epoch: int, batch, trained: bool = True) -> list[dict]:
                     if batch.written_by_oracle is not None
                     else {}
                 ),
+                **({"local_search": bool(batch.local_search[i])} if batch.local_search is not None else {}),
                 **(rewards.extras[i] if rewards.extras else {}),
             }
         )

@@ -351,8 +351,9 @@ def counted_calls(samples_path: str) -> int | None:
 
 def row_sources(rows: list[dict], local_rows: int) -> list[str]:
     """Who wrote each x of a tool run: "oracle" (the victim's search), "local_search" (the policy's new ending of
-    a replayed x: an epoch's last `local_rows` rows once the buffer holds anything, i.e. from epoch 2) or
-    "policy" (its own samples); SyncBatches.sample orders each batch so."""
+    a replayed x, as the row says; in files from before rows said so, an epoch's last `local_rows` rows once the
+    buffer holds anything, i.e. from epoch 2) or "policy" (its own samples); SyncBatches.sample orders each batch
+    so."""
     sources, by_epoch = [], {}
     for row in rows:
         by_epoch.setdefault(row.get("epoch", 1), []).append(row)
@@ -360,9 +361,8 @@ def row_sources(rows: list[dict], local_rows: int) -> list[str]:
         batch = by_epoch[epoch]
         local = local_rows if epoch > 1 else 0
         for i, row in enumerate(batch):
-            sources.append(
-                "oracle" if row.get("written_by_oracle") else "local_search" if i >= len(batch) - local else "policy"
-            )
+            is_local = row["local_search"] if "local_search" in row else i >= len(batch) - local
+            sources.append("oracle" if row.get("written_by_oracle") else "local_search" if is_local else "policy")
     return sources
 
 

@@ -246,6 +246,9 @@ def test_structured_victim_data_and_report(tmp_path):
         "local_search"
     ]
     assert structured_victim.first_finds_by_source(rows, data, 1) == {"oracle": 1, "policy": 1, "local_search": 2}
+    rows[3]["local_search"] = True  # a row that says who wrote it is taken at its word
+    rows[4]["local_search"] = rows[5]["local_search"] = False
+    assert structured_victim.row_sources(rows, 1)[3:] == ["local_search", "policy", "policy"]
     assert structured_victim.local_search_rows("frozen-tb-ref-replay-search75-lr-local-handoff32") == 4
 
 

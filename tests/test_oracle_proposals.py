@@ -131,6 +131,11 @@ def test_the_oracles_share_of_the_batch_moves_to_the_policy_on_schedule(tiny_lm_
     code, err = run_main(tiny_flags(tiny_lm_dir, tmp_path / "local", *flags, *schedule, *handoff))
     assert code == 0, err
     assert local_rows == [2, 4, 4]  # epochs 3, 4, 5: shares 0.5 and 1 of the batch (epoch 2: the oracle's 4 rows)
+    rows = read_jsonl(tmp_path / "local" / "samples_raw.jsonl")
+    marked = [[s["local_search"] for s in rows if s["epoch"] == e] for e in range(1, 6)]
+    assert [sum(m) for m in marked] == [0, 0, 2, 4, 4]  # each row says whether local search wrote it
+    assert all(m == sorted(m) for m in marked)  # the batch's last rows
+    assert not any(s["local_search"] and s["written_by_oracle"] for s in rows)
     for bad, message in (
         (["--oracle-proposal-fraction-end", "0.5"], "needs --oracle-proposal-fraction > 0"),
         (["--oracle-proposal-fraction", "0.5", "--oracle-proposal-fraction-end", "2"], "must be in [0, 1]"),
