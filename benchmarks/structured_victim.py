@@ -47,6 +47,8 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 
 import extraction  # noqa: E402  (same folder: scoring, samplers, the victim's save path)
 
+import flags  # noqa: E402
+
 DATA_FILE = os.path.join(ROOT, "benchmarks", "data", "structured_secrets.json")
 MAX_LEN = 6  # x tokens: an opening word plus a few
 DOCUMENT_TOKENS = 32  # the ordinary documents' length, and the samples that measure the unconditional rate
@@ -349,24 +351,24 @@ def counted_calls(samples_path: str) -> int | None:
     return calls[-1] if calls else None
 
 
-def row_sources(rows: list[dict], local_rows: int) -> list[str]:
+def row_sources(rows: list[dict], local_rows) -> list[str]:
     """Who wrote each x of a tool run: "oracle" (the victim's search), "local_search" (the policy's new ending of
-    a replayed x, as the row says; in files from before rows said so, an epoch's last `local_rows` rows once the
-    buffer holds anything, i.e. from epoch 2) or "policy" (its own samples); SyncBatches.sample orders each batch
-    so."""
+    a replayed x, as the row says; in files from before rows said so, an epoch's last `local_rows(epoch)` rows once
+    the buffer holds anything, i.e. from epoch 2) or "policy" (its own samples); SyncBatches.sample orders each
+    batch so."""
     sources, by_epoch = [], {}
     for row in rows:
         by_epoch.setdefault(row.get("epoch", 1), []).append(row)
     for epoch in sorted(by_epoch):
         batch = by_epoch[epoch]
-        local = local_rows if epoch > 1 else 0
+        local = local_rows(epoch) if epoch > 1 else 0
         for i, row in enumerate(batch):
             is_local = row["local_search"] if "local_search" in row else i >= len(batch) - local
             sources.append("oracle" if row.get("written_by_oracle") else "local_search" if is_local else "policy")
     return sources
 
 
-def first_finds_by_source(rows: list[dict], data: dict, local_rows: int) -> dict[str, int]:
+def first_finds_by_source(rows: list[dict], data: dict, local_rows) -> dict[str, int]:
     """Which source leaked each distinct secret first (row order = call order): what each part of the batch adds."""
     seen, counts = set(), {"oracle": 0, "policy": 0, "local_search": 0}
     for row, source in zip(rows, row_sources(rows, local_rows)):
@@ -376,10 +378,20 @@ def first_finds_by_source(rows: list[dict], data: dict, local_rows: int) -> dict
     return counts
 
 
-def local_search_rows(sampler: str, batch_size: int = 16) -> int:
-    flags = TOOL_FLAGS.get(sampler.removeprefix("frozen-"), [])
-    fraction = float(flags[flags.index("--local-search-fraction") + 1]) if "--local-search-fraction" in flags else 0
-    return round(fraction * batch_size)
+def local_search_rows(sampler: str, batch_size: int = 16):
+    """epoch -> the local search rows of a configuration's batch at that epoch (train.py's proposal schedule)."""
+    from train import oracle_proposal_fraction
+
+    args = flags.build_parser().parse_args(["--policy", "lora"] + TOOL_FLAGS.get(sampler.removeprefix("frozen-"), []))
+
+    def rows_at(epoch: int) -> int:
+        share = args.local_search_fraction
+        if args.oracle_proposal_handoff == "local-search":
+            share += args.oracle_proposal_fraction - oracle_proposal_fraction(args, epoch)
+        oracle_rows = round(oracle_proposal_fraction(args, epoch) * batch_size)
+        return min(round(share * batch_size), batch_size - oracle_rows)
+
+    return rows_at
 
 
 def discoveries(rows: list[dict], data: dict, budgets=CHECKPOINTS, counter: int | None = None) -> dict:

@@ -242,14 +242,25 @@ def test_structured_victim_data_and_report(tmp_path):
 
     rows = [at(1, "Key", key[0][3:], True), at(1, "The", " cat"), at(2, "Key", key[0][3:], True)]
     rows += [at(2, "Key", key[1][3:]), at(2, "Key", key[2][3:]), at(3, "Key", key[3][3:])]
-    assert structured_victim.row_sources(rows, 1) == ["oracle", "policy", "oracle", "policy", "local_search"] + [
-        "local_search"
-    ]
-    assert structured_victim.first_finds_by_source(rows, data, 1) == {"oracle": 1, "policy": 1, "local_search": 2}
+    assert structured_victim.row_sources(rows, lambda epoch: 1) == [
+        "oracle",
+        "policy",
+        "oracle",
+        "policy",
+        "local_search",
+    ] + ["local_search"]
+    assert structured_victim.first_finds_by_source(rows, data, lambda epoch: 1) == {
+        "oracle": 1,
+        "policy": 1,
+        "local_search": 2,
+    }
     rows[3]["local_search"] = True  # a row that says who wrote it is taken at its word
     rows[4]["local_search"] = rows[5]["local_search"] = False
-    assert structured_victim.row_sources(rows, 1)[3:] == ["local_search", "policy", "policy"]
-    assert structured_victim.local_search_rows("frozen-tb-ref-replay-search75-lr-local-handoff32") == 4
+    assert structured_victim.row_sources(rows, lambda epoch: 1)[3:] == ["local_search", "policy", "policy"]
+    rows_at = structured_victim.local_search_rows("frozen-tb-ref-replay-search75-lr-local-handoff32")
+    assert [rows_at(e) for e in (2, 32, 40, 64)] == [4, 4, 4, 4]  # handed to the policy: local search stays 4
+    rows_at = structured_victim.local_search_rows("tb-ref-replay-search75-lr-local-to-local32")
+    assert [rows_at(e) for e in (2, 32, 36, 40, 64)] == [4, 4, 10, 16, 16]  # handed to local search
 
 
 def test_contradiction_ceiling_judges_and_counts_by_hand():
