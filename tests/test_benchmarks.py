@@ -297,3 +297,36 @@ def test_contradiction_ceiling_judges_and_counts_by_hand():
     assert result["per_subject"]["Leonardo da Vinci"] == {"answers": 2, "states_true_fact": 1, "contradiction": 1,
         "on_topic_contradiction": 0, "true_fact_rate": 0.5, "contradiction_rate": 0.5,
         "on_topic_contradiction_rate": 0.0}  # fmt: skip
+
+
+def test_contradiction_training_report_counts_by_hand(tmp_path):
+    """The trained sampler's rates by quarter of its own samples file, beside the untrained baseline's at the same
+    answer calls: on-topic contradiction = accepted by the judge (P > 0.5), naming the subject, related."""
+    import math
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import contradiction_training
+
+    yes, no = math.log(0.9), math.log(0.1)
+
+    def row(epoch, question, accepted, related=True):
+        return {"epoch": epoch, "x": question, "y": "a", "subject": "Paris", "log_contradiction": yes if accepted
+                else no, "log_related": yes if related else no}  # fmt: skip
+
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [row(e, f"Where is Paris {e}?", e == 4) for e in range(1, 5)]  # the last quarter: one accepted
+    rows += [row(e, f"paris {e}", False) for e in range(1, 5)]
+    (run / "samples_contradiction.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (run / "run_contradiction.json").write_text(json.dumps({"args": {"epochs": 4}}))
+    baseline = [{"question": "Paris?", "subject": "Paris", "log_contradiction": yes, "log_related": no}]  # off topic
+    baseline += [{"question": f"Paris {i}?", "subject": "Paris", "log_contradiction": no, "log_related": yes}
+                 for i in range(9)]  # fmt: skip
+    (tmp_path / "base.jsonl").write_text("".join(json.dumps(r) + "\n" for r in baseline))
+    summary = contradiction_training.report(str(run), str(tmp_path / "base.jsonl"))
+    assert summary["answer_calls"] == 8 and summary["baseline_answer_calls"] == 8
+    assert summary["trained_on_topic_contradiction_rate"] == 0.5  # epoch 4: "Where is Paris 4?" of 2 rows
+    assert summary["baseline_on_topic_contradiction_rate"] == 0.0  # accepted but unrelated
+    assert summary["baseline"]["contradiction_rate"] == 0.125
+    assert [q["question_rate"] for q in summary["trained_by_quarter"]] == [0.5] * 4
+    assert summary["trained_last_quarter_per_subject"]["Paris"]["answer_calls"] == 2

@@ -1,0 +1,111 @@
+"""The contradiction task's training against its baseline at the same answer calls (issue 21).
+
+The trained sampler is read from its own samples file (every question it was trained on was answered once: one
+answer call per row); the baseline is the untrained sampler with the same question prompt, sampled and judged by
+the same reward (`sample.py --samples-per-subject K` on the `--epochs 0` checkpoint: one answer call per row), with
+as many rows as training answered. For each: the on-topic contradiction rate (the judge accepts the answer, the
+question names the subject and the answer is related to the fact: `contradicts` and `on_topic` of
+contradiction_reward.py), the question rate ("?") and the unique fraction, for the training run by quarter, the
+last quarter being the issue's measure; per subject too.
+
+  python train.py --task contradiction ... --epochs 0 --output-dir out/contra_untrained
+  python sample.py --checkpoint out/contra_untrained/checkpoint_gfn_contradiction_epoch0.pt --samples-per-subject 64 \\
+      --output out/contra_untrained/baseline_questions.jsonl
+  python train.py --task contradiction ... --epochs 96 --output-dir out/contra_run
+  python benchmarks/contradiction_training.py --run out/contra_run \\
+      --baseline out/contra_untrained/baseline_questions.jsonl --output benchmarks/results/contradiction_training.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def rates(rows: list[dict]) -> dict:
+    """Rates over rows of {"question", "subject", "log_contradiction", "log_related"}."""
+    from contradiction_reward import contradicts, on_topic
+
+    n = len(rows) or 1
+    accepted = [contradicts(r["log_contradiction"]) for r in rows]
+    on_topic_accepted = [a and on_topic(r["question"], r["subject"], r["log_related"]) for a, r in zip(accepted, rows)]
+    return {
+        "answer_calls": len(rows),
+        "contradiction_rate": round(sum(accepted) / n, 4),
+        "on_topic_contradiction_rate": round(sum(on_topic_accepted) / n, 4),
+        "question_rate": round(sum("?" in r["question"] for r in rows) / n, 4),
+        "unique_fraction": round(len({r["question"] for r in rows}) / n, 4),
+    }
+
+
+def per_subject(rows: list[dict]) -> dict[str, dict]:
+    subjects: dict[str, list[dict]] = {}
+    for row in rows:
+        subjects.setdefault(row["subject"], []).append(row)
+    return {subject: rates(part) for subject, part in sorted(subjects.items())}
+
+
+def training_rows(run_dir: str) -> list[dict]:
+    with open(os.path.join(run_dir, "samples_contradiction.jsonl"), encoding="utf-8") as f:
+        return [{**r, "question": r["x"]} for r in map(json.loads, f) if r.get("epoch")]
+
+
+def baseline_rows(path: str) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def report(run_dir: str, baseline_path: str) -> dict:
+    trained = training_rows(run_dir)
+    epochs = max(r["epoch"] for r in trained)
+    quarter = max(1, epochs // 4)
+    quarters = [[r for r in trained if q * quarter < r["epoch"] <= (q + 1) * quarter] for q in range(4)]
+    baseline = baseline_rows(baseline_path)[: len(trained)]  # at most the training run's answer calls
+    last = quarters[-1]
+    with open(os.path.join(run_dir, "run_contradiction.json"), encoding="utf-8") as f:
+        run_info = json.load(f)
+    summary = {
+        "benchmark": "contradiction_training",
+        "date": time.strftime("%Y-%m-%d"),
+        "run": run_dir,
+        "epochs": epochs,
+        "answer_calls": len(trained),
+        "baseline_answer_calls": len(baseline),
+        "baseline_on_topic_contradiction_rate": rates(baseline)["on_topic_contradiction_rate"],
+        "trained_on_topic_contradiction_rate": rates(last)["on_topic_contradiction_rate"],
+        "baseline": rates(baseline),
+        "trained_by_quarter": [rates(q) for q in quarters],
+        "trained_last_quarter_per_subject": per_subject(last),
+        "baseline_per_subject": per_subject(baseline),
+        "last_questions": [
+            {"subject": r["subject"], "question": r["question"], "answer": r["y"], "log_c": r["log_contradiction"]}
+            for r in last[-10:]
+        ],
+        "flags": run_info.get("args", run_info),
+    }
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", required=True, help="a contradiction training run's output directory")
+    parser.add_argument("--baseline", required=True, help="sample.py's questions file for the untrained checkpoint")
+    parser.add_argument("--output", default=None, help="JSON file (default: print)")
+    args = parser.parse_args(argv)
+    summary = report(args.run, args.baseline)
+    text = json.dumps(summary, indent=1) + "\n"
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as f:
+            f.write(text)
+    compact = {k: summary[k] for k in ("answer_calls", "baseline", "trained_by_quarter")}
+    print(json.dumps(compact, indent=1))
+
+
+if __name__ == "__main__":
+    main()
