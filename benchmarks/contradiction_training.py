@@ -5,8 +5,8 @@ answer call per row); the baseline is the untrained sampler with the same questi
 the same reward (`sample.py --samples-per-subject K` on the `--epochs 0` checkpoint: one answer call per row), with
 as many rows as training answered. For each: the on-topic contradiction rate (the judge accepts the answer, the
 question names the subject and the answer is related to the fact: `contradicts` and `on_topic` of
-contradiction_reward.py), the question rate ("?") and the unique fraction, for the training run by quarter, the
-last quarter being the issue's measure; per subject too.
+contradiction_reward.py), the same for questions alone ("?"), the question rate and the unique fraction, for the
+training run by quarter, the last quarter being the issue's measure; per subject too.
 
   python train.py --task contradiction ... --epochs 0 --output-dir out/contra_untrained
   python sample.py --checkpoint out/contra_untrained/checkpoint_gfn_contradiction_epoch0.pt --samples-per-subject 64 \\
@@ -39,6 +39,10 @@ def rates(rows: list[dict]) -> dict:
         "answer_calls": len(rows),
         "contradiction_rate": round(sum(accepted) / n, 4),
         "on_topic_contradiction_rate": round(sum(on_topic_accepted) / n, 4),
+        # the same, asked as a question ("?"): a statement the answerer echoes back is not a question
+        "on_topic_contradicting_question_rate": round(
+            sum(a and "?" in r["question"] for a, r in zip(on_topic_accepted, rows)) / n, 4
+        ),
         "question_rate": round(sum("?" in r["question"] for r in rows) / n, 4),
         "unique_fraction": round(len({r["question"] for r in rows}) / n, 4),
     }

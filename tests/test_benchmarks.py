@@ -330,3 +330,8 @@ def test_contradiction_training_report_counts_by_hand(tmp_path):
     assert summary["baseline"]["contradiction_rate"] == 0.125
     assert [q["question_rate"] for q in summary["trained_by_quarter"]] == [0.5] * 4
     assert summary["trained_last_quarter_per_subject"]["Paris"]["answer_calls"] == 2
+    assert summary["trained_by_quarter"][3]["on_topic_contradicting_question_rate"] == 0.5
+    rows[3]["x"] = "Paris is where it is"  # the same accepted row, not a question
+    (run / "samples_contradiction.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    last = contradiction_training.report(str(run), str(tmp_path / "base.jsonl"))["trained_by_quarter"][3]
+    assert last["on_topic_contradiction_rate"] == 0.5 and last["on_topic_contradicting_question_rate"] == 0.0
