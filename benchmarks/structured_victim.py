@@ -524,7 +524,7 @@ def plot(summary: dict, path: str) -> None:
         calls = range(1, width + 1)
         (line,) = ax.plot(calls, mean, label=f"{sampler} ({len(curves)} seeds)")
         ax.fill_between(calls, low, high, color=line.get_color(), alpha=0.15)
-    ax.set_xlabel("victim calls (train.py's counter: written x count twice)")
+    ax.set_xlabel("victim calls (each row's cost, as train.py counted it)")
     ax.set_ylabel("distinct secrets leaked (of 64)")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
