@@ -141,7 +141,6 @@ def main(argv: list[str] | None = None) -> None:
         ContradictionReward,
         ContradictionRewardConfig,
         NLIScorer,
-        judged_text,
     )
     from hf_models import load_causal_lm
 
@@ -155,32 +154,28 @@ def main(argv: list[str] | None = None) -> None:
     started = time.time()
     rows = answer_rows(examples, questions, lambda asked: [r["answer"] for r in answerer.answer(asked)])
     answered_s = time.time() - started
-    judges = {}
-    for judged_answer in JUDGED_ANSWERS:
-        for order in NLI_ORDERS:
-            reward = ContradictionReward(
-                answerer, nli, ContradictionRewardConfig(judged_answer=judged_answer, nli_order=order)
-            )
-
-            def judge(asked, answers, facts, reward=reward):
-                log_probs = reward.judge(asked, answers, facts)
-                return log_probs[:, nli.contradiction_index], nli.log_related(log_probs)
-
-            judges[f"{judged_answer}/{order}"] = ceiling(rows, judge)
-    # the same judge asked the other way round: does the answer state the *true* fact (NLI entailment of the true
-    # fact, each order)? What a small NLI model may see where "contradicts the edit" is beyond it
+    # every setting of the task's own judge (ContradictionReward.judge): against the edit (contradiction), and the
+    # other way round, against the true fact (entailment: what a small NLI model may see where "contradicts the
+    # edit" is beyond it), each reading the answer in every form and both NLI orders
     true_of = {example["edit_fact"]: example["true_fact"] for example in examples}
-    if nli.entailment_index is not None:
+    against = ["edit"] + (["true-fact"] if nli.entailment_index is not None else [])
+    judges = {}
+    for judge_against in against:
         for judged_answer in JUDGED_ANSWERS:
             for order in NLI_ORDERS:
+                config = ContradictionRewardConfig(
+                    judged_answer=judged_answer, nli_order=order, judge_against=judge_against
+                )
+                reward = ContradictionReward(answerer, nli, config)
 
-                def judge(asked, answers, facts, judged_answer=judged_answer, order=order):
-                    judged = [judged_text(q, a, judged_answer) for q, a in zip(asked, answers)]
-                    true = [true_of[f] for f in facts]
-                    log_probs = nli.log_probs(*((true, judged) if order == "fact-answer" else (judged, true)))
-                    return log_probs[:, nli.entailment_index], nli.log_related(log_probs)
+                def judge(asked, answers, facts, reward=reward):
+                    if reward.config.judge_against == "true-fact":
+                        facts = [true_of[f] for f in facts]
+                    log_probs = reward.judge(asked, answers, facts)
+                    return log_probs[:, reward.accept_index], nli.log_related(log_probs)
 
-                judges[f"{judged_answer}/{order}/entails-true-fact"] = ceiling(rows, judge)
+                suffix = "/entails-true-fact" if judge_against == "true-fact" else ""
+                judges[f"{judged_answer}/{order}{suffix}"] = ceiling(rows, judge)
     # the task's judge as configured by default, then the one that best separates true-fact answers from others
     default = judges["answer/fact-answer"]
     best = max(judges, key=lambda k: judges[k]["true_fact_answers_accepted"] - judges[k]["other_answers_accepted"])
