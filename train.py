@@ -83,12 +83,8 @@ def train(args: argparse.Namespace, on_start=None, on_epoch=None) -> dict:
                 group["lr"] = base_lr * learning_rate_factor(args, epoch, warm)
 
             if run.source is not None and args.oracle_proposal_fraction_end is not None:
-                share = oracle_proposal_fraction(args, epoch)
-                run.source.oracle_proposal_fraction = share
-                if args.oracle_proposal_handoff == "local-search":  # what the oracle gives up, local search takes
-                    run.source.local_search_fraction = (
-                        args.local_search_fraction + args.oracle_proposal_fraction - share
-                    )
+                run.source.oracle_proposal_fraction = oracle_proposal_fraction(args, epoch)
+                run.source.local_search_fraction = local_search_fraction(args, epoch)
             # 1. a scored batch from the exploration policy (every scored sample is written before anything can
             # fail); None when the budget is spent
             batch = run.source.next(more=epoch < args.epochs) if run.source is not None else None
@@ -340,6 +336,14 @@ def oracle_proposal_fraction(args: argparse.Namespace, epoch: int) -> float:
     if end is None or epoch <= first:
         return start
     return end if epoch >= last else start + (end - start) * (epoch - first) / (last - first)
+
+
+def local_search_fraction(args: argparse.Namespace, epoch: int) -> float:
+    """Local search's share at `epoch`: --local-search-fraction, plus what the oracle has given up by then when
+    --oracle-proposal-handoff is local-search."""
+    if args.oracle_proposal_handoff != "local-search":
+        return args.local_search_fraction
+    return args.local_search_fraction + args.oracle_proposal_fraction - oracle_proposal_fraction(args, epoch)
 
 
 def learning_rate_factor(args: argparse.Namespace, epoch: int, warm_up: bool = True) -> float:

@@ -380,16 +380,13 @@ def first_finds_by_source(rows: list[dict], data: dict, local_rows) -> dict[str,
 
 def local_search_rows(sampler: str, batch_size: int = 16):
     """epoch -> the local search rows of a configuration's batch at that epoch (train.py's proposal schedule)."""
-    from train import oracle_proposal_fraction
+    from train import local_search_fraction, oracle_proposal_fraction
 
     args = flags.build_parser().parse_args(["--policy", "lora"] + TOOL_FLAGS.get(sampler.removeprefix("frozen-"), []))
 
-    def rows_at(epoch: int) -> int:
-        share = args.local_search_fraction
-        if args.oracle_proposal_handoff == "local-search":
-            share += args.oracle_proposal_fraction - oracle_proposal_fraction(args, epoch)
+    def rows_at(epoch: int) -> int:  # SyncBatches.sample's rounding and cap
         oracle_rows = round(oracle_proposal_fraction(args, epoch) * batch_size)
-        return min(round(share * batch_size), batch_size - oracle_rows)
+        return min(round(local_search_fraction(args, epoch) * batch_size), batch_size - oracle_rows)
 
     return rows_at
 
