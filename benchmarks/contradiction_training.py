@@ -74,6 +74,7 @@ def report(run_dir: str, baseline_path: str) -> dict:
     last = quarters[-1]
     with open(os.path.join(run_dir, "run_contradiction.json"), encoding="utf-8") as f:
         run_info = json.load(f)
+    baseline_rates, quarter_rates = rates(baseline), [rates(q) for q in quarters]
     summary = {
         "benchmark": "contradiction_training",
         "date": time.strftime("%Y-%m-%d"),
@@ -81,10 +82,10 @@ def report(run_dir: str, baseline_path: str) -> dict:
         "epochs": epochs,
         "answer_calls": len(trained),
         "baseline_answer_calls": len(baseline),
-        "baseline_on_topic_contradiction_rate": rates(baseline)["on_topic_contradiction_rate"],
-        "trained_on_topic_contradiction_rate": rates(last)["on_topic_contradiction_rate"],
-        "baseline": rates(baseline),
-        "trained_by_quarter": [rates(q) for q in quarters],
+        "baseline_on_topic_contradiction_rate": baseline_rates["on_topic_contradiction_rate"],
+        "trained_on_topic_contradiction_rate": quarter_rates[-1]["on_topic_contradiction_rate"],
+        "baseline": baseline_rates,
+        "trained_by_quarter": quarter_rates,
         "trained_last_quarter_per_subject": per_subject(last),
         "baseline_per_subject": per_subject(baseline),
         "last_questions": [
