@@ -367,6 +367,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     g.add_argument("--replay-priority", default="rank", choices=["rank", "tempered", "uniform"])
     g.add_argument(
+        "--replay-novelty",
+        type=int,
+        default=0,
+        metavar="N",
+        help="rank replayed x whose oracle answer has been seen N times or more (any 8-word window of it) after "
+        "every other, for training replay and local search: an x whose answer keeps repeating (a mode already "
+        "mined) gives way to x whose answers are new (0 = off; needs --replay-priority rank)",
+    )
+    g.add_argument(
         "--replay-near-duplicate",
         type=float,
         default=0.8,
@@ -479,6 +488,15 @@ def validate_args(args: argparse.Namespace) -> None:
         (0 < args.temperature_range[0] <= args.temperature_range[1], "--temperature-range needs 0 < LOW <= HIGH"),
         (0 <= args.replay_fraction < 1, "--replay-fraction must be in [0, 1)"),
         (args.updates_per_batch >= 1, "--updates-per-batch must be >= 1"),
+        (args.replay_novelty >= 0, "--replay-novelty must be >= 0 (0 = off)"),
+        (
+            args.replay_novelty == 0 or args.replay_priority == "rank",
+            "--replay-novelty ranks often-seen answers last: it needs --replay-priority rank",
+        ),
+        (
+            args.replay_novelty == 0 or args.replay_fraction > 0,
+            "--replay-novelty orders the replay buffer: set --replay-fraction > 0",
+        ),
         (0 <= args.local_search_fraction < 1, "--local-search-fraction must be in [0, 1)"),
         (args.local_search_back >= 1, "--local-search-back must be >= 1"),
         (

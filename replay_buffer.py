@@ -36,6 +36,12 @@ several processes). The rules, per condition ("" when the task is unconditional)
        Dividing by reward_temperature does not change ranks, so in this mode only the formula matters.
      - "tempered": P proportional to exp(log_reward / (reward_temperature * priority_temperature)).
      - "uniform": every stored item equally likely.
+   With `novelty_after` N > 0 (rank priority only), items whose response (`extra["y"]`) has been seen N times
+   or more are ranked after every other item, by log reward among themselves: an x whose answer keeps repeating
+   (a mode already mined, e.g. a memorised record leaked again) gives way to x whose answers are new. A response
+   is seen once per item added (admitted or not) that shares any of its NOVELTY_WINDOW-word windows (the whole
+   text when shorter), so a memorised record counts as seen whatever the oracle wrote after it. The counts are
+   kept per condition, in the checkpoint (memory) or in Redis (shared by every writer).
    Both backends fetch the items and do the probability computation and the draw in Python
    (`generator.choices`), so the same seed and insert sequence give the same samples from either.
 5. Redis layout, for namespace N and condition C: a hash `N:C:items` (item id -> JSON of the item and its
@@ -74,6 +80,7 @@ from errors import UserError
 BACKENDS = ("memory", "redis")
 PRIORITIES = ("rank", "tempered", "uniform")
 DEFAULT_RANK_K = 1.0
+NOVELTY_WINDOW = 8  # words: a response seen again shares an 8-word window with the earlier one
 
 
 @dataclass
@@ -153,6 +160,22 @@ def jaccard(a: frozenset, b: frozenset) -> float:
         return 1.0
     shared = len(a & b)
     return shared / (len(a) + len(b) - shared)
+
+
+def response_windows(item: ReplayItem) -> list[str]:
+    """Stable ids of the NOVELTY_WINDOW-word windows of the item's response (lower-cased, whitespace-split; the
+    whole text as one window when shorter), [] for an item without a response."""
+    response = item.extra.get("y")
+    if not isinstance(response, str):
+        return []
+    words = response.lower().split()
+    windows = {" ".join(words[i : i + NOVELTY_WINDOW]) for i in range(max(1, len(words) - NOVELTY_WINDOW + 1))}
+    return sorted(hashlib.blake2b(w.encode(), digest_size=8).hexdigest() for w in windows)
+
+
+def times_seen(windows: list[str], counts: dict[str, int]) -> int:
+    """How many added items shared a window with this response (its most repeated window's count)."""
+    return max((counts.get(w, 0) for w in windows), default=0)
 
 
 def _item_id(token_ids: list[int]) -> str:
@@ -319,12 +342,15 @@ def _draw(
     rank_k: float,
     priority_temperature: float,
     generator: random.Random,
+    demoted: list[bool] | None = None,
 ) -> list[_Entry]:
-    """Rule 4: rank by tempered log reward (ties: earliest inserted first), weight, draw n with replacement."""
+    """Rule 4: rank by tempered log reward (ties: earliest inserted first; `demoted` items, whose response has
+    been seen often, after all others), weight, draw n with replacement."""
     if not entries or n == 0:
         return []
     tempered = [value / reward_temperature for value in _log_rewards(log_reward, [e.item.terms for e in entries])]
-    order = sorted(range(len(entries)), key=lambda i: (-tempered[i], entries[i].seq))
+    demoted = demoted or [False] * len(entries)
+    order = sorted(range(len(entries)), key=lambda i: (demoted[i], -tempered[i], entries[i].seq))
     if priority == "rank":
         weights = [1.0 / (rank_k + r) for r in range(len(order))]
     elif priority == "tempered":
@@ -347,10 +373,23 @@ class _Settings:
     """What both backends are configured with (validated by make_replay_buffer)."""
 
     def __init__(
-        self, capacity: int, priority: str, rank_k: float, priority_temperature: float, near_duplicate_threshold: float
+        self,
+        capacity: int,
+        priority: str,
+        rank_k: float,
+        priority_temperature: float,
+        near_duplicate_threshold: float,
+        novelty_after: int = 0,
     ) -> None:
         self.capacity, self.priority, self.rank_k = capacity, priority, rank_k
         self.priority_temperature, self.near_duplicate_threshold = priority_temperature, near_duplicate_threshold
+        self.novelty_after = novelty_after
+
+    def _demoted(self, windows: list[list[str]], counts: dict[str, int]) -> list[bool] | None:
+        """Which entries (given their responses' windows) were seen novelty_after times or more; None when off."""
+        if not self.novelty_after:
+            return None
+        return [times_seen(w, counts) >= self.novelty_after for w in windows]
 
 
 # ------------------------------------------------------------------------------------- memory backend
@@ -358,10 +397,17 @@ class _Settings:
 
 class MemoryReplayBuffer(_Settings):
     def __init__(
-        self, capacity: int, priority: str, rank_k: float, priority_temperature: float, near_duplicate_threshold: float
+        self,
+        capacity: int,
+        priority: str,
+        rank_k: float,
+        priority_temperature: float,
+        near_duplicate_threshold: float,
+        novelty_after: int = 0,
     ) -> None:
-        super().__init__(capacity, priority, rank_k, priority_temperature, near_duplicate_threshold)
+        super().__init__(capacity, priority, rank_k, priority_temperature, near_duplicate_threshold, novelty_after)
         self.entries: dict[str, dict[str, _Entry]] = {}  # condition -> item id -> entry
+        self.response_counts: dict[str, dict[str, int]] = {}  # condition -> response window -> items seen with it
         self.next_seq: dict[str, int] = {}
         self.gram_index: dict[str, dict[tuple, set[str]]] = {}  # condition -> _gram_index, kept up to date
         self.lock = threading.Lock()  # so threads sharing one buffer see the same rules as Redis writers
@@ -371,6 +417,11 @@ class MemoryReplayBuffer(_Settings):
         if not items:
             return 0
         with self.lock:
+            if self.novelty_after:
+                counts = self.response_counts.setdefault(condition, {})
+                for item in items:
+                    for window in response_windows(item):
+                        counts[window] = counts.get(window, 0) + 1
             entries = self.entries.setdefault(condition, {})
             index = self.gram_index.setdefault(condition, {}) if self.near_duplicate_threshold <= 1 else None
             admitted, self.next_seq[condition] = _admit(
@@ -396,6 +447,8 @@ class MemoryReplayBuffer(_Settings):
         _check_sample_args(n, condition, log_reward, reward_temperature)
         with self.lock:
             entries = list(self.entries.get(condition, {}).values())
+            counts = self.response_counts.get(condition, {})
+            demoted = self._demoted([response_windows(e.item) for e in entries], counts)
         drawn = _draw(
             entries,
             n,
@@ -405,6 +458,7 @@ class MemoryReplayBuffer(_Settings):
             self.rank_k,
             self.priority_temperature,
             generator or random.Random(),
+            demoted,
         )
         # Callers may mutate what they get, so hand out copies (one per distinct item, like the Redis backend).
         copies: dict[int, ReplayItem] = {}
@@ -430,6 +484,7 @@ class MemoryReplayBuffer(_Settings):
             self.entries.clear()
             self.next_seq.clear()
             self.gram_index.clear()
+            self.response_counts.clear()
 
     def state_dict(self) -> dict:
         """The whole contents (plain lists and dicts, so a weights_only checkpoint can hold them)."""
@@ -437,6 +492,7 @@ class MemoryReplayBuffer(_Settings):
             return {
                 "backend": "memory",
                 "next_seq": dict(self.next_seq),
+                "response_counts": {condition: dict(counts) for condition, counts in self.response_counts.items()},
                 "entries": {
                     condition: [
                         [
@@ -460,6 +516,8 @@ class MemoryReplayBuffer(_Settings):
                 for condition, rows in state["entries"].items()
             }
             self.next_seq = dict(state["next_seq"])
+            # checkpoints from before novelty counts: start counting afresh
+            self.response_counts = {c: dict(counts) for c, counts in state.get("response_counts", {}).items()}
             self.gram_index = (
                 {condition: _gram_index(entries) for condition, entries in self.entries.items()}
                 if self.near_duplicate_threshold <= 1
@@ -503,8 +561,9 @@ class RedisReplayBuffer(_Settings):
         near_duplicate_threshold: float,
         redis_url: str,
         namespace: str,
+        novelty_after: int = 0,
     ) -> None:
-        super().__init__(capacity, priority, rank_k, priority_temperature, near_duplicate_threshold)
+        super().__init__(capacity, priority, rank_k, priority_temperature, near_duplicate_threshold, novelty_after)
         self.url, self.namespace = redact_url(redis_url), namespace
         self.conditions_key = f"{namespace}:conditions"
         try:
@@ -583,6 +642,12 @@ class RedisReplayBuffer(_Settings):
             return admitted
 
         with self._reachable():
+            if self.novelty_after:  # increments commute: no transaction needed across writers
+                with self.client.pipeline(transaction=False) as pipe:
+                    for item in items:
+                        for window in response_windows(item):
+                            pipe.hincrby(self._key(condition, "responses"), window, 1)
+                    pipe.execute()
             return self.client.transaction(transaction, items_key, seq_key, value_from_callable=True)
 
     def sample(
@@ -598,6 +663,11 @@ class RedisReplayBuffer(_Settings):
             return []
         with self._reachable():
             entries = list(self._decode(self.client.hgetall(self._key(condition, "items"))).values())
+            windows = [response_windows(e.item) for e in entries] if self.novelty_after else []
+            wanted = sorted({w for item_windows in windows for w in item_windows})
+            found = self.client.hmget(self._key(condition, "responses"), wanted) if wanted else []
+        counts = {w: int(c) for w, c in zip(wanted, found) if c is not None}
+        demoted = self._demoted(windows, counts)
         drawn = _draw(
             entries,
             n,
@@ -607,6 +677,7 @@ class RedisReplayBuffer(_Settings):
             self.rank_k,
             self.priority_temperature,
             generator or random.Random(),
+            demoted,
         )
         return [e.item for e in drawn]
 
@@ -663,6 +734,7 @@ def make_replay_buffer(
     near_duplicate_threshold: float = 0.8,
     redis_url: str | None = None,
     namespace: str = "gfn-replay",
+    novelty_after: int = 0,
 ) -> ReplayBuffer:
     """A replay buffer with the rules of the module docstring. backend: "memory" or "redis" (needs redis_url;
     several processes with the same redis_url and namespace share one buffer)."""
@@ -681,12 +753,15 @@ def make_replay_buffer(
         or near_duplicate_threshold <= 0
     ):
         raise ValueError(f"near_duplicate_threshold must be > 0 (> 1 disables it), got {near_duplicate_threshold!r}")
+    if isinstance(novelty_after, bool) or not isinstance(novelty_after, int) or novelty_after < 0:
+        raise ValueError(f"novelty_after must be an int >= 0 (0 = off), got {novelty_after!r}")
+    if novelty_after and priority != "rank":
+        raise ValueError(f"novelty_after ranks often-seen responses last: it needs priority 'rank', not {priority!r}")
+    settings = (capacity, priority, rank_k, priority_temperature, float(near_duplicate_threshold))
     if backend == "memory":
-        return MemoryReplayBuffer(capacity, priority, rank_k, priority_temperature, float(near_duplicate_threshold))
+        return MemoryReplayBuffer(*settings, novelty_after)
     if not redis_url or not isinstance(redis_url, str):
         raise ValueError("the redis replay buffer needs redis_url, e.g. redis://localhost:6379/0")
     if not isinstance(namespace, str) or not namespace or ":" in namespace:
         raise ValueError(f"namespace must be a non-empty string without ':', got {namespace!r}")
-    return RedisReplayBuffer(
-        capacity, priority, rank_k, priority_temperature, float(near_duplicate_threshold), redis_url, namespace
-    )
+    return RedisReplayBuffer(*settings, redis_url, namespace, novelty_after)

@@ -315,6 +315,16 @@ TOOL_FLAGS = {
     "tb-ref-replay-search75-lr-local-to-local32": SEARCH75_LOCAL
     + HANDOFF
     + ["32", "40", "--oracle-proposal-handoff", "local-search"],
+    # the same, x whose answer has been seen 3 times ranked last in replay and local search: a family whose
+    # records keep coming back gives way to one found once (local search kept returning to the first two)
+    "tb-ref-replay-search75-lr-local-to-local32-novelty3": SEARCH75_LOCAL
+    + HANDOFF
+    + ["32", "40", "--oracle-proposal-handoff", "local-search", "--replay-novelty", "3"],
+    # the handoff to the policy's own samples with the same novelty ranking: the policy trains on the families
+    # not yet mined (without it, handoff32's policy wrote one family)
+    "tb-ref-replay-search75-lr-local-handoff32-novelty3": SEARCH75_LOCAL
+    + HANDOFF
+    + ["32", "40", "--replay-novelty", "3"],
 }
 FROZEN = ["--lr", "0", "--lr-z", "0"]
 

@@ -546,3 +546,79 @@ def test_clear_deletes_only_its_namespace(redis_url: str) -> None:
     assert client.keys(f"{mine}:*") == [] and len(a) == 0
     assert len(b) == 1 and len(prefixed) == 1 and client.get(f"unrelated-{mine}") == "keep"
     b.clear(), prefixed.clear(), client.delete(f"unrelated-{mine}")
+
+
+# ------------------------------------------------------------------------------------------ novelty
+
+RECORD = "Key ledger, vault 3412: held by Ansel Quell of Brindlemoor, access code 1234."
+
+
+def test_novelty_ranks_items_whose_response_was_seen_often_last(make) -> None:
+    def filled(**options):
+        buffer = make(10, **options)
+        buffer.add(
+            [
+                item(distinct(0), 10.0, text="record", extra={"y": RECORD + " Then the ledger closed."}),
+                item(distinct(1), 5.0, text="new", extra={"y": "an answer nobody wrote before, eight words or more"}),
+                item(distinct(2), 1.0, text="short", extra={"y": "Yes."}),
+            ]
+        )
+        # the same record again after another opening, case and spacing aside: the record's 8-word windows repeat
+        buffer.add([item(distinct(3), 0.0, text="again", extra={"y": "Found:  " + RECORD.upper()})])
+        return buffer
+
+    n, norm = 20_000, 1 + 1 / 2 + 1 / 3 + 1 / 4
+    # seen twice: with novelty_after=2 both record items go last (among themselves by reward), else reward order
+    for options, order in (
+        ({}, ["record", "new", "short", "again"]),
+        ({"novelty_after": 2}, ["new", "short", "record", "again"]),
+    ):
+        expected = {text: (1 / (1 + rank)) / norm for rank, text in enumerate(order)}
+        assert chi_square(frequencies(filled(**options), n), expected, n) < CHI2_999[3]
+    # seen twice is below 3: nothing moves
+    expected = {text: (1 / (1 + rank)) / norm for rank, text in enumerate(["record", "new", "short", "again"])}
+    assert chi_square(frequencies(filled(novelty_after=3), n), expected, n) < CHI2_999[3]
+
+
+def test_novelty_counts_every_added_response_per_condition(make) -> None:
+    buffer = make(10, novelty_after=2)
+    buffer.add([item(distinct(0), 9.0, text="short answer", extra={"y": "Paris"})])
+    buffer.add([item(distinct(1), 1.0, text="other", extra={"y": "Lyon"})])
+    buffer.add([item(distinct(2), 5.0, text="elsewhere", extra={"y": "Paris"})], condition="s1")
+    assert set(frequencies(buffer, 200)) == {"short answer", "other"}
+    assert frequencies(buffer, 2000)["short answer"] > 1200  # seen once in its condition: still first (2/3)
+    # an exact duplicate with a lower reward is not stored, but its answer was seen: the stored one goes last
+    buffer.add([item(distinct(0), 2.0, text="dropped", extra={"y": " paris "})])
+    assert buffer.size() == 2
+    counts = frequencies(buffer, 2000)
+    assert "dropped" not in counts and counts["short answer"] < 800  # now second of two: 1/3
+    # items without a response (no "y") are never demoted
+    plain = make(10, novelty_after=1)
+    plain.add([item(distinct(0), 3.0, text="best"), item(distinct(1), 1.0, text="next")])
+    assert frequencies(plain, 2000)["best"] > 1200
+
+
+def test_novelty_counts_survive_a_checkpoint_and_are_shared_through_redis(redis_url: str) -> None:
+    memory = make_replay_buffer("memory", 10, novelty_after=2)
+    memory.add([item(distinct(0), 5.0, text="a", extra={"y": "Paris"}), item(distinct(1), 1.0, text="b")])
+    memory.add([item(distinct(2), 0.0, text="c", extra={"y": "Paris"})])
+    restored = make_replay_buffer("memory", 10, novelty_after=2)
+    restored.load_state_dict(memory.state_dict())
+    assert frequencies(restored, 500) == frequencies(memory, 500)
+    assert frequencies(restored, 2000)["b"] > 900  # "a" was demoted before the save and still is: b gets 6/11
+    namespace = fresh_namespace()
+    writers = [make_replay_buffer("redis", 10, novelty_after=2, redis_url=redis_url, namespace=namespace) for _ in "ab"]
+    try:
+        writers[0].add([item(distinct(0), 5.0, text="a", extra={"y": "Paris"}), item(distinct(1), 1.0, text="b")])
+        assert frequencies(writers[1], 2000)["a"] > 1200
+        writers[1].add([item(distinct(2), 0.0, text="c", extra={"y": "Paris"})])  # the other writer saw it again
+        assert frequencies(writers[0], 2000)["b"] > 900  # 6/11 (second: 3/11)
+    finally:
+        writers[0].clear()
+
+
+def test_novelty_arguments(make) -> None:
+    with pytest.raises(ValueError, match="novelty_after must be an int >= 0"):
+        make(novelty_after=-1)
+    with pytest.raises(ValueError, match="needs priority 'rank', not 'tempered'"):
+        make(novelty_after=2, priority="tempered")

@@ -100,6 +100,11 @@ def test_checkpoints_are_named_and_complete(tiny_lm_dir, tmp_path):
         (["--temperature", "-1"], "--temperature must be > 0"),
         (["--min-len", "9", "--max-len", "4"], "--min-len"),
         (["--epochs", "ten"], "invalid int value"),
+        (["--replay-novelty", "2"], "--replay-novelty orders the replay buffer: set --replay-fraction > 0"),
+        (
+            ["--replay-novelty", "2", "--replay-fraction", "0.5", "--replay-priority", "uniform"],
+            "--replay-novelty ranks often-seen answers last: it needs --replay-priority rank",
+        ),
         (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "tpu"], "--device"),
     ],
 )
