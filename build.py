@@ -340,6 +340,7 @@ def build_replay_buffer(args: argparse.Namespace, run_id: str) -> ReplayBuffer |
             priority=args.replay_priority,
             near_duplicate_threshold=args.replay_near_duplicate,
             novelty_after=args.replay_novelty,
+            rank_power=args.replay_rank_power,
             redis_url=args.redis_url,
             namespace=f"gfn-replay-{args.task}-{run_id[:16]}",
         )  # one run's keys

@@ -367,6 +367,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     g.add_argument("--replay-priority", default="rank", choices=["rank", "tempered", "uniform"])
     g.add_argument(
+        "--replay-rank-power",
+        type=float,
+        default=1.0,
+        metavar="A",
+        help="rank priority: P(rank r) proportional to 1 / (1 + r)^A; 1 spreads half the draws below the top 20 "
+        "of 1,000 items, 2 keeps 97%% of them in the top 20 (for training replay and local search)",
+    )
+    g.add_argument(
         "--replay-novelty",
         type=int,
         default=0,
@@ -489,6 +497,7 @@ def validate_args(args: argparse.Namespace) -> None:
         (0 <= args.replay_fraction < 1, "--replay-fraction must be in [0, 1)"),
         (args.updates_per_batch >= 1, "--updates-per-batch must be >= 1"),
         (args.replay_novelty >= 0, "--replay-novelty must be >= 0 (0 = off)"),
+        (args.replay_rank_power > 0, "--replay-rank-power must be > 0"),
         (
             args.replay_novelty == 0 or args.replay_priority == "rank",
             "--replay-novelty ranks often-seen answers last: it needs --replay-priority rank",

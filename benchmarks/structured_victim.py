@@ -320,6 +320,11 @@ TOOL_FLAGS = {
     "tb-ref-replay-search75-lr-local-to-local32-novelty3": SEARCH75_LOCAL
     + HANDOFF
     + ["32", "40", "--oracle-proposal-handoff", "local-search", "--replay-novelty", "3"],
+    # the same, replay and local search drawn by 1 / (1 + rank)^2, not 1 / (1 + rank): with rank 1 most local
+    # search went to the buffer's tail (x scoring near 0) once the finds were demoted
+    "tb-ref-replay-search75-lr-local-to-local32-novelty3-power2": SEARCH75_LOCAL
+    + HANDOFF
+    + ["32", "40", "--oracle-proposal-handoff", "local-search", "--replay-novelty", "3", "--replay-rank-power", "2"],
     # the handoff to the policy's own samples with the same novelty ranking: the policy trains on the families
     # not yet mined (without it, handoff32's policy wrote one family)
     "tb-ref-replay-search75-lr-local-handoff32-novelty3": SEARCH75_LOCAL

@@ -622,3 +622,16 @@ def test_novelty_arguments(make) -> None:
         make(novelty_after=-1)
     with pytest.raises(ValueError, match="needs priority 'rank', not 'tempered'"):
         make(novelty_after=2, priority="tempered")
+
+
+def test_rank_power_concentrates_rank_sampling(make) -> None:
+    buffer = make(10, rank_power=2.0)
+    buffer.add([item(distinct(i), float(i), text=f"r{i}") for i in range(4)])
+    norm = sum((1 + rank) ** -2.0 for rank in range(4))
+    expected = {f"r{3 - rank}": (1 + rank) ** -2.0 / norm for rank in range(4)}
+    n = 20_000
+    counts = frequencies(buffer, n)
+    assert chi_square(counts, expected, n) < CHI2_999[3]
+    assert counts["r3"] / n > 0.6  # 1 / (1 + 1/4 + 1/9 + 1/16) = 0.70; with power 1 it would be 0.48
+    with pytest.raises(ValueError, match="rank_power must be > 0"):
+        make(rank_power=0.0)

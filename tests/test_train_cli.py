@@ -101,6 +101,7 @@ def test_checkpoints_are_named_and_complete(tiny_lm_dir, tmp_path):
         (["--min-len", "9", "--max-len", "4"], "--min-len"),
         (["--epochs", "ten"], "invalid int value"),
         (["--replay-novelty", "2"], "--replay-novelty orders the replay buffer: set --replay-fraction > 0"),
+        (["--replay-rank-power", "0"], "--replay-rank-power must be > 0"),
         (
             ["--replay-novelty", "2", "--replay-fraction", "0.5", "--replay-priority", "uniform"],
             "--replay-novelty ranks often-seen answers last: it needs --replay-priority rank",
