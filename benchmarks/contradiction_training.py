@@ -14,6 +14,7 @@ training run by quarter, the last quarter being the issue's measure; per subject
   python train.py --task contradiction ... --epochs 96 --output-dir out/contra_run
   python benchmarks/contradiction_training.py --run out/contra_run \\
       --baseline out/contra_untrained/baseline_questions.jsonl --output benchmarks/results/contradiction_training.json
+  python benchmarks/contradiction_training.py --run out/contra_run_s0 out/contra_run_s1 out/contra_run_s2 ...  # seeds
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 
@@ -97,18 +99,63 @@ def report(run_dir: str, baseline_path: str) -> dict:
     return summary
 
 
+def seeds_report(run_dirs: list[str], baseline_path: str) -> dict:
+    """Several seeds of one setting: each run's report, and the mean and spread of the measures the issue names
+    (the last quarter's on-topic contradiction rate, overall and per subject; the question rate by quarter)."""
+    runs = [report(run_dir, baseline_path) for run_dir in run_dirs]
+    last = [r["trained_on_topic_contradiction_rate"] for r in runs]
+    subjects = sorted({s for r in runs for s in r["trained_last_quarter_per_subject"]})
+
+    def spread(values: list[float]) -> dict:
+        return {
+            "by_seed": values,
+            "mean": round(statistics.mean(values), 4),
+            "sd": round(statistics.stdev(values), 4) if len(values) > 1 else None,
+        }
+
+    return {
+        "benchmark": "contradiction_training",
+        "date": time.strftime("%Y-%m-%d"),
+        "seeds": len(runs),
+        "answer_calls": [r["answer_calls"] for r in runs],
+        "baseline_on_topic_contradiction_rate": runs[0]["baseline_on_topic_contradiction_rate"],
+        "trained_on_topic_contradiction_rate": round(statistics.mean(last), 4),
+        "trained_on_topic_contradiction_rate_by_seed": spread(last),
+        "question_rate_by_quarter": [
+            spread([r["trained_by_quarter"][q]["question_rate"] for r in runs]) for q in range(4)
+        ],
+        "on_topic_contradicting_question_rate_last_quarter": spread(
+            [r["trained_by_quarter"][-1]["on_topic_contradicting_question_rate"] for r in runs]
+        ),
+        "unique_fraction_last_quarter": spread([r["trained_by_quarter"][-1]["unique_fraction"] for r in runs]),
+        "last_quarter_per_subject": {
+            s: spread(
+                [r["trained_last_quarter_per_subject"].get(s, {}).get("on_topic_contradiction_rate", 0.0) for r in runs]
+            )
+            for s in subjects
+        },
+        "runs": runs,
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", required=True, help="a contradiction training run's output directory")
+    parser.add_argument(
+        "--run", required=True, nargs="+", help="a contradiction training run's output directory (several: seeds)"
+    )
     parser.add_argument("--baseline", required=True, help="sample.py's questions file for the untrained checkpoint")
     parser.add_argument("--output", default=None, help="JSON file (default: print)")
     args = parser.parse_args(argv)
-    summary = report(args.run, args.baseline)
+    if len(args.run) == 1:
+        summary = report(args.run[0], args.baseline)
+        compact = {k: summary[k] for k in ("answer_calls", "baseline", "trained_by_quarter")}
+    else:
+        summary = seeds_report(args.run, args.baseline)
+        compact = {k: v for k, v in summary.items() if k != "runs"}
     text = json.dumps(summary, indent=1) + "\n"
     if args.output:
         with open(args.output, "w", encoding="utf-8") as f:
             f.write(text)
-    compact = {k: summary[k] for k in ("answer_calls", "baseline", "trained_by_quarter")}
     print(json.dumps(compact, indent=1))
 
 

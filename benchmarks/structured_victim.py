@@ -325,6 +325,13 @@ TOOL_FLAGS = {
     "tb-ref-replay-search75-lr-local-to-local32-novelty3-power2": SEARCH75_LOCAL
     + HANDOFF
     + ["32", "40", "--oracle-proposal-handoff", "local-search", "--replay-novelty", "3", "--replay-rank-power", "2"],
+    # the handoff to the policy's own samples, with the novelty ranking, rank power 2 and log R / 10: after the
+    # handoff a trained policy leaked in half its samples, all of one family (the one whose records score
+    # highest: a sampler of R puts its mass there); tempered, families tens of nats apart keep mass each
+    "tb-ref-replay-search75-lr-local-handoff32-novelty3-power2-t10": SEARCH75_LOCAL
+    + HANDOFF
+    + ["32", "40", "--replay-novelty", "3", "--replay-rank-power", "2"]
+    + ["--reward-temp-start", "10", "--reward-temp-end", "10"],
     # the handoff to the policy's own samples with the same novelty ranking: the policy trains on the families
     # not yet mined (without it, handoff32's policy wrote one family)
     "tb-ref-replay-search75-lr-local-handoff32-novelty3": SEARCH75_LOCAL

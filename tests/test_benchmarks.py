@@ -335,3 +335,14 @@ def test_contradiction_training_report_counts_by_hand(tmp_path):
     (run / "samples_contradiction.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     last = contradiction_training.report(str(run), str(tmp_path / "base.jsonl"))["trained_by_quarter"][3]
     assert last["on_topic_contradiction_rate"] == 0.5 and last["on_topic_contradicting_question_rate"] == 0.0
+    # two seeds: this run (0.5 in its last quarter) and a copy whose last quarter accepts nothing
+    other = tmp_path / "other"
+    other.mkdir()
+    rows[3] = row(4, "Where is Paris 4?", False)
+    (other / "samples_contradiction.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (other / "run_contradiction.json").write_text(json.dumps({"args": {"epochs": 4}}))
+    seeds = contradiction_training.seeds_report([str(run), str(other)], str(tmp_path / "base.jsonl"))
+    assert seeds["trained_on_topic_contradiction_rate_by_seed"]["by_seed"] == [0.5, 0.0]
+    assert seeds["trained_on_topic_contradiction_rate"] == 0.25 and seeds["answer_calls"] == [8, 8]
+    assert seeds["last_quarter_per_subject"]["Paris"]["mean"] == 0.25
+    assert seeds["question_rate_by_quarter"][3]["by_seed"] == [0.0, 0.5]  # the first run's row 4 is a statement
