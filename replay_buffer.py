@@ -38,12 +38,12 @@ several processes). The rules, per condition ("" when the task is unconditional)
        mode only the formula matters.
      - "tempered": P proportional to exp(log_reward / (reward_temperature * priority_temperature)).
      - "uniform": every stored item equally likely.
-   With `novelty_after` N > 0 (rank priority only), items whose response (`extra["y"]`) has been seen N times
-   or more are ranked after every other item, by log reward among themselves: an x whose answer keeps repeating
-   (a mode already mined, e.g. a memorised record leaked again) gives way to x whose answers are new. A response
-   is seen once per item added (admitted or not) that shares any of its NOVELTY_WINDOW-word windows (the whole
-   text when shorter), so a memorised record counts as seen whatever the oracle wrote after it. The counts are
-   kept per condition, in the checkpoint (memory) or in Redis (shared by every writer).
+   With `novelty_after` N > 0 (rank priority only), items whose text + response (`text` + `extra["y"]`) has been
+   seen N times or more are ranked after every other item, by log reward among themselves: an x whose answer
+   keeps repeating (a mode already mined, e.g. a memorised record leaked again) gives way to x whose answers are
+   new. A text is seen once per item added (admitted or not) that shares any of its NOVELTY_WINDOW-word windows
+   (the whole text when shorter), so a memorised record counts as seen whatever the oracle wrote after it. The
+   counts are kept per condition, in the checkpoint (memory) or in Redis (shared by every writer).
    Both backends fetch the items and do the probability computation and the draw in Python
    (`generator.choices`), so the same seed and insert sequence give the same samples from either.
 5. Redis layout, for namespace N and condition C: a hash `N:C:items` (item id -> JSON of the item and its
@@ -165,12 +165,14 @@ def jaccard(a: frozenset, b: frozenset) -> float:
 
 
 def response_windows(item: ReplayItem) -> list[str]:
-    """Stable ids of the NOVELTY_WINDOW-word windows of the item's response (lower-cased, whitespace-split; the
-    whole text as one window when shorter), [] for an item without a response."""
+    """Stable ids of the NOVELTY_WINDOW-word windows of the item's x and response written as one text (lower-cased,
+    whitespace-split; the whole text as one window when shorter), [] for an item without a response. x and y
+    together: an x may end inside a memorised record and its y go on from there ("... file 20" + "15: Kestrel
+    ..."), so the record is only whole in x + y."""
     response = item.extra.get("y")
     if not isinstance(response, str):
         return []
-    words = response.lower().split()
+    words = (item.text + response).lower().split()
     windows = {" ".join(words[i : i + NOVELTY_WINDOW]) for i in range(max(1, len(words) - NOVELTY_WINDOW + 1))}
     return sorted(hashlib.blake2b(w.encode(), digest_size=8).hexdigest() for w in windows)
 

@@ -19,6 +19,7 @@ from replay_buffer import (
     ReplayItem,
     jaccard,
     make_replay_buffer,
+    response_windows,
     sum_of_terms,
     token_grams,
     weighted,
@@ -553,66 +554,91 @@ def test_clear_deletes_only_its_namespace(redis_url: str) -> None:
 RECORD = "Key ledger, vault 3412: held by Ansel Quell of Brindlemoor, access code 1234."
 
 
-def test_novelty_ranks_items_whose_response_was_seen_often_last(make) -> None:
+def said(name: str, token_ids: list[int], log_prior: float, x: str, y: str | None) -> ReplayItem:
+    """An item whose x text is `x` and whose oracle answer is `y`, drawn counts keyed by `name`."""
+    return item(token_ids, log_prior, text=x, extra={"name": name} if y is None else {"name": name, "y": y})
+
+
+def names(buffer, n: int, condition: str = "") -> Counter:
+    return Counter(x.extra["name"] for x in buffer.sample(n, condition, generator=random.Random(0)))
+
+
+def test_novelty_ranks_items_whose_text_was_seen_often_last(make) -> None:
     def filled(**options):
         buffer = make(10, **options)
         buffer.add(
             [
-                item(distinct(0), 10.0, text="record", extra={"y": RECORD + " Then the ledger closed."}),
-                item(distinct(1), 5.0, text="new", extra={"y": "an answer nobody wrote before, eight words or more"}),
-                item(distinct(2), 1.0, text="short", extra={"y": "Yes."}),
+                # x ends inside the record and y goes on from there: the record is whole in x + y
+                said(
+                    "record",
+                    distinct(0),
+                    10.0,
+                    "Key ledger, vault 34",
+                    "12: held by Ansel Quell of Brindlemoor, access code 1234. Then the ledger closed.",
+                ),  # fmt: skip
+                said("new", distinct(1), 5.0, "Tell me", " an answer nobody wrote before, eight words or more"),
+                said("short", distinct(2), 1.0, "Yes", "."),
             ]
         )
-        # the same record again after another opening, case and spacing aside: the record's 8-word windows repeat
-        buffer.add([item(distinct(3), 0.0, text="again", extra={"y": "Found:  " + RECORD.upper()})])
+        # the same record again after another opening, case and spacing aside
+        buffer.add([said("again", distinct(3), 0.0, "Found:", "  " + RECORD.upper())])
         return buffer
 
     n, norm = 20_000, 1 + 1 / 2 + 1 / 3 + 1 / 4
-    # seen twice: with novelty_after=2 both record items go last (among themselves by reward), else reward order
+    # seen twice: with novelty_after=2 both record items go last (among themselves by reward), else reward order;
+    # seen twice is below 3: nothing moves
     for options, order in (
         ({}, ["record", "new", "short", "again"]),
         ({"novelty_after": 2}, ["new", "short", "record", "again"]),
+        ({"novelty_after": 3}, ["record", "new", "short", "again"]),
     ):
-        expected = {text: (1 / (1 + rank)) / norm for rank, text in enumerate(order)}
-        assert chi_square(frequencies(filled(**options), n), expected, n) < CHI2_999[3]
-    # seen twice is below 3: nothing moves
-    expected = {text: (1 / (1 + rank)) / norm for rank, text in enumerate(["record", "new", "short", "again"])}
-    assert chi_square(frequencies(filled(novelty_after=3), n), expected, n) < CHI2_999[3]
+        expected = {name: (1 / (1 + rank)) / norm for rank, name in enumerate(order)}
+        assert chi_square(names(filled(**options), n), expected, n) < CHI2_999[3]
 
 
-def test_novelty_counts_every_added_response_per_condition(make) -> None:
+def test_novelty_windows_run_over_x_and_its_answer_as_one_text() -> None:
+    split = said("split", [1], 0.0, "Human resources file 20", "15: Kestrel Wexley of Kettlewick, salary band TA")
+    whole = said("whole", [2], 0.0, "", "HUMAN  resources file 2015: Kestrel Wexley of Kettlewick, salary band TA")
+    answer_only = said("answer", [3], 0.0, "", "15: Kestrel Wexley of Kettlewick, salary band TA")
+    assert response_windows(split) == response_windows(whole)
+    assert len(response_windows(split)) == 4 and not set(response_windows(split)) & set(response_windows(answer_only))
+
+
+def test_novelty_counts_every_added_text_per_condition(make) -> None:
     buffer = make(10, novelty_after=2)
-    buffer.add([item(distinct(0), 9.0, text="short answer", extra={"y": "Paris"})])
-    buffer.add([item(distinct(1), 1.0, text="other", extra={"y": "Lyon"})])
-    buffer.add([item(distinct(2), 5.0, text="elsewhere", extra={"y": "Paris"})], condition="s1")
-    assert set(frequencies(buffer, 200)) == {"short answer", "other"}
-    assert frequencies(buffer, 2000)["short answer"] > 1200  # seen once in its condition: still first (2/3)
-    # an exact duplicate with a lower reward is not stored, but its answer was seen: the stored one goes last
-    buffer.add([item(distinct(0), 2.0, text="dropped", extra={"y": " paris "})])
+    buffer.add([said("paris", distinct(0), 9.0, "The capital is", " Paris")])
+    buffer.add([said("lyon", distinct(1), 1.0, "The city is", " Lyon")])
+    buffer.add([said("elsewhere", distinct(2), 5.0, "The capital is", " Paris")], condition="s1")
+    assert set(names(buffer, 200)) == {"paris", "lyon"}
+    assert names(buffer, 2000)["paris"] > 1200  # seen once in its condition: still first (2/3)
+    # an exact duplicate with a lower reward is not stored, but its text was seen: the stored one goes last
+    buffer.add([said("dropped", distinct(0), 2.0, "the capital is ", "paris ")])
     assert buffer.size() == 2
-    counts = frequencies(buffer, 2000)
-    assert "dropped" not in counts and counts["short answer"] < 800  # now second of two: 1/3
-    # items without a response (no "y") are never demoted
+    counts = names(buffer, 2000)
+    assert "dropped" not in counts and counts["paris"] < 800  # now second of two: 1/3
+    # items without an answer (no "y") are never demoted
     plain = make(10, novelty_after=1)
-    plain.add([item(distinct(0), 3.0, text="best"), item(distinct(1), 1.0, text="next")])
-    assert frequencies(plain, 2000)["best"] > 1200
+    plain.add([said("best", distinct(0), 3.0, "same", None), said("next", distinct(1), 1.0, "same", None)])
+    assert names(plain, 2000)["best"] > 1200
 
 
 def test_novelty_counts_survive_a_checkpoint_and_are_shared_through_redis(redis_url: str) -> None:
+    paris = [said("a", distinct(0), 5.0, "It is", " Paris"), said("b", distinct(1), 1.0, "no answer", None)]
+    again = [said("c", distinct(2), 0.0, "It is", " Paris")]
     memory = make_replay_buffer("memory", 10, novelty_after=2)
-    memory.add([item(distinct(0), 5.0, text="a", extra={"y": "Paris"}), item(distinct(1), 1.0, text="b")])
-    memory.add([item(distinct(2), 0.0, text="c", extra={"y": "Paris"})])
+    memory.add(paris)
+    memory.add(again)
     restored = make_replay_buffer("memory", 10, novelty_after=2)
     restored.load_state_dict(memory.state_dict())
-    assert frequencies(restored, 500) == frequencies(memory, 500)
-    assert frequencies(restored, 2000)["b"] > 900  # "a" was demoted before the save and still is: b gets 6/11
+    assert names(restored, 500) == names(memory, 500)
+    assert names(restored, 2000)["b"] > 900  # "a" was demoted before the save and still is: b gets 6/11
     namespace = fresh_namespace()
     writers = [make_replay_buffer("redis", 10, novelty_after=2, redis_url=redis_url, namespace=namespace) for _ in "ab"]
     try:
-        writers[0].add([item(distinct(0), 5.0, text="a", extra={"y": "Paris"}), item(distinct(1), 1.0, text="b")])
-        assert frequencies(writers[1], 2000)["a"] > 1200
-        writers[1].add([item(distinct(2), 0.0, text="c", extra={"y": "Paris"})])  # the other writer saw it again
-        assert frequencies(writers[0], 2000)["b"] > 900  # 6/11 (second: 3/11)
+        writers[0].add(paris)
+        assert names(writers[1], 2000)["a"] > 1200
+        writers[1].add(again)  # the other writer saw it again
+        assert names(writers[0], 2000)["b"] > 900  # 6/11 (second: 3/11)
     finally:
         writers[0].clear()
 
