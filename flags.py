@@ -379,9 +379,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=0,
         metavar="N",
-        help="rank replayed x whose oracle answer has been seen N times or more (any 8-word window of it) after "
-        "every other, for training replay and local search: an x whose answer keeps repeating (a mode already "
-        "mined) gives way to x whose answers are new (0 = off; needs --replay-priority rank)",
+        help="rank replayed x whose text and oracle answer have been seen N times or more (any 8-word window of "
+        "x + y) after every other, for training replay and local search: an x whose answer keeps repeating (a mode "
+        "already mined) gives way to x whose answers are new (0 = off; needs --replay-priority rank)",
     )
     g.add_argument(
         "--replay-near-duplicate",

@@ -332,6 +332,10 @@ TOOL_FLAGS = {
     + HANDOFF
     + ["32", "40", "--replay-novelty", "3", "--replay-rank-power", "2"]
     + ["--reward-temp-start", "10", "--reward-temp-end", "10"],
+    # the handoff to the policy's own samples with novelty, rank power 2 and the reward untempered
+    "tb-ref-replay-search75-lr-local-handoff32-novelty3-power2": SEARCH75_LOCAL
+    + HANDOFF
+    + ["32", "40", "--replay-novelty", "3", "--replay-rank-power", "2"],
     # the handoff to the policy's own samples with the same novelty ranking: the policy trains on the families
     # not yet mined (without it, handoff32's policy wrote one family)
     "tb-ref-replay-search75-lr-local-handoff32-novelty3": SEARCH75_LOCAL
