@@ -398,24 +398,28 @@ class _Settings:
             return None
         return [times_seen(w, counts) >= self.novelty_after for w in windows]
 
+    def _draw(self, entries, n, log_reward, reward_temperature, generator, demoted) -> list[_Entry]:
+        """Rule 4 with this buffer's priority settings."""
+        return _draw(
+            entries,
+            n,
+            log_reward,
+            reward_temperature,
+            self.priority,
+            self.rank_k,
+            self.priority_temperature,
+            generator or random.Random(),
+            demoted,
+            self.rank_power,
+        )
+
 
 # ------------------------------------------------------------------------------------- memory backend
 
 
 class MemoryReplayBuffer(_Settings):
-    def __init__(
-        self,
-        capacity: int,
-        priority: str,
-        rank_k: float,
-        priority_temperature: float,
-        near_duplicate_threshold: float,
-        novelty_after: int = 0,
-        rank_power: float = 1.0,
-    ) -> None:
-        super().__init__(
-            capacity, priority, rank_k, priority_temperature, near_duplicate_threshold, novelty_after, rank_power
-        )
+    def __init__(self, *settings, **options) -> None:  # _Settings' arguments
+        super().__init__(*settings, **options)
         self.entries: dict[str, dict[str, _Entry]] = {}  # condition -> item id -> entry
         self.response_counts: dict[str, dict[str, int]] = {}  # condition -> response window -> items seen with it
         self.next_seq: dict[str, int] = {}
@@ -459,18 +463,7 @@ class MemoryReplayBuffer(_Settings):
             entries = list(self.entries.get(condition, {}).values())
             counts = self.response_counts.get(condition, {})
             demoted = self._demoted([response_windows(e.item) for e in entries], counts)
-        drawn = _draw(
-            entries,
-            n,
-            log_reward,
-            reward_temperature,
-            self.priority,
-            self.rank_k,
-            self.priority_temperature,
-            generator or random.Random(),
-            demoted,
-            self.rank_power,
-        )
+        drawn = self._draw(entries, n, log_reward, reward_temperature, generator, demoted)
         # Callers may mutate what they get, so hand out copies (one per distinct item, like the Redis backend).
         copies: dict[int, ReplayItem] = {}
         for e in drawn:
@@ -563,21 +556,8 @@ def redact_url(url: str) -> str:
 
 
 class RedisReplayBuffer(_Settings):
-    def __init__(
-        self,
-        capacity: int,
-        priority: str,
-        rank_k: float,
-        priority_temperature: float,
-        near_duplicate_threshold: float,
-        redis_url: str,
-        namespace: str,
-        novelty_after: int = 0,
-        rank_power: float = 1.0,
-    ) -> None:
-        super().__init__(
-            capacity, priority, rank_k, priority_temperature, near_duplicate_threshold, novelty_after, rank_power
-        )
+    def __init__(self, redis_url: str, namespace: str, *settings, **options) -> None:  # then _Settings' arguments
+        super().__init__(*settings, **options)
         self.url, self.namespace = redact_url(redis_url), namespace
         self.conditions_key = f"{namespace}:conditions"
         try:
@@ -682,18 +662,7 @@ class RedisReplayBuffer(_Settings):
             found = self.client.hmget(self._key(condition, "responses"), wanted) if wanted else []
         counts = {w: int(c) for w, c in zip(wanted, found) if c is not None}
         demoted = self._demoted(windows, counts)
-        drawn = _draw(
-            entries,
-            n,
-            log_reward,
-            reward_temperature,
-            self.priority,
-            self.rank_k,
-            self.priority_temperature,
-            generator or random.Random(),
-            demoted,
-            self.rank_power,
-        )
+        drawn = self._draw(entries, n, log_reward, reward_temperature, generator, demoted)
         return [e.item for e in drawn]
 
     def __len__(self) -> int:
@@ -776,9 +745,9 @@ def make_replay_buffer(
         raise ValueError(f"novelty_after ranks often-seen responses last: it needs priority 'rank', not {priority!r}")
     settings = (capacity, priority, rank_k, priority_temperature, float(near_duplicate_threshold))
     if backend == "memory":
-        return MemoryReplayBuffer(*settings, novelty_after, rank_power)
+        return MemoryReplayBuffer(*settings, novelty_after=novelty_after, rank_power=rank_power)
     if not redis_url or not isinstance(redis_url, str):
         raise ValueError("the redis replay buffer needs redis_url, e.g. redis://localhost:6379/0")
     if not isinstance(namespace, str) or not namespace or ":" in namespace:
         raise ValueError(f"namespace must be a non-empty string without ':', got {namespace!r}")
-    return RedisReplayBuffer(*settings, redis_url, namespace, novelty_after, rank_power)
+    return RedisReplayBuffer(redis_url, namespace, *settings, novelty_after=novelty_after, rank_power=rank_power)

@@ -288,6 +288,9 @@ SEARCH_LR = REF_REPLAY + ["--oracle-proposal-fraction", "0.5", "--oracle-proposa
 SEARCH_LR_LOCAL = SEARCH_LR + ["--local-search-fraction", "0.25", "--local-search-back", "2"]
 SEARCH75_LOCAL = SEARCH_LR_LOCAL + ["--oracle-proposal-fraction", "0.75"]
 HANDOFF = ["--oracle-proposal-fraction-end", "0", "--oracle-proposal-anneal"]
+HANDOFF32 = SEARCH75_LOCAL + HANDOFF + ["32", "40"]
+TO_LOCAL32 = HANDOFF32 + ["--oracle-proposal-handoff", "local-search"]
+NOVELTY_POWER2 = ["--replay-novelty", "3", "--replay-rank-power", "2"]
 TOOL_FLAGS = {
     "tb": [],
     "tb-ref": ["--reference-weight", "1"],
@@ -310,37 +313,17 @@ TOOL_FLAGS = {
     # (epochs 8 to 16 = calls 128 to 256, or 32 to 40 = calls 512 to 640; 64 epochs make 1,024 calls): a policy
     # that learned the openings writes them itself, where the frozen one writes the prior's text
     "tb-ref-replay-search75-lr-local-handoff8": SEARCH75_LOCAL + HANDOFF + ["8", "16"],
-    "tb-ref-replay-search75-lr-local-handoff32": SEARCH75_LOCAL + HANDOFF + ["32", "40"],
+    "tb-ref-replay-search75-lr-local-handoff32": HANDOFF32,
     # the search's share handed to local search instead (the policy's new endings of replayed finds)
-    "tb-ref-replay-search75-lr-local-to-local32": SEARCH75_LOCAL
-    + HANDOFF
-    + ["32", "40", "--oracle-proposal-handoff", "local-search"],
-    # the same, x whose answer has been seen 3 times ranked last in replay and local search: a family whose
-    # records keep coming back gives way to one found once (local search kept returning to the first two)
-    "tb-ref-replay-search75-lr-local-to-local32-novelty3": SEARCH75_LOCAL
-    + HANDOFF
-    + ["32", "40", "--oracle-proposal-handoff", "local-search", "--replay-novelty", "3"],
-    # the same, replay and local search drawn by 1 / (1 + rank)^2, not 1 / (1 + rank): with rank 1 most local
-    # search went to the buffer's tail (x scoring near 0) once the finds were demoted
-    "tb-ref-replay-search75-lr-local-to-local32-novelty3-power2": SEARCH75_LOCAL
-    + HANDOFF
-    + ["32", "40", "--oracle-proposal-handoff", "local-search", "--replay-novelty", "3", "--replay-rank-power", "2"],
-    # the handoff to the policy's own samples, with the novelty ranking, rank power 2 and log R / 10: after the
-    # handoff a trained policy leaked in half its samples, all of one family (the one whose records score
-    # highest: a sampler of R puts its mass there); tempered, families tens of nats apart keep mass each
-    "tb-ref-replay-search75-lr-local-handoff32-novelty3-power2-t10": SEARCH75_LOCAL
-    + HANDOFF
-    + ["32", "40", "--replay-novelty", "3", "--replay-rank-power", "2"]
-    + ["--reward-temp-start", "10", "--reward-temp-end", "10"],
-    # the handoff to the policy's own samples with novelty, rank power 2 and the reward untempered
-    "tb-ref-replay-search75-lr-local-handoff32-novelty3-power2": SEARCH75_LOCAL
-    + HANDOFF
-    + ["32", "40", "--replay-novelty", "3", "--replay-rank-power", "2"],
-    # the handoff to the policy's own samples with the same novelty ranking: the policy trains on the families
-    # not yet mined (without it, handoff32's policy wrote one family)
-    "tb-ref-replay-search75-lr-local-handoff32-novelty3": SEARCH75_LOCAL
-    + HANDOFF
-    + ["32", "40", "--replay-novelty", "3"],
+    "tb-ref-replay-search75-lr-local-to-local32": TO_LOCAL32,
+    # the same, x whose text and answer have been seen 3 times ranked last in replay and local search (a family
+    # whose records keep coming back gives way to one found once: local search kept returning to the first two),
+    # and the buffer drawn by 1 / (1 + rank)^2, not 1 / (1 + rank) (which sent half of local search to x scoring
+    # near 0)
+    "tb-ref-replay-search75-lr-local-to-local32-novelty3-power2": TO_LOCAL32 + NOVELTY_POWER2,
+    # the handoff to the policy's own samples with the same two: the policy trains most on the families not yet
+    # mined (without them, handoff32's trained policy leaked in half its samples, all of one family)
+    "tb-ref-replay-search75-lr-local-handoff32-novelty3-power2": HANDOFF32 + NOVELTY_POWER2,
 }
 FROZEN = ["--lr", "0", "--lr-z", "0"]
 
