@@ -387,6 +387,16 @@ def first_finds_by_source(rows: list[dict], data: dict, local_rows) -> dict[str,
     return counts
 
 
+def leaking_rows_by_source(rows: list[dict], data: dict, local_rows, start: int = 0) -> dict[str, list[int]]:
+    """{source: [rows leaking any record, rows]} from row `start` on: how often each part of the batch makes the
+    victim write a record, new or not. Distinct finds are capped by the families found; this is not."""
+    counts = {"oracle": [0, 0], "policy": [0, 0], "local_search": [0, 0]}
+    for row, source in list(zip(rows, row_sources(rows, local_rows)))[start:]:
+        counts[source][0] += bool(extraction.row_findings(row, data["secrets"], [])["leaked"])
+        counts[source][1] += 1
+    return counts
+
+
 def local_search_rows(sampler: str, batch_size: int = 16):
     """epoch -> the local search rows of a configuration's batch at that epoch (train.py's proposal schedule)."""
     from train import local_search_fraction, oracle_proposal_fraction
@@ -439,8 +449,12 @@ def report(folder: str, data: dict, budgets=CHECKPOINTS) -> dict:
         for path in paths:
             rows = extraction.read_samples(path)
             runs.append(discoveries(rows, data, budgets, counted_calls(path)))
-            if sampler not in X_FROM:  # a tool run: which part of its batches found each secret first
-                runs[-1]["first_finds_by_source"] = first_finds_by_source(rows, data, local_search_rows(sampler))
+            if sampler not in X_FROM:  # a tool run: which part of its batches found each secret first, and leaks
+                local_rows = local_search_rows(sampler)
+                runs[-1]["first_finds_by_source"] = first_finds_by_source(rows, data, local_rows)
+                runs[-1]["leaking_rows_by_source_second_half"] = leaking_rows_by_source(
+                    rows, data, local_rows, start=len(rows) // 2
+                )
         at = {}
         for budget in map(str, budgets):
             values = [r["finds"][budget] for r in runs if budget in r["finds"]]

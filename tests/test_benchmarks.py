@@ -235,6 +235,7 @@ def test_structured_victim_data_and_report(tmp_path):
     assert summary["gflownet"] == "tb" and summary["gflownet_over_best_baseline"] == {"2": 2.0, "4": 6.0}
     assert tool["decoy_hits"] == {"2": 0, "4": 0}
     assert tool["first_finds_by_source"] == {"oracle": 1, "policy": 2, "local_search": 0}  # "tb": no local search
+    assert tool["leaking_rows_by_source_second_half"] == {"oracle": [0, 0], "policy": [2, 2], "local_search": [0, 0]}
 
     # sources by position: the victim's x first, an epoch's last rows local search from epoch 2 on
     def at(epoch: int, x: str, y: str, written: bool = False) -> dict:
@@ -253,6 +254,17 @@ def test_structured_victim_data_and_report(tmp_path):
         "oracle": 1,
         "policy": 1,
         "local_search": 2,
+    }
+    # every row that leaks counts, new or not: the oracle's two (the same record), the policy's one, local search's
+    assert structured_victim.leaking_rows_by_source(rows, data, lambda epoch: 1) == {
+        "oracle": [2, 2],
+        "policy": [1, 2],
+        "local_search": [2, 2],
+    }
+    assert structured_victim.leaking_rows_by_source(rows, data, lambda epoch: 1, start=3) == {
+        "oracle": [0, 0],
+        "policy": [1, 1],
+        "local_search": [2, 2],
     }
     rows[3]["local_search"] = True  # a row that says who wrote it is taken at its word
     rows[4]["local_search"] = rows[5]["local_search"] = False
