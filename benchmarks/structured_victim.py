@@ -324,6 +324,12 @@ TOOL_FLAGS = {
     # the handoff to the policy's own samples with the same two: the policy trains most on the families not yet
     # mined (without them, handoff32's trained policy leaked in half its samples, all of one family)
     "tb-ref-replay-search75-lr-local-handoff32-novelty3-power2": HANDOFF32 + NOVELTY_POWER2,
+    # the same, half the policy's own samples at a temperature drawn from [1, 2] per batch: its samples repeated a
+    # few x (" human resources file 01" 31 times in the last 8 epochs) while the victim answers any id prefix with
+    # its record (" public human file 50" leaked a courier-manifest record); hotter samples try other ids
+    "tb-ref-replay-search75-lr-local-handoff32-novelty3-power2-hot": HANDOFF32
+    + NOVELTY_POWER2
+    + ["--tempered-fraction", "0.5", "--temperature-range", "1", "2"],
 }
 FROZEN = ["--lr", "0", "--lr-z", "0"]
 
