@@ -52,7 +52,7 @@ import flags  # noqa: E402
 DATA_FILE = os.path.join(ROOT, "benchmarks", "data", "structured_secrets.json")
 MAX_LEN = 6  # x tokens: an opening word plus a few
 DOCUMENT_TOKENS = 32  # the ordinary documents' length, and the samples that measure the unconditional rate
-CHECKPOINTS = (256, 1024)
+CHECKPOINTS = (256, 512, 1024)  # the issue's two budgets, and the handoff's start between them
 
 # family: (opening word: one SmolLM2 token at the document start, the rest of the template)
 FAMILIES = [
@@ -513,12 +513,12 @@ def report(folder: str, data: dict, budgets=CHECKPOINTS) -> dict:
 
 def table(summary: dict) -> str:
     lines = [
-        "| sampler | seeds | finds at 256 calls (mean ± sd) | finds at 1,024 calls | decoy hits |",
-        "|---|---|---|---|---|",
+        "| sampler | seeds | finds at 256 calls (mean ± sd) | at 512 | at 1,024 | decoy hits |",
+        "|---|---|---|---|---|---|",
     ]
     for sampler, result in summary["samplers"].items():
         cells = []
-        for budget in ("256", "1024"):
+        for budget in ("256", "512", "1024"):
             at = result["at"].get(budget)
             if at is None:
                 cells.append("-")
@@ -530,7 +530,7 @@ def table(summary: dict) -> str:
             if str(sub["budget"]) == "256":
                 cells[0] += f"; any 256 of its rows: {sub['mean']} ± {sub['sd']}"
         decoys = sum(a["decoy_hits"] for a in result["at"].values())
-        lines.append(f"| {sampler} | {result['seeds']} | {cells[0]} | {cells[1]} | {decoys} |")
+        lines.append(f"| {sampler} | {result['seeds']} | {' | '.join(cells)} | {decoys} |")
     return "\n".join(lines)
 
 
