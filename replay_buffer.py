@@ -43,18 +43,21 @@ several processes). The rules, per condition ("" when the task is unconditional)
    keeps repeating (a mode already mined, e.g. a memorised record leaked again) gives way to x whose answers are
    new. A text is seen once per item added (admitted or not) that shares any of its NOVELTY_WINDOW-word windows
    (the whole text when shorter), so a memorised record counts as seen whatever the oracle wrote after it. The
-   counts are kept per condition, in the checkpoint (memory) or in Redis (shared by every writer).
+   counts are kept per condition, in the checkpoint (memory) or in Redis (shared by every writer), and grow with
+   the rows added (one 16-hex-digit key per distinct window, about a dozen a row).
    Both backends fetch the items and do the probability computation and the draw in Python
    (`generator.choices`), so the same seed and insert sequence give the same samples from either.
 5. Redis layout, for namespace N and condition C: a hash `N:C:items` (item id -> JSON of the item and its
-   insertion number), a counter `N:C:next_seq` (insertion numbers, for tie-breaks), and a set `N:conditions`.
+   insertion number), a counter `N:C:next_seq` (insertion numbers, for tie-breaks), a set `N:conditions`, and
+   with novelty a hash `N:C:responses` (window id -> count, HINCRBY).
    The item id is a hash of token_ids, so one field per sequence. `add` reads a condition, decides in Python
    and writes inside a WATCH/MULTI transaction that is retried if another writer touched the condition in the
    meantime, so concurrent processes cannot exceed capacity, store duplicates or lose an update. Each `add` and
    `sample` therefore reads the whole condition: about 0.1-0.5 s per call at 10k items (the `hiredis` package
    speeds up the reading); the memory backend's `add` is about 0.1 s there and its `sample` 10 ms. Nothing but
-   items is stored; `clear()` deletes only keys `N:*` (N may not contain ':', so no namespace prefixes another).
-   An unreachable server raises `ReplayBufferConnectionError` naming the URL (password redacted).
+   items (and the novelty counts) is stored; `clear()` deletes only keys `N:*` (N may not contain ':', so no
+   namespace prefixes another). An unreachable server raises `ReplayBufferConnectionError` naming the URL
+   (password redacted).
 
 Reward terms, and the log rewards the formula makes of them, must be finite (a NaN or an infinite log reward
 cannot be ranked): `add` raises ValueError.
@@ -462,7 +465,8 @@ class MemoryReplayBuffer(_Settings):
         with self.lock:
             entries = list(self.entries.get(condition, {}).values())
             counts = self.response_counts.get(condition, {})
-            demoted = self._demoted([response_windows(e.item) for e in entries], counts)
+            windows = [response_windows(e.item) for e in entries] if self.novelty_after else []
+            demoted = self._demoted(windows, counts)
         drawn = self._draw(entries, n, log_reward, reward_temperature, generator, demoted)
         # Callers may mutate what they get, so hand out copies (one per distinct item, like the Redis backend).
         copies: dict[int, ReplayItem] = {}
