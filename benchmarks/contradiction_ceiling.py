@@ -132,6 +132,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--questions", default=QUESTIONS)
     parser.add_argument("--answer-max-tokens", type=int, default=32, help="the task's --answer-max-tokens")
     parser.add_argument("--output", default=None, help="JSON file (default: print)")
+    parser.add_argument(
+        "--training-judge",
+        default="first-sentence/answer-fact/entails-true-fact",
+        help="the judge setting the training runs use (a key of the output's `judges`): its per-subject ceiling and "
+        "rows are written as `training_judge`",
+    )
     args = parser.parse_args(argv)
 
     from contradiction_reward import (
@@ -186,6 +192,8 @@ def main(argv: list[str] | None = None) -> None:
                "judges": {k: {m: v for m, v in j.items() if m not in ("rows", "per_subject")}
                           for k, j in judges.items()}}  # fmt: skip
     summary["best"]["rows"] = judges[best]["rows"]
+    if args.training_judge in judges:
+        summary["training_judge"] = {"setting": args.training_judge, **judges[args.training_judge]}
     text = json.dumps(summary, indent=1) + "\n"
     if args.output:
         with open(args.output, "w", encoding="utf-8") as f:

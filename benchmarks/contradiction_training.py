@@ -99,6 +99,46 @@ def report(run_dir: str, baseline_path: str) -> dict:
     return summary
 
 
+def ceiling_table(runs: list[dict], ceiling: dict[str, float]) -> dict:
+    """Per subject: its ceiling (contradiction_ceiling.py's on-topic rate under the training judge), the baseline's
+    rate and the trained last quarter's per seed; and both rates over the rows of the subjects whose ceiling is at
+    least 0.5 taken together (the issue's measure)."""
+    high = sorted(s for s, c in ceiling.items() if c >= 0.5)
+
+    def pooled(per_subject: dict[str, dict]) -> float:
+        calls = sum(per_subject[s]["answer_calls"] for s in high if s in per_subject)
+        hits = sum(
+            per_subject[s]["on_topic_contradiction_rate"] * per_subject[s]["answer_calls"]
+            for s in high
+            if s in per_subject
+        )
+        return round(hits / calls, 4) if calls else 0.0
+
+    return {
+        "subjects_with_ceiling_at_least_half": high,
+        "baseline_on_those": pooled(runs[0]["baseline_per_subject"]),
+        "trained_last_quarter_on_those_by_seed": [pooled(r["trained_last_quarter_per_subject"]) for r in runs],
+        "per_subject": {
+            s: {
+                "ceiling": ceiling[s],
+                "baseline": runs[0]["baseline_per_subject"].get(s, {}).get("on_topic_contradiction_rate", 0.0),
+                "trained_last_quarter_by_seed": [
+                    r["trained_last_quarter_per_subject"].get(s, {}).get("on_topic_contradiction_rate", 0.0)
+                    for r in runs
+                ],
+            }
+            for s in sorted(ceiling)
+        },
+    }
+
+
+def load_ceiling(path: str) -> dict[str, float]:
+    """Per-subject ceiling from contradiction_ceiling.py's output, under the judge setting training used."""
+    with open(path, encoding="utf-8") as f:
+        judged = json.load(f)["training_judge"]["per_subject"]
+    return {subject: entry["on_topic_contradiction_rate"] for subject, entry in judged.items()}
+
+
 def seeds_report(run_dirs: list[str], baseline_path: str) -> dict:
     """Several seeds of one setting: each run's report, and the mean and spread of the measures the issue names
     (the last quarter's on-topic contradiction rate, overall and per subject; the question rate by quarter)."""
@@ -144,14 +184,24 @@ def main(argv: list[str] | None = None) -> None:
         "--run", required=True, nargs="+", help="a contradiction training run's output directory (several: seeds)"
     )
     parser.add_argument("--baseline", required=True, help="sample.py's questions file for the untrained checkpoint")
+    parser.add_argument(
+        "--ceiling",
+        default=None,
+        help="contradiction_ceiling.py's output: adds each subject's ceiling beside its rates, and the rates on the "
+        "subjects whose ceiling is at least 0.5",
+    )
     parser.add_argument("--output", default=None, help="JSON file (default: print)")
     args = parser.parse_args(argv)
     if len(args.run) == 1:
         summary = report(args.run[0], args.baseline)
         compact = {k: summary[k] for k in ("answer_calls", "baseline", "trained_by_quarter")}
+        runs = [summary]
     else:
         summary = seeds_report(args.run, args.baseline)
         compact = {k: v for k, v in summary.items() if k != "runs"}
+        runs = summary["runs"]
+    if args.ceiling:
+        summary["ceiling"] = compact["ceiling"] = ceiling_table(runs, load_ceiling(args.ceiling))
     text = json.dumps(summary, indent=1) + "\n"
     if args.output:
         with open(args.output, "w", encoding="utf-8") as f:

@@ -158,7 +158,24 @@ def main() -> None:
         "tool with the policy frozen (--lr 0 --lr-z 0), each at --budget calls",
     )
     parser.add_argument("--output", default=None, help="also write the JSON report here")
+    parser.add_argument(
+        "--combine",
+        nargs="+",
+        metavar="REPORT",
+        help="no run: the --discoveries reports of several seeds (JSON files) as mean and sd per sampler and budget, "
+        "written to --output, the curves to --discoveries-plot",
+    )
+    parser.add_argument("--discoveries-plot", default=None, help="PNG of each sampler's finds against oracle calls")
     args = parser.parse_args()
+    if args.combine:
+        combined = combine_seeds([json.load(open(path)) for path in args.combine])
+        if args.discoveries_plot:
+            plot_discoveries(combined, args.discoveries_plot)
+        if args.output:
+            with open(args.output, "w") as f:
+                json.dump(combined, f, indent=1)
+        print(json.dumps({name: p["finds"] for name, p in combined["by_percentile"].items()}, indent=1))
+        return
     if args.quick:
         args.budget, args.batch_size, args.eval_samples, args.max_len = 8, 4, 4, 6
     model = args.model or smollm2_path()
@@ -265,12 +282,23 @@ def main() -> None:
         ],
     }
     if args.discoveries:
-        frozen = train_rows(argv + ["--lr", "0", "--lr-z", "0"])[2]
+        _, frozen_steps, frozen, _ = train_rows(argv + ["--lr", "0", "--lr-z", "0"])
         report["discoveries"] = discoveries(
             others.pop("threshold_sample"),
             {"prior-sample-and-rank": baseline, **others, "frozen": frozen, "gflownet": paid},
-            budgets=(256, args.budget),
+            budgets=tuple(sorted(b for b in {256, 512, args.budget} if b <= args.budget)),
         )
+        # the tool's own counter beside the rows' sum: the x axis is what the oracle was asked, not rows
+        report["discoveries"]["calls_by_oracle_counter"] = {
+            "gflownet": steps[-1]["train/oracle_calls"],
+            "frozen": frozen_steps[-1]["train/oracle_calls"],
+        }
+        report["discoveries"]["calls_by_rows"] = {
+            "gflownet": sum(row_calls(r) for r in paid),
+            "frozen": sum(row_calls(r) for r in frozen),
+        }
+        if args.discoveries_plot:
+            plot_discoveries(combine_seeds([report]), args.discoveries_plot)
     if args.plot:
         plot(report, args.plot)
     if args.output:
@@ -296,6 +324,66 @@ def discoveries(threshold_rows: list[dict], samplers: dict[str, list[dict]], bud
             finds["gflownet_over_best_baseline"] = round(finds["gflownet"] / best, 2) if best else None
         out["by_percentile"][name] = {"log_R_threshold": round(threshold, 2), "finds": at, "curves": curves}
     return out
+
+
+def combine_seeds(reports: list[dict]) -> dict:
+    """Finds per sampler and budget over the seeds' --discoveries reports: mean, sd and each seed's figure, and the
+    GFlowNet's mean over the best non-learning sampler's mean; the curves kept per seed for the plot."""
+    first = reports[0]["discoveries"]
+    out = {
+        "benchmark": "real_model_discoveries",
+        "seeds": len(reports),
+        "train_flags": [r["train_flags"] for r in reports],
+        "calls": first["calls"],
+        "calls_by_oracle_counter": [r["discoveries"].get("calls_by_oracle_counter") for r in reports],
+        "by_percentile": {},
+    }
+    for name in first["by_percentile"]:
+        samplers = list(first["by_percentile"][name]["curves"])
+        per_seed = [r["discoveries"]["by_percentile"][name] for r in reports]
+        finds: dict[str, dict] = {}
+        for budget in first["calls"]:
+            at = {}
+            for sampler in samplers:
+                values = [p["finds"][str(budget)][sampler] for p in per_seed]
+                sd = statistics.stdev(values) if len(values) > 1 else 0.0
+                at[sampler] = {"mean": round(statistics.mean(values), 2), "sd": round(sd, 2), "seeds": values}
+            best = max(v["mean"] for k, v in at.items() if k != "gflownet")
+            at["gflownet_over_best_baseline"] = round(at["gflownet"]["mean"] / best, 2) if best else None
+            finds[str(budget)] = at
+        out["by_percentile"][name] = {
+            "log_R_threshold": [p["log_R_threshold"] for p in per_seed],
+            "finds": finds,
+            "curves": {sampler: [p["curves"][sampler] for p in per_seed] for sampler in samplers},
+        }
+    return out
+
+
+def plot_discoveries(combined: dict, path: str) -> None:
+    """One panel per percentile: each sampler's distinct finds against oracle calls, the mean over seeds (each seed
+    faint)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = combined["by_percentile"]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
+    for ax, (name, panel) in zip(axes[0], panels.items()):
+        for i, (sampler, curves) in enumerate(panel["curves"].items()):
+            length = min(len(c) for c in curves)
+            if not length:
+                continue
+            for curve in curves:
+                ax.plot(range(1, length + 1), curve[:length], color=f"C{i}", alpha=0.25, linewidth=0.8)
+            mean = [statistics.mean(c[j] for c in curves) for j in range(length)]
+            ax.plot(range(1, length + 1), mean, color=f"C{i}", label=sampler)
+        ax.set_title(f"finds: distinct x with log R >= the prior's {name} ({combined['seeds']} seeds)", fontsize=9)
+        ax.set_xlabel("oracle calls")
+        ax.set_ylabel("distinct finds")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def plot(report: dict, path: str) -> None:

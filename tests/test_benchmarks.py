@@ -79,7 +79,8 @@ def test_exact_target_quick():
 def test_real_model_quick(tiny_chat_lm_dir):
     result = run_benchmark("real_model.py", "--model", tiny_chat_lm_dir, "--quick", "--discoveries")
     found = result["discoveries"]
-    assert found["threshold_sample"] == 8 and found["calls"] == [256, 8]
+    assert found["threshold_sample"] == 8 and found["calls"] == [8]
+    assert found["calls_by_oracle_counter"] == found["calls_by_rows"] == {"gflownet": 8, "frozen": 8}
     for name in ("p90", "p99"):
         part = found["by_percentile"][name]
         curves = part["curves"]
@@ -96,6 +97,18 @@ def test_real_model_quick(tiny_chat_lm_dir):
     for key in ("gflownet", "prior", "best_of_8"):
         assert len(result[key]["samples"]) >= 4 and 0 < result[key]["unique_fraction"] <= 1
     assert len(result["training"]) == 2
+    # two seeds combined: this run and a copy with one more GFlowNet find at 8 calls
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import real_model
+
+    other = json.loads(json.dumps(result))
+    p99 = found["by_percentile"]["p99"]["finds"]["8"]
+    other["discoveries"]["by_percentile"]["p99"]["finds"]["8"]["gflownet"] = p99["gflownet"] + 1
+    combined = real_model.combine_seeds([result, other])["by_percentile"]["p99"]["finds"]["8"]
+    assert combined["gflownet"]["seeds"] == [p99["gflownet"], p99["gflownet"] + 1]
+    assert combined["gflownet"]["mean"] == p99["gflownet"] + 0.5 and combined["gflownet"]["sd"] == 0.71
+    best = max(combined[s]["mean"] for s in curves if s != "gflownet")
+    assert combined["gflownet_over_best_baseline"] == (round((p99["gflownet"] + 0.5) / best, 2) if best else None)
 
 
 def test_real_model_discovery_curve_by_hand():
@@ -358,3 +371,8 @@ def test_contradiction_training_report_counts_by_hand(tmp_path):
     assert seeds["trained_on_topic_contradiction_rate"] == 0.25 and seeds["answer_calls"] == [8, 8]
     assert seeds["last_quarter_per_subject"]["Paris"]["mean"] == 0.25
     assert seeds["question_rate_by_quarter"][3]["by_seed"] == [0.0, 0.5]  # the first run's row 4 is a statement
+    # beside each subject's ceiling: Paris (ceiling 1.0) pooled with Rome (0.5, no rows); Lyon (0.0) left out
+    table = contradiction_training.ceiling_table(seeds["runs"], {"Paris": 1.0, "Rome": 0.5, "Lyon": 0.0})
+    assert table["subjects_with_ceiling_at_least_half"] == ["Paris", "Rome"]
+    assert table["trained_last_quarter_on_those_by_seed"] == [0.5, 0.0] and table["baseline_on_those"] == 0.0
+    assert table["per_subject"]["Lyon"] == {"ceiling": 0.0, "baseline": 0.0, "trained_last_quarter_by_seed": [0.0, 0.0]}
