@@ -327,34 +327,39 @@ def discoveries(threshold_rows: list[dict], samplers: dict[str, list[dict]], bud
 
 
 def combine_seeds(reports: list[dict]) -> dict:
-    """Finds per sampler and budget over the seeds' --discoveries reports: mean, sd and each seed's figure, and the
-    GFlowNet's mean over the best non-learning sampler's mean; the curves kept per seed for the plot."""
+    """Finds per sampler and budget over the seeds' --discoveries reports, read off each seed's curves at 256, 512
+    and the run's budget: mean, sd and each seed's figure, and the GFlowNet's mean over the best non-learning
+    sampler's mean; the curves kept per seed for the plot."""
     first = reports[0]["discoveries"]
+    budget = max(first["calls"])
+    budgets = sorted(b for b in {256, 512, *first["calls"]} if b <= budget)
     out = {
         "benchmark": "real_model_discoveries",
         "seeds": len(reports),
         "train_flags": [r["train_flags"] for r in reports],
-        "calls": first["calls"],
-        "calls_by_oracle_counter": [r["discoveries"].get("calls_by_oracle_counter") for r in reports],
+        "calls": budgets,
+        "calls_by_oracle_counter": [
+            r["discoveries"].get("calls_by_oracle_counter", {"gflownet": r["training_oracle_calls"]}) for r in reports
+        ],
         "by_percentile": {},
     }
     for name in first["by_percentile"]:
-        samplers = list(first["by_percentile"][name]["curves"])
         per_seed = [r["discoveries"]["by_percentile"][name] for r in reports]
+        curves = {sampler: [p["curves"][sampler] for p in per_seed] for sampler in per_seed[0]["curves"]}
         finds: dict[str, dict] = {}
-        for budget in first["calls"]:
+        for calls in budgets:
             at = {}
-            for sampler in samplers:
-                values = [p["finds"][str(budget)][sampler] for p in per_seed]
+            for sampler, seed_curves in curves.items():
+                values = [curve[min(calls, len(curve)) - 1] if curve else 0 for curve in seed_curves]
                 sd = statistics.stdev(values) if len(values) > 1 else 0.0
                 at[sampler] = {"mean": round(statistics.mean(values), 2), "sd": round(sd, 2), "seeds": values}
             best = max(v["mean"] for k, v in at.items() if k != "gflownet")
             at["gflownet_over_best_baseline"] = round(at["gflownet"]["mean"] / best, 2) if best else None
-            finds[str(budget)] = at
+            finds[str(calls)] = at
         out["by_percentile"][name] = {
             "log_R_threshold": [p["log_R_threshold"] for p in per_seed],
             "finds": finds,
-            "curves": {sampler: [p["curves"][sampler] for p in per_seed] for sampler in samplers},
+            "curves": curves,
         }
     return out
 

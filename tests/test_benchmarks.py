@@ -103,7 +103,7 @@ def test_real_model_quick(tiny_chat_lm_dir):
 
     other = json.loads(json.dumps(result))
     p99 = found["by_percentile"]["p99"]["finds"]["8"]
-    other["discoveries"]["by_percentile"]["p99"]["finds"]["8"]["gflownet"] = p99["gflownet"] + 1
+    other["discoveries"]["by_percentile"]["p99"]["curves"]["gflownet"][7] += 1
     combined = real_model.combine_seeds([result, other])["by_percentile"]["p99"]["finds"]["8"]
     assert combined["gflownet"]["seeds"] == [p99["gflownet"], p99["gflownet"] + 1]
     assert combined["gflownet"]["mean"] == p99["gflownet"] + 0.5 and combined["gflownet"]["sd"] == 0.71
