@@ -11,6 +11,10 @@ Every term is returned separately, for logging:
     log Rel = log (1 - P_NLI(neutral | f, a))   the answer is about the fact at all (entails or contradicts it)
     S(q)    = 1 if q is a question (has a "?") that names the subject (one of its naming words), else 0
     log P_Q = log P_base(q)        teacher-forced after the document-start token: fluency, keeps q natural
+              (question_fluency="prompt": log P_base(q | the sampler's question prompt for its subject), so that
+              the fluency a failing question keeps under failure_mode="add" is that of the untrained sampler's own
+              questions about the subject, not of any text: the target is then the untrained sampler tilted
+              toward passing questions, and the policy starts at it)
     log P_A = log P_base(a | q)    the greedy answer under the untempered model, with its end token if it ended
     A(q)    = w_A * log P_A  (+ answer_failure_penalty where log P_A < answer_quality_threshold, when set)
     T(q)    = w_R * log Rel + (1 - S(q)) * off_topic_penalty               the relevance terms
@@ -48,12 +52,13 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from errors import UserError
-from hf_models import document_start_id, end_token_ids, generate_with_logprobs
+from hf_models import continuation_log_likelihoods, document_start_id, end_token_ids, generate_with_logprobs
 from reward_oracle import PriorScorer
 
 NLI_ORDERS = ("fact-answer", "answer-fact")
@@ -68,6 +73,7 @@ JUDGED_ANSWERS = ("answer", "first-sentence", "question-answer", "question-first
 # separates them). It needs every example's true_fact.
 JUDGED_AGAINST = ("edit", "true-fact")
 FAILURE_MODES = ("replace", "add")  # how the penalised phase's failure penalty enters log R (see the config)
+QUESTION_FLUENCY = ("document", "prompt")  # what log P_Q is conditioned on (see the module docstring)
 
 
 def first_sentence(text: str) -> str:
@@ -247,10 +253,14 @@ class Answerer:
                 return j
         return None
 
-    def log_question(self, questions: list[str]) -> torch.Tensor:
+    def log_question(self, questions: list[str], contexts: list[list[int]] | None = None) -> torch.Tensor:
         """(B,) float64 log P_Q(q) of each question's tokens after the document-start token (no end token:
-        questions are snippets whose length the policy's stop action decides), via the prior's scorer."""
+        questions are snippets whose length the policy's stop action decides), via the prior's scorer; with
+        `contexts`, after the document-start token and each question's context tokens (its question prompt)."""
         rows = [self.tokenizer(q, add_special_tokens=False)["input_ids"] for q in questions]
+        if contexts is not None:
+            scores = continuation_log_likelihoods(self.model, self.start_id, contexts, rows, self.batch_size)
+            return torch.tensor(scores, dtype=torch.float64)
         if not rows:
             return torch.zeros(0, dtype=torch.float64)
         lengths = torch.tensor([len(r) for r in rows])
@@ -288,6 +298,7 @@ class ContradictionRewardConfig:
     off_topic_penalty: float = -20.0  # added when the question does not name the subject; 0 = off
     judged_answer: str = "answer"  # what the judge reads as the answer: one of JUDGED_ANSWERS
     judge_against: str = "edit"  # what the judge compares it with: one of JUDGED_AGAINST
+    question_fluency: str = "document"  # log P_Q after the document start, or after the question prompt ("prompt")
 
     def __post_init__(self) -> None:
         if self.nli_order not in NLI_ORDERS:
@@ -307,6 +318,8 @@ class ContradictionRewardConfig:
         ):
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"{name} must be finite, not {getattr(self, name)}")
+        if self.question_fluency not in QUESTION_FLUENCY:
+            raise ValueError(f"question_fluency must be one of {QUESTION_FLUENCY}, not {self.question_fluency!r}")
         if self.failure_mode not in FAILURE_MODES:
             raise ValueError(f"failure_mode must be one of {FAILURE_MODES}, not {self.failure_mode!r}")
         if self.penalized_steps < 0:
@@ -316,8 +329,19 @@ class ContradictionRewardConfig:
 class ContradictionReward:
     """log R(q) for a batch of questions, each with its own edit fact; see the module docstring."""
 
-    def __init__(self, answerer: Answerer, nli: NLIScorer, config: ContradictionRewardConfig) -> None:
+    def __init__(
+        self,
+        answerer: Answerer,
+        nli: NLIScorer,
+        config: ContradictionRewardConfig,
+        question_context: Callable[[str], list[int]] | None = None,
+    ) -> None:
+        """`question_context(subject)`: the token ids the sampler is conditioned on for that subject, which
+        question_fluency="prompt" scores each question after."""
         self.answerer, self.nli, self.config = answerer, nli, config
+        if config.question_fluency == "prompt" and question_context is None:
+            raise ValueError("question_fluency='prompt' needs the sampler's question_context")
+        self.question_context = question_context
         if config.judge_against == "true-fact" and nli.entailment_index is None:
             raise UserError("judging against the true fact needs an NLI model with an 'entailment' label")
         # the label whose log-probability is log C
@@ -355,7 +379,12 @@ class ContradictionReward:
         cfg = self.config
         answer_results = self.answerer.answer(questions)
         answers = [r["answer"] for r in answer_results]
-        log_question = self.answerer.log_question(questions)
+        contexts = None
+        if cfg.question_fluency == "prompt":
+            if subjects is None:
+                raise ValueError("question_fluency='prompt' needs each question's subject")
+            contexts = [self.question_context(subject) for subject in subjects]
+        log_question = self.answerer.log_question(questions, contexts)
         log_answer = torch.tensor([r["log_answer"] for r in answer_results], dtype=torch.float64)
         log_probs = self.judge(questions, answers, true_facts if against_true else edit_facts)
         log_contradiction = log_probs[:, self.accept_index]

@@ -103,6 +103,7 @@ def build_task_reward(args: argparse.Namespace, prior_model, tokenizer, device: 
         judged_answer=getattr(args, "judged_answer", "answer"),  # runs saved before the flag judged the answer
         judge_against=getattr(args, "judge_against", "edit"),  # and the edit fact, in this order
         nli_order=getattr(args, "nli_order", "fact-answer"),
+        question_fluency=getattr(args, "question_fluency", "document"),  # runs saved before the flag
     )
     if config.judge_against == "true-fact":
         missing = [example["id"] for example in load_dataset(args.data) if not example.get("true_fact")]
@@ -111,7 +112,15 @@ def build_task_reward(args: argparse.Namespace, prior_model, tokenizer, device: 
                 f"--judge-against true-fact needs every example's true_fact; {args.data} has none for "
                 f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}"
             )
-    return ContradictionReward(answerer, nli, config)
+    # the sampler's question prompt, in the answering model's tokens (log P_Q is that model's)
+    prompt = question_prompt(args, tokenizer)
+    if config.question_fluency == "prompt" and prompt == "chat" and not getattr(base_tokenizer, "chat_template", None):
+        raise UserError(f"--question-fluency prompt: --base-model {args.base_model!r} has no chat template to ask in")
+
+    def question_context(subject: str) -> list[int]:
+        return context_ids(base_tokenizer, subject, torch.device("cpu"), prompt)[0].tolist()
+
+    return ContradictionReward(answerer, nli, config, question_context)
 
 
 # the reward's named terms (contradiction_reward.py)

@@ -137,6 +137,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="penalised phase: the failure penalty replaces a failing question's fluency term (replace), or is added "
         "to its full log R (add: the target is the base model's questions tilted toward passing ones)",
     )
+    g.add_argument(
+        "--question-fluency",
+        default="document",
+        choices=["document", "prompt"],
+        help="log P_Q: the base model's log-likelihood of the question after the document start (document), or "
+        "after the sampler's question prompt for its subject (prompt: with --failure-mode add the target is the "
+        "untrained sampler's own questions tilted toward passing ones)",
+    )
     g.add_argument("--penalized-steps", type=int, default=150)
     # defaults from the SmolLM2 sweep in README ("Relevance sweep"): the only setting that kept questions questions
     g.add_argument("--answer-quality-weight", type=float, default=0.5, help="w_A on log P_A (answer fluency)")

@@ -456,7 +456,7 @@ class CannedAnswerer:
         return [{"answer": self.answers[q], "log_answer": -5.0, "answer_tokens": 4, "truncated": False,
                  "token_ids": [1, 2, 3, 4]} for q in questions]  # fmt: skip
 
-    def log_question(self, questions):
+    def log_question(self, questions, contexts=None):
         return torch.full((len(questions),), -30.0, dtype=torch.float64)
 
 
@@ -589,3 +589,42 @@ def test_an_added_failure_penalty_tilts_the_full_reward(answerer, nli):
         ContradictionRewardConfig(failure_mode="flat")
     parser = flags.build_parser()
     assert tuple(next(a.choices for a in parser._actions if a.dest == "failure_mode")) == FAILURE_MODES
+
+
+def test_question_fluency_after_the_prompt_matches_a_naive_reference(answerer, nli):
+    """question_fluency="prompt": log P_Q(q) is the base model's log-likelihood of q's tokens after the document start
+    and the sampler's question prompt for q's subject (naive float64, one sequence at a time), and differs from
+    the unconditioned "document" score; the flag offers the same choices; a missing context or subject is an error."""
+    import flags
+    from contradiction_reward import QUESTION_FLUENCY
+
+    tokenizer, start = answerer.tokenizer, document_start_id(answerer.tokenizer)
+    subjects = ["Hamlet" if i % 2 else "Paris" for i in range(len(QUESTIONS))]
+
+    def context(subject: str) -> list[int]:
+        return tokenizer(f"Ask about {subject}:", add_special_tokens=False)["input_ids"]
+
+    facts = facts_for(QUESTIONS)
+    config = ContradictionRewardConfig(question_fluency="prompt")
+    out = ContradictionReward(answerer, nli, config, context)(QUESTIONS, facts, step=0, subjects=subjects)
+    document = ContradictionReward(answerer, nli, ContradictionRewardConfig())(
+        QUESTIONS, facts, step=0, subjects=subjects
+    )
+    for i, (question, subject) in enumerate(zip(QUESTIONS, subjects)):
+        q_ids = tokenizer(question, add_special_tokens=False)["input_ids"]
+        with_context = naive_log_prob(answerer.model, [start] + context(subject) + q_ids)
+        context_only = naive_log_prob(answerer.model, [start] + context(subject))
+        assert out["log_question"][i].item() == pytest.approx(with_context - context_only, abs=1e-6)
+        assert document["log_question"][i].item() == pytest.approx(
+            naive_log_prob(answerer.model, [start] + q_ids),
+            abs=1e-4,  # the prior scorer: float32
+        )
+    assert not torch.allclose(out["log_question"], document["log_question"], atol=1e-3)
+    parser = flags.build_parser()
+    assert tuple(next(a.choices for a in parser._actions if a.dest == "question_fluency")) == QUESTION_FLUENCY
+    with pytest.raises(ValueError, match="question_context"):
+        ContradictionReward(answerer, nli, config)
+    with pytest.raises(ValueError, match="subject"):
+        ContradictionReward(answerer, nli, config, context)(QUESTIONS, facts, step=0)
+    with pytest.raises(ValueError, match="question_fluency"):
+        ContradictionRewardConfig(question_fluency="chat")
