@@ -371,8 +371,17 @@ def test_contradiction_training_report_counts_by_hand(tmp_path):
     assert seeds["trained_on_topic_contradiction_rate"] == 0.25 and seeds["answer_calls"] == [8, 8]
     assert seeds["last_quarter_per_subject"]["Paris"]["mean"] == 0.25
     assert seeds["question_rate_by_quarter"][3]["by_seed"] == [0.0, 0.5]  # the first run's row 4 is a statement
-    # beside each subject's ceiling: Paris (ceiling 1.0) pooled with Rome (0.5, no rows); Lyon (0.0) left out
-    table = contradiction_training.ceiling_table(seeds["runs"], {"Paris": 1.0, "Rome": 0.5, "Lyon": 0.0})
-    assert table["subjects_with_ceiling_at_least_half"] == ["Paris", "Rome"]
+    # beside each subject's ceiling: Paris (ceiling 1.0); Rome (0.5) was never asked about, so it is left out
+    table = contradiction_training.ceiling_table(seeds["runs"], {"Paris": 1.0, "Rome": 0.5})
+    assert table["subjects_with_ceiling_at_least_half"] == ["Paris"] and set(table["per_subject"]) == {"Paris"}
     assert table["trained_last_quarter_on_those_by_seed"] == [0.5, 0.0] and table["baseline_on_those"] == 0.0
-    assert table["per_subject"]["Lyon"] == {"ceiling": 0.0, "baseline": 0.0, "trained_last_quarter_by_seed": [0.0, 0.0]}
+    assert table["per_subject"]["Paris"] == {
+        "ceiling": 1.0,
+        "baseline": 0.0,
+        "trained_last_quarter_by_seed": [0.5, 0.0],
+    }
+    low = contradiction_training.ceiling_table(seeds["runs"], {"Paris": 0.4})
+    assert low["subjects_with_ceiling_at_least_half"] == [] and low["trained_last_quarter_on_those_by_seed"] == [
+        0.0,
+        0.0,
+    ]
