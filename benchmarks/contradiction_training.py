@@ -100,9 +100,9 @@ def report(run_dir: str, baseline_path: str) -> dict:
 
 
 def ceiling_table(runs: list[dict], ceiling: dict[str, float]) -> dict:
-    """Per subject asked about: its ceiling (contradiction_ceiling.py's on-topic rate under the training judge), the baseline's
-    rate and the trained last quarter's per seed; and both rates over the rows of the subjects whose ceiling is at
-    least 0.5 taken together (the issue's measure)."""
+    """Per subject asked about: its ceiling (contradiction_ceiling.py's on-topic rate under the training judge),
+    the baseline's rate and the trained last quarter's per seed; and both rates over the rows of the subjects whose
+    ceiling is at least 0.5 taken together (the issue's measure)."""
     ceiling = {s: c for s, c in ceiling.items() if s in runs[0]["baseline_per_subject"]}  # the subjects asked about
     high = sorted(s for s, c in ceiling.items() if c >= 0.5)
 
