@@ -127,7 +127,9 @@ def test_every_loss_and_policy_matches_the_enumerated_target(word_lm_dirs, tmp_p
     epochs = "800" if (loss, policy) == ("subtb", "lora") else "400"
     flags = ["--policy", policy, "--loss", loss, "--lr", "1e-2" if policy == "lora" else "1e-3", "--epochs", epochs]
     if policy == "lora":
-        flags += ["--lora-target-modules", "c_attn", "c_proj", "c_fc"]
+        # lr 1e-2 held constant leaves TB's TV oscillating with the CPU's rounding (0.027-0.071 between epochs 400
+        # and 600 on one machine, 0.05 the bound); decayed to 1e-3 it settles (TV 0.010 for tb, 0.026 for subtb)
+        flags += ["--lora-target-modules", "c_attn", "c_proj", "c_fc", "--lr-schedule", "cosine"]
     result, metrics = train_on_the_340_sequence_target(word_lm_dirs, tmp_path, *flags)
     assert metrics["tv"] <= 0.05, metrics
     if loss in ("tb", "subtb", "modified-subtb"):  # losses with a learned log Z
