@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -334,7 +334,7 @@ class ContradictionReward:
         answerer: Answerer,
         nli: NLIScorer,
         config: ContradictionRewardConfig,
-        question_context: Callable[[str], list[int]] | None = None,
+        question_context: Callable[[str], Sequence[int]] | None = None,
     ) -> None:
         """`question_context(subject)`: the token ids the sampler is conditioned on for that subject, which
         question_fluency="prompt" scores each question after."""
@@ -383,7 +383,7 @@ class ContradictionReward:
         if cfg.question_fluency == "prompt":
             if subjects is None:
                 raise ValueError("question_fluency='prompt' needs each question's subject")
-            contexts = [self.question_context(subject) for subject in subjects]
+            contexts = [list(self.question_context(subject)) for subject in subjects]
         log_question = self.answerer.log_question(questions, contexts)
         log_answer = torch.tensor([r["log_answer"] for r in answer_results], dtype=torch.float64)
         log_probs = self.judge(questions, answers, true_facts if against_true else edit_facts)

@@ -117,8 +117,9 @@ def build_task_reward(args: argparse.Namespace, prior_model, tokenizer, device: 
     if config.question_fluency == "prompt" and prompt == "chat" and not getattr(base_tokenizer, "chat_template", None):
         raise UserError(f"--question-fluency prompt: --base-model {args.base_model!r} has no chat template to ask in")
 
-    def question_context(subject: str) -> list[int]:
-        return context_ids(base_tokenizer, subject, torch.device("cpu"), prompt)[0].tolist()
+    @functools.lru_cache(maxsize=None)  # one chat template per subject, not one per question scored
+    def question_context(subject: str) -> tuple[int, ...]:
+        return tuple(context_ids(base_tokenizer, subject, torch.device("cpu"), prompt)[0].tolist())
 
     return ContradictionReward(answerer, nli, config, question_context)
 

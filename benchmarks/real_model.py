@@ -307,6 +307,17 @@ def main() -> None:
     print(json.dumps(report, indent=1, ensure_ascii=False))
 
 
+def finds_within(curve: list[int], calls: int) -> int:
+    """A discovery curve's finds within `calls` calls (its last value when it spent fewer)."""
+    return curve[min(calls, len(curve)) - 1] if curve else 0
+
+
+def over_best_baseline(finds: dict[str, float]) -> float | None:
+    """The GFlowNet's finds over the best non-learning sampler's (None when no baseline found anything)."""
+    best = max(v for k, v in finds.items() if k != "gflownet")
+    return round(finds["gflownet"] / best, 2) if best else None
+
+
 def discoveries(threshold_rows: list[dict], samplers: dict[str, list[dict]], budgets: tuple[int, ...]) -> dict:
     """Each sampler's finds (distinct x at or above the 90th and 99th percentile of the threshold sample's log R)
     within each budget of calls, and the GFlowNet's over the best non-learning sampler's."""
@@ -315,13 +326,9 @@ def discoveries(threshold_rows: list[dict], samplers: dict[str, list[dict]], bud
     for name, q in (("p90", 0.9), ("p99", 0.99)):
         threshold = percentile(values, q)
         curves = {sampler: discovery_curve(rows, threshold) for sampler, rows in samplers.items()}
-        at = {
-            str(b): {sampler: curve[min(b, len(curve)) - 1] if curve else 0 for sampler, curve in curves.items()}
-            for b in budgets
-        }
-        for budget, finds in at.items():
-            best = max(v for k, v in finds.items() if k != "gflownet")
-            finds["gflownet_over_best_baseline"] = round(finds["gflownet"] / best, 2) if best else None
+        at = {str(b): {sampler: finds_within(curve, b) for sampler, curve in curves.items()} for b in budgets}
+        for finds in at.values():
+            finds["gflownet_over_best_baseline"] = over_best_baseline(finds)
         out["by_percentile"][name] = {"log_R_threshold": round(threshold, 2), "finds": at, "curves": curves}
     return out
 
@@ -350,11 +357,10 @@ def combine_seeds(reports: list[dict]) -> dict:
         for calls in budgets:
             at = {}
             for sampler, seed_curves in curves.items():
-                values = [curve[min(calls, len(curve)) - 1] if curve else 0 for curve in seed_curves]
+                values = [finds_within(curve, calls) for curve in seed_curves]
                 sd = statistics.stdev(values) if len(values) > 1 else 0.0
                 at[sampler] = {"mean": round(statistics.mean(values), 2), "sd": round(sd, 2), "seeds": values}
-            best = max(v["mean"] for k, v in at.items() if k != "gflownet")
-            at["gflownet_over_best_baseline"] = round(at["gflownet"]["mean"] / best, 2) if best else None
+            at["gflownet_over_best_baseline"] = over_best_baseline({k: v["mean"] for k, v in at.items()})
             finds[str(calls)] = at
         out["by_percentile"][name] = {
             "log_R_threshold": [p["log_R_threshold"] for p in per_seed],
