@@ -15,8 +15,13 @@ log R per training step. Prints one JSON object.
   python benchmarks/real_model.py --model PATH --quick              # seconds, on any small local chat model
   python benchmarks/real_model.py --train-flags "--replay-fraction 0.9 --updates-per-batch 4"   # more train.py flags
 
-With `--oracle-proposal-fraction f` among the train flags, each written x is one more oracle call, so the run
-has fewer epochs: budget // (batch + round(f * batch)).
+With `--oracle-proposal-fraction f` among the train flags, each written x is one oracle call (the oracle answers
+it in the same generation; two with --separate-proposal-answers or a greedy y), so the run has fewer epochs:
+budget // (batch + round(f * batch) * calls per written x).
+
+An ablation need not pay for the baselines again: `--baselines-from REPORT` (a --discoveries report of the same
+model, seed, budget, batch size and max length) runs only the GFlowNet and reads the thresholds and every other
+sampler's curve from REPORT (its frozen tool is REPORT's flags, frozen).
 """
 
 from __future__ import annotations
@@ -166,6 +171,13 @@ def main() -> None:
         "written to --output, the curves to --discoveries-plot",
     )
     parser.add_argument("--discoveries-plot", default=None, help="PNG of each sampler's finds against oracle calls")
+    parser.add_argument(
+        "--baselines-from",
+        default=None,
+        metavar="REPORT",
+        help="with --discoveries: run the GFlowNet only; thresholds and the other samplers' curves from REPORT "
+        "(a --discoveries report of the same model, seed, budget, batch size and max length)",
+    )
     args = parser.parse_args()
     if args.combine:
         combined = combine_seeds([json.load(open(path)) for path in args.combine])
@@ -184,8 +196,12 @@ def main() -> None:
     import train
 
     extra = shlex.split(args.train_flags)
-    written = round(train.build_parser().parse_args(extra).oracle_proposal_fraction * args.batch_size)
-    epochs = args.budget // (args.batch_size + written)  # a written x costs a call to write it and one to score it
+    reused = load_baselines(args.baselines_from, args, os.path.basename(model)) if args.baselines_from else None
+    flags = train.build_parser().parse_args(extra)
+    written = round(flags.oracle_proposal_fraction * args.batch_size)
+    # the local oracle answers an x it writes in the same generation (one call) unless told not to or y is greedy
+    per_written = 2 if flags.separate_proposal_answers or flags.llm_temperature == 0 else 1
+    epochs = args.budget // (args.batch_size + written * per_written)
     argv = [
         "--prior-model",
         model,
@@ -246,10 +262,13 @@ def main() -> None:
         paid = [{**r, "log_R": r["log_reward"] if r["valid"] else float("-inf")} for r in paid if r["trained"]]
         return result, steps, paid, seconds
 
-    result, steps, paid, seconds = train_rows(argv, on_start=prior_baseline)
+    result, steps, paid, seconds = train_rows(argv, on_start=None if reused else prior_baseline)
     torch.manual_seed(args.seed + 2)
     gflownet = score_samples(result["policy"], result["reward_model"], args.eval_samples, args.batch_size)
     best_of_n = sorted((r for r in baseline if r["valid"]), key=lambda r: r["log_R"], reverse=True)[: args.eval_samples]
+    best_of_name = f"best_of_{len(baseline)}"
+    if reused:  # the baselines were not run: REPORT's summaries stand in for them
+        best_of_name = next(k for k in reused if k.startswith("best_of_"))
     report = {
         "benchmark": "real_model",
         "model": os.path.basename(model),
@@ -262,14 +281,15 @@ def main() -> None:
         "batch_size": args.batch_size,
         "max_len": args.max_len,
         "lr": args.lr,
+        "seed": args.seed,
         "train_flags": args.train_flags,
         "seconds_including_prior_baseline": round(seconds, 1),
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
         f"torch {torch.__version__}",
         "gflownet": summarize(gflownet),
-        "prior": summarize(baseline),
-        f"best_of_{len(baseline)}": summarize(best_of_n),
+        "prior": reused["prior"] if reused else summarize(baseline),
+        best_of_name: reused[best_of_name] if reused else summarize(best_of_n),
         "training": [
             {
                 "oracle_calls": m["train/oracle_calls"],
@@ -281,12 +301,29 @@ def main() -> None:
             for m in steps
         ],
     }
-    if args.discoveries:
-        _, frozen_steps, frozen, _ = train_rows(argv + ["--lr", "0", "--lr-z", "0"])
+    budgets = tuple(sorted(b for b in {256, 512, args.budget} if b <= args.budget))
+    if reused:
+        report["baselines_from"] = {"report": args.baselines_from, "frozen_train_flags": reused["train_flags"]}
         report["discoveries"] = discoveries(
-            others.pop("threshold_sample"),
+            reused["discoveries"]["threshold_sample"],
+            {name: p["log_R_threshold"] for name, p in reused["discoveries"]["by_percentile"].items()},
+            {"gflownet": paid},
+            budgets,
+            reused_curves={
+                name: {k: v for k, v in p["curves"].items() if k != "gflownet"}
+                for name, p in reused["discoveries"]["by_percentile"].items()
+            },
+        )
+        report["discoveries"]["calls_by_oracle_counter"] = {"gflownet": steps[-1]["train/oracle_calls"]}
+        report["discoveries"]["calls_by_rows"] = {"gflownet": sum(row_calls(r) for r in paid)}
+    elif args.discoveries:
+        _, frozen_steps, frozen, _ = train_rows(argv + ["--lr", "0", "--lr-z", "0"])
+        threshold_rows = others.pop("threshold_sample")
+        report["discoveries"] = discoveries(
+            len([r for r in threshold_rows if r["valid"]]),
+            thresholds(threshold_rows),
             {"prior-sample-and-rank": baseline, **others, "frozen": frozen, "gflownet": paid},
-            budgets=tuple(sorted(b for b in {256, 512, args.budget} if b <= args.budget)),
+            budgets,
         )
         # the tool's own counter beside the rows' sum: the x axis is what the oracle was asked, not rows
         report["discoveries"]["calls_by_oracle_counter"] = {
@@ -297,8 +334,8 @@ def main() -> None:
             "gflownet": sum(row_calls(r) for r in paid),
             "frozen": sum(row_calls(r) for r in frozen),
         }
-        if args.discoveries_plot:
-            plot_discoveries(combine_seeds([report]), args.discoveries_plot)
+    if args.discoveries_plot and "discoveries" in report:
+        plot_discoveries(combine_seeds([report]), args.discoveries_plot)
     if args.plot:
         plot(report, args.plot)
     if args.output:
@@ -318,19 +355,55 @@ def over_best_baseline(finds: dict[str, float]) -> float | None:
     return round(finds["gflownet"] / best, 2) if best else None
 
 
-def discoveries(threshold_rows: list[dict], samplers: dict[str, list[dict]], budgets: tuple[int, ...]) -> dict:
-    """Each sampler's finds (distinct x at or above the 90th and 99th percentile of the threshold sample's log R)
-    within each budget of calls, and the GFlowNet's over the best non-learning sampler's."""
+def thresholds(threshold_rows: list[dict]) -> dict[str, float]:
+    """The 90th and 99th percentile of the threshold sample's log R (its valid rows)."""
     values = [r["log_R"] for r in threshold_rows if r["valid"]]
-    out = {"threshold_sample": len(values), "calls": list(budgets), "by_percentile": {}}
-    for name, q in (("p90", 0.9), ("p99", 0.99)):
-        threshold = percentile(values, q)
-        curves = {sampler: discovery_curve(rows, threshold) for sampler, rows in samplers.items()}
+    return {"p90": percentile(values, 0.9), "p99": percentile(values, 0.99)}
+
+
+def discoveries(
+    threshold_sample: int,
+    log_r_thresholds: dict[str, float],
+    samplers: dict[str, list[dict]],
+    budgets: tuple[int, ...],
+    reused_curves: dict[str, dict[str, list[int]]] | None = None,
+) -> dict:
+    """Each sampler's finds (distinct x at or above each threshold) within each budget of calls, and the GFlowNet's
+    over the best non-learning sampler's; `reused_curves` (per threshold name) are other samplers' curves measured
+    earlier at the same thresholds."""
+    out = {"threshold_sample": threshold_sample, "calls": list(budgets), "by_percentile": {}}
+    for name, threshold in log_r_thresholds.items():
+        curves = dict((reused_curves or {}).get(name, {}))
+        curves.update({sampler: discovery_curve(rows, threshold) for sampler, rows in samplers.items()})
         at = {str(b): {sampler: finds_within(curve, b) for sampler, curve in curves.items()} for b in budgets}
         for finds in at.values():
             finds["gflownet_over_best_baseline"] = over_best_baseline(finds)
         out["by_percentile"][name] = {"log_R_threshold": round(threshold, 2), "finds": at, "curves": curves}
     return out
+
+
+def load_baselines(path: str, args: argparse.Namespace, model: str) -> dict:
+    """A --discoveries report whose thresholds and baseline curves an ablation reuses; exits with one line when it is
+    not one or was measured on another model, seed, budget, batch size or max length."""
+    try:
+        with open(path) as f:
+            report = json.load(f)
+    except (OSError, ValueError) as error:
+        sys.exit(f"--baselines-from {path}: cannot read a JSON report ({error})")
+    if "discoveries" not in report or "baselines_from" in report:
+        sys.exit(f"--baselines-from {path}: not a --discoveries report that ran its own baselines")
+    wanted = {
+        "model": model,
+        "seed": args.seed,
+        "budget_oracle_calls": args.budget,
+        "batch_size": args.batch_size,
+        "max_len": args.max_len,
+    }
+    # reports written before the seed was recorded pass on the others
+    differ = [f"{k} {report[k]} != {v}" for k, v in wanted.items() if k in report and report[k] != v]
+    if differ:
+        sys.exit(f"--baselines-from {path}: measured with other settings ({', '.join(differ)})")
+    return report
 
 
 def combine_seeds(reports: list[dict]) -> dict:

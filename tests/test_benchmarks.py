@@ -76,8 +76,11 @@ def test_exact_target_quick():
     assert scratch_tb["curve"][-1]["tv"] < scratch_tb["curve"][0]["tv"] - 0.1  # 256 reward calls already help
 
 
-def test_real_model_quick(tiny_chat_lm_dir):
-    result = run_benchmark("real_model.py", "--model", tiny_chat_lm_dir, "--quick", "--discoveries")
+def test_real_model_quick(tiny_chat_lm_dir, tmp_path):
+    report_path = str(tmp_path / "report.json")
+    result = run_benchmark(
+        "real_model.py", "--model", tiny_chat_lm_dir, "--quick", "--discoveries", "--output", report_path
+    )
     found = result["discoveries"]
     assert found["threshold_sample"] == 8 and found["calls"] == [8]
     assert found["calls_by_oracle_counter"] == found["calls_by_rows"] == {"gflownet": 8, "frozen": 8}
@@ -109,6 +112,46 @@ def test_real_model_quick(tiny_chat_lm_dir):
     assert combined["gflownet"]["mean"] == p99["gflownet"] + 0.5 and combined["gflownet"]["sd"] == 0.71
     best = max(combined[s]["mean"] for s in curves if s != "gflownet")
     assert combined["gflownet_over_best_baseline"] == (round((p99["gflownet"] + 0.5) / best, 2) if best else None)
+
+    # an ablation reuses the report's thresholds and baselines and runs only the GFlowNet, with its own flags
+    tempered = "--reward-temp-start 0.5 --reward-temp-end 0.5"
+    ablation = run_benchmark(
+        "real_model.py",
+        "--model",
+        tiny_chat_lm_dir,
+        "--quick",
+        "--baselines-from",
+        report_path,
+        "--train-flags",
+        tempered,
+    )
+    assert ablation["baselines_from"] == {"report": report_path, "frozen_train_flags": ""}
+    assert ablation["train_flags"] == tempered and ablation["prior"] == result["prior"]
+    assert (
+        ablation["discoveries"]["calls_by_oracle_counter"]
+        == ablation["discoveries"]["calls_by_rows"]
+        == {"gflownet": 8}
+    )
+    for name in ("p90", "p99"):
+        part, before = ablation["discoveries"]["by_percentile"][name], found["by_percentile"][name]
+        assert part["log_R_threshold"] == before["log_R_threshold"]
+        assert {k: v for k, v in part["curves"].items() if k != "gflownet"} == {
+            k: v for k, v in before["curves"].items() if k != "gflownet"
+        }
+        assert len(part["curves"]["gflownet"]) >= 8 and part["finds"]["8"]["gflownet"] == part["curves"]["gflownet"][7]
+    for bad_args, message in (
+        (["--seed", "1"], "seed 0 != 1"),  # measured on another seed
+        (["--budget", "16"], "budget_oracle_calls 8 != 16"),
+    ):
+        proc = subprocess.run(
+            [sys.executable, os.path.join(ROOT, "benchmarks", "real_model.py"), "--model", tiny_chat_lm_dir]
+            + ["--baselines-from", report_path, *bad_args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=ROOT,
+        )
+        assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
 
 
 def test_real_model_discovery_curve_by_hand():
