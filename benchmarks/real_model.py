@@ -15,9 +15,9 @@ log R per training step. Prints one JSON object.
   python benchmarks/real_model.py --model PATH --quick              # seconds, on any small local chat model
   python benchmarks/real_model.py --train-flags "--replay-fraction 0.9 --updates-per-batch 4"   # more train.py flags
 
-With `--oracle-proposal-fraction f` among the train flags, each written x is one oracle call (the oracle answers
-it in the same generation; two with --separate-proposal-answers or a greedy y), so the run has fewer epochs:
-budget // (batch + round(f * batch) * calls per written x).
+With `--oracle-proposal-fraction f` among the train flags, that fraction of each batch is x written by the oracle,
+each answered in the same generation (one call, as a sampled x); with --separate-proposal-answers or a greedy y
+writing it is one call more, so the run has fewer epochs: budget // (batch + round(f * batch)).
 
 An ablation need not pay for the baselines again: `--baselines-from REPORT` (a --discoveries report of the same
 model, seed, budget, batch size and max length) runs only the GFlowNet and reads the thresholds and every other
@@ -199,9 +199,10 @@ def main() -> None:
     reused = load_baselines(args.baselines_from, args, os.path.basename(model)) if args.baselines_from else None
     flags = train.build_parser().parse_args(extra)
     written = round(flags.oracle_proposal_fraction * args.batch_size)
-    # the local oracle answers an x it writes in the same generation (one call) unless told not to or y is greedy
-    per_written = 2 if flags.separate_proposal_answers or flags.llm_temperature == 0 else 1
-    epochs = args.budget // (args.batch_size + written * per_written)
+    # a written x takes a sampled x's place in the batch; the local oracle answers it in the same generation (no
+    # extra call) unless told not to or y is greedy, when writing it is a call of its own
+    extra_per_written = 1 if flags.separate_proposal_answers or flags.llm_temperature == 0 else 0
+    epochs = args.budget // (args.batch_size + written * extra_per_written)
     argv = [
         "--prior-model",
         model,
