@@ -200,7 +200,7 @@ def bookkeeping_numbers(
         with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
             train.train(args)
         total = time.perf_counter() - started
-        with open(os.path.join(folder, "run", "metrics_raw.jsonl")) as f:
+        with open(os.path.join(folder, "run", f"metrics_{args.task}.jsonl")) as f:
             epoch_seconds = [json.loads(line)["train/epoch_seconds"] for line in f]
     steady = epoch_seconds[1:]  # the first epoch pays for warm-up
     per_epoch = {name: round(seconds / epochs * 1000, 3) for name, seconds in sorted(watch.seconds.items())}
@@ -213,8 +213,8 @@ def bookkeeping_numbers(
         "oracle_ms_per_epoch": round(oracle_ms, 2),
         "tool_ms_per_epoch": round(sum(epoch_seconds) / epochs * 1000 - oracle_ms, 2),
         "epochs": epochs,
-        "batch_size": batch_size,
-        "max_len": max_len,
+        "batch_size": args.batch_size,  # the train flags may set both
+        "max_len": args.max_len,
         "run_seconds": round(total, 2),
         "epoch_ms": round(epoch_ms, 2),
         "bookkeeping_ms_per_epoch": per_epoch,
