@@ -303,37 +303,34 @@ def main() -> None:
         ],
     }
     budgets = tuple(sorted(b for b in {256, 512, args.budget} if b <= args.budget))
-    if reused:
-        report["baselines_from"] = {"report": args.baselines_from, "frozen_train_flags": reused["train_flags"]}
-        report["discoveries"] = discoveries(
-            reused["discoveries"]["threshold_sample"],
-            {name: p["log_R_threshold"] for name, p in reused["discoveries"]["by_percentile"].items()},
-            {"gflownet": paid},
-            budgets,
-            reused_curves={
+    if reused or args.discoveries:
+        counted: dict[str, tuple[list[dict], list[dict]]] = {}  # the tool's runs: (metrics per step, paid rows)
+        if reused:
+            report["baselines_from"] = {"report": args.baselines_from, "frozen_train_flags": reused["train_flags"]}
+            past = reused["discoveries"]
+            threshold_sample = past["threshold_sample"]
+            log_r_thresholds = {name: p["log_R_threshold"] for name, p in past["by_percentile"].items()}
+            reused_curves = {
                 name: {k: v for k, v in p["curves"].items() if k != "gflownet"}
-                for name, p in reused["discoveries"]["by_percentile"].items()
-            },
-        )
-        report["discoveries"]["calls_by_oracle_counter"] = {"gflownet": steps[-1]["train/oracle_calls"]}
-        report["discoveries"]["calls_by_rows"] = {"gflownet": sum(row_calls(r) for r in paid)}
-    elif args.discoveries:
-        _, frozen_steps, frozen, _ = train_rows(argv + ["--lr", "0", "--lr-z", "0"])
-        threshold_rows = others.pop("threshold_sample")
-        report["discoveries"] = discoveries(
-            len([r for r in threshold_rows if r["valid"]]),
-            thresholds(threshold_rows),
-            {"prior-sample-and-rank": baseline, **others, "frozen": frozen, "gflownet": paid},
-            budgets,
-        )
+                for name, p in past["by_percentile"].items()
+            }
+            samplers: dict[str, list[dict]] = {}
+        else:
+            _, frozen_steps, frozen, _ = train_rows(argv + ["--lr", "0", "--lr-z", "0"])
+            counted["frozen"] = (frozen_steps, frozen)
+            threshold_rows = others.pop("threshold_sample")
+            threshold_sample = len([r for r in threshold_rows if r["valid"]])
+            log_r_thresholds, reused_curves = thresholds(threshold_rows), None
+            samplers = {"prior-sample-and-rank": baseline, **others}
+        counted["gflownet"] = (steps, paid)
+        samplers.update({name: rows for name, (_, rows) in counted.items()})
+        report["discoveries"] = discoveries(threshold_sample, log_r_thresholds, samplers, budgets, reused_curves)
         # the tool's own counter beside the rows' sum: the x axis is what the oracle was asked, not rows
         report["discoveries"]["calls_by_oracle_counter"] = {
-            "gflownet": steps[-1]["train/oracle_calls"],
-            "frozen": frozen_steps[-1]["train/oracle_calls"],
+            name: run_steps[-1]["train/oracle_calls"] for name, (run_steps, _) in counted.items()
         }
         report["discoveries"]["calls_by_rows"] = {
-            "gflownet": sum(row_calls(r) for r in paid),
-            "frozen": sum(row_calls(r) for r in frozen),
+            name: sum(row_calls(r) for r in rows) for name, (_, rows) in counted.items()
         }
     if args.discoveries_plot and "discoveries" in report:
         plot_discoveries(combine_seeds([report]), args.discoveries_plot)
