@@ -86,6 +86,7 @@ def exploration_settings(args, may_spend) -> dict:
         local_search_fraction=args.local_search_fraction,
         local_search_back=args.local_search_back,
         oracle_proposal_fraction=args.oracle_proposal_fraction,
+        fresh_x_tries=args.fresh_x_tries,
     )
 
 
@@ -103,8 +104,10 @@ class SyncBatches:
         local_search_fraction: float = 0.0,
         local_search_back: int = 3,
         oracle_proposal_fraction: float = 0.0,
+        fresh_x_tries: int = 0,
         replay=None,
         replay_rng=None,
+        scored_texts: list[str] | None = None,
     ) -> None:
         self.policy, self.reward_model = policy, reward_model
         self.batch_size, self.temperature, self.epsilon = batch_size, temperature, epsilon
@@ -118,6 +121,10 @@ class SyncBatches:
         self.num_written_by_oracle = 0
         self.proposal_answers: list = []  # the oracle's answers to the x it wrote for the batch being sampled
         self.replay, self.replay_rng = replay, replay_rng
+        self.fresh_x_tries = fresh_x_tries
+        # normalised x already sampled to be paid for in this run (--fresh-x-tries; kept in checkpoints)
+        self.scored_texts: set[str] = set(scored_texts or ())
+        self.redrawn = 0  # policy and local-search rows drawn again because their x had been paid for
 
     def sample(self, size: int | None = None, context: torch.Tensor | None = None):
         """A fresh batch: `oracle_proposal_fraction` of it written by the oracle itself (first), most of the rest
@@ -133,6 +140,7 @@ class SyncBatches:
         proposed = self.oracle_proposals(wanted, context) if wanted else None
         if proposed is not None:
             parts.append(proposed)
+            self.remember(proposed[0], proposed[1])
         num_proposed = 0 if proposed is None else len(proposed[1])  # the policy makes up proposals too short to use
         num_local = min(num_local, size - num_proposed)  # shares moved on a schedule may round to one row too many
         self.num_local_search = num_local  # the batch's last rows (ScoredBatch.local_search)
@@ -141,15 +149,61 @@ class SyncBatches:
         num_policy = size - num_local - num_tempered - num_proposed
         if num_policy:
             parts.append(
-                self.policy.sample(num_policy, temperature=self.temperature, epsilon=self.epsilon, context=context)
+                self.fresh(
+                    lambda n: self.policy.sample(
+                        n, temperature=self.temperature, epsilon=self.epsilon, context=context
+                    ),
+                    num_policy,
+                )
             )
         if num_tempered:
             low, high = self.temperature_range
             drawn = low + (high - low) * torch.rand(()).item()
-            parts.append(self.policy.sample(num_tempered, temperature=drawn, epsilon=self.epsilon, context=context))
+            parts.append(
+                self.fresh(
+                    lambda n: self.policy.sample(n, temperature=drawn, epsilon=self.epsilon, context=context),
+                    num_tempered,
+                )
+            )
         if num_local:
-            parts.append(self.local_search(num_local, context))
+            parts.append(self.fresh(lambda n: self.local_search(n, context), num_local))
         return tuple(torch.cat(tensors) for tensors in zip(*parts))
+
+    def fresh(self, draw, size: int):
+        """draw(size) -> (tokens, lengths, log_q). With --fresh-x-tries K, a row whose x (normalised text, as the
+        finds are counted) was already paid for in this run, or comes earlier in the batch, is drawn again, up to
+        K times; one still repeated after that is kept (and paid for). Checking costs no oracle call; a repeat can
+        never be a new find, and TB may train on the redrawn rows as on any off-policy proposal."""
+        tokens, lengths, log_q = draw(size)
+        if not self.fresh_x_tries:
+            return tokens, lengths, log_q
+        for _ in range(self.fresh_x_tries):
+            repeats = self.repeated_rows(tokens, lengths)
+            if not repeats:
+                break
+            self.redrawn += len(repeats)
+            index = torch.tensor(repeats, device=tokens.device)
+            tokens[index], lengths[index], log_q[index] = draw(len(repeats))
+        self.remember(tokens, lengths)
+        return tokens, lengths, log_q
+
+    def normalised_texts(self, tokens: torch.Tensor, lengths: torch.Tensor) -> list[str]:
+        from resurrect import normalised_words
+
+        return [" ".join(normalised_words(text)) for text in self.reward_model.decode(tokens, lengths)]
+
+    def repeated_rows(self, tokens: torch.Tensor, lengths: torch.Tensor) -> list[int]:
+        """Rows whose normalised x was paid for already or appears earlier in these rows."""
+        seen, repeats = set(self.scored_texts), []
+        for i, text in enumerate(self.normalised_texts(tokens, lengths)):
+            if text in seen:
+                repeats.append(i)
+            seen.add(text)
+        return repeats
+
+    def remember(self, tokens: torch.Tensor, lengths: torch.Tensor) -> None:
+        if self.fresh_x_tries:
+            self.scored_texts.update(self.normalised_texts(tokens, lengths))
 
     @torch.no_grad()
     def oracle_proposals(self, size: int, context: torch.Tensor | None = None):
@@ -209,7 +263,7 @@ class SyncBatches:
         return []
 
     def checkpoint_state(self) -> dict | None:
-        return None
+        return {"scored_texts": sorted(self.scored_texts)} if self.fresh_x_tries else None
 
 
 class PrefetchBatches(SyncBatches):
@@ -218,16 +272,17 @@ class PrefetchBatches(SyncBatches):
     as the uninterrupted run's would. Nothing is sent ahead of the last epoch."""
 
     def __init__(self, *args, pending_state: dict | None = None, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, scored_texts=(pending_state or {}).get("scored_texts"), **kwargs)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
         self.pending: tuple[tuple, Future] | None = None
         self.restored = pending_state
 
     def checkpoint_state(self) -> dict | None:
-        if self.pending is None:
-            return None
-        tokens, lengths, log_q, _ = self.pending[0]
-        return {"prefetched": {"tokens": tokens.cpu(), "lengths": lengths.cpu(), "log_q": log_q.cpu()}}
+        state = super().checkpoint_state() or {}  # the x sent ahead were remembered when they were sampled
+        if self.pending is not None:
+            tokens, lengths, log_q, _ = self.pending[0]
+            state["prefetched"] = {"tokens": tokens.cpu(), "lengths": lengths.cpu(), "log_q": log_q.cpu()}
+        return state or None
 
     def _submit(self, restored: dict | None = None) -> None:
         if restored is not None:  # already paid for before the restart: no budget check, no sampling

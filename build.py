@@ -220,7 +220,9 @@ class GenericTask:
             )
         if use_prefetch(args):
             return PrefetchBatches(run.policy, run.reward_model, pending_state=source_state, **common)
-        return SyncBatches(run.policy, run.reward_model, **common)
+        return SyncBatches(
+            run.policy, run.reward_model, scored_texts=(source_state or {}).get("scored_texts"), **common
+        )
 
 
 TASK_MODULES = {"contradiction": contradiction_task}

@@ -327,6 +327,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--local-search-back", type=int, default=3, metavar="K", help="local search: tokens re-sampled")
     g.add_argument(
+        "--fresh-x-tries",
+        type=int,
+        default=0,
+        metavar="K",
+        help="draw a policy or local-search x again, up to K times, when its text (normalised: lower case, no "
+        "punctuation) was already paid for in this run: a repeat is never a new find (0 = off; plain tasks' "
+        "synchronous or prefetched batches)",
+    )
+    g.add_argument(
         "--oracle-proposal-fraction",
         type=float,
         default=0.0,
@@ -556,6 +565,12 @@ def validate_args(args: argparse.Namespace) -> None:
             or (args.task != "contradiction" and not args.prefetch and not args.batch_api),
             "--oracle-proposal-fraction works with the plain tasks' synchronous batches (no --task contradiction, "
             "--prefetch or --batch-api)",
+        ),
+        (args.fresh_x_tries >= 0, "--fresh-x-tries must be >= 0"),
+        (
+            args.fresh_x_tries == 0 or (args.task != "contradiction" and not args.batch_api),
+            "--fresh-x-tries works with the plain tasks' synchronous or prefetched batches (no --task contradiction "
+            "or --batch-api)",
         ),
         (args.replay_capacity >= 1, "--replay-capacity must be >= 1"),
         (

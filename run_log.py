@@ -210,6 +210,7 @@ def step_metrics(
         "train/oracle_calls": run.reward_model.oracle_calls,
         "train/reward_calls": run.reward_model.reward_calls,
         "train/proposal_calls": run.reward_model.proposal_calls,
+        **({"train/fresh_x_redrawn": run.source.redrawn} if getattr(run.source, "fresh_x_tries", 0) else {}),
         **(
             {"train/retokenised_changed": sum(not same for same in rewards.retokenises)}
             if rewards.oracle_saw_text and rewards.retokenises is not None

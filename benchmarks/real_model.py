@@ -110,6 +110,28 @@ def discovery_curve(rows: list[dict], threshold: float) -> list[int]:
     return curve
 
 
+def finds_by_source(rows: list[dict], threshold: float) -> dict[str, dict[str, int]]:
+    """Per part of the tool's batches (the oracle's written x, local search, the policy's own samples): rows, rows
+    whose normalised x had been paid for earlier in the run (repeats: never a find), rows at or above the
+    threshold, and the distinct finds each part made first."""
+    from resurrect import normalised_words
+
+    out: dict[str, dict[str, int]] = {}
+    paid, found = set(), set()
+    for row in rows:
+        source = "oracle" if row.get("written_by_oracle") else "local_search" if row.get("local_search") else "policy"
+        counts = out.setdefault(source, {"rows": 0, "repeated_x": 0, "at_or_above": 0, "new_finds": 0})
+        text = " ".join(normalised_words(row["x"]))
+        counts["rows"] += 1
+        counts["repeated_x"] += text in paid
+        paid.add(text)
+        if row.get("valid", True) and row["log_R"] >= threshold:
+            counts["at_or_above"] += 1
+            counts["new_finds"] += text not in found
+            found.add(text)
+    return out
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -331,6 +353,13 @@ def main() -> None:
         }
         report["discoveries"]["calls_by_rows"] = {
             name: sum(row_calls(r) for r in rows) for name, (_, rows) in counted.items()
+        }
+        report["discoveries"]["fresh_x_redrawn"] = {
+            name: run_steps[-1].get("train/fresh_x_redrawn", 0) for name, (run_steps, _) in counted.items()
+        }
+        report["discoveries"]["by_source"] = {
+            percentile_name: {name: finds_by_source(rows, threshold) for name, (_, rows) in counted.items()}
+            for percentile_name, threshold in log_r_thresholds.items()
         }
     if args.discoveries_plot and "discoveries" in report:
         plot_discoveries(combine_seeds([report]), args.discoveries_plot)

@@ -84,6 +84,10 @@ def test_real_model_quick(tiny_chat_lm_dir, tmp_path):
     found = result["discoveries"]
     assert found["threshold_sample"] == 8 and found["calls"] == [8]
     assert found["calls_by_oracle_counter"] == found["calls_by_rows"] == {"gflownet": 8, "frozen": 8}
+    for name in ("p90", "p99"):  # every paid row is in one part of the batch
+        assert {run: sum(p["rows"] for p in parts.values()) for run, parts in found["by_source"][name].items()} == {
+            "gflownet": 8, "frozen": 8
+        }  # fmt: skip
     for name in ("p90", "p99"):
         part = found["by_percentile"][name]
         curves = part["curves"]
@@ -168,6 +172,15 @@ def test_real_model_discovery_curve_by_hand():
     ]
     assert real_model.discovery_curve(rows, -6.0) == [1, 1, 1, 1, 2, 2]
     assert real_model.percentile([3.0, 1.0, 2.0, 4.0], 0.5) == 3.0 and real_model.percentile([1.0], 0.99) == 1.0
+    rows += [
+        {"x": "Other!", "log_R": -2.0, "local_search": True},  # a repeat of "other" that crosses: a new find
+        {"x": "new", "log_R": -3.0, "local_search": True},  # a repeat, above, not new
+    ]
+    assert real_model.finds_by_source(rows, -6.0) == {
+        "policy": {"rows": 4, "repeated_x": 1, "at_or_above": 2, "new_finds": 1},
+        "oracle": {"rows": 1, "repeated_x": 0, "at_or_above": 1, "new_finds": 1},
+        "local_search": {"rows": 2, "repeated_x": 2, "at_or_above": 2, "new_finds": 1},
+    }
 
 
 def test_exact_target_planted_modes_quick():

@@ -328,3 +328,117 @@ def test_local_search_recompletes_replayed_x_within_the_same_calls(tiny_lm_dir, 
             assert any(row["token_ids"][: max(0, len(x) - 2)] == x[: max(0, len(x) - 2)] for x in earlier)
     code, err = run_main(tiny_flags(tiny_lm_dir, tmp_path / "bad", "--local-search-fraction", "0.5"))
     assert code == 2 and "set --replay-fraction > 0" in err
+
+
+class LetterPolicy:
+    """A stand-in policy for SyncBatches: each call hands out the next x of a fixed script (one character a
+    token), so which rows are drawn again, and what replaces them, is known exactly."""
+
+    def __init__(self, script: list[str]) -> None:
+        self.script, self.calls = list(script), []
+        self.device = torch.device("cpu")
+
+    def sample(self, size: int, temperature: float = 1.0, epsilon: float = 0.0, context=None):
+        texts = [self.script.pop(0) for _ in range(size)]
+        self.calls.append(texts)
+        tokens = torch.zeros(size, 4, dtype=torch.long)
+        for i, text in enumerate(texts):
+            tokens[i, : len(text)] = torch.tensor([ord(c) for c in text])
+        return tokens, torch.tensor([len(t) for t in texts]), torch.arange(size, dtype=torch.float)
+
+
+class LetterDecoder:
+    @staticmethod
+    def decode(tokens: torch.Tensor, lengths: torch.Tensor) -> list[str]:
+        return ["".join(chr(c) for c in row[:n].tolist()) for row, n in zip(tokens, lengths.tolist())]
+
+
+def letter_batches(script: list[str], tries: int, scored: list[str] | None = None):
+    from batch_pipeline import SyncBatches
+
+    return SyncBatches(
+        LetterPolicy(script), LetterDecoder(), 4, 1.0, 0.0, lambda: True, fresh_x_tries=tries, scored_texts=scored
+    )
+
+
+def test_fresh_x_tries_draws_again_rows_already_paid_for_or_repeated_in_the_batch():
+    # "ab" was paid for before; "A b!" normalises to "a b" (not "ab"); "c" repeats within the batch
+    source = letter_batches(["ab", "c", "C.", "a b", "ab", "d", "e"], tries=3, scored=["ab"])
+    tokens, lengths, log_q = source.sample()
+    assert source.policy.calls == [["ab", "c", "C.", "a b"], ["ab", "d"], ["e"]]
+    # row 0 ("ab") was drawn again as "ab" (still a repeat), then "e"; row 2 ("C." = "c") became "d"
+    assert LetterDecoder.decode(tokens, lengths) == ["e", "c", "d", "a b"]
+    assert log_q.tolist() == [0.0, 1.0, 1.0, 3.0]  # each row keeps the log q of the draw that replaced it
+    assert source.redrawn == 3
+    assert source.scored_texts == {"ab", "e", "c", "d", "a b"}
+    assert source.checkpoint_state() == {"scored_texts": ["a b", "ab", "c", "d", "e"]}
+
+
+def test_fresh_x_tries_keeps_a_repeat_after_its_tries_and_is_off_by_default():
+    source = letter_batches(["x", "x", "y", "z", "x", "x"], tries=2)
+    tokens, lengths, _ = source.sample()
+    assert LetterDecoder.decode(tokens, lengths) == ["x", "x", "y", "z"]  # second "x" redrawn twice as "x"
+    assert source.redrawn == 2
+    off = letter_batches(["x", "x", "y", "z"], tries=0)
+    tokens, lengths, _ = off.sample()
+    assert LetterDecoder.decode(tokens, lengths) == ["x", "x", "y", "z"]
+    assert off.redrawn == 0 and off.checkpoint_state() is None and not off.scored_texts
+
+
+def test_fresh_x_tries_in_training_pays_for_fewer_repeats_and_resumes_with_them(tiny_lm_dir, tmp_path):
+    """One-token x from the tiny LM repeat often; with --fresh-x-tries the policy's and local search's rows are
+    drawn again until new (the oracle's counter is unchanged: nothing is paid twice), and a resumed run remembers
+    what was paid for before the restart."""
+    from resurrect import normalised_words
+
+    common = ["--max-len", "1", "--replay-fraction", "0.5", "--local-search-fraction", "0.5"]
+    common += ["--local-search-back", "1", "--save-every", "3"]
+
+    def repeats(output_dir, *extra) -> tuple[int, list[str], dict]:
+        code, err = run_main(tiny_flags(tiny_lm_dir, output_dir, "--epochs", "6", *common, *extra))
+        assert code == 0, err
+        samples = read_jsonl(output_dir / "samples_raw.jsonl")
+        texts = [" ".join(normalised_words(s["x"])) for s in samples]
+        return len(texts) - len(set(texts)), texts, read_jsonl(output_dir / "metrics_raw.jsonl")[-1]
+
+    plain, _, plain_metrics = repeats(tmp_path / "plain")
+    fresh, texts, metrics = repeats(tmp_path / "fresh", "--fresh-x-tries", "8")
+    assert plain >= 4 and fresh < plain  # the script has repeats to remove, and removes them
+    assert metrics["train/fresh_x_redrawn"] > 0 and "train/fresh_x_redrawn" not in plain_metrics
+    assert metrics["train/oracle_calls"] == plain_metrics["train/oracle_calls"] == 24
+    # stopped at epoch 3 and resumed: the same 24 x, so the remembered texts came back from the checkpoint
+    run_main(tiny_flags(tiny_lm_dir, tmp_path / "resumed", "--epochs", "3", *common, "--fresh-x-tries", "8"))
+    state = load_checkpoint(str(tmp_path / "resumed" / "checkpoint_gfn_raw_epoch3.pt"))
+    assert set(state["source_state"]["scored_texts"]) == set(texts[:12])
+    _, resumed, _ = repeats(tmp_path / "resumed", "--fresh-x-tries", "8", "--resume")
+    assert resumed == texts
+
+
+def test_fresh_x_tries_flag_errors(tiny_lm_dir, tmp_path):
+    code, err = run_main(tiny_flags(tiny_lm_dir, tmp_path, "--fresh-x-tries", "-1"))
+    assert code == 2 and "--fresh-x-tries must be >= 0" in err
+    batch_api = ["--oracle", "openai", "--oracle-model", "gpt-4o-mini", "--batch-api"]
+    code, err = run_main(tiny_flags(tiny_lm_dir, tmp_path, "--fresh-x-tries", "2", *batch_api))
+    assert code == 2 and "--fresh-x-tries works with the plain tasks'" in err
+
+
+def test_prefetched_batches_keep_the_paid_texts_beside_the_batch_sent_ahead():
+    from batch_pipeline import PrefetchBatches
+
+    restored = {"scored_texts": ["q", "r"]}
+    source = PrefetchBatches(LetterPolicy(["q", "s"]), LetterDecoder(), 2, 1.0, 0.0, lambda: True, fresh_x_tries=1)
+    assert source.checkpoint_state() == {"scored_texts": []}
+    source = PrefetchBatches(
+        LetterPolicy(["q", "s", "t"]),
+        LetterDecoder(),
+        2,
+        1.0,
+        0.0,
+        lambda: True,
+        fresh_x_tries=1,
+        pending_state=restored,
+    )
+    tokens, lengths, _ = source.sample()
+    assert LetterDecoder.decode(tokens, lengths) == ["t", "s"]  # "q" was paid for before the restart
+    assert source.checkpoint_state() == {"scored_texts": ["q", "r", "s", "t"]}
+    source.executor.shutdown()
