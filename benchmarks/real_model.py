@@ -450,6 +450,9 @@ def combine_seeds(reports: list[dict]) -> dict:
         ],
         "by_percentile": {},
     }
+    if all("by_source" in r["discoveries"] for r in reports):  # per seed: each part of the tool's batches
+        out["by_source"] = [r["discoveries"]["by_source"] for r in reports]
+        out["fresh_x_redrawn"] = [r["discoveries"]["fresh_x_redrawn"] for r in reports]
     for name in first["by_percentile"]:
         per_seed = [r["discoveries"]["by_percentile"][name] for r in reports]
         curves = {sampler: [p["curves"][sampler] for p in per_seed] for sampler in per_seed[0]["curves"]}

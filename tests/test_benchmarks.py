@@ -111,7 +111,11 @@ def test_real_model_quick(tiny_chat_lm_dir, tmp_path):
     other = json.loads(json.dumps(result))
     p99 = found["by_percentile"]["p99"]["finds"]["8"]
     other["discoveries"]["by_percentile"]["p99"]["curves"]["gflownet"][7] += 1
-    combined = real_model.combine_seeds([result, other])["by_percentile"]["p99"]["finds"]["8"]
+    both = real_model.combine_seeds([result, other])
+    assert (
+        both["by_source"] == [found["by_source"]] * 2 and both["fresh_x_redrawn"] == [{"gflownet": 0, "frozen": 0}] * 2
+    )
+    combined = both["by_percentile"]["p99"]["finds"]["8"]
     assert combined["gflownet"]["seeds"] == [p99["gflownet"], p99["gflownet"] + 1]
     assert combined["gflownet"]["mean"] == p99["gflownet"] + 0.5 and combined["gflownet"]["sd"] == 0.71
     best = max(combined[s]["mean"] for s in curves if s != "gflownet")
