@@ -188,9 +188,9 @@ class SyncBatches:
         return tokens, lengths, log_q
 
     def normalised_texts(self, tokens: torch.Tensor, lengths: torch.Tensor) -> list[str]:
-        from resurrect import normalised_words
+        from resurrect import normalised_text
 
-        return [" ".join(normalised_words(text)) for text in self.reward_model.decode(tokens, lengths)]
+        return [normalised_text(text) for text in self.reward_model.decode(tokens, lengths)]
 
     def repeated_rows(self, tokens: torch.Tensor, lengths: torch.Tensor) -> list[int]:
         """Rows whose normalised x was paid for already or appears earlier in these rows."""

@@ -215,6 +215,11 @@ def normalised_words(text: str) -> list[str]:
     return re.findall(r"\w+", unicodedata.normalize("NFKC", text).lower())
 
 
+def normalised_text(text: str) -> str:
+    """normalised_words as one string: the key under which two x count as the same find (or the same paid x)."""
+    return " ".join(normalised_words(text))
+
+
 def word_grams(words: list[str], n: int) -> set[str]:
     """The word n-grams of a text (the whole text as one gram when it has fewer than n words)."""
     if len(words) < n:

@@ -99,13 +99,13 @@ def score_written(reward_model, count: int, batch_size: int, max_len: int, searc
 def discovery_curve(rows: list[dict], threshold: float) -> list[int]:
     """curve[c - 1]: distinct x (resurrect.py's normalised words) with log R >= threshold within c calls; a row costs
     what train.py recorded (`oracle_calls`), else one call, and one more when the oracle wrote its x."""
-    from resurrect import normalised_words
+    from resurrect import normalised_text
 
     curve, seen = [], set()
     for row in rows:
         curve += [len(seen)] * row_calls(row)
         if row.get("valid", True) and row["log_R"] >= threshold:
-            seen.add(" ".join(normalised_words(row["x"])))
+            seen.add(normalised_text(row["x"]))
             curve[-1] = len(seen)
     return curve
 
@@ -114,14 +114,14 @@ def finds_by_source(rows: list[dict], threshold: float) -> dict[str, dict[str, i
     """Per part of the tool's batches (the oracle's written x, local search, the policy's own samples): rows, rows
     whose normalised x had been paid for earlier in the run (repeats: never a find), rows at or above the
     threshold, and the distinct finds each part made first."""
-    from resurrect import normalised_words
+    from resurrect import normalised_text
 
     out: dict[str, dict[str, int]] = {}
     paid, found = set(), set()
     for row in rows:
         source = "oracle" if row.get("written_by_oracle") else "local_search" if row.get("local_search") else "policy"
         counts = out.setdefault(source, {"rows": 0, "repeated_x": 0, "at_or_above": 0, "new_finds": 0})
-        text = " ".join(normalised_words(row["x"]))
+        text = normalised_text(row["x"])
         counts["rows"] += 1
         counts["repeated_x"] += text in paid
         paid.add(text)

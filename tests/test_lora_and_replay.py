@@ -389,7 +389,7 @@ def test_fresh_x_tries_in_training_pays_for_fewer_repeats_and_resumes_with_them(
     """One-token x from the tiny LM repeat often; with --fresh-x-tries the policy's and local search's rows are
     drawn again until new (the oracle's counter is unchanged: nothing is paid twice), and a resumed run remembers
     what was paid for before the restart."""
-    from resurrect import normalised_words
+    from resurrect import normalised_text
 
     common = ["--max-len", "1", "--replay-fraction", "0.5", "--local-search-fraction", "0.5"]
     common += ["--local-search-back", "1", "--save-every", "3"]
@@ -398,7 +398,7 @@ def test_fresh_x_tries_in_training_pays_for_fewer_repeats_and_resumes_with_them(
         code, err = run_main(tiny_flags(tiny_lm_dir, output_dir, "--epochs", "6", *common, *extra))
         assert code == 0, err
         samples = read_jsonl(output_dir / "samples_raw.jsonl")
-        texts = [" ".join(normalised_words(s["x"])) for s in samples]
+        texts = [normalised_text(s["x"]) for s in samples]
         return len(texts) - len(set(texts)), texts, read_jsonl(output_dir / "metrics_raw.jsonl")[-1]
 
     plain, _, plain_metrics = repeats(tmp_path / "plain")
