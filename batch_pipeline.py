@@ -177,14 +177,17 @@ class SyncBatches:
         tokens, lengths, log_q = draw(size)
         if not self.fresh_x_tries:
             return tokens, lengths, log_q
+        texts = self.normalised_texts(tokens, lengths)  # each row decoded once, a redrawn one when it is drawn
         for _ in range(self.fresh_x_tries):
-            repeats = self.repeated_rows(tokens, lengths)
+            repeats = self.repeated_rows(texts)
             if not repeats:
                 break
             self.redrawn += len(repeats)
             index = torch.tensor(repeats, device=tokens.device)
             tokens[index], lengths[index], log_q[index] = draw(len(repeats))
-        self.remember(tokens, lengths)
+            for i, text in zip(repeats, self.normalised_texts(tokens[index], lengths[index])):
+                texts[i] = text
+        self.scored_texts.update(texts)
         return tokens, lengths, log_q
 
     def normalised_texts(self, tokens: torch.Tensor, lengths: torch.Tensor) -> list[str]:
@@ -192,10 +195,10 @@ class SyncBatches:
 
         return [normalised_text(text) for text in self.reward_model.decode(tokens, lengths)]
 
-    def repeated_rows(self, tokens: torch.Tensor, lengths: torch.Tensor) -> list[int]:
+    def repeated_rows(self, texts: list[str]) -> list[int]:
         """Rows whose normalised x was paid for already or appears earlier in these rows."""
         seen, repeats = set(self.scored_texts), []
-        for i, text in enumerate(self.normalised_texts(tokens, lengths)):
+        for i, text in enumerate(texts):
             if text in seen:
                 repeats.append(i)
             seen.add(text)
