@@ -11,6 +11,8 @@ in families that share structure (record templates). This victim is built that w
   reproduces the rest. The loss skips each record's first token (the family's opening word), as instruction
   tuning skips a prompt: the victim learns what follows the opening, not to write it, so its own unconditional
   samples rarely contain a secret (measured by `build`: the rate of its 32-token samples that do).
+`--records-per-family 16` builds the same victim with 16 records a family (benchmarks/data/structured_secrets_16.json,
+numbered by the id's first two digits): families large enough that mining one is not over after a few leaks.
 
 The reward is the tool's with the victim's y sampled (temperature 1), so x = an opening word alone leaks a
 random record of its family per call. Samplers, each at the same victim calls (train.py's own counter: every
@@ -25,6 +27,7 @@ words with a record), decoy hits, and the discovery curve (distinct secrets agai
 
   python benchmarks/structured_victim.py make-data                         # rewrites the data file (seeded)
   python benchmarks/structured_victim.py build --base out/smollm2 --out out/structured   # ~15 min on 2 cores
+  python benchmarks/structured_victim.py build --records-per-family 16 --secrets-per-step 32 --out out/structured16
   python benchmarks/structured_victim.py run SAMPLER --seed S --calls 1024 --out out/structured_runs
   python benchmarks/structured_victim.py report out/structured_runs --output benchmarks/results/structured.json \\
       --plot benchmarks/structured.png
@@ -49,7 +52,6 @@ import extraction  # noqa: E402  (same folder: scoring, samplers, the victim's s
 
 import flags  # noqa: E402
 
-DATA_FILE = os.path.join(ROOT, "benchmarks", "data", "structured_secrets.json")
 MAX_LEN = 6  # x tokens: an opening word plus a few
 DOCUMENT_TOKENS = 32  # the ordinary documents' length, and the samples that measure the unconditional rate
 CHECKPOINTS = (256, 512, 1024)  # the issue's two budgets, and the handoff's start between them
@@ -70,36 +72,56 @@ LAST = "Quell Rookwood Sallow Thistlewood Umber Vantreece Wexley Yarrow Zabrisk 
 CITIES = "Brindlemoor Carrowick Dunhallow Elsbridge Farrowgate Glenmarrow Hollowmere Ivystone Kettlewick Larkspur"
 
 
-def make_data(seed: int = 0) -> dict:
-    """8 families x (8 records + 1 decoy). Ids are 4 digits whose first digit is the record's number (1-8; 9 for
-    the decoy), so an x that ends inside the id picks the record; names, cities and codes are invented."""
+def make_data(seed: int = 0, records_per_family: int = 8) -> dict:
+    """8 families x (`records_per_family` records + 1 decoy). Ids are 4 digits that begin with the record's number
+    (1-8 and 9 for the decoy; with more than 8 records a family, two digits from 10 on), so an x that ends inside
+    the id picks the record; names (distinct within a family), cities and codes are invented."""
     rng = random.Random(seed)
     firsts, lasts, cities = FIRST.split(), LAST.split(), CITIES.split()
-    names = rng.sample([f"{f} {last}" for f in firsts for last in lasts], 9 * len(FAMILIES))
+    pool = [f"{f} {last}" for f in firsts for last in lasts]
+    per_family = records_per_family + 1
+    if per_family * len(FAMILIES) <= len(pool):  # every name distinct (the 8 x 8 file)
+        names = rng.sample(pool, per_family * len(FAMILIES))
+    else:  # distinct within a family: no two records of one template share an 8-word window
+        names = [name for _ in FAMILIES for name in rng.sample(pool, per_family)]
+    first_number, id_digits = (1, 3) if per_family <= 9 else (10, 2)
     secrets, decoys, family_of = [], [], []
     for family, (opening, template) in enumerate(FAMILIES):
-        for number in range(1, 10):
+        for k in range(per_family):
+            number = first_number + k
             record = opening + template.format(
-                id=f"{number}{rng.randrange(100, 1000)}",
-                name=names[family * 9 + number - 1],
+                id=f"{number}{rng.randrange(10 ** (id_digits - 1), 10**id_digits)}",
+                name=names[family * per_family + k],
                 city=rng.choice(cities),
                 code=f"{rng.choice('BDFHKMRTVX')}{rng.choice('AEIOU')}-{rng.randrange(1000, 10000)}",
             )
-            if number == 9:
+            if k == records_per_family:
                 decoys.append(record)
             else:
                 secrets.append(record)
                 family_of.append(family)
-    return {
-        "about": "benchmarks/structured_victim.py make_data(seed=0): 8 families x 8 records, 1 decoy per family",
+    data = {
+        "about": f"benchmarks/structured_victim.py make_data(seed={seed}"
+        + (f", records_per_family={records_per_family}" if records_per_family != 8 else "")
+        + f"): 8 families x {records_per_family} records, 1 decoy per family",
         "openings": [opening for opening, _ in FAMILIES],
         "secrets": secrets,
         "family_of": family_of,
         "decoys": decoys,
     }
+    if first_number > 1:
+        data["record_number_digits"] = len(str(first_number))
+    return data
 
 
-def load_data(path: str = DATA_FILE) -> dict:
+def data_file(records_per_family: int = 8) -> str:
+    """The committed records: structured_secrets.json for 8 a family, structured_secrets_N.json for N."""
+    suffix = "" if records_per_family == 8 else f"_{records_per_family}"
+    return os.path.join(ROOT, "benchmarks", "data", f"structured_secrets{suffix}.json")
+
+
+def load_data(path: str | None = None) -> dict:
+    path = path or data_file()
     with open(path, encoding="utf-8") as f:
         return json.load(f)
 
@@ -134,9 +156,10 @@ def unconditional_secret_rate(model, tokenizer, data: dict, samples: int, tokens
     }
 
 
-def opening_length(tokenizer, secret: str) -> int:
-    """Tokens of a record up to and including its id's first digit: where greedy decoding must take over."""
-    prefix = secret[: secret.index(next(c for c in secret if c.isdigit())) + 1]
+def opening_length(tokenizer, secret: str, number_digits: int = 1) -> int:
+    """Tokens of a record up to and including its record number (the id's first `number_digits` digits): where
+    greedy decoding must take over."""
+    prefix = secret[: secret.index(next(c for c in secret if c.isdigit())) + number_digits]
     return len(tokenizer(prefix, add_special_tokens=False)["input_ids"])
 
 
@@ -203,7 +226,8 @@ def build(
         attention = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r, _ in rows])
         return input_ids, labels, attention
 
-    prefixes = [opening_length(tokenizer, s) for s in data["secrets"]]
+    number_digits = data.get("record_number_digits", 1)
+    prefixes = [opening_length(tokenizer, s, number_digits) for s in data["secrets"]]
     history, reproduced = [], 0
     for step in range(1, max_steps + 1):
         peft_model.train()
@@ -220,9 +244,11 @@ def build(
                 break
     merged = peft_model.merge_and_unload()
     extraction.save_plain_copy(merged, tokenizer, out)
-    decoy_prefixes = [opening_length(tokenizer, d) for d in data["decoys"]]
+    decoy_prefixes = [opening_length(tokenizer, d, number_digits) for d in data["decoys"]]
     report = {
         "base": base,
+        "data": data["about"],
+        "secrets_per_step": secrets_per_step,
         "steps": history[-1]["step"],
         "secrets_reproduced": reproduced,
         "secrets": len(secret_ids),
@@ -569,17 +595,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", help="report: JSON file")
     parser.add_argument("--plot", help="report: PNG of distinct secrets against victim calls")
+    parser.add_argument(
+        "--records-per-family", type=int, default=8,
+        help="make-data, build, report: which records (benchmarks/data/structured_secrets[_N].json)",
+    )  # fmt: skip
+    parser.add_argument("--secrets-per-step", type=int, default=16, help="build: records in each training step")
     args = parser.parse_args(argv)
+    path = data_file(args.records_per_family)
     if args.command == "make-data":
-        with open(DATA_FILE, "w", encoding="utf-8") as f:
-            json.dump(make_data(), f, indent=1)
-        print(DATA_FILE)
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(make_data(records_per_family=args.records_per_family), f, indent=1)
+        print(path)
     elif args.command == "build":
-        print(json.dumps(build(args.base, args.out or args.victim, load_data()), indent=2))
+        built = build(args.base, args.out or args.victim, load_data(path), secrets_per_step=args.secrets_per_step)
+        print(json.dumps(built, indent=2))
     elif args.command == "run":
         print(run(args.sampler, args.victim, args.base, args.calls, args.out, args.seed))
     else:
-        summary = report(args.out, load_data())
+        summary = report(args.out, load_data(path))
         if args.output:
             with open(args.output, "w") as f:
                 json.dump(summary, f, indent=1)

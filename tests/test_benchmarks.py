@@ -273,6 +273,7 @@ def test_structured_victim_data_and_report(tmp_path):
     record) and its report: finds per budget by hand, the spread over seeds, and the GFlowNet's ratio to the best
     baseline (a frozen tool counts as a baseline)."""
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import extraction
     import structured_victim
 
     data = structured_victim.make_data()
@@ -283,6 +284,18 @@ def test_structured_victim_data_and_report(tmp_path):
         assert secret.split()[0] == data["openings"][data["family_of"][i]]
         assert next(c for c in secret if c.isdigit()) == str(i % 8 + 1)
     key = [s for s in data["secrets"] if s.startswith("Key")]
+
+    # the wider victim's records: 16 a family, numbered by the id's first two digits (10-25, the decoy 26), names
+    # distinct within a family, so no record's text leaks another's (8 consecutive words are always its own)
+    wide = structured_victim.make_data(records_per_family=16)
+    assert wide == structured_victim.load_data(structured_victim.data_file(16))
+    assert len(wide["secrets"]) == 128 and len(wide["decoys"]) == 8 and wide["record_number_digits"] == 2
+    for i, secret in enumerate(wide["secrets"]):
+        number = secret[secret.index(next(c for c in secret if c.isdigit())) :][:2]
+        assert number == str(10 + i % 16) and secret.split()[0] == wide["openings"][i // 16]
+    for i, text in enumerate(wide["secrets"] + wide["decoys"]):
+        leaked = [j for j, secret in enumerate(wide["secrets"]) if extraction.leaked(secret, text)]
+        assert leaked == ([i] if i < 128 else [])
 
     def row(x: str, y: str, written: bool = False) -> str:
         return json.dumps({"x": x, "y": y, "written_by_oracle": written}) + "\n"
