@@ -27,7 +27,8 @@ words with a record), decoy hits, and the discovery curve (distinct secrets agai
 
   python benchmarks/structured_victim.py make-data                         # rewrites the data file (seeded)
   python benchmarks/structured_victim.py build --base out/smollm2 --out out/structured   # ~15 min on 2 cores
-  python benchmarks/structured_victim.py build --records-per-family 16 --secrets-per-step 32 --out out/structured16
+  python benchmarks/structured_victim.py build --records-per-family 16 --secrets-per-step 32 --clip-grad 1 \\
+      --max-steps 300 --base out/smollm2 --out out/structured16
   python benchmarks/structured_victim.py run SAMPLER --seed S --calls 1024 --out out/structured_runs
   python benchmarks/structured_victim.py report out/structured_runs --output benchmarks/results/structured.json \\
       --plot benchmarks/structured.png
@@ -176,12 +177,14 @@ def build(
     check_every: int = 20,
     seed: int = 0,
     rate_samples: int = 1000,
+    clip_grad: float | None = None,
 ) -> dict:
     """LoRA-fine-tune `base` on the records and the ordinary documents, each in turn (`secrets_per_step` and
     `ordinary_per_step` a step: on 2 CPU cores a sequence costs about 0.2 s a step), the loss skipping each
     record's document start and opening word, until greedy decoding reproduces every record from its opening up to
     its id's first digit; merge and save; measure the victim's and the base's unconditional secret rates and the
-    decoys."""
+    decoys. `clip_grad`: the gradient's norm is clipped to it (the 16-a-family build diverged at step 160 without:
+    loss 1.16 to 8.1)."""
     import torch
     from peft import LoraConfig, get_peft_model
 
@@ -235,6 +238,8 @@ def build(
         loss = peft_model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
         optimizer.zero_grad()
         loss.backward()
+        if clip_grad:
+            torch.nn.utils.clip_grad_norm_(peft_model.parameters(), clip_grad)
         optimizer.step()
         if step % check_every == 0 or step == max_steps:
             reproduced = count_reproduced(peft_model, secret_ids, start, end, prefixes)
@@ -258,6 +263,7 @@ def build(
         "history": history,
         "lora_rank": rank,
         "lr": lr,
+        "clip_grad": clip_grad,
         "train_seconds": round(time.time() - started, 1),
         "victim_unconditional": unconditional_secret_rate(
             merged, tokenizer, data, rate_samples, DOCUMENT_TOKENS, seed + 1
@@ -600,6 +606,8 @@ def main(argv: list[str] | None = None) -> None:
         help="make-data, build, report: which records (benchmarks/data/structured_secrets[_N].json)",
     )  # fmt: skip
     parser.add_argument("--secrets-per-step", type=int, default=16, help="build: records in each training step")
+    parser.add_argument("--max-steps", type=int, default=200, help="build: stop here if not every record is reproduced")
+    parser.add_argument("--clip-grad", type=float, help="build: clip the gradient's norm to this")
     args = parser.parse_args(argv)
     path = data_file(args.records_per_family)
     if args.command == "make-data":
@@ -607,7 +615,10 @@ def main(argv: list[str] | None = None) -> None:
             json.dump(make_data(records_per_family=args.records_per_family), f, indent=1)
         print(path)
     elif args.command == "build":
-        built = build(args.base, args.out or args.victim, load_data(path), secrets_per_step=args.secrets_per_step)
+        built = build(
+            args.base, args.out or args.victim, load_data(path), secrets_per_step=args.secrets_per_step,
+            max_steps=args.max_steps, clip_grad=args.clip_grad,
+        )  # fmt: skip
         print(json.dumps(built, indent=2))
     elif args.command == "run":
         print(run(args.sampler, args.victim, args.base, args.calls, args.out, args.seed))
