@@ -353,6 +353,12 @@ TOOL_FLAGS = {
     # and the buffer drawn by 1 / (1 + rank)^2, not 1 / (1 + rank) (which sent half of local search to x scoring
     # near 0)
     "tb-ref-replay-search75-lr-local-to-local32-novelty3-power2": TO_LOCAL32 + NOVELTY_POWER2,
+    # the same, an x already paid for drawn again (up to 8 times) before the victim is asked: on the 16-a-family
+    # victim the trained policy's local search wrote "Lab sample 12:" 131 times in the second half (76 distinct x
+    # in 470 rows, the frozen prior 391), each call leaking the one record that x pins
+    "tb-ref-replay-search75-lr-local-to-local32-novelty3-power2-fresh8": TO_LOCAL32
+    + NOVELTY_POWER2
+    + ["--fresh-x-tries", "8"],
     # the handoff to the policy's own samples with the same two: the policy trains most on the families not yet
     # mined (without them, handoff32's trained policy leaked in half its samples, all of one family)
     "tb-ref-replay-search75-lr-local-handoff32-novelty3-power2": HANDOFF32 + NOVELTY_POWER2,
