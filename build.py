@@ -343,6 +343,8 @@ def build_replay_buffer(args: argparse.Namespace, run_id: str) -> ReplayBuffer |
             near_duplicate_threshold=args.replay_near_duplicate,
             novelty_after=args.replay_novelty,
             rank_power=args.replay_rank_power,
+            stale_prefix_after=args.replay_stale_prefix,
+            prefix_back=args.local_search_back,
             redis_url=args.redis_url,
             namespace=f"gfn-replay-{args.task}-{run_id[:16]}",
         )  # one run's keys

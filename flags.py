@@ -401,6 +401,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "already mined) gives way to x whose answers are new (0 = off; needs --replay-priority rank)",
     )
     g.add_argument(
+        "--replay-stale-prefix",
+        type=int,
+        default=0,
+        metavar="S",
+        help="with --replay-novelty: rank replayed x last once x without its last --local-search-back tokens (the "
+        "prefix local search keeps) began S added x whose answers repeated one seen before: local search gives up "
+        "a neighbourhood that keeps making the oracle repeat itself (a family mined out) for the others (0 = off)",
+    )
+    g.add_argument(
         "--replay-near-duplicate",
         type=float,
         default=0.8,
@@ -515,6 +524,11 @@ def validate_args(args: argparse.Namespace) -> None:
         (args.updates_per_batch >= 1, "--updates-per-batch must be >= 1"),
         (args.replay_novelty >= 0, "--replay-novelty must be >= 0 (0 = off)"),
         (args.replay_rank_power > 0, "--replay-rank-power must be > 0"),
+        (args.replay_stale_prefix >= 0, "--replay-stale-prefix must be >= 0 (0 = off)"),
+        (
+            args.replay_stale_prefix == 0 or args.replay_novelty > 0,
+            "--replay-stale-prefix counts repeated answers: it needs --replay-novelty > 0",
+        ),
         (
             args.replay_novelty == 0 or args.replay_priority == "rank",
             "--replay-novelty ranks often-seen answers last: it needs --replay-priority rank",

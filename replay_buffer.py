@@ -45,6 +45,12 @@ several processes). The rules, per condition ("" when the task is unconditional)
    (the whole text when shorter), so a memorised record counts as seen whatever the oracle wrote after it. The
    counts are kept per condition, in the checkpoint (memory) or in Redis (shared by every writer), and grow with
    the rows added (one 16-hex-digit key per distinct window, about a dozen a row).
+   With `stale_prefix_after` S > 0 as well (and `prefix_back` B), an item whose x without its last B tokens (the
+   prefix local search keeps of it, so the neighbourhood it explores) has been the prefix of S added items whose
+   response repeated one seen before goes last too: a neighbourhood whose new endings keep making the oracle
+   repeat itself (a family of records mined out, or a policy that writes one ending) is given up, even while its
+   own items' answers were seen fewer than N times. Within one `add`, items count in order. The repeat counts
+   live beside the window counts (keys `prefix:...`).
    Both backends fetch the items and do the probability computation and the draw in Python
    (`generator.choices`), so the same seed and insert sequence give the same samples from either.
 5. Redis layout, for namespace N and condition C: a hash `N:C:items` (item id -> JSON of the item and its
@@ -183,6 +189,29 @@ def response_windows(item: ReplayItem) -> list[str]:
 def times_seen(windows: list[str], counts: dict[str, int]) -> int:
     """How many added items shared a window with this response (its most repeated window's count)."""
     return max((counts.get(w, 0) for w in windows), default=0)
+
+
+def prefix_key(item: ReplayItem, back: int) -> str | None:
+    """Id of the item's x without its last `back` tokens (what local search keeps), None when nothing is left."""
+    if len(item.token_ids) <= back:
+        return None
+    return "prefix:" + _item_id(item.token_ids[:-back])
+
+
+def novelty_increments(items: list[ReplayItem], counts: dict[str, int], prefix_back: int | None) -> dict[str, int]:
+    """What adding `items` (in order) adds to the novelty counts `counts` (read, not changed): one per window of
+    each response, and with `prefix_back`, one to an item's prefix when its response repeats one seen before
+    (counted before it, earlier items of `items` included)."""
+    added: dict[str, int] = {}
+    for item in items:
+        windows = response_windows(item)
+        repeats = max((counts.get(w, 0) + added.get(w, 0) for w in windows), default=0) > 0
+        for window in windows:
+            added[window] = added.get(window, 0) + 1
+        prefix = prefix_key(item, prefix_back) if prefix_back and repeats else None
+        if prefix is not None:
+            added[prefix] = added.get(prefix, 0) + 1
+    return added
 
 
 def _item_id(token_ids: list[int]) -> str:
@@ -390,16 +419,34 @@ class _Settings:
         near_duplicate_threshold: float,
         novelty_after: int = 0,
         rank_power: float = 1.0,
+        stale_prefix_after: int = 0,
+        prefix_back: int = 2,
     ) -> None:
         self.capacity, self.priority, self.rank_k = capacity, priority, rank_k
         self.priority_temperature, self.near_duplicate_threshold = priority_temperature, near_duplicate_threshold
         self.novelty_after, self.rank_power = novelty_after, rank_power
+        self.stale_prefix_after, self.prefix_back = stale_prefix_after, prefix_back
 
-    def _demoted(self, windows: list[list[str]], counts: dict[str, int]) -> list[bool] | None:
-        """Which entries (given their responses' windows) were seen novelty_after times or more; None when off."""
+    def _increments(self, items: list[ReplayItem], counts: dict[str, int]) -> dict[str, int]:
+        return novelty_increments(items, counts, self.prefix_back if self.stale_prefix_after else None)
+
+    def _novelty_keys(self, entries: list[_Entry]) -> list[tuple[list[str], str | None]]:
+        """Each entry's response windows and (with stale_prefix_after) prefix key: the counts its demotion reads."""
+        if not self.novelty_after:
+            return []
+        back = self.prefix_back if self.stale_prefix_after else None
+        return [(response_windows(e.item), back and prefix_key(e.item, back)) for e in entries]
+
+    def _demoted(self, keys: list[tuple[list[str], str | None]], counts: dict[str, int]) -> list[bool] | None:
+        """Which entries (given _novelty_keys) were seen novelty_after times or more, or whose prefix was stale;
+        None when off."""
         if not self.novelty_after:
             return None
-        return [times_seen(w, counts) >= self.novelty_after for w in windows]
+        stale = self.stale_prefix_after or math.inf
+        return [
+            times_seen(windows, counts) >= self.novelty_after or (prefix is not None and counts.get(prefix, 0) >= stale)
+            for windows, prefix in keys
+        ]
 
     def _draw(self, entries, n, log_reward, reward_temperature, generator, demoted) -> list[_Entry]:
         """Rule 4 with this buffer's priority settings."""
@@ -436,9 +483,8 @@ class MemoryReplayBuffer(_Settings):
         with self.lock:
             if self.novelty_after:
                 counts = self.response_counts.setdefault(condition, {})
-                for item in items:
-                    for window in response_windows(item):
-                        counts[window] = counts.get(window, 0) + 1
+                for key, added in self._increments(items, counts).items():
+                    counts[key] = counts.get(key, 0) + added
             entries = self.entries.setdefault(condition, {})
             index = self.gram_index.setdefault(condition, {}) if self.near_duplicate_threshold <= 1 else None
             admitted, self.next_seq[condition] = _admit(
@@ -464,9 +510,7 @@ class MemoryReplayBuffer(_Settings):
         _check_sample_args(n, condition, log_reward, reward_temperature)
         with self.lock:
             entries = list(self.entries.get(condition, {}).values())
-            counts = self.response_counts.get(condition, {})
-            windows = [response_windows(e.item) for e in entries] if self.novelty_after else []
-            demoted = self._demoted(windows, counts)
+            demoted = self._demoted(self._novelty_keys(entries), self.response_counts.get(condition, {}))
         drawn = self._draw(entries, n, log_reward, reward_temperature, generator, demoted)
         # Callers may mutate what they get, so hand out copies (one per distinct item, like the Redis backend).
         copies: dict[int, ReplayItem] = {}
@@ -641,10 +685,17 @@ class RedisReplayBuffer(_Settings):
 
         with self._reachable():
             if self.novelty_after:  # increments commute: no transaction needed across writers
+                responses_key = self._key(condition, "responses")
+                # whether a response repeats is read before the increments: two writers adding the same new
+                # response at once may both count it new (prefix counts only; the window counts stay exact)
+                wanted = (
+                    sorted({w for item in items for w in response_windows(item)}) if self.stale_prefix_after else []
+                )
+                found = self.client.hmget(responses_key, wanted) if wanted else []
+                counts = {w: int(c) for w, c in zip(wanted, found) if c is not None}
                 with self.client.pipeline(transaction=False) as pipe:
-                    for item in items:
-                        for window in response_windows(item):
-                            pipe.hincrby(self._key(condition, "responses"), window, 1)
+                    for key, added in self._increments(items, counts).items():
+                        pipe.hincrby(responses_key, key, added)
                     pipe.execute()
             return self.client.transaction(transaction, items_key, seq_key, value_from_callable=True)
 
@@ -661,11 +712,11 @@ class RedisReplayBuffer(_Settings):
             return []
         with self._reachable():
             entries = list(self._decode(self.client.hgetall(self._key(condition, "items"))).values())
-            windows = [response_windows(e.item) for e in entries] if self.novelty_after else []
-            wanted = sorted({w for item_windows in windows for w in item_windows})
+            keys = self._novelty_keys(entries)
+            wanted = sorted({w for windows, prefix in keys for w in windows + ([prefix] if prefix else [])})
             found = self.client.hmget(self._key(condition, "responses"), wanted) if wanted else []
         counts = {w: int(c) for w, c in zip(wanted, found) if c is not None}
-        demoted = self._demoted(windows, counts)
+        demoted = self._demoted(keys, counts)
         drawn = self._draw(entries, n, log_reward, reward_temperature, generator, demoted)
         return [e.item for e in drawn]
 
@@ -724,6 +775,8 @@ def make_replay_buffer(
     namespace: str = "gfn-replay",
     novelty_after: int = 0,
     rank_power: float = 1.0,
+    stale_prefix_after: int = 0,
+    prefix_back: int = 2,
 ) -> ReplayBuffer:
     """A replay buffer with the rules of the module docstring. backend: "memory" or "redis" (needs redis_url;
     several processes with the same redis_url and namespace share one buffer)."""
@@ -747,11 +800,22 @@ def make_replay_buffer(
         raise ValueError(f"novelty_after must be an int >= 0 (0 = off), got {novelty_after!r}")
     if novelty_after and priority != "rank":
         raise ValueError(f"novelty_after ranks often-seen responses last: it needs priority 'rank', not {priority!r}")
+    for name, value, least in (("stale_prefix_after", stale_prefix_after, 0), ("prefix_back", prefix_back, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
+    if stale_prefix_after and not novelty_after:
+        raise ValueError("stale_prefix_after demotes with the novelty counts: it needs novelty_after > 0")
     settings = (capacity, priority, rank_k, priority_temperature, float(near_duplicate_threshold))
+    novelty = {
+        "novelty_after": novelty_after,
+        "rank_power": rank_power,
+        "stale_prefix_after": stale_prefix_after,
+        "prefix_back": prefix_back,
+    }
     if backend == "memory":
-        return MemoryReplayBuffer(*settings, novelty_after=novelty_after, rank_power=rank_power)
+        return MemoryReplayBuffer(*settings, **novelty)
     if not redis_url or not isinstance(redis_url, str):
         raise ValueError("the redis replay buffer needs redis_url, e.g. redis://localhost:6379/0")
     if not isinstance(namespace, str) or not namespace or ":" in namespace:
         raise ValueError(f"namespace must be a non-empty string without ':', got {namespace!r}")
-    return RedisReplayBuffer(redis_url, namespace, *settings, novelty_after=novelty_after, rank_power=rank_power)
+    return RedisReplayBuffer(redis_url, namespace, *settings, **novelty)

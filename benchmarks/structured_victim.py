@@ -359,6 +359,13 @@ TOOL_FLAGS = {
     "tb-ref-replay-search75-lr-local-to-local32-novelty3-power2-fresh8": TO_LOCAL32
     + NOVELTY_POWER2
     + ["--fresh-x-tries", "8"],
+    # the same, a neighbourhood given up once its new endings made the victim repeat a record 16 times (x without
+    # its last 2 tokens, e.g. "Lab sample 1"): on the 16-a-family victim the trained local search stayed on the two
+    # best-scoring families of the 7 the search found (seed 0: Lab and Human, 66-78 leaks a window of 128 calls,
+    # none new after call 640) because items whose y was not a record never count as seen and stay on top
+    "tb-ref-replay-search75-lr-local-to-local32-novelty3-power2-stale16": TO_LOCAL32
+    + NOVELTY_POWER2
+    + ["--replay-stale-prefix", "16"],
     # the handoff to the policy's own samples with the same two: the policy trains most on the families not yet
     # mined (without them, handoff32's trained policy leaked in half its samples, all of one family)
     "tb-ref-replay-search75-lr-local-handoff32-novelty3-power2": HANDOFF32 + NOVELTY_POWER2,

@@ -1,3 +1,6 @@
+# --replay-novelty and --replay-stale-prefix: their counts go through the checkpoint (memory) or stay in Redis;
+# the tiny random policy's texts do not repeat, so whether restored counts move the ranking is tested in
+# test_replay_buffer.py
 """The LoRA policy on the prior LM, replay and exploration mixing in training, reward schedules and guards."""
 
 import argparse
@@ -190,10 +193,11 @@ def test_training_mixes_replayed_samples(tiny_lm_dir, tmp_path, backend, request
 
 @pytest.mark.parametrize("backend", ["memory", "redis"])
 def test_interrupted_run_with_replay_resumes_with_the_same_losses(tiny_lm_dir, tmp_path, backend, request):
-    # --replay-novelty: its counts go through the checkpoint (memory) or stay in Redis; the tiny random policy's
-    # texts do not repeat, so whether restored counts move the ranking is tested in test_replay_buffer.py
+    # --replay-novelty and --replay-stale-prefix: their counts go through the checkpoint (memory) or stay in Redis;
+    # the tiny random policy's texts do not repeat, so whether restored counts move the ranking is tested in
+    # test_replay_buffer.py
     extra = ["--replay-fraction", "0.5", "--replay-backend", backend, "--replay-priority", "rank"]
-    extra += ["--replay-novelty", "2"]
+    extra += ["--replay-novelty", "2", "--replay-stale-prefix", "2"]
     if backend == "redis":
         extra += ["--redis-url", request.getfixturevalue("redis_url")]
 

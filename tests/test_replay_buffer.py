@@ -15,10 +15,13 @@ import pytest
 import redis
 
 from replay_buffer import (
+    MemoryReplayBuffer,
     ReplayBufferConnectionError,
     ReplayItem,
     jaccard,
     make_replay_buffer,
+    novelty_increments,
+    prefix_key,
     response_windows,
     sum_of_terms,
     token_grams,
@@ -86,7 +89,7 @@ def chi_square(counts: Counter, expected: dict[str, float], n: int) -> float:
 
 
 # 99.9% quantiles of chi-square: a correct sampler fails these with probability 1e-3 (and never, at a fixed seed).
-CHI2_999 = {1: 10.83, 2: 13.82, 3: 16.27, 4: 18.47}
+CHI2_999 = {1: 10.83, 2: 13.82, 3: 16.27, 4: 18.47, 5: 20.52}
 
 
 # ------------------------------------------------------------------------------------------ storing
@@ -648,6 +651,66 @@ def test_novelty_arguments(make) -> None:
         make(novelty_after=-1)
     with pytest.raises(ValueError, match="needs priority 'rank', not 'tempered'"):
         make(novelty_after=2, priority="tempered")
+
+
+# ------------------------------------------------------------------------------------------ stale prefixes
+
+
+def test_novelty_increments_count_a_prefix_once_per_repeated_response() -> None:
+    first = said("first", [1, 2, 3, 4], 0.0, "Lab sample 1", "2: " + RECORD)
+    again = said("again", [1, 2, 5, 6], 0.0, "Lab sample 1", "3: " + RECORD)  # same prefix [1, 2], same record
+    other = said("other", [7, 8, 9, 10], 0.0, "Tell me", " an answer nobody wrote before, eight words or more")
+    short = said("short", [1, 2], 0.0, "Lab", " " + RECORD)  # nothing left once 2 tokens are dropped
+    lab = prefix_key(first, 2)
+    assert lab == prefix_key(again, 2) != prefix_key(other, 2) and prefix_key(short, 2) is None
+    assert lab not in novelty_increments([first, other], {}, prefix_back=2)  # nothing repeated yet
+    added = novelty_increments([first, again, other, short], {}, prefix_back=2)
+    assert added[lab] == 1  # `again` repeats `first` within one add; `short` repeats too but has no prefix
+    seen = novelty_increments([first], {}, prefix_back=None)  # the counts after `first` alone
+    assert novelty_increments([first, again], seen, prefix_back=2)[lab] == 2  # both repeat what was counted
+    assert set(novelty_increments([first, again], {}, prefix_back=None)) == set(response_windows(first)) | set(
+        response_windows(again)
+    )  # without prefix_back: windows only, each counted once per item
+    assert novelty_increments([first, again], {}, prefix_back=None)[response_windows(first)[-1]] == 2
+
+
+def test_stale_prefix_ranks_a_neighbourhood_that_keeps_repeating_last(make) -> None:
+    # window demotion set high (10) so that only the prefix rule moves anything
+    buffer = make(20, novelty_after=10, stale_prefix_after=2, prefix_back=2)
+    lab = [1, 2]  # the prefix every "lab" item shares (what local search keeps of them)
+    buffer.add(
+        [
+            said("lab", lab + [3, 4], 10.0, "Lab sample 1", "2: " + RECORD),
+            said("other", [7, 8, 9, 10], 5.0, "Tell me", " an answer nobody wrote before, eight words or more"),
+            said("short", [20, 21], 1.0, "Lab", " sample 15: a record that is not the other one at all"),
+        ]
+    )
+    assert names(buffer, 2000).most_common(1)[0][0] == "lab"
+    # one ending repeating the record: the prefix has one repeat (below 2); a new answer under it adds none
+    buffer.add([said("lab-again", lab + [5, 6], 9.0, "Lab sample 1", "3: " + RECORD)])
+    buffer.add(
+        [said("lab-new", lab + [11, 12], 8.0, "Lab sample 1", "4: a different record, never written before now")]
+    )
+    assert names(buffer, 2000).most_common(1)[0][0] == "lab"
+    # a second repeat: every item under the prefix goes last, "other" and "short" (no prefix) first
+    buffer.add([said("lab-third", lab + [13, 14], 7.0, "Lab sample 1", "5: " + RECORD)])
+    order = ["other", "short", "lab", "lab-again", "lab-new", "lab-third"]
+    expected = {name: (1 / (1 + rank)) / sum(1 / (1 + r) for r in range(6)) for rank, name in enumerate(order)}
+    assert chi_square(names(buffer, 20_000), expected, 20_000) < CHI2_999[5]
+    # repeats under another prefix do not touch it; a restored memory buffer keeps the counts
+    if isinstance(buffer, MemoryReplayBuffer):
+        restored = make_replay_buffer("memory", 20, novelty_after=10, stale_prefix_after=2, prefix_back=2)
+        restored.load_state_dict(buffer.state_dict())
+        assert names(restored, 500) == names(buffer, 500)
+
+
+def test_stale_prefix_arguments(make) -> None:
+    with pytest.raises(ValueError, match="stale_prefix_after demotes with the novelty counts"):
+        make(stale_prefix_after=2)
+    with pytest.raises(ValueError, match="stale_prefix_after must be an int >= 0"):
+        make(novelty_after=2, stale_prefix_after=-1)
+    with pytest.raises(ValueError, match="prefix_back must be an int >= 1"):
+        make(novelty_after=2, stale_prefix_after=2, prefix_back=0)
 
 
 def test_rank_power_concentrates_rank_sampling(make) -> None:

@@ -103,6 +103,11 @@ def test_checkpoints_are_named_and_complete(tiny_lm_dir, tmp_path):
         (["--replay-novelty", "2"], "--replay-novelty orders the replay buffer: set --replay-fraction > 0"),
         (["--replay-rank-power", "0"], "--replay-rank-power must be > 0"),
         (
+            ["--replay-stale-prefix", "4", "--replay-fraction", "0.5"],
+            "--replay-stale-prefix counts repeated answers: it needs --replay-novelty > 0",
+        ),
+        (["--replay-stale-prefix", "-1"], "--replay-stale-prefix must be >= 0"),
+        (
             ["--replay-novelty", "2", "--replay-fraction", "0.5", "--replay-priority", "uniform"],
             "--replay-novelty ranks often-seen answers last: it needs --replay-priority rank",
         ),
