@@ -448,6 +448,17 @@ def leaking_rows_by_source(rows: list[dict], data: dict, local_rows, start: int 
     return counts
 
 
+def leaking_rows_by_family(rows: list[dict], data: dict, start: int = 0) -> dict[str, int]:
+    """{family's opening: rows leaking one of its records} from row `start` on: where a run spends its leaks (a
+    local search stuck on one family leaks often and finds little)."""
+    counts: dict[str, int] = {}
+    for row in rows[start:]:
+        for family in {data["family_of"][i] for i in extraction.row_findings(row, data["secrets"], [])["leaked"]}:
+            opening = data["openings"][family]
+            counts[opening] = counts.get(opening, 0) + 1
+    return dict(sorted(counts.items()))
+
+
 def local_search_rows(sampler: str, batch_size: int = 16):
     """epoch -> the local search rows of a configuration's batch at that epoch (train.py's proposal schedule)."""
     from train import local_search_fraction, oracle_proposal_fraction
@@ -506,6 +517,7 @@ def report(folder: str, data: dict, budgets=CHECKPOINTS) -> dict:
                 runs[-1]["leaking_rows_by_source_second_half"] = leaking_rows_by_source(
                     rows, data, local_rows, start=len(rows) // 2
                 )
+                runs[-1]["leaking_rows_by_family_second_half"] = leaking_rows_by_family(rows, data, len(rows) // 2)
         at = {}
         for budget in map(str, budgets):
             values = [r["finds"][budget] for r in runs if budget in r["finds"]]
