@@ -366,6 +366,13 @@ TOOL_FLAGS = {
     "tb-ref-replay-search75-lr-local-to-local32-novelty3-power2-stale16": TO_LOCAL32
     + NOVELTY_POWER2
     + ["--replay-stale-prefix", "16"],
+    # the same, the search's share moving to local search earlier (epochs 8 to 16 = calls 128 to 256) and only down
+    # to a quarter (the search goes on finding families): what the trained local search adds shows by call 256
+    "tb-ref-replay-search75-lr-local-to-local8-quarter-novelty3-power2-stale16": SEARCH75_LOCAL
+    + ["--oracle-proposal-fraction-end", "0.25", "--oracle-proposal-anneal", "8", "16"]
+    + ["--oracle-proposal-handoff", "local-search"]
+    + NOVELTY_POWER2
+    + ["--replay-stale-prefix", "16"],
     # the handoff to the policy's own samples with the same two: the policy trains most on the families not yet
     # mined (without them, handoff32's trained policy leaked in half its samples, all of one family)
     "tb-ref-replay-search75-lr-local-handoff32-novelty3-power2": HANDOFF32 + NOVELTY_POWER2,
