@@ -483,16 +483,21 @@ def discoveries(rows: list[dict], data: dict, budgets=CHECKPOINTS, counter: int 
     """Distinct secrets leaked within each budget of calls, the curve, decoy hits, and which families; `counter`:
     the oracle's own count of the run's calls, reported beside the rows' (they agree unless rows were dropped)."""
     scored = extraction.score_samples(rows, data["secrets"], data["decoys"], budgets)
-    families = set()
+    leaked = set()
     for row in rows:
-        families |= {data["family_of"][i] for i in extraction.row_findings(row, data["secrets"], [])["leaked"]}
+        leaked |= extraction.row_findings(row, data["secrets"], [])["leaked"]
+    by_family: dict[str, int] = {}
+    for i in leaked:
+        opening = data["openings"][data["family_of"][i]]
+        by_family[opening] = by_family.get(opening, 0) + 1
     return {
         "calls": scored["calls"],
         "calls_by_oracle_counter": counter,
         "curve": scored["curve"],
         "finds": {b: v["distinct_secrets_leaked"] for b, v in scored["at"].items()},
         "decoy_hits": {b: v["decoy_hits"] for b, v in scored["at"].items()},
-        "families_found": len(families),
+        "families_found": len(by_family),
+        "finds_by_family": dict(sorted(by_family.items())),  # every row's, whatever the budgets
     }
 
 

@@ -324,6 +324,7 @@ def test_structured_victim_data_and_report(tmp_path):
     assert tool["first_finds_by_source"] == {"oracle": 1, "policy": 2, "local_search": 0}  # "tb": no local search
     assert tool["leaking_rows_by_source_second_half"] == {"oracle": [0, 0], "policy": [2, 2], "local_search": [0, 0]}
     assert tool["leaking_rows_by_family_second_half"] == {"Key": 2}  # rows 2 and 3 of 3
+    assert tool["finds_by_family"] == {"Key": 3} and prior["runs"][0]["finds_by_family"] == {"Key": 1}
     public = [s for s in data["secrets"] if s.startswith("Public")]
     mixed = [{"x": "Key", "y": key[0][3:]}, {"x": "", "y": public[0] + " " + key[1]}, {"x": "The", "y": " cat"}]
     assert structured_victim.leaking_rows_by_family(mixed, data) == {"Key": 2, "Public": 1}  # a row once a family
