@@ -373,6 +373,12 @@ TOOL_FLAGS = {
     + ["--oracle-proposal-handoff", "local-search"]
     + NOVELTY_POWER2
     + ["--replay-stale-prefix", "16"],
+    # the same, 4 updates per paid batch, not 2: the policy has calls 128-256 to learn a family found at call ~140
+    "tb-ref-replay-search75-lr-local-to-local8-quarter-novelty3-power2-stale16-updates4": SEARCH75_LOCAL
+    + ["--oracle-proposal-fraction-end", "0.25", "--oracle-proposal-anneal", "8", "16"]
+    + ["--oracle-proposal-handoff", "local-search"]
+    + NOVELTY_POWER2
+    + ["--replay-stale-prefix", "16", "--updates-per-batch", "4"],
     # the handoff to the policy's own samples with the same two: the policy trains most on the families not yet
     # mined (without them, handoff32's trained policy leaked in half its samples, all of one family)
     "tb-ref-replay-search75-lr-local-handoff32-novelty3-power2": HANDOFF32 + NOVELTY_POWER2,
