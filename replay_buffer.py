@@ -435,7 +435,7 @@ class _Settings:
         if not self.novelty_after:
             return []
         back = self.prefix_back if self.stale_prefix_after else None
-        return [(response_windows(e.item), back and prefix_key(e.item, back)) for e in entries]
+        return [(response_windows(e.item), prefix_key(e.item, back) if back else None) for e in entries]
 
     def _demoted(self, keys: list[tuple[list[str], str | None]], counts: dict[str, int]) -> list[bool] | None:
         """Which entries (given _novelty_keys) were seen novelty_after times or more, or whose prefix was stale;
@@ -806,16 +806,16 @@ def make_replay_buffer(
     if stale_prefix_after and not novelty_after:
         raise ValueError("stale_prefix_after demotes with the novelty counts: it needs novelty_after > 0")
     settings = (capacity, priority, rank_k, priority_temperature, float(near_duplicate_threshold))
-    novelty = {
+    ranking = {
         "novelty_after": novelty_after,
         "rank_power": rank_power,
         "stale_prefix_after": stale_prefix_after,
         "prefix_back": prefix_back,
     }
     if backend == "memory":
-        return MemoryReplayBuffer(*settings, **novelty)
+        return MemoryReplayBuffer(*settings, **ranking)
     if not redis_url or not isinstance(redis_url, str):
         raise ValueError("the redis replay buffer needs redis_url, e.g. redis://localhost:6379/0")
     if not isinstance(namespace, str) or not namespace or ":" in namespace:
         raise ValueError(f"namespace must be a non-empty string without ':', got {namespace!r}")
-    return RedisReplayBuffer(redis_url, namespace, *settings, **novelty)
+    return RedisReplayBuffer(redis_url, namespace, *settings, **ranking)
