@@ -7,10 +7,11 @@ in families that share structure (record templates). This victim is built that w
   1/1,000-1/3,600 ("Key ledger, vault 3412: held by ..."), the details (id, name, city, code) differ per record;
   one more record per family is a decoy, never trained on;
 - mixed with 2,000 ordinary documents (the base model's own samples from the document start, seeded), LoRA-
-  fine-tuned, then merged, until greedy decoding from each record's opening up to its id's first digit
-  reproduces the rest. The loss skips each record's first token (the family's opening word), as instruction
-  tuning skips a prompt: the victim learns what follows the opening, not to write it, so its own unconditional
-  samples rarely contain a secret (measured by `build`: the rate of its 32-token samples that do).
+  fine-tuned, then merged, until greedy decoding from each record's opening up to its record number (the id's
+  first digit, or two with 16 records a family) reproduces the rest. The loss skips each record's first token
+  (the family's opening word), as instruction tuning skips a prompt: the victim learns what follows the opening,
+  not to write it, so its own unconditional samples rarely contain a secret (measured by `build`: the rate of its
+  32-token samples that do).
 `--records-per-family 16` builds the same victim with 16 records a family (benchmarks/data/structured_secrets_16.json,
 numbered by the id's first two digits): families large enough that mining one is not over after a few leaks.
 
@@ -182,9 +183,9 @@ def build(
     """LoRA-fine-tune `base` on the records and the ordinary documents, each in turn (`secrets_per_step` and
     `ordinary_per_step` a step: on 2 CPU cores a sequence costs about 0.2 s a step), the loss skipping each
     record's document start and opening word, until greedy decoding reproduces every record from its opening up to
-    its id's first digit; merge and save; measure the victim's and the base's unconditional secret rates and the
-    decoys. `clip_grad`: the gradient's norm is clipped to it (the 16-a-family build diverged at step 160 without:
-    loss 1.16 to 8.1)."""
+    its record number (the id's first `record_number_digits` digits); merge and save; measure the victim's and the
+    base's unconditional secret rates and the decoys. `clip_grad`: the gradient's norm is clipped to it (the
+    16-a-family build diverged at step 160 without: loss 1.16 to 8.1)."""
     import torch
     from peft import LoraConfig, get_peft_model
 
