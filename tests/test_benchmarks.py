@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -320,6 +321,16 @@ def test_structured_victim_data_and_report(tmp_path):
     assert summary["comparison"]["4"]["best_baseline_finds"] == 0.5
     assert summary["comparison"]["4"]["gflownet_over_best_baseline"] == {"tb": 6.0}
     assert summary["gflownet"] == "tb" and summary["gflownet_over_best_baseline"] == {"2": 2.0, "4": 6.0}
+    # the headline is the best mean among the configurations with the most seeds: a second seed of tb (1 find)
+    # brings its mean to 2, and a one-seed configuration with 3 finds does not outrank it
+    for name, rows in (("tb_seed1", row("Key", key[3][3:]) + row("The", " cat") * 3), ("tb-lucky_seed0", None)):
+        (folder / name).mkdir()
+        (folder / name / "samples_raw.jsonl").write_text(rows or (run / "samples_raw.jsonl").read_text())
+    headline = structured_victim.report(str(folder), data, budgets)
+    assert headline["samplers"]["tb-lucky"]["at"]["4"]["mean"] == 3 > headline["samplers"]["tb"]["at"]["4"]["mean"]
+    assert headline["gflownet"] == "tb" and headline["gflownet_over_best_baseline"]["4"] == 4.0
+    for name in ("tb_seed1", "tb-lucky_seed0"):
+        shutil.rmtree(folder / name)
     assert tool["decoy_hits"] == {"2": 0, "4": 0}
     assert tool["first_finds_by_source"] == {"oracle": 1, "policy": 2, "local_search": 0}  # "tb": no local search
     assert tool["leaking_rows_by_source_second_half"] == {"oracle": [0, 0], "policy": [2, 2], "local_search": [0, 0]}
