@@ -442,9 +442,9 @@ class _Settings:
         None when off."""
         if not self.novelty_after:
             return None
-        stale = self.stale_prefix_after or math.inf
-        return [
-            times_seen(windows, counts) >= self.novelty_after or (prefix is not None and counts.get(prefix, 0) >= stale)
+        return [  # a prefix key is only there with stale_prefix_after > 0
+            times_seen(windows, counts) >= self.novelty_after
+            or (prefix is not None and counts.get(prefix, 0) >= self.stale_prefix_after)
             for windows, prefix in keys
         ]
 

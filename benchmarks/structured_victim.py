@@ -324,6 +324,12 @@ HANDOFF = ["--oracle-proposal-fraction-end", "0", "--oracle-proposal-anneal"]
 HANDOFF32 = SEARCH75_LOCAL + HANDOFF + ["32", "40"]
 TO_LOCAL32 = HANDOFF32 + ["--oracle-proposal-handoff", "local-search"]
 NOVELTY_POWER2 = ["--replay-novelty", "3", "--replay-rank-power", "2"]
+STALE16 = ["--replay-stale-prefix", "16"]
+# the search's share moved to local search at epochs 8 to 16 (calls 128 to 256), down to a quarter
+TO_LOCAL8_QUARTER = SEARCH75_LOCAL + [
+    "--oracle-proposal-fraction-end", "0.25", "--oracle-proposal-anneal", "8", "16",
+    "--oracle-proposal-handoff", "local-search",
+]  # fmt: skip
 TOOL_FLAGS = {
     "tb": [],
     "tb-ref": ["--reference-weight", "1"],
@@ -364,22 +370,17 @@ TOOL_FLAGS = {
     # its last 2 tokens, e.g. "Lab sample 1"): on the 16-a-family victim the trained local search stayed on the two
     # best-scoring families of the 7 the search found (seed 0: Lab and Human, 66-78 leaks a window of 128 calls,
     # none new after call 640) because items whose y was not a record never count as seen and stay on top
-    "tb-ref-replay-search75-lr-local-to-local32-novelty3-power2-stale16": TO_LOCAL32
-    + NOVELTY_POWER2
-    + ["--replay-stale-prefix", "16"],
+    "tb-ref-replay-search75-lr-local-to-local32-novelty3-power2-stale16": TO_LOCAL32 + NOVELTY_POWER2 + STALE16,
     # the same, the search's share moving to local search earlier (epochs 8 to 16 = calls 128 to 256) and only down
     # to a quarter (the search goes on finding families): what the trained local search adds shows by call 256
-    "tb-ref-replay-search75-lr-local-to-local8-quarter-novelty3-power2-stale16": SEARCH75_LOCAL
-    + ["--oracle-proposal-fraction-end", "0.25", "--oracle-proposal-anneal", "8", "16"]
-    + ["--oracle-proposal-handoff", "local-search"]
+    "tb-ref-replay-search75-lr-local-to-local8-quarter-novelty3-power2-stale16": TO_LOCAL8_QUARTER
     + NOVELTY_POWER2
-    + ["--replay-stale-prefix", "16"],
+    + STALE16,
     # the same, 4 updates per paid batch, not 2: the policy has calls 128-256 to learn a family found at call ~140
-    "tb-ref-replay-search75-lr-local-to-local8-quarter-novelty3-power2-stale16-updates4": SEARCH75_LOCAL
-    + ["--oracle-proposal-fraction-end", "0.25", "--oracle-proposal-anneal", "8", "16"]
-    + ["--oracle-proposal-handoff", "local-search"]
+    "tb-ref-replay-search75-lr-local-to-local8-quarter-novelty3-power2-stale16-updates4": TO_LOCAL8_QUARTER
     + NOVELTY_POWER2
-    + ["--replay-stale-prefix", "16", "--updates-per-batch", "4"],
+    + STALE16
+    + ["--updates-per-batch", "4"],
     # the handoff to the policy's own samples with the same two: the policy trains most on the families not yet
     # mined (without them, handoff32's trained policy leaked in half its samples, all of one family)
     "tb-ref-replay-search75-lr-local-handoff32-novelty3-power2": HANDOFF32 + NOVELTY_POWER2,
